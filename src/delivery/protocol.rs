@@ -1,0 +1,130 @@
+//! The vocabulary shared by both ends of a reliable-delivery link: sequence numbers, producer
+//! identity, and the frames that cross the (possibly lossy) link between a ProducerController and
+//! a ConsumerController. Pure data: no behaviour, no I/O.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Position of a message in one producer's stream; the first message is 1 and 0 means "none".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SeqNr(pub u64);
+
+impl SeqNr {
+    /// "No message yet": confirmed and received counters start here.
+    pub const ZERO: SeqNr = SeqNr(0);
+
+    /// The sequence number after this one.
+    pub fn next(self) -> SeqNr {
+        SeqNr(self.0 + 1)
+    }
+
+    /// `self + n`.
+    pub fn plus(self, n: u64) -> SeqNr {
+        SeqNr(self.0.saturating_add(n))
+    }
+
+    /// `self - n`, saturating at zero.
+    pub fn minus(self, n: u64) -> SeqNr {
+        SeqNr(self.0.saturating_sub(n))
+    }
+
+    /// How far `self` is ahead of `earlier`, or `None` when it is behind.
+    pub fn distance_from(self, earlier: SeqNr) -> Option<u64> {
+        self.0.checked_sub(earlier.0)
+    }
+}
+
+impl fmt::Display for SeqNr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Name of a producer stream, stable across restarts of its controller (Akka's `producerId`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProducerId(Arc<str>);
+
+impl ProducerId {
+    /// Wraps a producer name.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        ProducerId(id.into())
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ProducerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One incarnation of a ProducerController: its producer id plus a number that differs for every
+/// controller instance, so a consumer can tell "the same producer restarted" from "the same
+/// controller" the way Akka compares actor refs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ProducerRef {
+    /// The producer stream this controller serves.
+    pub id: ProducerId,
+    /// Distinguishes controller instances with the same id.
+    pub incarnation: u64,
+}
+
+/// A message on its way from a ProducerController to a ConsumerController.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SequencedMessage<M> {
+    /// The controller that sent it; replies go there.
+    pub producer: ProducerRef,
+    /// Its position in the producer's stream.
+    pub seq_nr: SeqNr,
+    /// The application message.
+    pub message: M,
+    /// Starts a new session: accept it whatever was received before.
+    pub first: bool,
+    /// The producer wants an `Ack` once the consumer confirmed it.
+    pub ack: bool,
+}
+
+impl<M> SequencedMessage<M> {
+    /// The same message marked as the first of a session (Akka's `asFirst`).
+    pub fn as_first(&self) -> Self
+    where
+        M: Clone,
+    {
+        SequencedMessage {
+            first: true,
+            ..self.clone()
+        }
+    }
+}
+
+/// A frame from a ConsumerController back to a ProducerController.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsumerFrame {
+    /// Everything up to `confirmed` is processed; the producer may send up to `request_up_to`.
+    Request {
+        /// Highest sequence number the consumer confirmed.
+        confirmed: SeqNr,
+        /// Highest sequence number the producer may send (the flow-control window).
+        request_up_to: SeqNr,
+        /// False in only-flow-control mode: the producer keeps no resend buffer.
+        support_resend: bool,
+        /// True when re-sent by the consumer's retry timer rather than by new traffic.
+        via_timeout: bool,
+    },
+    /// Send every unconfirmed message from `from` again; 0 also marks the head as first.
+    Resend {
+        /// First sequence number to resend, or 0 for all unconfirmed.
+        from: SeqNr,
+    },
+    /// A confirmation without new demand, for messages sent with `ack`.
+    Ack {
+        /// Highest sequence number the consumer confirmed.
+        confirmed: SeqNr,
+    },
+    /// Connect the producer to the consumer that sent this frame.
+    RegisterConsumer,
+}

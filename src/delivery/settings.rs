@@ -1,0 +1,94 @@
+//! Tunables of the reliable-delivery protocol, with Akka's defaults (`akka.reliable-delivery`).
+//! Keys are Akka's, in snake_case so that every key has a `WARREN_DELIVERY__…` environment twin.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, check};
+
+/// All reliable-delivery settings (`[delivery]` in the TOML config).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliverySettings {
+    /// `[delivery.producer_controller]`.
+    pub producer_controller: ProducerSettings,
+    /// `[delivery.consumer_controller]`.
+    pub consumer_controller: ConsumerSettings,
+}
+
+/// ProducerController settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProducerSettings {
+    /// Period of the timer that re-sends the first message of a session until it is confirmed.
+    #[serde(with = "humantime_serde")]
+    pub resend_first_interval: Duration,
+}
+
+impl Default for ProducerSettings {
+    fn default() -> Self {
+        ProducerSettings {
+            resend_first_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// ConsumerController settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerSettings {
+    /// W: most unconfirmed messages in flight; a new Request goes out when half is used.
+    pub flow_control_window: u32,
+    /// First and smallest interval of the Request/Resend/RegisterConsumer retry timer.
+    #[serde(with = "humantime_serde")]
+    pub resend_interval_min: Duration,
+    /// Largest retry interval; it grows ×1.5 per idle retry up to this.
+    #[serde(with = "humantime_serde")]
+    pub resend_interval_max: Duration,
+    /// Skip lost messages instead of resending them (at-most-once, flow control only).
+    pub only_flow_control: bool,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        ConsumerSettings {
+            flow_control_window: 50,
+            resend_interval_min: Duration::from_secs(2),
+            resend_interval_max: Duration::from_secs(30),
+            only_flow_control: false,
+        }
+    }
+}
+
+impl DeliverySettings {
+    /// Rejects values the protocol cannot run with, naming the offending key.
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        let p = &self.producer_controller;
+        let c = &self.consumer_controller;
+        check(
+            !p.resend_first_interval.is_zero(),
+            prefix,
+            "producer_controller.resend_first_interval",
+            "must be greater than zero",
+        )?;
+        check(
+            c.flow_control_window >= 1,
+            prefix,
+            "consumer_controller.flow_control_window",
+            "must be at least 1",
+        )?;
+        check(
+            !c.resend_interval_min.is_zero(),
+            prefix,
+            "consumer_controller.resend_interval_min",
+            "must be greater than zero",
+        )?;
+        check(
+            c.resend_interval_max >= c.resend_interval_min,
+            prefix,
+            "consumer_controller.resend_interval_max",
+            "must not be smaller than resend_interval_min",
+        )
+    }
+}
