@@ -129,7 +129,10 @@ mod tests {
         let err = ConfigLoader::new::<Sample>(Some(Path::new("/nonexistent/warren.toml")))
             .err()
             .unwrap();
-        assert!(err.to_string().contains("/nonexistent/warren.toml"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/warren.toml"),
+            "{err}"
+        );
     }
 
     #[test]

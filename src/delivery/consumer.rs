@@ -53,7 +53,10 @@ enum Phase<M> {
     Active,
     /// A gap was found; only the missing message is accepted. `from` is what the Resend asked
     /// for and `producer` where it went, so the retry timer can repeat it.
-    Resending { producer: ProducerRef, from: SeqNr },
+    Resending {
+        producer: ProducerRef,
+        from: SeqNr,
+    },
     /// A delivery is with the consumer; newer messages are stashed.
     WaitingForConfirmation(SequencedMessage<M>),
     Stopped,
@@ -634,7 +637,10 @@ mod tests {
         frames(&mut cc);
         delivered(&mut cc);
         cc.handle_message(msg(&p, 5, false), Instant::now());
-        assert_eq!(frames(&mut cc), vec![ConsumerFrame::Resend { from: SeqNr(3) }]);
+        assert_eq!(
+            frames(&mut cc),
+            vec![ConsumerFrame::Resend { from: SeqNr(3) }]
+        );
         for n in 3..=5 {
             cc.handle_message(msg(&p, n, false), Instant::now());
             cc.confirm(Instant::now()).unwrap();
@@ -670,7 +676,11 @@ mod tests {
                 Duration::from_millis(6500)
             ]
         );
-        assert!(retries.iter().all(|(_, f)| f == &vec![request(2, 20, true)]));
+        assert!(
+            retries
+                .iter()
+                .all(|(_, f)| f == &vec![request(2, 20, true)])
+        );
 
         cc.handle_message(msg(&p, 3, false), Instant::now());
         cc.confirm(Instant::now()).unwrap();
@@ -753,7 +763,9 @@ mod tests {
         cc.handle_message(msg(&pc(3), 7, true), Instant::now());
         let requests: Vec<ConsumerFrame> = frames(&mut cc)
             .into_iter()
-            .filter(|f| matches!(f, ConsumerFrame::Request { confirmed, .. } if *confirmed == SeqNr(0)))
+            .filter(
+                |f| matches!(f, ConsumerFrame::Request { confirmed, .. } if *confirmed == SeqNr(0)),
+            )
             .collect();
         assert_eq!(
             requests,
@@ -775,7 +787,10 @@ mod tests {
         cc.handle_message(msg(&p, 41, true), Instant::now());
         cc.handle_message(msg(&p, 45, false), Instant::now());
         cc.start(Instant::now());
-        assert_eq!(frames(&mut cc), vec![ConsumerFrame::Resend { from: SeqNr(0) }]);
+        assert_eq!(
+            frames(&mut cc),
+            vec![ConsumerFrame::Resend { from: SeqNr(0) }]
+        );
         assert!(delivered(&mut cc).is_empty());
         for n in 41..=46 {
             cc.handle_message(msg(&p, n, n == 41), Instant::now());
@@ -796,10 +811,16 @@ mod tests {
         let p = pc(1);
         let mut cc = started(20);
         cc.handle_message(msg(&p, 5, false), Instant::now());
-        assert_eq!(frames(&mut cc), vec![ConsumerFrame::Resend { from: SeqNr(0) }]);
+        assert_eq!(
+            frames(&mut cc),
+            vec![ConsumerFrame::Resend { from: SeqNr(0) }]
+        );
         tokio::time::advance(Duration::from_secs(1)).await;
         cc.handle_timeout(Instant::now());
-        assert_eq!(frames(&mut cc), vec![ConsumerFrame::Resend { from: SeqNr(0) }]);
+        assert_eq!(
+            frames(&mut cc),
+            vec![ConsumerFrame::Resend { from: SeqNr(0) }]
+        );
     }
 
     // CC-16

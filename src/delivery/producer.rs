@@ -60,7 +60,10 @@ pub enum ProducerError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// Waiting for both the producer's Start and a consumer.
-    Initializing { has_producer: bool, has_consumer: bool },
+    Initializing {
+        has_producer: bool,
+        has_consumer: bool,
+    },
     Active,
 }
 
@@ -223,7 +226,11 @@ impl<M: Clone, T> ProducerController<M, T> {
     }
 
     /// A frame from the consumer side of the link.
-    pub fn handle_frame(&mut self, frame: ConsumerFrame, now: Instant) -> Result<(), ProducerError> {
+    pub fn handle_frame(
+        &mut self,
+        frame: ConsumerFrame,
+        now: Instant,
+    ) -> Result<(), ProducerError> {
         if let Some(failure) = &self.failure {
             return Err(failure.clone());
         }

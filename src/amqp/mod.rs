@@ -1,0 +1,42 @@
+//! RabbitMQ through lapin: the shared settings and topology, the supervised consumer that feeds
+//! the bridge, the confirmed publisher that the producer uses, and dead-lettering with a reason.
+//!
+//! All I/O with the broker lives here. lapin's own auto-recovery is not used: it does not
+//! restore per-consumer prefetch in every version, so [`source`] rebuilds connection, channel,
+//! qos and consumer itself, and every delivery of a dead channel is abandoned, never acked.
+
+pub mod dead_letter;
+pub mod publisher;
+pub mod settings;
+pub mod source;
+pub mod topology;
+
+pub use dead_letter::{DeadLetterPublisher, ERROR_HEADER};
+pub use publisher::{ConfirmedPublisher, OutgoingMessage, PublisherSettings, PublisherStats};
+pub use settings::{AmqpSettings, QueueType};
+pub use source::{AmqpSource, Session, SourceEvent, SourceSettings};
+
+/// A failure talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    /// The configured URI cannot be parsed; nothing was attempted.
+    #[error("invalid AMQP URI: {0}")]
+    InvalidUri(String),
+    /// The broker or the connection failed; the channel involved is unusable afterwards.
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+    /// A mandatory message was returned as unroutable: the target exchange has no bound queue.
+    #[error("message returned as unroutable by exchange `{exchange}`: {reply}")]
+    Returned {
+        /// The exchange it was published to.
+        exchange: String,
+        /// The broker's reply text.
+        reply: String,
+    },
+    /// The broker refused responsibility for a message (publisher nack).
+    #[error("broker nacked the message")]
+    Nacked,
+    /// The channel was not in confirm mode, so nothing is known about the message.
+    #[error("publish was not confirmed")]
+    NotConfirmed,
+}

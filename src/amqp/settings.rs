@@ -1,0 +1,146 @@
+//! Where the broker is and what the queue looks like: the settings both binaries share
+//! (`[amqp]` in the TOML config), and the one place that opens a connection.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties};
+use serde::{Deserialize, Serialize};
+
+use crate::amqp::AmqpError;
+use crate::config::{ConfigError, check};
+
+/// Heartbeat asked for when the URI names none, so a dead broker is noticed in seconds rather
+/// than after the server's default of 60 s.
+const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
+/// Kind of the source queue; RabbitMQ cannot change it after declaration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// A classic durable queue (what the original sample uses).
+    Classic,
+    /// A replicated quorum queue, declared with an explicit delivery limit.
+    Quorum,
+}
+
+/// Broker connection and queue topology.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// Broker URI, `amqp://user:password@host:port/vhost`; a `heartbeat=` query is honoured.
+    pub uri: String,
+    /// The source queue; its dead-letter queue is `<queue>.dlq`.
+    pub queue: String,
+    /// `classic` or `quorum`.
+    pub queue_type: QueueType,
+    /// Quorum queues only: deliveries after which the broker dead-letters a message itself.
+    pub delivery_limit: u32,
+    /// First pause before reconnecting after a failure.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest pause between reconnection attempts.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        AmqpSettings {
+            uri: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            queue: "orders".into(),
+            queue_type: QueueType::Classic,
+            delivery_limit: 20,
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl AmqpSettings {
+    /// Rejects settings the broker would refuse, naming the key under `prefix`.
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        if let Err(reason) = AMQPUri::from_str(&self.uri) {
+            return check(false, prefix, "uri", &format!("not an AMQP URI: {reason}"));
+        }
+        check(!self.queue.is_empty(), prefix, "queue", "must not be empty")?;
+        // Queue names are short strings; the dead-letter names add five bytes.
+        check(
+            self.queue.len() <= 250,
+            prefix,
+            "queue",
+            "must be at most 250 bytes",
+        )?;
+        check(
+            self.delivery_limit >= 1,
+            prefix,
+            "delivery_limit",
+            "must be at least 1",
+        )?;
+        check(
+            !self.reconnect_min.is_zero(),
+            prefix,
+            "reconnect_min",
+            "must be greater than zero",
+        )?;
+        check(
+            self.reconnect_max >= self.reconnect_min,
+            prefix,
+            "reconnect_max",
+            "must not be smaller than reconnect_min",
+        )
+    }
+
+    /// Opens a connection named `connection_name` (it shows in the management UI and in
+    /// `rabbitmqctl list_connections`).
+    pub async fn connect(&self, connection_name: &str) -> Result<Connection, AmqpError> {
+        let mut uri = AMQPUri::from_str(&self.uri).map_err(AmqpError::InvalidUri)?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+        }
+        let properties =
+            ConnectionProperties::default().with_connection_name(connection_name.into());
+        Ok(Connection::connect_uri(uri, properties).await?)
+    }
+
+    /// Pauses between reconnection attempts: exponential with jitter, never giving up.
+    pub fn reconnect_backoff(&self) -> impl Iterator<Item = Duration> + Send + use<> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.reconnect_min)
+            .with_max_delay(self.reconnect_max)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        AmqpSettings::default().validate("amqp").unwrap();
+    }
+
+    #[test]
+    fn a_malformed_uri_is_rejected_naming_the_key() {
+        let settings = AmqpSettings {
+            uri: "http://nope".into(),
+            ..AmqpSettings::default()
+        };
+        let err = settings.validate("amqp").unwrap_err().to_string();
+        assert!(err.contains("`amqp.uri`"), "{err}");
+    }
+
+    #[test]
+    fn the_backoff_never_gives_up_and_stays_within_bounds() {
+        let settings = AmqpSettings::default();
+        let delays: Vec<Duration> = settings.reconnect_backoff().take(50).collect();
+        assert_eq!(delays.len(), 50);
+        // Jitter adds up to one more delay on top of the capped value.
+        assert!(delays.iter().all(|d| *d <= settings.reconnect_max * 2));
+    }
+}

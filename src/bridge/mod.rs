@@ -1,0 +1,12 @@
+//! The stream stage between RabbitMQ and the entities: delivery → decode → entity id → reliable
+//! delivery to that entity → ack once it confirmed. Malformed input is dead-lettered at once
+//! with a reason; messages an entity gives up on are dead-lettered with its error; work is
+//! bounded by `max_in_flight`, and acks are batched only over a contiguous confirmed prefix.
+
+pub mod dispatch;
+pub mod driver;
+pub mod inflight;
+pub mod settings;
+
+pub use driver::{Bridge, BridgeError};
+pub use settings::BridgeSettings;

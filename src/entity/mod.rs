@@ -1,0 +1,110 @@
+//! Stateful entities and where they run. An application implements [`Entity`] (and
+//! [`EntityMessage`] for what it receives); the bridge reaches each entity through a
+//! reliable-delivery ConsumerController that [`runner`] drives, one task per entity. [`host`]
+//! keeps those tasks on this node, starting each on its first message; cluster sharding will
+//! take over that role.
+
+pub mod host;
+pub mod runner;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+pub use host::{EntityQueries, LocalEntityHost};
+pub use runner::{EntityMetrics, EntityReply, Envelope, RunnerSettings};
+
+/// Names one entity (for orders, the product id); shards and routes are derived from it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntityId(Arc<str>);
+
+impl EntityId {
+    /// Wraps an id.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        EntityId(id.into())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EntityId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Why an incoming message cannot be processed at all; it is dead-lettered with this text.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidMessage {
+    /// Not decodable (bad JSON, wrong types, missing fields).
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The field that names the entity is missing or empty.
+    #[error("missing {0}")]
+    MissingEntityId(&'static str),
+    /// Decodable but semantically invalid.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    /// Bigger than the configured limit; not even decoded.
+    #[error("message of {size} bytes exceeds max_message_bytes ({limit})")]
+    Oversize {
+        /// The body's size.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+impl InvalidMessage {
+    /// A short, bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InvalidMessage::Malformed(_) => "malformed",
+            InvalidMessage::MissingEntityId(_) => "missing_entity_id",
+            InvalidMessage::Invalid(_) => "invalid",
+            InvalidMessage::Oversize { .. } => "oversize",
+        }
+    }
+}
+
+/// A message type the bridge can decode and route.
+pub trait EntityMessage: Send + Sync + Sized + 'static {
+    /// Decodes a message body, or says precisely why it is unusable.
+    fn decode(body: &[u8]) -> Result<Self, InvalidMessage>;
+    /// The entity that must process it.
+    fn entity_id(&self) -> EntityId;
+}
+
+/// A processing failure; the runner retries it with backoff, then dead-letters the message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EntityError(pub String);
+
+/// One stateful entity. It processes its messages one at a time, in order.
+pub trait Entity: Send + 'static {
+    /// What it processes.
+    type Message: EntityMessage;
+    /// What a query returns.
+    type Snapshot: Send + 'static;
+
+    /// Processes one message. `Ok` means it is applied (or was already: entities must be
+    /// idempotent, since delivery is at-least-once); only then is it confirmed.
+    fn handle(
+        &mut self,
+        message: &Self::Message,
+    ) -> impl Future<Output = Result<(), EntityError>> + Send;
+
+    /// The entity's current state, for queries.
+    fn snapshot(&self) -> Self::Snapshot;
+}
+
+/// Creates entities on their first message.
+pub trait EntityFactory: Send + Sync + 'static {
+    /// The entity type it creates.
+    type Entity: Entity;
+    /// A fresh entity for `id`.
+    fn create(&self, id: &EntityId) -> Self::Entity;
+}
