@@ -2,6 +2,8 @@
 //! to the entity named by its `product_id`. Unknown fields are ignored and the .NET sample's
 //! PascalCase names are accepted, so messages from the original Akka.NET producer decode too.
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -22,6 +24,17 @@ pub struct CreateOrder {
     /// How many, at least 1.
     #[serde(alias = "Quantity")]
     pub quantity: u32,
+}
+
+impl fmt::Display for CreateOrder {
+    /// The original sample's record notation, so log lines read the same.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CreateOrder {{ OrderId = {}, CustomerId = {}, ProductId = {}, Quantity = {} }}",
+            self.order_id, self.customer_id, self.product_id, self.quantity
+        )
+    }
 }
 
 /// What arrives on the wire, before the checks that give a precise rejection reason.

@@ -1,6 +1,8 @@
 //! Logging setup for the binaries: `RUST_LOG` filters (default `info`, lapin quieter), plain
 //! text for people or JSON lines for log pipelines.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -12,7 +14,8 @@ pub fn init(json: bool) {
     let registry = tracing_subscriber::registry().with(filter);
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(true)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         registry.with(fmt.json()).init();
     } else {

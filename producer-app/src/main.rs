@@ -1,1 +1,143 @@
-fn main() {}
+//! `warren-producer`: publishes CreateOrder messages into the order queue, persistent and
+//! confirmed, at a steady rate or as fast as confirms allow. Wiring only: the publisher is
+//! `warren::amqp::ConfirmedPublisher`.
+
+mod orders;
+mod progress;
+mod settings;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use warren::amqp::{ConfirmedPublisher, OutgoingMessage, PublisherSettings};
+use warren::metrics;
+
+use crate::orders::{OrderGenerator, Pacer};
+use crate::progress::{ProducerMetrics, Progress};
+use crate::settings::{Cli, ProducerConfig};
+
+/// How long the final flush may wait for outstanding confirms.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.load() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("warren-producer: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    warren::telemetry::init(config.log.json);
+    match run(config).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Publishes, then reports; `Ok(false)` when something was returned or left unconfirmed.
+async fn run(config: ProducerConfig) -> anyhow::Result<bool> {
+    let http_stop = CancellationToken::new();
+    let producer_metrics = match config.http.addr {
+        Some(addr) => {
+            let registry = prometheus::Registry::new();
+            let producer_metrics =
+                ProducerMetrics::register(&registry).context("registering metrics")?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on http.addr {addr}"))?;
+            info!(addr = %listener.local_addr()?, "serving /metrics");
+            tokio::spawn(metrics::serve(
+                listener,
+                metrics::router(registry),
+                http_stop.clone(),
+            ));
+            Some(producer_metrics)
+        }
+        None => None,
+    };
+
+    let shutdown = CancellationToken::new();
+    let force = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone(), force.clone()));
+
+    let mut publisher = ConfirmedPublisher::new(PublisherSettings {
+        amqp: config.amqp.clone(),
+        max_outstanding: config.publish.max_outstanding,
+        connection_name: config.amqp.connection_name_or("warren-producer"),
+    });
+    let mut generator = OrderGenerator::new(config.publish.products.ids());
+    let pacer = Pacer::new(config.publish.rate);
+    let mut progress = Progress::new(producer_metrics);
+    info!(
+        queue = %config.amqp.queue,
+        count = config.publish.count,
+        rate = config.publish.rate,
+        "publishing orders"
+    );
+
+    let mut sent = 0u64;
+    while config.publish.count == 0 || sent < config.publish.count {
+        if let Some(due) = pacer.due(sent) {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(due) => {}
+            }
+        }
+        let order = generator.next_order();
+        let message = OutgoingMessage {
+            body: serde_json::to_vec(&order).context("encoding an order")?,
+            message_id: Some(order.order_id.to_string()),
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = publisher.publish(message) => {}
+        }
+        sent += 1;
+        progress.tick(&publisher.stats());
+    }
+
+    tokio::select! {
+        _ = publisher.flush() => {}
+        _ = force.cancelled() => warn!("interrupted again: not waiting for confirms"),
+        _ = tokio::time::sleep(FLUSH_TIMEOUT) => warn!(timeout = ?FLUSH_TIMEOUT, "gave up waiting for confirms"),
+    }
+    let stats = publisher.stats();
+    progress.finish(&stats);
+    publisher.close().await;
+    http_stop.cancel();
+    Ok(stats.returned == 0 && stats.confirmed == stats.accepted)
+}
+
+/// The first SIGINT or SIGTERM stops publishing (outstanding confirms are still awaited); a
+/// second one stops waiting.
+async fn watch_signals(shutdown: CancellationToken, force: CancellationToken) {
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    shutdown.cancel();
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    force.cancel();
+}

@@ -44,6 +44,8 @@ pub struct AmqpSettings {
     /// Longest pause between reconnection attempts.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// Connection name shown by the broker; each binary picks a default with its pid.
+    pub connection_name: Option<String>,
 }
 
 impl Default for AmqpSettings {
@@ -55,6 +57,7 @@ impl Default for AmqpSettings {
             delivery_limit: 20,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
+            connection_name: None,
         }
     }
 }
@@ -91,6 +94,13 @@ impl AmqpSettings {
             "reconnect_max",
             "must not be smaller than reconnect_min",
         )
+    }
+
+    /// The connection name: the configured one, or `<program>-<pid>`.
+    pub fn connection_name_or(&self, program: &str) -> String {
+        self.connection_name
+            .clone()
+            .unwrap_or_else(|| format!("{program}-{}", std::process::id()))
     }
 
     /// Opens a connection named `connection_name` (it shows in the management UI and in

@@ -1,0 +1,195 @@
+//! The ProductActor of the original sample: per product, the orders applied (in application
+//! order) and the total quantity. A redelivered order is recognised by its id and ignored, so
+//! at-least-once delivery has an exactly-once effect. Simulated transient failures and a
+//! processing delay make retries and backpressure visible.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{IntCounter, Registry};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tracing::{info, warn};
+use uuid::Uuid;
+use warren::entity::{Entity, EntityError, EntityFactory, EntityId};
+use warren::metrics::counter;
+use warren::order::CreateOrder;
+
+use crate::settings::ProductSettings;
+
+/// Domain counters.
+#[derive(Clone)]
+pub struct ProductMetrics {
+    /// `warren_entity_duplicates_total`: redelivered orders recognised and ignored.
+    pub duplicates: IntCounter,
+    /// `warren_orders_applied_total`: orders applied for the first time.
+    pub applied: IntCounter,
+}
+
+impl ProductMetrics {
+    /// Registers the domain series.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        Ok(ProductMetrics {
+            duplicates: counter(
+                registry,
+                "warren_entity_duplicates_total",
+                "Redelivered messages an entity recognised and ignored.",
+            )?,
+            applied: counter(
+                registry,
+                "warren_orders_applied_total",
+                "Orders applied to their product for the first time.",
+            )?,
+        })
+    }
+}
+
+/// What `GET /products/{id}` returns.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProductSnapshot {
+    /// The product.
+    pub product_id: String,
+    /// Sum of the quantities of the applied orders.
+    pub total_quantity: u64,
+    /// Applied order ids, in application order.
+    pub orders: Vec<Uuid>,
+}
+
+/// One product's state.
+pub struct ProductActor {
+    id: EntityId,
+    orders: Vec<Uuid>,
+    applied: HashSet<Uuid>,
+    previously_failed: HashSet<Uuid>,
+    total_quantity: u64,
+    rng: SmallRng,
+    settings: Arc<ProductSettings>,
+    metrics: ProductMetrics,
+}
+
+impl Entity for ProductActor {
+    type Message = CreateOrder;
+    type Snapshot = ProductSnapshot;
+
+    async fn handle(&mut self, order: &CreateOrder) -> Result<(), EntityError> {
+        if self.settings.processing_delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.settings.processing_delay_ms)).await;
+        }
+        if self.settings.failure_rate > 0.0 && self.rng.random_bool(self.settings.failure_rate) {
+            warn!(
+                "Network failure! Dropping order {order} from product [{}]",
+                self.id
+            );
+            self.previously_failed.insert(order.order_id);
+            return Err(EntityError("simulated transient failure".into()));
+        }
+        if self.applied.contains(&order.order_id) {
+            self.metrics.duplicates.inc();
+            info!(
+                "Ignoring redelivered order {order} for product [{}]",
+                self.id
+            );
+            return Ok(());
+        }
+        if self.previously_failed.remove(&order.order_id) {
+            info!(
+                "Previously failed order {order} for product [{}] can now be successfully processed",
+                self.id
+            );
+        }
+        self.applied.insert(order.order_id);
+        self.orders.push(order.order_id);
+        self.total_quantity += u64::from(order.quantity);
+        self.metrics.applied.inc();
+        info!(
+            "Added order {order} for product [{}] - {} total quantity ordered",
+            self.id, self.total_quantity
+        );
+        Ok(())
+    }
+
+    fn snapshot(&self) -> ProductSnapshot {
+        ProductSnapshot {
+            product_id: self.id.to_string(),
+            total_quantity: self.total_quantity,
+            orders: self.orders.clone(),
+        }
+    }
+}
+
+/// Creates a ProductActor for each product on its first order.
+pub struct ProductFactory {
+    /// Simulation settings shared by all products.
+    pub settings: Arc<ProductSettings>,
+    /// Domain counters.
+    pub metrics: ProductMetrics,
+}
+
+impl EntityFactory for ProductFactory {
+    type Entity = ProductActor;
+
+    fn create(&self, id: &EntityId) -> ProductActor {
+        ProductActor {
+            id: id.clone(),
+            orders: Vec::new(),
+            applied: HashSet::new(),
+            previously_failed: HashSet::new(),
+            total_quantity: 0,
+            rng: SmallRng::from_rng(&mut rand::rng()),
+            settings: Arc::clone(&self.settings),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn factory(failure_rate: f64) -> ProductFactory {
+        ProductFactory {
+            settings: Arc::new(ProductSettings {
+                failure_rate,
+                processing_delay_ms: 0,
+            }),
+            metrics: ProductMetrics::register(&Registry::new()).unwrap(),
+        }
+    }
+
+    fn order(product: &str, quantity: u32) -> CreateOrder {
+        CreateOrder {
+            order_id: Uuid::new_v4(),
+            customer_id: "c".into(),
+            product_id: product.into(),
+            quantity,
+        }
+    }
+
+    #[tokio::test]
+    async fn applies_orders_in_order_and_ignores_a_redelivered_one() {
+        let factory = factory(0.0);
+        let mut product = factory.create(&EntityId::new("7"));
+        let first = order("7", 3);
+        let second = order("7", 4);
+        product.handle(&first).await.unwrap();
+        product.handle(&second).await.unwrap();
+        product.handle(&first).await.unwrap();
+        let snapshot = product.snapshot();
+        assert_eq!(snapshot.total_quantity, 7);
+        assert_eq!(snapshot.orders, vec![first.order_id, second.order_id]);
+        assert_eq!(factory.metrics.duplicates.get(), 1);
+        assert_eq!(factory.metrics.applied.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_simulated_failure_applies_nothing() {
+        let factory = factory(1.0 - f64::EPSILON);
+        let mut product = factory.create(&EntityId::new("7"));
+        let failing = order("7", 3);
+        assert!(product.handle(&failing).await.is_err());
+        assert_eq!(product.snapshot().total_quantity, 0);
+        assert!(product.snapshot().orders.is_empty());
+    }
+}

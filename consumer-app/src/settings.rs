@@ -1,0 +1,212 @@
+//! The consumer's configuration: every key, its default, its flag and its environment twin.
+//! Layering (defaults, `--config` TOML, `WARREN_` environment, flags) is `warren::config`'s.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use warren::amqp::AmqpSettings;
+use warren::bridge::BridgeSettings;
+use warren::config::{ConfigError, ConfigLoader, check};
+use warren::delivery::DeliverySettings;
+
+/// Everything the consumer can be configured with.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// `[amqp]`: broker and queue.
+    pub amqp: AmqpSettings,
+    /// `[bridge]`: in-flight bound, prefetch, retries, deadlines.
+    pub bridge: BridgeSettings,
+    /// `[delivery]`: the reliable-delivery protocol.
+    pub delivery: DeliverySettings,
+    /// `[product]`: the ProductActor's simulation knobs.
+    pub product: ProductSettings,
+    /// `[http]`: where `/metrics`, `/health` and `/products/{id}` are served.
+    pub http: HttpSettings,
+    /// `[log]`: log format.
+    pub log: LogSettings,
+}
+
+/// The ProductActor's simulation knobs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProductSettings {
+    /// Probability that an attempt fails as a simulated transient failure.
+    pub failure_rate: f64,
+    /// Simulated processing time per attempt.
+    pub processing_delay_ms: u64,
+}
+
+/// The HTTP endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Listen address; port 0 picks a free port (printed on stdout at start).
+    pub addr: SocketAddr,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// JSON lines instead of text (the filter is `RUST_LOG`).
+    pub json: bool,
+}
+
+impl ConsumerConfig {
+    /// Rejects values Warren cannot run with, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.amqp.validate("amqp")?;
+        self.bridge.validate("bridge")?;
+        self.delivery.validate("delivery")?;
+        check(
+            (0.0..=1.0).contains(&self.product.failure_rate),
+            "product",
+            "failure_rate",
+            "must be between 0 and 1",
+        )
+    }
+}
+
+/// Consumes orders from RabbitMQ and applies each to its product entity, acking only after the
+/// entity confirmed. Every flag also reads its environment twin; the TOML file given with
+/// --config sits below both.
+#[derive(Debug, Parser)]
+#[command(name = "warren-consumer", version)]
+pub struct Cli {
+    /// TOML config file (keys as in the [amqp], [bridge], [delivery], [product], [http] and
+    /// [log] sections).
+    #[arg(long, env = "WARREN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Broker URI.
+    #[arg(long, env = "WARREN_AMQP__URI", value_name = "URI")]
+    pub uri: Option<String>,
+    /// Source queue (its dead letters go to <QUEUE>.dlq).
+    #[arg(long, env = "WARREN_AMQP__QUEUE")]
+    pub queue: Option<String>,
+    /// Queue type used when declaring the queue: classic or quorum (default classic).
+    #[arg(long, env = "WARREN_AMQP__QUEUE_TYPE", value_name = "TYPE")]
+    pub queue_type: Option<String>,
+    /// Quorum queues: deliveries after which the broker itself dead-letters a message.
+    #[arg(long, env = "WARREN_AMQP__DELIVERY_LIMIT", value_name = "N")]
+    pub delivery_limit: Option<u32>,
+    /// Unacked deliveries the broker may push (default: twice --max-in-flight).
+    #[arg(long, env = "WARREN_BRIDGE__PREFETCH", value_name = "N")]
+    pub prefetch: Option<u16>,
+    /// Most deliveries in processing at once (default 100).
+    #[arg(long, env = "WARREN_BRIDGE__MAX_IN_FLIGHT", value_name = "N")]
+    pub max_in_flight: Option<u16>,
+    /// Bodies above this many bytes are dead-lettered undecoded (default 65536).
+    #[arg(long, env = "WARREN_BRIDGE__MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Processing attempts per message before it is dead-lettered (default 5).
+    #[arg(long, env = "WARREN_BRIDGE__MAX_ATTEMPTS", value_name = "N")]
+    pub max_attempts: Option<u32>,
+    /// Nack a delivery back to the queue if unsettled this long, e.g. "60s" (default 60s).
+    #[arg(
+        long,
+        env = "WARREN_BRIDGE__PROCESSING_DEADLINE",
+        value_name = "DURATION"
+    )]
+    pub processing_deadline: Option<String>,
+    /// On SIGINT/SIGTERM, how long in-flight work may finish, e.g. "30s" (default 30s).
+    #[arg(long, env = "WARREN_BRIDGE__SHUTDOWN_TIMEOUT", value_name = "DURATION")]
+    pub shutdown_timeout: Option<String>,
+    /// Serve /metrics, /health and /products/{id} here (default 127.0.0.1:9464).
+    #[arg(long, env = "WARREN_HTTP__ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Probability that a processing attempt fails (simulated), 0 to 1 (default 0).
+    #[arg(long, env = "WARREN_PRODUCT__FAILURE_RATE", value_name = "P")]
+    pub failure_rate: Option<f64>,
+    /// Simulated processing time per attempt in milliseconds (default 0).
+    #[arg(long, env = "WARREN_PRODUCT__PROCESSING_DELAY_MS", value_name = "MS")]
+    pub processing_delay_ms: Option<u64>,
+    /// Log JSON lines instead of text.
+    #[arg(long, env = "WARREN_LOG__JSON")]
+    pub log_json: Option<bool>,
+    /// AMQP connection name (default warren-consumer-<pid>).
+    #[arg(long, env = "WARREN_AMQP__CONNECTION_NAME", value_name = "NAME")]
+    pub connection_name: Option<String>,
+}
+
+impl Cli {
+    /// All layers merged and validated.
+    pub fn load(&self) -> Result<ConsumerConfig, ConfigError> {
+        let config: ConsumerConfig = ConfigLoader::new::<ConsumerConfig>(self.config.as_deref())?
+            .flag("amqp.uri", self.uri.clone())
+            .flag("amqp.queue", self.queue.clone())
+            .flag("amqp.queue_type", self.queue_type.clone())
+            .flag("amqp.delivery_limit", self.delivery_limit)
+            .flag("bridge.prefetch", self.prefetch)
+            .flag("bridge.max_in_flight", self.max_in_flight)
+            .flag("bridge.max_message_bytes", self.max_message_bytes)
+            .flag("bridge.max_attempts", self.max_attempts)
+            .flag(
+                "bridge.processing_deadline",
+                self.processing_deadline.clone(),
+            )
+            .flag("bridge.shutdown_timeout", self.shutdown_timeout.clone())
+            .flag("http.addr", self.metrics_addr.clone())
+            .flag("product.failure_rate", self.failure_rate)
+            .flag("product.processing_delay_ms", self.processing_delay_ms)
+            .flag("log.json", self.log_json)
+            .flag("amqp.connection_name", self.connection_name.clone())
+            .extract()?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        ConsumerConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn flags_land_on_their_keys() {
+        let cli = Cli::parse_from([
+            "warren-consumer",
+            "--queue",
+            "q1",
+            "--max-in-flight",
+            "7",
+            "--processing-deadline",
+            "5s",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]);
+        let config = cli.load().unwrap();
+        assert_eq!(config.amqp.queue, "q1");
+        assert_eq!(config.bridge.max_in_flight, 7);
+        assert_eq!(config.bridge.effective_prefetch(), 14);
+        assert_eq!(
+            config.bridge.processing_deadline,
+            std::time::Duration::from_secs(5)
+        );
+        assert_eq!(config.http.addr.port(), 0);
+    }
+
+    #[test]
+    fn an_invalid_value_names_its_key() {
+        let cli = Cli::parse_from(["warren-consumer", "--failure-rate", "1.5"]);
+        let err = cli.load().unwrap_err().to_string();
+        assert!(err.contains("product.failure_rate"), "{err}");
+        let cli = Cli::parse_from(["warren-consumer", "--processing-deadline", "soon"]);
+        let err = cli.load().unwrap_err().to_string();
+        assert!(err.contains("processing_deadline"), "{err}");
+    }
+}

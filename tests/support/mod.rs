@@ -1,0 +1,518 @@
+//! Support for the integration tests: a uniquely named queue that is deleted afterwards, live
+//! queue counts from the broker, the real `warren-consumer` as a child process, a recording
+//! publisher, and waiting for a condition with a deadline (never a bare sleep).
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+use uuid::Uuid;
+use warren::amqp::{
+    AmqpSettings, ConfirmedPublisher, OutgoingMessage, PublisherSettings, topology,
+};
+use warren::order::CreateOrder;
+
+const MANAGEMENT: &str = "http://127.0.0.1:15672/api";
+
+/// Polls `check` every 100 ms until it yields a value; panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Where cargo put the workspace's binaries (next to this test's `deps` folder).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Ready, unacked and consumer counts of a queue, straight from the queue process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub ready: u64,
+    pub unacked: u64,
+    pub consumers: u64,
+}
+
+/// A queue (with its dead-letter exchange and queue) that exists for one test.
+pub struct TestQueue {
+    pub name: String,
+}
+
+impl TestQueue {
+    /// A fresh, unique queue name; the topology is declared by whoever connects first.
+    pub fn new(test: &str) -> Self {
+        let suffix = Uuid::new_v4().simple().to_string();
+        TestQueue {
+            name: format!("warren-test-{test}-{}", &suffix[..8]),
+        }
+    }
+
+    pub fn dlq(&self) -> String {
+        topology::dead_letter_queue(&self.name)
+    }
+
+    pub fn amqp(&self) -> AmqpSettings {
+        AmqpSettings {
+            queue: self.name.clone(),
+            connection_name: Some(format!("{}-test", self.name)),
+            ..AmqpSettings::default()
+        }
+    }
+
+    /// Declares the topology now (so messages can be published before a consumer exists).
+    pub async fn declare(&self) {
+        let connection = self.amqp().connect("warren-test-declare").await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        topology::declare(&channel, &self.amqp()).await.unwrap();
+        connection.close(200, "done".into()).await.unwrap();
+    }
+
+    /// Live counts from `rabbitmqctl` (the management API lags by its stats interval).
+    pub async fn counts(&self) -> QueueCounts {
+        counts_of(&self.name).await
+    }
+
+    pub async fn dlq_counts(&self) -> QueueCounts {
+        counts_of(&self.dlq()).await
+    }
+
+    /// Takes every message off the dead-letter queue: its body and `x-warren-error` header.
+    pub async fn take_dead_letters(&self) -> Vec<(Vec<u8>, String)> {
+        let connection = self.amqp().connect("warren-test-dlq").await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut letters = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                ShortString::from(self.dlq().as_str()),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            let reason = message
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(warren::amqp::ERROR_HEADER).cloned())
+                .map(|v| match v {
+                    AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            letters.push((message.delivery.data, reason));
+        }
+        connection.close(200, "done".into()).await.unwrap();
+        letters
+    }
+
+    /// Waits until the queue is empty (nothing ready, nothing unacked).
+    pub async fn wait_drained(&self, timeout: Duration) {
+        eventually(&format!("{} to drain", self.name), timeout, || async {
+            let counts = self.counts().await;
+            (counts.ready == 0 && counts.unacked == 0).then_some(())
+        })
+        .await;
+    }
+}
+
+impl Drop for TestQueue {
+    fn drop(&mut self) {
+        let queue = |name: &str| format!("{MANAGEMENT}/queues/%2F/{name}");
+        let urls = [
+            queue(&self.name),
+            queue(&self.dlq()),
+            format!(
+                "{MANAGEMENT}/exchanges/%2F/{}",
+                topology::dead_letter_exchange(&self.name)
+            ),
+        ];
+        // A plain thread: blocking HTTP may not run on the test's async runtime.
+        let cleanup = std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::new();
+            for url in urls {
+                let _ = client.delete(url).basic_auth("guest", Some("guest")).send();
+            }
+        });
+        let _ = cleanup.join();
+    }
+}
+
+async fn counts_of(queue: &str) -> QueueCounts {
+    #[derive(Deserialize)]
+    struct Row {
+        name: String,
+        messages_ready: u64,
+        messages_unacknowledged: u64,
+        consumers: u64,
+    }
+    let output = Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+            "--formatter",
+            "json",
+        ])
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl list_queues failed: {output:?}"
+    );
+    let rows: Vec<Row> = serde_json::from_slice(&output.stdout).expect("rabbitmqctl json");
+    rows.into_iter()
+        .find(|row| row.name == queue)
+        .map(|row| QueueCounts {
+            ready: row.messages_ready,
+            unacked: row.messages_unacknowledged,
+            consumers: row.consumers,
+        })
+        .unwrap_or_default()
+}
+
+/// Force-closes a client connection from the broker side, found by its connection name.
+pub async fn close_connection(connection_name: &str) {
+    let output = Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    let listing = String::from_utf8_lossy(&output.stdout);
+    let needle = format!("{{\"connection_name\",\"{connection_name}\"}}");
+    let pid = listing
+        .lines()
+        .find(|line| line.contains(&needle))
+        .and_then(|line| line.split('\t').next())
+        .unwrap_or_else(|| panic!("no connection named {connection_name}:\n{listing}"))
+        .to_owned();
+    let status = Command::new("rabbitmqctl")
+        .args(["close_connection", &pid, "warren test: forced close"])
+        .status()
+        .await
+        .expect("rabbitmqctl runs");
+    assert!(status.success(), "close_connection failed");
+}
+
+/// `GET /products/{id}`.
+#[derive(Debug, Deserialize)]
+pub struct ProductView {
+    pub product_id: String,
+    pub total_quantity: u64,
+    pub orders: Vec<Uuid>,
+}
+
+/// A running `warren-consumer`; killed when dropped.
+pub struct Consumer {
+    child: Child,
+    pub base: String,
+    pub connection_name: String,
+    pub log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Consumer {
+    /// Starts the real binary on `queue` with extra flags and waits until it consumes.
+    pub async fn start(queue: &TestQueue, extra: &[&str]) -> Consumer {
+        let connection_name = format!(
+            "{}-{}",
+            queue.name,
+            &Uuid::new_v4().simple().to_string()[..6]
+        );
+        let log = std::env::temp_dir().join(format!("{connection_name}.log"));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let mut child = Command::new(binary("warren-consumer"))
+            .args(["--queue", &queue.name, "--metrics-addr", "127.0.0.1:0"])
+            .args(["--connection-name", &connection_name])
+            .args(extra)
+            .env("RUST_LOG", "info,lapin=warn")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("warren-consumer starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("consumer printed its address in time")
+            .expect("stdout readable")
+            .unwrap_or_else(|| panic!("consumer exited early; see {}", log.display()));
+        let base = first
+            .rsplit(' ')
+            .next()
+            .expect("address on the first line")
+            .to_owned();
+        let consumer = Consumer {
+            child,
+            base,
+            connection_name,
+            log,
+            http: reqwest::Client::new(),
+        };
+        eventually(
+            "the consumer to be consuming",
+            Duration::from_secs(30),
+            || async {
+                let response = consumer
+                    .http
+                    .get(format!("{}/health", consumer.base))
+                    .send()
+                    .await
+                    .ok()?;
+                response.status().is_success().then_some(())
+            },
+        )
+        .await;
+        consumer
+    }
+
+    /// A metric's value (summed over its label sets matching `name` exactly, labels included).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics reachable")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.rsplit_once(' '))
+            .filter(|(series, _)| *series == name)
+            .filter_map(|(_, value)| value.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The product's state, or `None` for 404.
+    pub async fn product(&self, id: &str) -> Option<ProductView> {
+        let response = self
+            .http
+            .get(format!("{}/products/{id}", self.base))
+            .send()
+            .await
+            .expect("products reachable");
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return None;
+        }
+        Some(response.json().await.expect("product json"))
+    }
+
+    /// Resident memory of the process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// SIGKILL: no chance to ack or close anything.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill");
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("consumer exits after SIGTERM")
+            .expect("exit status")
+    }
+
+    /// The consumer's log so far, for assertion messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// Publishes orders and remembers, per product, the order ids in publish order and the sum of
+/// their quantities.
+pub struct Orders {
+    publisher: ConfirmedPublisher,
+    products: Vec<String>,
+    next: usize,
+    pub published: BTreeMap<String, Vec<(Uuid, u32)>>,
+}
+
+impl Orders {
+    pub fn new(queue: &TestQueue, products: usize) -> Self {
+        let publisher = ConfirmedPublisher::new(PublisherSettings {
+            amqp: AmqpSettings {
+                connection_name: Some(format!("{}-publisher", queue.name)),
+                ..queue.amqp()
+            },
+            max_outstanding: 1000,
+            connection_name: format!("{}-publisher", queue.name),
+        });
+        Orders {
+            publisher,
+            products: (0..products).map(|p| format!("p{p}")).collect(),
+            next: 0,
+            published: BTreeMap::new(),
+        }
+    }
+
+    /// Publishes `count` orders round-robin over the products (quantities 1–9), confirmed.
+    pub async fn publish(&mut self, count: usize) {
+        self.publish_padded(count, 0).await;
+    }
+
+    /// Like [`Self::publish`], with an ignored `padding` field of `padding` bytes per message.
+    pub async fn publish_padded(&mut self, count: usize, padding: usize) {
+        for _ in 0..count {
+            let product = self.products[self.next % self.products.len()].clone();
+            let quantity = (self.next % 9) as u32 + 1;
+            self.next += 1;
+            let order = CreateOrder {
+                order_id: Uuid::new_v4(),
+                customer_id: "c".into(),
+                product_id: product.clone(),
+                quantity,
+            };
+            let mut json = serde_json::to_value(&order).unwrap();
+            if padding > 0 {
+                json["padding"] = serde_json::Value::String("x".repeat(padding));
+            }
+            self.published
+                .entry(product)
+                .or_default()
+                .push((order.order_id, quantity));
+            self.raw(serde_json::to_vec(&json).unwrap()).await;
+        }
+        self.publisher.flush().await;
+        let stats = self.publisher.stats();
+        assert_eq!(stats.confirmed, stats.accepted, "every publish confirmed");
+        assert_eq!(stats.returned, 0);
+    }
+
+    /// Publishes a body as is (for malformed input).
+    pub async fn raw(&mut self, body: Vec<u8>) {
+        self.publisher
+            .publish(OutgoingMessage {
+                body,
+                message_id: None,
+            })
+            .await;
+    }
+
+    pub async fn flush(&mut self) {
+        self.publisher.flush().await;
+    }
+
+    pub fn total(&self) -> usize {
+        self.published.values().map(Vec::len).sum()
+    }
+
+    /// Asserts that every product's state equals exactly what was published for it: the same
+    /// orders, each once, in publish order, and the same total quantity.
+    pub async fn assert_applied_exactly_once_in_order(&self, consumer: &Consumer) {
+        for (product, orders) in &self.published {
+            let view = consumer
+                .product(product)
+                .await
+                .unwrap_or_else(|| panic!("product {product} unknown to the consumer"));
+            let expected_ids: Vec<Uuid> = orders.iter().map(|(id, _)| *id).collect();
+            let expected_total: u64 = orders.iter().map(|(_, q)| u64::from(*q)).sum();
+            assert_eq!(view.total_quantity, expected_total, "total of {product}");
+            assert_eq!(view.orders, expected_ids, "orders of {product}");
+        }
+    }
+
+    /// Asserts each product's total and its set of orders (order may differ after a republish
+    /// or a redelivery across a reconnect).
+    pub async fn assert_applied_exactly_once(&self, consumer: &Consumer) {
+        for (product, orders) in &self.published {
+            let view = consumer
+                .product(product)
+                .await
+                .unwrap_or_else(|| panic!("product {product} unknown to the consumer"));
+            let mut expected_ids: Vec<Uuid> = orders.iter().map(|(id, _)| *id).collect();
+            let mut applied = view.orders.clone();
+            expected_ids.sort();
+            applied.sort();
+            let expected_total: u64 = orders.iter().map(|(_, q)| u64::from(*q)).sum();
+            assert_eq!(view.total_quantity, expected_total, "total of {product}");
+            assert_eq!(applied, expected_ids, "orders of {product}");
+        }
+    }
+}
+
+/// Passive declare: how many messages the dead-letter queue holds (live).
+pub async fn message_count(queue: &str) -> u32 {
+    let connection = AmqpSettings::default()
+        .connect("warren-test-count")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let declared = channel
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+    declared.message_count()
+}
