@@ -132,7 +132,7 @@ pub struct Cli {
     #[arg(long, env = "WARREN_PRODUCT__PROCESSING_DELAY_MS", value_name = "MS")]
     pub processing_delay_ms: Option<u64>,
     /// Log JSON lines instead of text.
-    #[arg(long, env = "WARREN_LOG__JSON")]
+    #[arg(long, env = "WARREN_LOG__JSON", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub log_json: Option<bool>,
     /// AMQP connection name (default warren-consumer-<pid>).
     #[arg(long, env = "WARREN_AMQP__CONNECTION_NAME", value_name = "NAME")]

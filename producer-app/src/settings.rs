@@ -147,7 +147,7 @@ pub struct Cli {
     #[arg(long, env = "WARREN_HTTP__ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<String>,
     /// Log JSON lines instead of text.
-    #[arg(long, env = "WARREN_LOG__JSON")]
+    #[arg(long, env = "WARREN_LOG__JSON", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub log_json: Option<bool>,
     /// AMQP connection name (default warren-producer-<pid>).
     #[arg(long, env = "WARREN_AMQP__CONNECTION_NAME", value_name = "NAME")]

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
-use futures::{Future, StreamExt};
+use futures::{Future, FutureExt, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
@@ -112,7 +112,7 @@ impl ConfirmedPublisher {
         }
     }
 
-    /// Accepts a message and publishes it, waiting while `max_outstanding` confirms are
+    /// Accepts a message and publishes it, waiting only while `max_outstanding` confirms are
     /// pending. Reconnects as long as it takes; cancel by dropping the future.
     pub async fn publish(&mut self, message: OutgoingMessage) {
         let id = self.next_id;
@@ -120,15 +120,25 @@ impl ConfirmedPublisher {
         self.outstanding.insert(id, Pending { message, sends: 0 });
         self.to_send.push_back(id);
         self.stats.accepted += 1;
-        while !(self.to_send.is_empty() && self.confirms.len() < self.settings.max_outstanding) {
-            self.make_progress().await;
+        loop {
+            self.settle_ready();
+            self.send_what_fits().await;
+            if self.to_send.is_empty() && self.confirms.len() < self.settings.max_outstanding {
+                return;
+            }
+            self.wait_for_a_confirm().await;
         }
     }
 
     /// Waits until every accepted message is confirmed or returned.
     pub async fn flush(&mut self) {
-        while !self.outstanding.is_empty() {
-            self.make_progress().await;
+        loop {
+            self.settle_ready();
+            self.send_what_fits().await;
+            if self.outstanding.is_empty() {
+                return;
+            }
+            self.wait_for_a_confirm().await;
         }
     }
 
@@ -142,11 +152,11 @@ impl ConfirmedPublisher {
         }
     }
 
-    /// Sends what the window allows, then waits for one confirm.
-    async fn make_progress(&mut self) {
+    /// Publishes queued messages while the confirm window has room.
+    async fn send_what_fits(&mut self) {
         while self.confirms.len() < self.settings.max_outstanding {
             let Some(&id) = self.to_send.front() else {
-                break;
+                return;
             };
             let channel = self.ensure_link().await;
             let generation = self.generations;
@@ -192,6 +202,16 @@ impl ConfirmedPublisher {
                 }
             }
         }
+    }
+
+    /// Settles the confirms that already arrived, without waiting.
+    fn settle_ready(&mut self) {
+        while let Some(Some((id, generation, result))) = self.confirms.next().now_or_never() {
+            self.settle(id, generation, result);
+        }
+    }
+
+    async fn wait_for_a_confirm(&mut self) {
         if let Some((id, generation, result)) = self.confirms.next().await {
             self.settle(id, generation, result);
         }
@@ -240,7 +260,7 @@ impl ConfirmedPublisher {
             if let Some(link) = &self.link {
                 return link.channel.clone();
             }
-            match self.open().await {
+            match open(&self.settings).await {
                 Ok((connection, channel)) => {
                     self.generations += 1;
                     if self.generations > 1 {
@@ -264,18 +284,16 @@ impl ConfirmedPublisher {
             }
         }
     }
+}
 
-    async fn open(&self) -> Result<(Connection, Channel), AmqpError> {
-        let connection = self
-            .settings
-            .amqp
-            .connect(&self.settings.connection_name)
-            .await?;
-        let channel = connection.create_channel().await?;
-        topology::declare(&channel, &self.settings.amqp).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok((connection, channel))
-    }
+/// Connects, declares the topology and turns on confirms. A free function so that the
+/// publisher's futures borrow only the (shareable) settings across the awaits.
+async fn open(settings: &PublisherSettings) -> Result<(Connection, Channel), AmqpError> {
+    let connection = settings.amqp.connect(&settings.connection_name).await?;
+    let channel = connection.create_channel().await?;
+    topology::declare(&channel, &settings.amqp).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((connection, channel))
 }

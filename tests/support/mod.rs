@@ -457,6 +457,10 @@ impl Orders {
         self.publisher.flush().await;
     }
 
+    pub fn stats(&self) -> warren::amqp::PublisherStats {
+        self.publisher.stats()
+    }
+
     pub fn total(&self) -> usize {
         self.published.values().map(Vec::len).sum()
     }

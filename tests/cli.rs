@@ -1,0 +1,113 @@
+//! Bad configuration stops both binaries before they touch the broker, naming the key.
+
+mod support;
+
+use support::binary;
+
+async fn refuse(program: &str, args: &[&str], env: &[(&str, &str)], key: &str) {
+    let output = tokio::process::Command::new(binary(program))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{program} {args:?}: {stderr}"
+    );
+    assert!(
+        stderr.contains(key),
+        "{program} {args:?} should name {key}: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn invalid_values_are_refused_naming_their_key() {
+    refuse(
+        "warren-consumer",
+        &["--uri", "http://nope"],
+        &[],
+        "amqp.uri",
+    )
+    .await;
+    refuse(
+        "warren-consumer",
+        &["--failure-rate", "2"],
+        &[],
+        "product.failure_rate",
+    )
+    .await;
+    refuse(
+        "warren-consumer",
+        &["--prefetch", "0"],
+        &[],
+        "bridge.prefetch",
+    )
+    .await;
+    refuse(
+        "warren-consumer",
+        &["--queue-type", "stream"],
+        &[],
+        "queue_type",
+    )
+    .await;
+    refuse(
+        "warren-consumer",
+        &[],
+        &[(
+            "WARREN_DELIVERY__CONSUMER_CONTROLLER__FLOW_CONTROL_WINDOW",
+            "0",
+        )],
+        "delivery.consumer_controller.flow_control_window",
+    )
+    .await;
+    refuse(
+        "warren-consumer",
+        &[],
+        &[("WARREN_BRIDGE__MAX_IN_FLIGHTT", "3")],
+        "max_in_flightt",
+    )
+    .await;
+    refuse(
+        "warren-producer",
+        &["--products", ","],
+        &[],
+        "publish.products",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_missing_config_file_is_refused() {
+    refuse(
+        "warren-producer",
+        &["--config", "/nonexistent.toml"],
+        &[],
+        "/nonexistent.toml",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn help_documents_every_flag_with_its_environment_twin() {
+    for program in ["warren-consumer", "warren-producer"] {
+        let output = tokio::process::Command::new(binary(program))
+            .arg("--help")
+            .output()
+            .await
+            .unwrap();
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success());
+        let flags = help
+            .lines()
+            .filter(|l| l.trim_start().starts_with("--"))
+            .count();
+        let twins = help.matches("[env: WARREN_").count();
+        assert!(flags > 5, "{program} --help lists its flags: {help}");
+        // Every long flag (-h/--help and -V/--version are listed as short ones) names its
+        // environment variable.
+        assert_eq!(twins, flags, "{program} --help: {help}");
+    }
+}
