@@ -41,6 +41,8 @@ pub struct BridgeMetrics {
     pub invalid_messages: IntCounterVec,
     /// `warren_ack_latency_seconds`: from delivery to ack.
     pub ack_latency: Histogram,
+    /// `warren_amqp_acks_total`: ack frames sent (each may cover many deliveries).
+    pub acks_sent: IntCounter,
     /// AMQP connection state and reconnects.
     pub source: SourceMetrics,
 }
@@ -96,6 +98,11 @@ impl Metrics {
                 registry.register(Box::new(histogram.clone()))?;
                 histogram
             },
+            acks_sent: counter(
+                &registry,
+                "warren_amqp_acks_total",
+                "Ack frames sent to the broker; each may cover many deliveries.",
+            )?,
             source: SourceMetrics {
                 reconnects: counter(
                     &registry,

@@ -23,8 +23,7 @@ use warren::metrics::{self, Metrics};
 use crate::product::{ProductFactory, ProductMetrics};
 use crate::settings::{Cli, ConsumerConfig};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match cli.load() {
         Ok(config) => config,
@@ -34,7 +33,23 @@ async fn main() -> ExitCode {
         }
     };
     warren::telemetry::init(config.log.json);
-    match run(config).await {
+    // One thread by default: the work per message is small and every cross-thread wake-up costs
+    // CPU the broker (usually on the same few cores) would rather have. More threads pay off
+    // only for entities that do real computation.
+    let runtime = match config.runtime.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let result = match runtime {
+        Ok(runtime) => runtime.block_on(run(config)),
+        Err(error) => Err(anyhow::Error::new(error).context("starting the async runtime")),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             error!("{error:#}");

@@ -27,6 +27,22 @@ pub struct ConsumerConfig {
     pub http: HttpSettings,
     /// `[log]`: log format.
     pub log: LogSettings,
+    /// `[runtime]`: threads.
+    pub runtime: RuntimeSettings,
+}
+
+/// The async runtime.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSettings {
+    /// Worker threads; 1 runs everything on one thread (the most efficient for light entities).
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings { worker_threads: 1 }
+    }
 }
 
 /// The ProductActor's simulation knobs.
@@ -70,6 +86,12 @@ impl ConsumerConfig {
         self.bridge.validate("bridge")?;
         self.delivery.validate("delivery")?;
         check(
+            self.runtime.worker_threads >= 1,
+            "runtime",
+            "worker_threads",
+            "must be at least 1",
+        )?;
+        check(
             (0.0..=1.0).contains(&self.product.failure_rate),
             "product",
             "failure_rate",
@@ -84,8 +106,8 @@ impl ConsumerConfig {
 #[derive(Debug, Parser)]
 #[command(name = "warren-consumer", version)]
 pub struct Cli {
-    /// TOML config file (keys as in the [amqp], [bridge], [delivery], [product], [http] and
-    /// [log] sections).
+    /// TOML config file (keys as in the [amqp], [bridge], [delivery], [product], [http],
+    /// [log] and [runtime] sections).
     #[arg(long, env = "WARREN_CONFIG")]
     pub config: Option<PathBuf>,
     /// Broker URI.
@@ -131,6 +153,9 @@ pub struct Cli {
     /// Simulated processing time per attempt in milliseconds (default 0).
     #[arg(long, env = "WARREN_PRODUCT__PROCESSING_DELAY_MS", value_name = "MS")]
     pub processing_delay_ms: Option<u64>,
+    /// Async runtime worker threads; 1 (the default) runs everything on one thread.
+    #[arg(long, env = "WARREN_RUNTIME__WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
     /// Log JSON lines instead of text.
     #[arg(long, env = "WARREN_LOG__JSON", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub log_json: Option<bool>,
@@ -159,6 +184,7 @@ impl Cli {
             .flag("http.addr", self.metrics_addr.clone())
             .flag("product.failure_rate", self.failure_rate)
             .flag("product.processing_delay_ms", self.processing_delay_ms)
+            .flag("runtime.worker_threads", self.worker_threads)
             .flag("log.json", self.log_json)
             .flag("amqp.connection_name", self.connection_name.clone())
             .extract()?;

@@ -57,7 +57,11 @@ async fn run(config: ProducerConfig) -> anyhow::Result<bool> {
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on http.addr {addr}"))?;
-            info!(addr = %listener.local_addr()?, "serving /metrics");
+            // On stdout, before the summary: scripts read the address from it.
+            println!(
+                "warren-producer serving metrics on http://{}",
+                listener.local_addr()?
+            );
             tokio::spawn(metrics::serve(
                 listener,
                 metrics::router(registry),

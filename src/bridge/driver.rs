@@ -13,16 +13,16 @@ use futures::stream::FuturesUnordered;
 use futures::{Future, StreamExt};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::amqp::{AmqpError, AmqpSource, Session, SourceEvent};
+use crate::bridge::acks::AckWriter;
 use crate::bridge::dispatch::Dispatcher;
-use crate::bridge::inflight::{DeliveryKey, Entry, InFlight, Settled, Settlement};
+use crate::bridge::inflight::{DeliveryKey, Entry, InFlight, Settlement};
 use crate::bridge::settings::BridgeSettings;
 use crate::delivery::{ProducerId, ProducerSettings};
 use crate::entity::{
@@ -66,6 +66,7 @@ pub struct Bridge<F: EntityFactory> {
     /// Entities' verdicts that a delivery must be dead-lettered once confirmed.
     rejections: HashMap<DeliveryKey, String>,
     dead_letters: FuturesUnordered<DeadLetterFuture>,
+    acks: AckWriter,
     metrics: BridgeMetrics,
     settled: Vec<Entry<Held>>,
     expired: Vec<DeliveryKey>,
@@ -92,6 +93,7 @@ impl<F: EntityFactory> Bridge<F> {
             session: None,
             rejections: HashMap::new(),
             dead_letters: FuturesUnordered::new(),
+            acks: AckWriter::spawn(metrics.clone()),
             metrics,
             settled: Vec::new(),
             expired: Vec::new(),
@@ -127,7 +129,7 @@ impl<F: EntityFactory> Bridge<F> {
                     }
                 }
                 Some((key, result)) = self.dead_letters.next(), if !self.dead_letters.is_empty() => {
-                    self.on_dead_lettered(key, result).await;
+                    self.on_dead_lettered(key, result);
                 }
                 event = self.source.next(), if can_take => {
                     let Some(event) = event else { break Err(BridgeError::SourceStopped) };
@@ -141,9 +143,9 @@ impl<F: EntityFactory> Bridge<F> {
             }
             let now = Instant::now();
             self.dispatcher.handle_timeout(now);
-            self.expire(now).await;
+            self.expire(now);
             self.pump_dispatcher();
-            self.flush_acks(now).await;
+            self.flush_acks(now);
             self.metrics.in_flight.set(self.in_flight.len() as i64);
             if let Some(until) = drain_until {
                 if self.in_flight.is_empty() && self.dead_letters.is_empty() {
@@ -159,6 +161,8 @@ impl<F: EntityFactory> Bridge<F> {
                 }
             }
         };
+        // Every decided ack reaches the broker before the channel closes.
+        self.acks.close().await;
         self.source.close().await;
         self.host.shutdown().await;
         result
@@ -296,43 +300,32 @@ impl<F: EntityFactory> Bridge<F> {
         }));
     }
 
-    async fn on_dead_lettered(&mut self, key: DeliveryKey, result: Result<(), AmqpError>) {
+    fn on_dead_lettered(&mut self, key: DeliveryKey, result: Result<(), AmqpError>) {
         match result {
             Ok(()) => {
                 self.in_flight.settle(key, Settlement::DeadLettered);
             }
             Err(error) => {
                 warn!(%error, "dead-lettering failed; requeueing the message instead");
-                self.requeue(key).await;
+                self.requeue(key);
             }
         }
     }
 
     /// Nacks a pending delivery back to the queue and forgets it.
-    async fn requeue(&mut self, key: DeliveryKey) {
+    fn requeue(&mut self, key: DeliveryKey) {
         let Some(held) = self.in_flight.pending(key) else {
             return;
         };
-        let nack = BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        };
-        if let Err(error) = held.acker.nack(nack).await {
-            debug!(%error, "nack failed; the channel is gone and the broker requeues anyway");
-        }
+        self.acks.nack(held.acker.clone());
         if let Some(entity) = &held.entity {
             self.dispatcher.cancel(entity, key.0);
         }
         self.rejections.remove(&key);
-        if self.in_flight.settle(key, Settlement::Requeued) == Settled::Current {
-            self.metrics
-                .deliveries
-                .with_label_values(&[outcome::REQUEUED])
-                .inc();
-        }
+        self.in_flight.settle(key, Settlement::Requeued);
     }
 
-    async fn expire(&mut self, now: Instant) {
+    fn expire(&mut self, now: Instant) {
         let mut expired = std::mem::take(&mut self.expired);
         self.in_flight.expire(now, &mut expired);
         if !expired.is_empty() {
@@ -343,43 +336,32 @@ impl<F: EntityFactory> Bridge<F> {
             );
         }
         for key in expired.drain(..) {
-            self.requeue(key).await;
+            self.requeue(key);
         }
         self.expired = expired;
     }
 
     /// Acks the contiguous settled prefix with one `multiple` ack.
-    async fn flush_acks(&mut self, now: Instant) {
+    fn flush_acks(&mut self, now: Instant) {
         let mut settled = std::mem::take(&mut self.settled);
         self.in_flight.pop_settled(&mut settled);
-        let last_ack = settled
-            .iter()
-            .rev()
-            .find(|e| e.settlement.is_some_and(Settlement::needs_ack));
-        let mut acked = true;
-        if let Some(entry) = last_ack {
-            let ack = BasicAckOptions { multiple: true };
-            acked = matches!(entry.held.acker.ack(ack).await, Ok(true));
-        }
+        let (mut acked, mut dead_lettered) = (0, 0);
+        let mut last = None;
         for entry in settled.drain(..) {
-            let label = match entry.settlement {
-                Some(Settlement::Acked) if acked => outcome::ACKED,
-                Some(Settlement::DeadLettered) if acked => outcome::DEAD_LETTERED,
-                // Already counted when nacked.
-                Some(Settlement::Requeued) => continue,
-                // The ack could not be sent: the channel is gone and the broker redelivers.
-                _ => outcome::REQUEUED,
-            };
-            self.metrics.deliveries.with_label_values(&[label]).inc();
-            if label != outcome::REQUEUED {
-                let latency = now.saturating_duration_since(entry.received_at);
-                self.metrics.ack_latency.observe(latency.as_secs_f64());
+            match entry.settlement {
+                Some(Settlement::Acked) => acked += 1,
+                Some(Settlement::DeadLettered) => dead_lettered += 1,
+                // Already nacked.
+                _ => continue,
             }
+            let latency = now.saturating_duration_since(entry.received_at);
+            self.metrics.ack_latency.observe(latency.as_secs_f64());
+            last = Some(entry.held.acker);
         }
         self.settled = settled;
-        if !acked {
-            warn!("ack failed: the channel is gone; its deliveries will be redelivered");
-            self.lose_channel();
+        if let (Some(acker), Some(session)) = (last, &self.session) {
+            self.acks
+                .ack(session.generation, acker, acked, dead_lettered);
         }
     }
 

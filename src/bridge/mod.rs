@@ -3,6 +3,7 @@
 //! with a reason; messages an entity gives up on are dead-lettered with its error; work is
 //! bounded by `max_in_flight`, and acks are batched only over a contiguous confirmed prefix.
 
+pub mod acks;
 pub mod dispatch;
 pub mod driver;
 pub mod inflight;

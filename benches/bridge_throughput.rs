@@ -1,0 +1,222 @@
+//! End-to-end throughput of `warren-consumer` next to the ceiling measured in the same run: a
+//! bare lapin consumer with the same prefetch that acks every message as it arrives, batching
+//! acks the way the bridge does (one `multiple` ack per batch of ready deliveries). Rounds
+//! alternate between the two so drift on a noisy machine hits both alike; medians and their
+//! ratio are printed. Run with `scripts/bench` (release build, local broker).
+//!
+//! `BENCH_MESSAGES` (default 50000) and `BENCH_ROUNDS` (default 5) tune it.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::types::{FieldTable, ShortString};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use uuid::Uuid;
+use warren::amqp::{
+    AmqpSettings, ConfirmedPublisher, OutgoingMessage, PublisherSettings, topology,
+};
+use warren::order::CreateOrder;
+
+const PREFETCH: u16 = 200;
+const MAX_IN_FLIGHT: u16 = PREFETCH / 2;
+const PRODUCTS: usize = 100;
+const SETTLE: Duration = Duration::from_secs(3);
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let messages = env_or("BENCH_MESSAGES", 50_000);
+    let rounds = env_or("BENCH_ROUNDS", 5);
+    println!(
+        "bridge throughput: {messages} persistent messages per run, prefetch {PREFETCH}, max in flight {MAX_IN_FLIGHT}, {PRODUCTS} products, {rounds} rounds, classic queue on the local broker"
+    );
+    let mut ceiling = Vec::new();
+    let mut bridge = Vec::new();
+    for round in 1..=rounds {
+        let c = measure(messages, bare_consumer).await;
+        let w = measure(messages, warren_consumer).await;
+        println!(
+            "round {round}: ceiling {c:>8.0} msg/s | warren-consumer {w:>8.0} msg/s | ratio {:.2}",
+            w / c
+        );
+        ceiling.push(c);
+        bridge.push(w);
+    }
+    let (c, w) = (median(&mut ceiling), median(&mut bridge));
+    println!(
+        "median:  ceiling {c:>8.0} msg/s | warren-consumer {w:>8.0} msg/s | ratio {:.2} (target >= 0.8)",
+        w / c
+    );
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Fills a fresh queue with `messages` orders, runs `consume` on it, and returns msg/s.
+async fn measure<F, Fut>(messages: usize, consume: F) -> f64
+where
+    F: FnOnce(AmqpSettings, usize) -> Fut,
+    Fut: std::future::Future<Output = Duration>,
+{
+    let amqp = AmqpSettings {
+        queue: format!("warren-bench-{}", &Uuid::new_v4().simple().to_string()[..8]),
+        ..AmqpSettings::default()
+    };
+    fill(&amqp, messages).await;
+    // The broker keeps writing a fresh persistent backlog to disk for a while; measuring
+    // during that would charge its background work to whichever consumer runs first.
+    tokio::time::sleep(SETTLE).await;
+    let elapsed = consume(amqp.clone(), messages).await;
+    delete(&amqp).await;
+    messages as f64 / elapsed.as_secs_f64()
+}
+
+async fn fill(amqp: &AmqpSettings, messages: usize) {
+    let mut publisher = ConfirmedPublisher::new(PublisherSettings {
+        amqp: amqp.clone(),
+        max_outstanding: 2000,
+        connection_name: "warren-bench-fill".into(),
+    });
+    for i in 0..messages {
+        let order = CreateOrder {
+            order_id: Uuid::new_v4(),
+            customer_id: (i % 10_000).to_string(),
+            product_id: (i % PRODUCTS).to_string(),
+            quantity: (i % 9) as u32 + 1,
+        };
+        let body = serde_json::to_vec(&order).expect("order encodes");
+        publisher
+            .publish(OutgoingMessage {
+                body,
+                message_id: None,
+            })
+            .await;
+    }
+    publisher.flush().await;
+    assert_eq!(publisher.stats().confirmed as usize, messages);
+    publisher.close().await;
+}
+
+async fn delete(amqp: &AmqpSettings) {
+    let connection = amqp.connect("warren-bench-cleanup").await.expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    for queue in [amqp.queue.clone(), topology::dead_letter_queue(&amqp.queue)] {
+        let _ = channel
+            .queue_delete(
+                ShortString::from(queue.as_str()),
+                QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(
+            ShortString::from(topology::dead_letter_exchange(&amqp.queue).as_str()),
+            Default::default(),
+        )
+        .await;
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// The ceiling: consume, and after each batch of ready deliveries ack the last with `multiple`.
+async fn bare_consumer(amqp: AmqpSettings, messages: usize) -> Duration {
+    let connection = amqp.connect("warren-bench-ceiling").await.expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions { global: false })
+        .await
+        .expect("qos");
+    let start = Instant::now();
+    let mut consumer = channel
+        .basic_consume(
+            ShortString::from(amqp.queue.as_str()),
+            ShortString::from("bench"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut received = 0;
+    while received < messages {
+        let mut last = consumer.next().await.expect("stream").expect("delivery");
+        received += 1;
+        while let Some(Some(Ok(delivery))) = consumer.next().now_or_never() {
+            last = delivery;
+            received += 1;
+        }
+        last.acker
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .expect("ack");
+    }
+    let elapsed = start.elapsed();
+    let _ = connection.close(200, "done".into()).await;
+    elapsed
+}
+
+/// The real binary, from process start until its metrics count every message acked.
+async fn warren_consumer(amqp: AmqpSettings, messages: usize) -> Duration {
+    let exe = std::env::current_exe().expect("bench path");
+    let binary = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("warren-consumer"))
+        .filter(|path| path.exists())
+        .expect("target/release/warren-consumer: run `cargo build --release` first (scripts/bench does)");
+    let start = Instant::now();
+    let mut child = tokio::process::Command::new(binary)
+        .args(["--queue", &amqp.queue, "--metrics-addr", "127.0.0.1:0"])
+        .args(["--max-in-flight", &MAX_IN_FLIGHT.to_string()])
+        .args(["--prefetch", &PREFETCH.to_string()])
+        // Per-order INFO lines would measure the terminal, not the bridge.
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("warren-consumer starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let line = BufReader::new(stdout)
+        .lines()
+        .next_line()
+        .await
+        .expect("stdout")
+        .expect("address line");
+    let base = line.rsplit(' ').next().expect("address").to_owned();
+    let http = reqwest::Client::new();
+    let acked = "warren_deliveries_total{outcome=\"acked\"} ";
+    let elapsed = loop {
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let done = text
+            .lines()
+            .find_map(|l| l.strip_prefix(acked))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if done as usize >= messages {
+            break start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    let _ = child.wait().await;
+    elapsed
+}

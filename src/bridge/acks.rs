@@ -1,0 +1,133 @@
+//! Writes acks and nacks to the broker from one task, in the order the bridge decided them.
+//! Handing a frame to lapin's I/O thread costs a thread round trip; awaiting that inside the
+//! bridge loop would stall every delivery behind every ack. Order matters: a `multiple` ack
+//! must never overtake the nack of a tag it covers, and consecutive `multiple` acks on one
+//! channel collapse into the last one.
+//!
+//! The queue cannot grow without bound: each command settles at least one delivery, and the
+//! broker never has more than `prefetch` deliveries unacked.
+
+use lapin::Acker;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use crate::metrics::{BridgeMetrics, outcome};
+
+/// One decision for the broker.
+enum Command {
+    /// Ack with `multiple` up to this acker's tag.
+    Ack {
+        generation: u64,
+        acker: Acker,
+        acked: u64,
+        dead_lettered: u64,
+    },
+    /// Return one delivery to the queue.
+    Nack { acker: Acker },
+}
+
+/// Handle to the ack-writing task.
+pub struct AckWriter {
+    commands: mpsc::UnboundedSender<Command>,
+    task: JoinHandle<()>,
+}
+
+impl AckWriter {
+    /// Starts the task; it counts each settled delivery in `warren_deliveries_total` once the
+    /// broker has been told (an ack that could not be sent counts as requeued).
+    pub fn spawn(metrics: BridgeMetrics) -> Self {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(write(rx, metrics));
+        AckWriter { commands, task }
+    }
+
+    /// Acks, with `multiple`, everything on `generation`'s channel up to `acker`'s delivery.
+    pub fn ack(&self, generation: u64, acker: Acker, acked: u64, dead_lettered: u64) {
+        let _ = self.commands.send(Command::Ack {
+            generation,
+            acker,
+            acked,
+            dead_lettered,
+        });
+    }
+
+    /// Nacks one delivery with requeue.
+    pub fn nack(&self, acker: Acker) {
+        let _ = self.commands.send(Command::Nack { acker });
+    }
+
+    /// Sends everything still queued, then stops.
+    pub async fn close(self) {
+        drop(self.commands);
+        let _ = self.task.await;
+    }
+}
+
+async fn write(mut rx: mpsc::UnboundedReceiver<Command>, metrics: BridgeMetrics) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let mut commands = batch.drain(..).peekable();
+        while let Some(command) = commands.next() {
+            match command {
+                Command::Ack {
+                    mut generation,
+                    mut acker,
+                    mut acked,
+                    mut dead_lettered,
+                } => {
+                    // A later multiple ack on the same channel covers this one.
+                    while let Some(Command::Ack {
+                        generation: next_generation,
+                        ..
+                    }) = commands.peek()
+                    {
+                        if *next_generation != generation {
+                            break;
+                        }
+                        if let Some(Command::Ack {
+                            generation: g,
+                            acker: a,
+                            acked: n,
+                            dead_lettered: d,
+                        }) = commands.next()
+                        {
+                            generation = g;
+                            acker = a;
+                            acked += n;
+                            dead_lettered += d;
+                        }
+                    }
+                    let sent = matches!(
+                        acker.ack(BasicAckOptions { multiple: true }).await,
+                        Ok(true)
+                    );
+                    if sent {
+                        metrics.acks_sent.inc();
+                        count(&metrics, outcome::ACKED, acked);
+                        count(&metrics, outcome::DEAD_LETTERED, dead_lettered);
+                    } else {
+                        debug!(generation, "ack not sent: the channel is gone");
+                        count(&metrics, outcome::REQUEUED, acked + dead_lettered);
+                    }
+                }
+                Command::Nack { acker } => {
+                    let nack = BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    };
+                    // Requeued either way: by this nack, or by the broker when the channel died.
+                    let _ = acker.nack(nack).await;
+                    count(&metrics, outcome::REQUEUED, 1);
+                }
+            }
+        }
+    }
+}
+
+fn count(metrics: &BridgeMetrics, label: &str, n: u64) {
+    if n > 0 {
+        metrics.deliveries.with_label_values(&[label]).inc_by(n);
+    }
+}
