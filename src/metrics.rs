@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::source::SourceMetrics;
-use crate::entity::EntityMetrics;
+use crate::entity::{EntityMetrics, InvalidMessage};
 
 /// Outcome label values of `warren_deliveries_total`.
 pub mod outcome {
@@ -116,8 +116,12 @@ impl Metrics {
                 )?,
             },
         };
+        // Export every label value from the start, so dashboards and alerts see zeros.
         for label in [outcome::ACKED, outcome::DEAD_LETTERED, outcome::REQUEUED] {
             bridge.deliveries.with_label_values(&[label]);
+        }
+        for kind in InvalidMessage::KINDS {
+            bridge.invalid_messages.with_label_values(&[kind]);
         }
         let entities = EntityMetrics {
             retries: counter(

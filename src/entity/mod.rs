@@ -59,6 +59,9 @@ pub enum InvalidMessage {
 }
 
 impl InvalidMessage {
+    /// Every value [`Self::kind`] returns.
+    pub const KINDS: [&'static str; 4] = ["malformed", "missing_entity_id", "invalid", "oversize"];
+
     /// A short, bounded label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -107,4 +110,25 @@ pub trait EntityFactory: Send + Sync + 'static {
     type Entity: Entity;
     /// A fresh entity for `id`.
     fn create(&self, id: &EntityId) -> Self::Entity;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_of_invalid_message_is_a_listed_metric_label() {
+        let all = [
+            InvalidMessage::Malformed(String::new()),
+            InvalidMessage::MissingEntityId("id"),
+            InvalidMessage::Invalid(String::new()),
+            InvalidMessage::Oversize { size: 2, limit: 1 },
+        ];
+        for invalid in all {
+            assert!(
+                InvalidMessage::KINDS.contains(&invalid.kind()),
+                "{invalid:?}"
+            );
+        }
+    }
 }
