@@ -4,7 +4,10 @@
 //! alternate between the two so drift on a noisy machine hits both alike; medians and their
 //! ratio are printed. Run with `scripts/bench` (release build, local broker).
 //!
-//! `BENCH_MESSAGES` (default 50000) and `BENCH_ROUNDS` (default 5) tune it.
+//! The broker's own speed drifts between rounds on a small machine, so each run also reports
+//! the CPU time each consumer spent per message: a steadier figure for the bridge's own cost.
+//!
+//! `BENCH_MESSAGES` (default 50000) and `BENCH_ROUNDS` (default 7) tune it.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -31,30 +34,57 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let messages = env_or("BENCH_MESSAGES", 50_000);
-    let rounds = env_or("BENCH_ROUNDS", 5);
+    let rounds = env_or("BENCH_ROUNDS", 7);
     println!(
         "bridge throughput: {messages} persistent messages per run, prefetch {PREFETCH}, max in flight {MAX_IN_FLIGHT}, {PRODUCTS} products, {rounds} rounds, classic queue on the local broker"
     );
-    let mut ceiling = Vec::new();
-    let mut bridge = Vec::new();
+    let (mut ceiling, mut bridge) = (Vec::new(), Vec::new());
+    let (mut ceiling_cpu, mut bridge_cpu) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         let c = measure(messages, bare_consumer).await;
         let w = measure(messages, warren_consumer).await;
         println!(
-            "round {round}: ceiling {c:>8.0} msg/s | warren-consumer {w:>8.0} msg/s | ratio {:.2}",
-            w / c
+            "round {round}: ceiling {:>7.0} msg/s {:>5.1} µs cpu/msg | warren-consumer {:>7.0} msg/s {:>5.1} µs cpu/msg | ratio {:.2}",
+            c.rate,
+            c.cpu_per_message,
+            w.rate,
+            w.cpu_per_message,
+            w.rate / c.rate
         );
-        ceiling.push(c);
-        bridge.push(w);
+        ceiling.push(c.rate);
+        bridge.push(w.rate);
+        ceiling_cpu.push(c.cpu_per_message);
+        bridge_cpu.push(w.cpu_per_message);
     }
     let (c, w) = (median(&mut ceiling), median(&mut bridge));
+    let (cc, wc) = (median(&mut ceiling_cpu), median(&mut bridge_cpu));
     println!(
-        "median:  ceiling {c:>8.0} msg/s | warren-consumer {w:>8.0} msg/s | ratio {:.2} (target >= 0.8)",
+        "median:  ceiling {c:>7.0} msg/s {cc:>5.1} µs cpu/msg | warren-consumer {w:>7.0} msg/s {wc:>5.1} µs cpu/msg | ratio {:.2} (target >= 0.8)",
         w / c
     );
+}
+
+/// One consumer run.
+struct Run {
+    rate: f64,
+    cpu_per_message: f64,
+}
+
+/// Consumer CPU (user + system) in seconds of process `pid`, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -62,11 +92,11 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-/// Fills a fresh queue with `messages` orders, runs `consume` on it, and returns msg/s.
-async fn measure<F, Fut>(messages: usize, consume: F) -> f64
+/// Fills a fresh queue with `messages` orders and runs `consume` on it.
+async fn measure<F, Fut>(messages: usize, consume: F) -> Run
 where
     F: FnOnce(AmqpSettings, usize) -> Fut,
-    Fut: std::future::Future<Output = Duration>,
+    Fut: std::future::Future<Output = (Duration, f64)>,
 {
     let amqp = AmqpSettings {
         queue: format!("warren-bench-{}", &Uuid::new_v4().simple().to_string()[..8]),
@@ -76,9 +106,12 @@ where
     // The broker keeps writing a fresh persistent backlog to disk for a while; measuring
     // during that would charge its background work to whichever consumer runs first.
     tokio::time::sleep(SETTLE).await;
-    let elapsed = consume(amqp.clone(), messages).await;
+    let (elapsed, cpu) = consume(amqp.clone(), messages).await;
     delete(&amqp).await;
-    messages as f64 / elapsed.as_secs_f64()
+    Run {
+        rate: messages as f64 / elapsed.as_secs_f64(),
+        cpu_per_message: cpu * 1e6 / messages as f64,
+    }
 }
 
 async fn fill(amqp: &AmqpSettings, messages: usize) {
@@ -128,7 +161,8 @@ async fn delete(amqp: &AmqpSettings) {
 }
 
 /// The ceiling: consume, and after each batch of ready deliveries ack the last with `multiple`.
-async fn bare_consumer(amqp: AmqpSettings, messages: usize) -> Duration {
+/// Returns the time and the CPU this process spent.
+async fn bare_consumer(amqp: AmqpSettings, messages: usize) -> (Duration, f64) {
     let connection = amqp.connect("warren-bench-ceiling").await.expect("broker");
     let channel = connection.create_channel().await.expect("channel");
     channel
@@ -136,6 +170,7 @@ async fn bare_consumer(amqp: AmqpSettings, messages: usize) -> Duration {
         .await
         .expect("qos");
     let start = Instant::now();
+    let cpu_before = cpu_seconds(std::process::id());
     let mut consumer = channel
         .basic_consume(
             ShortString::from(amqp.queue.as_str()),
@@ -159,12 +194,14 @@ async fn bare_consumer(amqp: AmqpSettings, messages: usize) -> Duration {
             .expect("ack");
     }
     let elapsed = start.elapsed();
+    let cpu = cpu_seconds(std::process::id()) - cpu_before;
     let _ = connection.close(200, "done".into()).await;
-    elapsed
+    (elapsed, cpu)
 }
 
-/// The real binary, from process start until its metrics count every message acked.
-async fn warren_consumer(amqp: AmqpSettings, messages: usize) -> Duration {
+/// The real binary, from process start until its metrics count every message acked. Returns
+/// the time and the CPU the consumer process spent.
+async fn warren_consumer(amqp: AmqpSettings, messages: usize) -> (Duration, f64) {
     let exe = std::env::current_exe().expect("bench path");
     let binary = exe
         .parent()
@@ -212,11 +249,13 @@ async fn warren_consumer(amqp: AmqpSettings, messages: usize) -> Duration {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    let mut cpu = 0.0;
     if let Some(pid) = child.id() {
+        cpu = cpu_seconds(pid);
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
     }
     let _ = child.wait().await;
-    elapsed
+    (elapsed, cpu)
 }
