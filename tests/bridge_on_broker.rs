@@ -6,7 +6,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Consumer, Orders, TestQueue, close_connection, eventually, message_count};
+use support::{
+    Consumer, Orders, TestQueue, close_connection, eventually, message_count, queue_description,
+};
 
 const DRAIN: Duration = Duration::from_secs(180);
 
@@ -298,4 +300,24 @@ async fn a_force_closed_connection_is_rebuilt_and_nothing_is_lost() {
     orders.assert_applied_exactly_once(&consumer).await;
     let status = consumer.terminate().await;
     assert!(status.success(), "graceful stop exits 0, got {status:?}");
+}
+
+#[tokio::test]
+async fn a_quorum_queue_gets_a_delivery_limit_and_flows_the_same() {
+    let queue = TestQueue::quorum("quorum");
+    let consumer = Consumer::start(&queue, &[]).await;
+    let description = queue_description(&queue.name).await;
+    assert!(description.contains("quorum"), "{description}");
+    assert!(description.contains("x-delivery-limit"), "{description}");
+    assert!(description.contains("x-single-active-consumer"), "{description}");
+
+    let mut orders = Orders::new(&queue, 5);
+    orders.publish(200).await;
+    orders.raw(b"not json".to_vec()).await;
+    orders.publish(200).await;
+    queue.wait_drained(DRAIN).await;
+    orders.assert_applied_exactly_once_in_order(&consumer).await;
+    let letters = queue.take_dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0].1.starts_with("malformed message"), "{:?}", letters[0].1);
 }

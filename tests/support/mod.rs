@@ -70,6 +70,7 @@ pub struct QueueCounts {
 /// A queue (with its dead-letter exchange and queue) that exists for one test.
 pub struct TestQueue {
     pub name: String,
+    pub queue_type: warren::amqp::QueueType,
 }
 
 impl TestQueue {
@@ -78,7 +79,15 @@ impl TestQueue {
         let suffix = Uuid::new_v4().simple().to_string();
         TestQueue {
             name: format!("warren-test-{test}-{}", &suffix[..8]),
+            queue_type: warren::amqp::QueueType::Classic,
         }
+    }
+
+    /// Like [`Self::new`], declared as a quorum queue.
+    pub fn quorum(test: &str) -> Self {
+        let mut queue = Self::new(test);
+        queue.queue_type = warren::amqp::QueueType::Quorum;
+        queue
     }
 
     pub fn dlq(&self) -> String {
@@ -88,6 +97,7 @@ impl TestQueue {
     pub fn amqp(&self) -> AmqpSettings {
         AmqpSettings {
             queue: self.name.clone(),
+            queue_type: self.queue_type,
             connection_name: Some(format!("{}-test", self.name)),
             ..AmqpSettings::default()
         }
@@ -209,6 +219,20 @@ async fn counts_of(queue: &str) -> QueueCounts {
         .unwrap_or_default()
 }
 
+/// The queue's type and arguments as the broker reports them.
+pub async fn queue_description(queue: &str) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name", "type", "arguments"])
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find(|line| line.split('\t').next() == Some(queue))
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Force-closes a client connection from the broker side, found by its connection name.
 pub async fn close_connection(connection_name: &str) {
     let output = Command::new("rabbitmqctl")
@@ -265,8 +289,13 @@ impl Consumer {
         );
         let log = std::env::temp_dir().join(format!("{connection_name}.log"));
         let stderr = std::fs::File::create(&log).expect("log file");
+        let queue_type = match queue.queue_type {
+            warren::amqp::QueueType::Classic => "classic",
+            warren::amqp::QueueType::Quorum => "quorum",
+        };
         let mut child = Command::new(binary("warren-consumer"))
-            .args(["--queue", &queue.name, "--metrics-addr", "127.0.0.1:0"])
+            .args(["--queue", &queue.name, "--queue-type", queue_type])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--connection-name", &connection_name])
             .args(extra)
             .env("RUST_LOG", "info,lapin=warn")
