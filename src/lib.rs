@@ -14,6 +14,7 @@ pub mod delivery;
 pub mod entity;
 pub mod metrics;
 pub mod order;
+pub mod shutdown;
 pub mod telemetry;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;

@@ -14,6 +14,17 @@ use crate::delivery::{
     ProducerEvent, ProducerId, ProducerSettings, SequencedMessage,
 };
 
+/// `Request(confirmed, up_to)` with resending supported and not via timeout: the frame most
+/// protocol tests exchange.
+pub fn request(confirmed: u64, up_to: u64) -> ConsumerFrame {
+    ConsumerFrame::Request {
+        confirmed: crate::delivery::SeqNr(confirmed),
+        request_up_to: crate::delivery::SeqNr(up_to),
+        support_resend: true,
+        via_timeout: false,
+    }
+}
+
 /// How often the link misbehaves, per frame and per direction.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LinkFaults {

@@ -309,7 +309,10 @@ async fn a_quorum_queue_gets_a_delivery_limit_and_flows_the_same() {
     let description = queue_description(&queue.name).await;
     assert!(description.contains("quorum"), "{description}");
     assert!(description.contains("x-delivery-limit"), "{description}");
-    assert!(description.contains("x-single-active-consumer"), "{description}");
+    assert!(
+        description.contains("x-single-active-consumer"),
+        "{description}"
+    );
 
     let mut orders = Orders::new(&queue, 5);
     orders.publish(200).await;
@@ -319,5 +322,9 @@ async fn a_quorum_queue_gets_a_delivery_limit_and_flows_the_same() {
     orders.assert_applied_exactly_once_in_order(&consumer).await;
     let letters = queue.take_dead_letters().await;
     assert_eq!(letters.len(), 1);
-    assert!(letters[0].1.starts_with("malformed message"), "{:?}", letters[0].1);
+    assert!(
+        letters[0].1.starts_with("malformed message"),
+        "{:?}",
+        letters[0].1
+    );
 }

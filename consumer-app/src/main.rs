@@ -12,13 +12,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use warren::amqp::{AmqpSource, SourceSettings};
 use warren::bridge::Bridge;
 use warren::entity::{LocalEntityHost, RunnerSettings};
 use warren::metrics::{self, Metrics};
+use warren::shutdown::watch_signals;
 
 use crate::product::{ProductFactory, ProductMetrics};
 use crate::settings::{Cli, ConsumerConfig};
@@ -109,8 +109,13 @@ async fn run(config: ConsumerConfig) -> anyhow::Result<()> {
     let server = tokio::spawn(metrics::serve(listener, routes, http_stop.clone()));
     info!(%addr, queue = %config.amqp.queue, "serving /metrics, /health and /products/{{id}}");
 
-    let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    let (shutdown, immediate) = (CancellationToken::new(), CancellationToken::new());
+    tokio::spawn(watch_signals(shutdown.clone(), immediate.clone()));
+    tokio::spawn(async move {
+        immediate.cancelled().await;
+        warn!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
     let result = bridge.run(shutdown).await;
 
     http_stop.cancel();
@@ -122,27 +127,4 @@ async fn run(config: ConsumerConfig) -> anyhow::Result<()> {
     result.context("bridge stopped")?;
     info!("stopped");
     Ok(())
-}
-
-/// The first SIGINT or SIGTERM starts a graceful shutdown; a second one exits at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    let (Ok(mut terminate), Ok(mut interrupt)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        warn!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    info!("signal received: draining (send it again to exit at once)");
-    shutdown.cancel();
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    warn!("second signal: exiting without draining");
-    std::process::exit(130);
 }

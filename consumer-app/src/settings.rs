@@ -2,13 +2,13 @@
 //! Layering (defaults, `--config` TOML, `WARREN_` environment, flags) is `warren::config`'s.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use warren::amqp::AmqpSettings;
 use warren::bridge::BridgeSettings;
-use warren::config::{ConfigError, ConfigLoader, check};
+use warren::config::cli::CommonArgs;
+use warren::config::{ConfigError, check};
 use warren::delivery::DeliverySettings;
 
 /// Everything the consumer can be configured with.
@@ -106,19 +106,8 @@ impl ConsumerConfig {
 #[derive(Debug, Parser)]
 #[command(name = "warren-consumer", version)]
 pub struct Cli {
-    /// TOML config file (keys as in the [amqp], [bridge], [delivery], [product], [http],
-    /// [log] and [runtime] sections).
-    #[arg(long, env = "WARREN_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Broker URI.
-    #[arg(long, env = "WARREN_AMQP__URI", value_name = "URI")]
-    pub uri: Option<String>,
-    /// Source queue (its dead letters go to <QUEUE>.dlq).
-    #[arg(long, env = "WARREN_AMQP__QUEUE")]
-    pub queue: Option<String>,
-    /// Queue type used when declaring the queue: classic or quorum (default classic).
-    #[arg(long, env = "WARREN_AMQP__QUEUE_TYPE", value_name = "TYPE")]
-    pub queue_type: Option<String>,
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// Quorum queues: deliveries after which the broker itself dead-letters a message.
     #[arg(long, env = "WARREN_AMQP__DELIVERY_LIMIT", value_name = "N")]
     pub delivery_limit: Option<u32>,
@@ -156,21 +145,14 @@ pub struct Cli {
     /// Async runtime worker threads; 1 (the default) runs everything on one thread.
     #[arg(long, env = "WARREN_RUNTIME__WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<usize>,
-    /// Log JSON lines instead of text.
-    #[arg(long, env = "WARREN_LOG__JSON", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub log_json: Option<bool>,
-    /// AMQP connection name (default warren-consumer-<pid>).
-    #[arg(long, env = "WARREN_AMQP__CONNECTION_NAME", value_name = "NAME")]
-    pub connection_name: Option<String>,
 }
 
 impl Cli {
     /// All layers merged and validated.
     pub fn load(&self) -> Result<ConsumerConfig, ConfigError> {
-        let config: ConsumerConfig = ConfigLoader::new::<ConsumerConfig>(self.config.as_deref())?
-            .flag("amqp.uri", self.uri.clone())
-            .flag("amqp.queue", self.queue.clone())
-            .flag("amqp.queue_type", self.queue_type.clone())
+        let config: ConsumerConfig = self
+            .common
+            .loader::<ConsumerConfig>()?
             .flag("amqp.delivery_limit", self.delivery_limit)
             .flag("bridge.prefetch", self.prefetch)
             .flag("bridge.max_in_flight", self.max_in_flight)
@@ -185,8 +167,6 @@ impl Cli {
             .flag("product.failure_rate", self.failure_rate)
             .flag("product.processing_delay_ms", self.processing_delay_ms)
             .flag("runtime.worker_threads", self.worker_threads)
-            .flag("log.json", self.log_json)
-            .flag("amqp.connection_name", self.connection_name.clone())
             .extract()?;
         config.validate()?;
         Ok(config)

@@ -12,11 +12,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use warren::amqp::{ConfirmedPublisher, OutgoingMessage, PublisherSettings};
 use warren::metrics;
+use warren::shutdown::watch_signals;
 
 use crate::orders::{OrderGenerator, Pacer};
 use crate::progress::{ProducerMetrics, Progress};
@@ -122,26 +122,4 @@ async fn run(config: ProducerConfig) -> anyhow::Result<bool> {
     publisher.close().await;
     http_stop.cancel();
     Ok(stats.returned == 0 && stats.confirmed == stats.accepted)
-}
-
-/// The first SIGINT or SIGTERM stops publishing (outstanding confirms are still awaited); a
-/// second one stops waiting.
-async fn watch_signals(shutdown: CancellationToken, force: CancellationToken) {
-    let (Ok(mut terminate), Ok(mut interrupt)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        warn!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    shutdown.cancel();
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    force.cancel();
 }

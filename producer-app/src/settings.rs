@@ -1,12 +1,12 @@
 //! The producer's configuration: every key, its default, its flag and its environment twin.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use warren::amqp::AmqpSettings;
-use warren::config::{ConfigError, ConfigLoader, check};
+use warren::config::cli::CommonArgs;
+use warren::config::{ConfigError, check};
 
 /// Everything the producer can be configured with.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -119,18 +119,8 @@ impl ProducerConfig {
 #[derive(Debug, Parser)]
 #[command(name = "warren-producer", version)]
 pub struct Cli {
-    /// TOML config file (keys as in the [amqp], [publish], [http] and [log] sections).
-    #[arg(long, env = "WARREN_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Broker URI.
-    #[arg(long, env = "WARREN_AMQP__URI", value_name = "URI")]
-    pub uri: Option<String>,
-    /// Queue to publish to (declared like the consumer declares it).
-    #[arg(long, env = "WARREN_AMQP__QUEUE")]
-    pub queue: Option<String>,
-    /// Queue type used when declaring the queue: classic or quorum (default classic).
-    #[arg(long, env = "WARREN_AMQP__QUEUE_TYPE", value_name = "TYPE")]
-    pub queue_type: Option<String>,
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// Orders to publish; 0 publishes until interrupted (default 0).
     #[arg(long, env = "WARREN_PUBLISH__COUNT", value_name = "N")]
     pub count: Option<u64>,
@@ -146,28 +136,19 @@ pub struct Cli {
     /// Serve /metrics here (off by default).
     #[arg(long, env = "WARREN_HTTP__ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<String>,
-    /// Log JSON lines instead of text.
-    #[arg(long, env = "WARREN_LOG__JSON", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
-    pub log_json: Option<bool>,
-    /// AMQP connection name (default warren-producer-<pid>).
-    #[arg(long, env = "WARREN_AMQP__CONNECTION_NAME", value_name = "NAME")]
-    pub connection_name: Option<String>,
 }
 
 impl Cli {
     /// All layers merged and validated.
     pub fn load(&self) -> Result<ProducerConfig, ConfigError> {
-        let config: ProducerConfig = ConfigLoader::new::<ProducerConfig>(self.config.as_deref())?
-            .flag("amqp.uri", self.uri.clone())
-            .flag("amqp.queue", self.queue.clone())
-            .flag("amqp.queue_type", self.queue_type.clone())
-            .flag("amqp.connection_name", self.connection_name.clone())
+        let config: ProducerConfig = self
+            .common
+            .loader::<ProducerConfig>()?
             .flag("publish.count", self.count)
             .flag("publish.rate", self.rate)
             .flag("publish.products", self.products.clone())
             .flag("publish.max_outstanding", self.max_outstanding)
             .flag("http.addr", self.metrics_addr.clone())
-            .flag("log.json", self.log_json)
             .extract()?;
         config.validate()?;
         Ok(config)

@@ -214,7 +214,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::delivery::SeqNr;
+    use crate::testkit::request;
 
     fn envelope(correlation: u64) -> Message<&'static str> {
         Arc::new(Envelope {
@@ -225,15 +225,6 @@ mod tests {
 
     fn dispatcher() -> Dispatcher<&'static str> {
         Dispatcher::new(ProducerId::new("bridge"), 7, ProducerSettings::default())
-    }
-
-    fn request(confirmed: u64, up_to: u64) -> ConsumerFrame {
-        ConsumerFrame::Request {
-            confirmed: SeqNr(confirmed),
-            request_up_to: SeqNr(up_to),
-            support_resend: true,
-            via_timeout: false,
-        }
     }
 
     fn sent(d: &mut Dispatcher<&'static str>) -> Vec<(String, u64, u64)> {

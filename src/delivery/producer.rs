@@ -487,17 +487,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::testkit::request;
 
     type Pc = ProducerController<&'static str, u32>;
-
-    fn request(confirmed: u64, up_to: u64) -> ConsumerFrame {
-        ConsumerFrame::Request {
-            confirmed: SeqNr(confirmed),
-            request_up_to: SeqNr(up_to),
-            support_resend: true,
-            via_timeout: false,
-        }
-    }
 
     fn active_controller(now: Instant) -> Pc {
         let mut pc = Pc::new(ProducerId::new("p"), 1, ProducerSettings::default());

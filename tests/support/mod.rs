@@ -222,7 +222,14 @@ async fn counts_of(queue: &str) -> QueueCounts {
 /// The queue's type and arguments as the broker reports them.
 pub async fn queue_description(queue: &str) -> String {
     let output = Command::new("rabbitmqctl")
-        .args(["list_queues", "-q", "--no-table-headers", "name", "type", "arguments"])
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "type",
+            "arguments",
+        ])
         .output()
         .await
         .expect("rabbitmqctl runs");

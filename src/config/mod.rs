@@ -3,6 +3,9 @@
 //! `WARREN_AMQP__URI` sets `amqp.uri`), then command-line flags. Every error names the key it is
 //! about. Each binary owns its settings struct; this module only layers and validates.
 
+#[cfg(feature = "cli")]
+pub mod cli;
+
 use std::path::Path;
 
 use figment::Figment;

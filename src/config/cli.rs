@@ -1,0 +1,49 @@
+//! The flags every Warren binary shares (config file, broker, queue, logging), so they read
+//! and behave the same in both. Each flag names its environment twin, which is also the
+//! figment key's environment form, so both paths agree.
+
+use std::path::PathBuf;
+
+use crate::config::{ConfigError, ConfigLoader};
+
+/// Flags common to `warren-consumer` and `warren-producer`; `#[command(flatten)]` them.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CommonArgs {
+    /// TOML config file; flags and environment variables override it.
+    #[arg(long, env = "WARREN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Broker URI.
+    #[arg(long, env = "WARREN_AMQP__URI", value_name = "URI")]
+    pub uri: Option<String>,
+    /// The queue (its dead letters go to <QUEUE>.dlq).
+    #[arg(long, env = "WARREN_AMQP__QUEUE")]
+    pub queue: Option<String>,
+    /// Queue type used when declaring the queue: classic or quorum (default classic).
+    #[arg(long, env = "WARREN_AMQP__QUEUE_TYPE", value_name = "TYPE")]
+    pub queue_type: Option<String>,
+    /// AMQP connection name, shown by the broker (default <program>-<pid>).
+    #[arg(long, env = "WARREN_AMQP__CONNECTION_NAME", value_name = "NAME")]
+    pub connection_name: Option<String>,
+    /// Log JSON lines instead of text (the filter is RUST_LOG).
+    #[arg(
+        long,
+        env = "WARREN_LOG__JSON",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub log_json: Option<bool>,
+}
+
+impl CommonArgs {
+    /// Defaults, the config file and the environment for settings type `T`, with these flags
+    /// on top; add the binary's own flags, then extract.
+    pub fn loader<T: serde::Serialize + Default>(&self) -> Result<ConfigLoader, ConfigError> {
+        Ok(ConfigLoader::new::<T>(self.config.as_deref())?
+            .flag("amqp.uri", self.uri.clone())
+            .flag("amqp.queue", self.queue.clone())
+            .flag("amqp.queue_type", self.queue_type.clone())
+            .flag("amqp.connection_name", self.connection_name.clone())
+            .flag("log.json", self.log_json))
+    }
+}
