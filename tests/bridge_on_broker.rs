@@ -328,3 +328,61 @@ async fn a_quorum_queue_gets_a_delivery_limit_and_flows_the_same() {
         letters[0].1
     );
 }
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_work_finish_and_be_acked_before_exiting() {
+    let queue = TestQueue::new("graceful");
+    queue.declare().await;
+    let consumer = Consumer::start(&queue, &["--processing-delay-ms", "1500"]).await;
+    let mut orders = Orders::new(&queue, 20);
+    orders.publish(20).await;
+    eventually("every order to be in processing", DRAIN, || async {
+        (consumer.metric("warren_in_flight").await == 20.0).then_some(())
+    })
+    .await;
+    let status = consumer.terminate().await;
+    assert!(status.success(), "exit {status:?}");
+    // Acked, not requeued: the drained work is gone from the broker.
+    assert_eq!(
+        queue.counts().await,
+        support::QueueCounts {
+            ready: 0,
+            unacked: 0,
+            consumers: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn sigterm_with_a_stuck_entity_returns_its_message_at_the_shutdown_timeout() {
+    let queue = TestQueue::new("stuck-stop");
+    queue.declare().await;
+    let consumer = Consumer::start(
+        &queue,
+        &[
+            "--processing-delay-ms",
+            "600000",
+            "--processing-deadline",
+            "20m",
+            "--shutdown-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let mut orders = Orders::new(&queue, 1);
+    orders.publish(1).await;
+    eventually("the message to be unacked", DRAIN, || async {
+        (queue.counts().await.unacked == 1).then_some(())
+    })
+    .await;
+    let stopping = tokio::time::Instant::now();
+    let status = consumer.terminate().await;
+    assert!(status.success(), "exit {status:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(15),
+        "stopped after {:?}",
+        stopping.elapsed()
+    );
+    let counts = queue.counts().await;
+    assert_eq!((counts.ready, counts.unacked), (1, 0), "the message is back");
+}

@@ -104,9 +104,13 @@ pub(crate) async fn run<E: Entity>(
         match consumer.poll_event() {
             Some(ConsumerEvent::Deliver(delivery)) => {
                 let envelope = delivery.message;
-                if let Err(reason) =
-                    process(&mut entity, &envelope.message, &settings, &metrics).await
-                {
+                let outcome = tokio::select! {
+                    // Abandoned unconfirmed: the bridge never acks it, so the broker gets it
+                    // back when the channel closes.
+                    _ = shutdown.cancelled() => break,
+                    outcome = process(&mut entity, &envelope.message, &settings, &metrics) => outcome,
+                };
+                if let Err(reason) = outcome {
                     warn!(entity = %id, %reason, "giving up on a message; it will be dead-lettered");
                     let rejected = EntityReply::Rejected {
                         entity: id.clone(),
