@@ -384,5 +384,9 @@ async fn sigterm_with_a_stuck_entity_returns_its_message_at_the_shutdown_timeout
         stopping.elapsed()
     );
     let counts = queue.counts().await;
-    assert_eq!((counts.ready, counts.unacked), (1, 0), "the message is back");
+    assert_eq!(
+        (counts.ready, counts.unacked),
+        (1, 0),
+        "the message is back"
+    );
 }

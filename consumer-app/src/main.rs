@@ -93,7 +93,7 @@ async fn run(config: ConsumerConfig) -> anyhow::Result<()> {
     );
     let bridge = Bridge::new(
         config.bridge.clone(),
-        config.delivery.producer_controller.clone(),
+        config.delivery.clone(),
         source,
         host,
         replies,

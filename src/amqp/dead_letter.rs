@@ -16,6 +16,42 @@ pub const ERROR_HEADER: &str = "x-warren-error";
 /// Header that names the queue a dead letter came from.
 pub const SOURCE_QUEUE_HEADER: &str = "x-warren-source-queue";
 
+/// The original's properties for the copy, persistent, less two that would hurt: `expiration`
+/// (the copy would silently vanish from the dead-letter queue once the original is acked) and
+/// `user_id` (the broker refuses a publish whose user id is not the publishing connection's).
+fn dead_letter_properties(original: &BasicProperties) -> BasicProperties {
+    let mut copy = BasicProperties::default().with_delivery_mode(2);
+    let short = |value: &Option<ShortString>| value.clone();
+    if let Some(v) = short(original.content_type()) {
+        copy = copy.with_content_type(v);
+    }
+    if let Some(v) = short(original.content_encoding()) {
+        copy = copy.with_content_encoding(v);
+    }
+    if let Some(v) = *original.priority() {
+        copy = copy.with_priority(v);
+    }
+    if let Some(v) = short(original.correlation_id()) {
+        copy = copy.with_correlation_id(v);
+    }
+    if let Some(v) = short(original.reply_to()) {
+        copy = copy.with_reply_to(v);
+    }
+    if let Some(v) = short(original.message_id()) {
+        copy = copy.with_message_id(v);
+    }
+    if let Some(v) = *original.timestamp() {
+        copy = copy.with_timestamp(v);
+    }
+    if let Some(v) = short(original.kind()) {
+        copy = copy.with_type(v);
+    }
+    if let Some(v) = short(original.app_id()) {
+        copy = copy.with_app_id(v);
+    }
+    copy
+}
+
 /// Publishes dead letters for one source queue; cheap to clone.
 #[derive(Clone)]
 pub struct DeadLetterPublisher {
@@ -54,10 +90,7 @@ impl DeadLetterPublisher {
             SOURCE_QUEUE_HEADER.into(),
             AMQPValue::LongString(self.source_queue.clone()),
         );
-        let properties = properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(2);
+        let properties = dead_letter_properties(properties).with_headers(headers);
         let confirm = self
             .channel
             .basic_publish(
@@ -80,5 +113,26 @@ impl DeadLetterPublisher {
             Confirmation::Nack(_) => Err(AmqpError::Nacked),
             Confirmation::NotRequested => Err(AmqpError::NotConfirmed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_copy_keeps_identity_but_not_expiry_or_user() {
+        let original = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_content_type("application/json".into())
+            .with_expiration("60000".into())
+            .with_user_id("someone-else".into())
+            .with_delivery_mode(1);
+        let copy = dead_letter_properties(&original);
+        assert_eq!(copy.message_id(), &Some("m-1".into()));
+        assert_eq!(copy.content_type(), &Some("application/json".into()));
+        assert_eq!(copy.delivery_mode(), &Some(2));
+        assert_eq!(copy.expiration(), &None);
+        assert_eq!(copy.user_id(), &None);
     }
 }

@@ -39,4 +39,7 @@ pub enum AmqpError {
     /// The channel was not in confirm mode, so nothing is known about the message.
     #[error("publish was not confirmed")]
     NotConfirmed,
+    /// The broker did not confirm in time; the message may or may not have been stored.
+    #[error("broker did not confirm within {0:?}")]
+    Timeout(std::time::Duration),
 }

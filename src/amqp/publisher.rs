@@ -77,7 +77,8 @@ pub struct ConfirmedPublisher {
     link: Option<Link>,
     /// Connections opened so far; confirms from an older one are ignored.
     generations: u64,
-    backoff: Box<dyn Iterator<Item = Duration> + Send>,
+    /// Pauses before reconnecting; present from a failure until the next confirm.
+    reconnect_pause: Option<Box<dyn Iterator<Item = Duration> + Send>>,
     next_id: u64,
     /// Every message accepted and not yet confirmed or returned, by acceptance order.
     outstanding: BTreeMap<u64, Pending>,
@@ -90,12 +91,11 @@ pub struct ConfirmedPublisher {
 impl ConfirmedPublisher {
     /// A publisher that connects on first use.
     pub fn new(settings: PublisherSettings) -> Self {
-        let backoff = Box::new(settings.amqp.reconnect_backoff());
         ConfirmedPublisher {
             settings,
             link: None,
             generations: 0,
-            backoff,
+            reconnect_pause: None,
             next_id: 0,
             outstanding: BTreeMap::new(),
             to_send: VecDeque::new(),
@@ -226,6 +226,9 @@ impl ConfirmedPublisher {
                 if self.outstanding.remove(&id).is_some() {
                     self.stats.confirmed += 1;
                 }
+                // Only a confirm proves the link works; a broker that accepts the connection
+                // but closes the channel on every publish must still be backed off from.
+                self.reconnect_pause = None;
             }
             Ok(Confirmation::Ack(Some(returned))) => {
                 if self.outstanding.remove(&id).is_some() {
@@ -248,6 +251,7 @@ impl ConfirmedPublisher {
 
     /// Forgets the channel; every unconfirmed message is published again on the next one.
     fn link_lost(&mut self, reason: &str) {
+        self.start_backing_off();
         if self.link.take().is_some() {
             warn!(%reason, outstanding = self.outstanding.len(), "publisher connection lost; republishing unconfirmed messages");
         }
@@ -260,6 +264,10 @@ impl ConfirmedPublisher {
             if let Some(link) = &self.link {
                 return link.channel.clone();
             }
+            if let Some(pause) = self.reconnect_pause.as_mut() {
+                let delay = pause.next().unwrap_or(self.settings.amqp.reconnect_max);
+                tokio::time::sleep(delay).await;
+            }
             match open(&self.settings).await {
                 Ok((connection, channel)) => {
                     self.generations += 1;
@@ -267,21 +275,22 @@ impl ConfirmedPublisher {
                         self.stats.reconnects += 1;
                         info!(generation = self.generations, "publisher reconnected");
                     }
-                    self.backoff = Box::new(self.settings.amqp.reconnect_backoff());
                     self.link = Some(Link {
                         connection,
                         channel,
                     });
                 }
                 Err(error) => {
-                    let delay = self
-                        .backoff
-                        .next()
-                        .unwrap_or(self.settings.amqp.reconnect_max);
-                    warn!(%error, ?delay, "cannot publish to the broker; retrying");
-                    tokio::time::sleep(delay).await;
+                    warn!(%error, "cannot publish to the broker; retrying");
+                    self.start_backing_off();
                 }
             }
+        }
+    }
+
+    fn start_backing_off(&mut self) {
+        if self.reconnect_pause.is_none() {
+            self.reconnect_pause = Some(Box::new(self.settings.amqp.reconnect_backoff()));
         }
     }
 }

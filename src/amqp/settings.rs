@@ -93,6 +93,12 @@ impl AmqpSettings {
             prefix,
             "reconnect_max",
             "must not be smaller than reconnect_min",
+        )?;
+        check(
+            self.reconnect_max <= Duration::from_secs(3600),
+            prefix,
+            "reconnect_max",
+            "must be at most 1h",
         )
     }
 

@@ -30,6 +30,9 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for the broker while closing a channel and connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A session that lasted this long was healthy: the reconnect backoff starts over.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+
 /// Deliveries handed over but not yet taken by the bridge; small, because prefetch is the
 /// real bound and the bridge pulls only when it has room.
 const HANDOVER_CAPACITY: usize = 16;
@@ -59,8 +62,18 @@ pub struct SourceMetrics {
 pub struct Session {
     /// Increases with every new session.
     pub generation: u64,
-    /// Dead-letter publisher on the same connection.
+    /// Dead-letter publisher, on a connection of its own: a publishing connection can be
+    /// blocked by a broker resource alarm, and acks must not wait behind that.
     pub dead_letters: DeadLetterPublisher,
+    abort: CancellationToken,
+}
+
+impl Session {
+    /// Ends this session (the broker requeues its unacked deliveries) and opens a new one
+    /// after a pause; for when part of it, such as dead-lettering, stopped working.
+    pub fn abort(&self) {
+        self.abort.cancel();
+    }
 }
 
 /// What the source tells the bridge, in order.
@@ -124,6 +137,7 @@ struct Open {
     connection: Connection,
     channel: Channel,
     consumer: Consumer,
+    dead_letter_connection: Connection,
     dead_letters: DeadLetterPublisher,
 }
 
@@ -152,18 +166,24 @@ async fn supervise(
                 if generation > 1 {
                     metrics.reconnects.inc();
                 }
-                backoff = settings.amqp.reconnect_backoff();
+                let started = tokio::time::Instant::now();
                 metrics.connected.set(1);
                 info!(generation, queue = %settings.amqp.queue, prefetch = settings.prefetch, "consuming");
+                let abort = CancellationToken::new();
                 let session = Session {
                     generation,
                     dead_letters: open.dead_letters.clone(),
+                    abort: abort.clone(),
                 };
                 let end = if tx.send(SourceEvent::Connected(session)).await.is_err() {
                     PumpEnd::ReceiverGone
                 } else {
-                    pump(&mut open.consumer, &tx, &close).await
+                    pump(&mut open.consumer, &tx, &close, &abort).await
                 };
+                // Quick failures in a row back off further; a healthy session starts over.
+                if started.elapsed() >= STABLE_SESSION {
+                    backoff = settings.amqp.reconnect_backoff();
+                }
                 metrics.connected.set(0);
                 match end {
                     PumpEnd::Closed | PumpEnd::ReceiverGone => {
@@ -209,11 +229,17 @@ async fn open(settings: &SourceSettings, generation: u64) -> Result<Open, AmqpEr
             FieldTable::default(),
         )
         .await?;
-    let dead_letters = DeadLetterPublisher::open(&connection, &settings.amqp.queue).await?;
+    let dead_letter_connection = settings
+        .amqp
+        .connect(&format!("{}-dead-letters", settings.connection_name))
+        .await?;
+    let dead_letters =
+        DeadLetterPublisher::open(&dead_letter_connection, &settings.amqp.queue).await?;
     Ok(Open {
         connection,
         channel,
         consumer,
+        dead_letter_connection,
         dead_letters,
     })
 }
@@ -222,6 +248,7 @@ async fn pump(
     consumer: &mut Consumer,
     tx: &mpsc::Sender<SourceEvent>,
     close: &CancellationToken,
+    abort: &CancellationToken,
 ) -> PumpEnd {
     loop {
         // Reserve room first, so a delivery is only taken off the consumer when the bridge can
@@ -229,6 +256,7 @@ async fn pump(
         let permit = tokio::select! {
             biased;
             _ = close.cancelled() => return PumpEnd::Closed,
+            _ = abort.cancelled() => return PumpEnd::Failed("session aborted by the bridge".into()),
             permit = tx.reserve() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return PumpEnd::ReceiverGone,
@@ -237,6 +265,7 @@ async fn pump(
         let next = tokio::select! {
             biased;
             _ = close.cancelled() => return PumpEnd::Closed,
+            _ = abort.cancelled() => return PumpEnd::Failed("session aborted by the bridge".into()),
             next = consumer.next() => next,
         };
         match next {
@@ -255,6 +284,10 @@ async fn shut(open: &Open) {
             .await;
         let _ = open
             .connection
+            .close(200, ShortString::from("warren consumer closing"))
+            .await;
+        let _ = open
+            .dead_letter_connection
             .close(200, ShortString::from("warren consumer closing"))
             .await;
     };

@@ -16,7 +16,7 @@ use tracing::error;
 
 use crate::delivery::{
     ConsumerFrame, ProducerController, ProducerEvent, ProducerId, ProducerRef, ProducerSettings,
-    SequencedMessage,
+    SequencedMessage, ShardingProducerSettings,
 };
 use crate::entity::{EntityId, Envelope};
 
@@ -28,11 +28,16 @@ struct EntityProducer<M> {
     waiting: VecDeque<Message<M>>,
     /// The timer deadline last pushed onto the heap for this entity.
     armed: Option<Instant>,
+    /// Last time a message went to the entity or a frame came from it.
+    last_activity: Instant,
 }
 
 /// Per-entity ProducerControllers.
 pub struct Dispatcher<M> {
     settings: ProducerSettings,
+    idle: ShardingProducerSettings,
+    /// Next scan for idle entities (Akka runs both idle checks at half their timeouts).
+    next_idle_check: Option<Instant>,
     producer_id: ProducerId,
     next_incarnation: u64,
     producers: HashMap<EntityId, EntityProducer<M>>,
@@ -49,9 +54,12 @@ impl<M> Dispatcher<M> {
         producer_id: ProducerId,
         first_incarnation: u64,
         settings: ProducerSettings,
+        idle: ShardingProducerSettings,
     ) -> Self {
         Dispatcher {
             settings,
+            idle,
+            next_idle_check: None,
             producer_id,
             next_incarnation: first_incarnation,
             producers: HashMap::new(),
@@ -82,15 +90,20 @@ impl<M> Dispatcher<M> {
                 );
                 controller.start();
                 controller.register_consumer(now);
+                if self.next_idle_check.is_none() {
+                    self.next_idle_check = Some(now + idle_check_interval(&self.idle));
+                }
                 self.producers
                     .entry(entity.clone())
                     .or_insert(EntityProducer {
                         controller,
                         waiting: VecDeque::new(),
                         armed: None,
+                        last_activity: now,
                     })
             }
         };
+        producer.last_activity = now;
         producer.waiting.push_back(message);
         self.after_input(&entity, now);
     }
@@ -110,6 +123,7 @@ impl<M> Dispatcher<M> {
         if producer.controller.producer_ref() != to {
             return;
         }
+        producer.last_activity = now;
         if let Err(error) = producer.controller.handle_frame(frame, now) {
             // A misbehaving consumer: drop its controller; the bridge's deadline requeues what
             // it held, and the next message starts a fresh session.
@@ -131,8 +145,11 @@ impl<M> Dispatcher<M> {
         producer.waiting.len() != before
     }
 
-    /// Fires the controllers' timers that are due.
+    /// Fires the controllers' timers that are due, and the idle checks.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.next_idle_check.is_some_and(|at| at <= now) {
+            self.check_idle(now);
+        }
         while let Some(Reverse((at, _))) = self.timers.peek() {
             if *at > now {
                 break;
@@ -164,7 +181,33 @@ impl<M> Dispatcher<M> {
 
     /// When [`Self::handle_timeout`] must be called next (possibly early, never late).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((at, _))| *at)
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        timer.into_iter().chain(self.next_idle_check).min()
+    }
+
+    /// Wakes idle entities that hold unconfirmed messages (one that stopped, or whose task
+    /// died, would otherwise never ask for more) and forgets controllers nobody uses.
+    fn check_idle(&mut self, now: Instant) {
+        let mut wake = Vec::new();
+        let cleanup_after = self.idle.cleanup_unused_after;
+        let resend_after = self.idle.resend_first_unconfirmed_idle_timeout;
+        self.producers.retain(|entity, producer| {
+            let idle = now.saturating_duration_since(producer.last_activity);
+            let unconfirmed = producer.controller.unconfirmed_len() > 0;
+            if unconfirmed && idle >= resend_after {
+                wake.push(entity.clone());
+            }
+            unconfirmed || !producer.waiting.is_empty() || idle < cleanup_after
+        });
+        for entity in wake {
+            if let Some(producer) = self.producers.get_mut(&entity) {
+                producer.controller.resend_first_unconfirmed();
+                producer.last_activity = now;
+            }
+            self.after_input(&entity, now);
+        }
+        self.next_idle_check =
+            (!self.producers.is_empty()).then(|| now + idle_check_interval(&self.idle));
     }
 
     /// Drains one controller's outputs and feeds it waiting messages while it has demand.
@@ -209,6 +252,13 @@ impl<M> Dispatcher<M> {
     }
 }
 
+/// How often the idle checks run: half the shorter of their timeouts, as Akka does.
+fn idle_check_interval(idle: &ShardingProducerSettings) -> std::time::Duration {
+    idle.cleanup_unused_after
+        .min(idle.resend_first_unconfirmed_idle_timeout)
+        / 2
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -224,7 +274,19 @@ mod tests {
     }
 
     fn dispatcher() -> Dispatcher<&'static str> {
-        Dispatcher::new(ProducerId::new("bridge"), 7, ProducerSettings::default())
+        Dispatcher::new(
+            ProducerId::new("bridge"),
+            7,
+            ProducerSettings::default(),
+            ShardingProducerSettings::default(),
+        )
+    }
+
+    fn pc(incarnation: u64) -> ProducerRef {
+        ProducerRef {
+            id: ProducerId::new("bridge"),
+            incarnation,
+        }
     }
 
     fn sent(d: &mut Dispatcher<&'static str>) -> Vec<(String, u64, u64)> {
@@ -296,5 +358,48 @@ mod tests {
         assert!(!d.cancel(&a, 1));
         assert!(d.cancel(&a, 2));
         assert_eq!(d.waiting_len(), 0);
+    }
+
+    // D-11: only idle entities with unconfirmed messages are woken.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_entity_with_unconfirmed_messages_gets_its_first_one_again() {
+        let now = Instant::now();
+        let mut d = dispatcher();
+        let (a, b) = (EntityId::new("a"), EntityId::new("b"));
+        d.offer(a.clone(), envelope(1), now);
+        d.handle_frame(&a, &pc(7), request(1, 10), now);
+        d.offer(a.clone(), envelope(2), now);
+        d.offer(b.clone(), envelope(3), now);
+        d.handle_frame(&b, &pc(8), request(1, 10), now);
+        sent(&mut d);
+
+        // Nothing for 10 s: entity a still owes a confirmation for seq 2, b owes nothing.
+        let until = now + Duration::from_secs(10);
+        while let Some(at) = d.poll_timeout().filter(|at| *at <= until) {
+            tokio::time::advance(at - Instant::now()).await;
+            d.handle_timeout(Instant::now());
+        }
+        assert_eq!(sent(&mut d), vec![("a".into(), 2, 2)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unused_controller_is_dropped_and_the_next_message_starts_a_new_session() {
+        let now = Instant::now();
+        let mut d = dispatcher();
+        let a = EntityId::new("a");
+        d.offer(a.clone(), envelope(1), now);
+        d.handle_frame(&a, &pc(7), request(1, 10), now);
+        sent(&mut d);
+        tokio::time::advance(Duration::from_secs(121)).await;
+        while d.poll_timeout().is_some_and(|at| at <= Instant::now()) {
+            d.handle_timeout(Instant::now());
+        }
+        assert_eq!(d.poll_timeout(), None, "no controllers, no timers");
+        d.offer(a.clone(), envelope(2), Instant::now());
+        assert_eq!(
+            sent(&mut d),
+            vec![("a".into(), 1, 2)],
+            "a fresh controller starts at 1"
+        );
     }
 }

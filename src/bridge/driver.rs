@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{Future, StreamExt};
@@ -24,12 +25,15 @@ use crate::bridge::acks::AckWriter;
 use crate::bridge::dispatch::Dispatcher;
 use crate::bridge::inflight::{DeliveryKey, Entry, InFlight, Settlement};
 use crate::bridge::settings::BridgeSettings;
-use crate::delivery::{ProducerId, ProducerSettings};
+use crate::delivery::{DeliverySettings, ProducerId};
 use crate::entity::{
     Entity, EntityFactory, EntityId, EntityMessage, EntityReply, Envelope, InvalidMessage,
     LocalEntityHost,
 };
 use crate::metrics::{BridgeMetrics, outcome};
+
+/// Longest wait for the broker to confirm a dead-letter copy.
+const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Replies and deliveries handled per wake-up before acks are flushed; bounds ack latency
 /// under load while still batching.
@@ -76,7 +80,7 @@ impl<F: EntityFactory> Bridge<F> {
     /// A bridge over a running source and an entity host with its reply channel.
     pub fn new(
         settings: BridgeSettings,
-        producer: ProducerSettings,
+        delivery: DeliverySettings,
         source: AmqpSource,
         host: LocalEntityHost<F>,
         replies: mpsc::Receiver<EntityReply>,
@@ -89,7 +93,12 @@ impl<F: EntityFactory> Bridge<F> {
             source,
             host,
             replies,
-            dispatcher: Dispatcher::new(ProducerId::new("bridge"), first_incarnation, producer),
+            dispatcher: Dispatcher::new(
+                ProducerId::new("bridge"),
+                first_incarnation,
+                delivery.producer_controller,
+                delivery.sharding_producer_controller,
+            ),
             session: None,
             rejections: HashMap::new(),
             dead_letters: FuturesUnordered::new(),
@@ -143,8 +152,9 @@ impl<F: EntityFactory> Bridge<F> {
             }
             let now = Instant::now();
             self.dispatcher.handle_timeout(now);
-            self.expire(now);
+            // Confirmations first: a delivery confirmed in this pass is acked, not expired.
             self.pump_dispatcher();
+            self.expire(now);
             self.flush_acks(now);
             self.metrics.in_flight.set(self.in_flight.len() as i64);
             if let Some(until) = drain_until {
@@ -164,6 +174,9 @@ impl<F: EntityFactory> Bridge<F> {
         // Every decided ack reaches the broker before the channel closes.
         self.acks.close().await;
         self.source.close().await;
+        // Nobody reads entity replies any more; dropping the receiver lets entities blocked on
+        // a full reply channel finish instead of hanging the shutdown.
+        drop(self.replies);
         self.host.shutdown().await;
         result
     }
@@ -294,8 +307,12 @@ impl<F: EntityFactory> Bridge<F> {
         let publisher = session.dead_letters.clone();
         let body = held.body.clone();
         let properties = held.properties.clone();
+        self.in_flight.mark_settling(key);
         self.dead_letters.push(Box::pin(async move {
-            let result = publisher.publish(&body, &properties, &reason).await;
+            let publish = publisher.publish(&body, &properties, &reason);
+            let result = tokio::time::timeout(DEAD_LETTER_TIMEOUT, publish)
+                .await
+                .unwrap_or(Err(AmqpError::Timeout(DEAD_LETTER_TIMEOUT)));
             (key, result)
         }));
     }
@@ -306,8 +323,12 @@ impl<F: EntityFactory> Bridge<F> {
                 self.in_flight.settle(key, Settlement::DeadLettered);
             }
             Err(error) => {
-                warn!(%error, "dead-lettering failed; requeueing the message instead");
-                self.requeue(key);
+                // Requeueing would bring the message straight back to the same failure. A new
+                // session, opened after a pause, redeclares the topology and tries again.
+                warn!(%error, "dead-lettering failed; reopening the AMQP session");
+                if let Some(session) = &self.session {
+                    session.abort();
+                }
             }
         }
     }
@@ -367,7 +388,13 @@ impl<F: EntityFactory> Bridge<F> {
 
     /// The channel's deliveries can no longer be acked; the broker requeued them.
     fn lose_channel(&mut self) {
-        let lost = self.in_flight.orphan_all();
+        let dispatcher = &mut self.dispatcher;
+        // A message still waiting for its entity is cancelled: its redelivered copy takes its
+        // place. One already with its entity stays counted until the entity confirms it.
+        let lost = self.in_flight.orphan_all(|key, held| match &held.entity {
+            Some(entity) => !dispatcher.cancel(entity, key.0),
+            None => false,
+        });
         if lost > 0 {
             self.metrics
                 .deliveries

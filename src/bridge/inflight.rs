@@ -47,6 +47,8 @@ pub struct Entry<T> {
     pub deadline: Instant,
     /// `None` while its entity is still working on it.
     pub settlement: Option<Settlement>,
+    /// Being dead-lettered: its deadline no longer applies (the publish has its own timeout).
+    settling: bool,
     /// The driver's data (acker, body, …).
     pub held: T,
 }
@@ -101,6 +103,7 @@ impl<T> InFlight<T> {
             received_at: now,
             deadline: now + self.deadline_after,
             settlement: None,
+            settling: false,
             held,
         });
         key
@@ -111,6 +114,13 @@ impl<T> InFlight<T> {
         self.entry(key)
             .filter(|e| e.settlement.is_none())
             .map(|e| &e.held)
+    }
+
+    /// Exempts a pending delivery from its deadline while it is being dead-lettered.
+    pub fn mark_settling(&mut self, key: DeliveryKey) {
+        if let Some(entry) = self.entry_mut(key) {
+            entry.settling = true;
+        }
     }
 
     /// Marks a delivery settled.
@@ -142,7 +152,7 @@ impl<T> InFlight<T> {
     pub fn expire(&mut self, now: Instant, out: &mut Vec<DeliveryKey>) {
         // Deliveries arrive in time order, so deadlines increase along the queue.
         for entry in self.entries.iter().take_while(|e| e.deadline <= now) {
-            if entry.settlement.is_none() {
+            if entry.settlement.is_none() && !entry.settling {
                 out.push(entry.key);
             }
         }
@@ -154,21 +164,24 @@ impl<T> InFlight<T> {
         let current = self
             .entries
             .iter()
-            .find(|e| e.settlement.is_none())
+            .find(|e| e.settlement.is_none() && !e.settling)
             .map(|e| e.deadline);
         let orphan = self.orphans.values().min().copied();
         current.into_iter().chain(orphan).min()
     }
 
-    /// The channel was lost: its unsettled deliveries become orphans and settled ones are
-    /// dropped (the broker requeued all of them). Returns how many deliveries it returned to
-    /// the queue that had not been requeued already.
-    pub fn orphan_all(&mut self) -> usize {
+    /// The channel was lost: the broker requeued all its deliveries. Settled ones are dropped;
+    /// unsettled ones become orphans when `keep` says their message is still being worked on,
+    /// and are dropped otherwise. Returns how many deliveries went back to the queue that had
+    /// not been requeued already.
+    pub fn orphan_all(&mut self, mut keep: impl FnMut(DeliveryKey, &T) -> bool) -> usize {
         let mut returned = 0;
         for entry in self.entries.drain(..) {
             match entry.settlement {
                 None => {
-                    self.orphans.insert(entry.key, entry.deadline);
+                    if keep(entry.key, &entry.held) {
+                        self.orphans.insert(entry.key, entry.deadline);
+                    }
                     returned += 1;
                 }
                 Some(Settlement::Requeued) => {}
@@ -273,7 +286,7 @@ mod tests {
         let old_pending = t.insert(1, now);
         let old_done = t.insert(2, now);
         t.settle(old_done, Settlement::Acked);
-        assert_eq!(t.orphan_all(), 2);
+        assert_eq!(t.orphan_all(|_, _| true), 2);
         assert_eq!(t.len(), 1, "only the unsettled one stays counted");
         assert!(t.pending(old_pending).is_none(), "orphans cannot be acked");
 
@@ -286,10 +299,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_orphan_nobody_works_on_is_not_kept() {
+        let mut t = table();
+        t.insert(1, Instant::now());
+        t.insert(2, Instant::now());
+        assert_eq!(t.orphan_all(|_, held| *held == 2), 2);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_being_dead_lettered_is_exempt_from_its_deadline() {
+        let mut t = table();
+        let key = t.insert(1, Instant::now());
+        t.mark_settling(key);
+        assert_eq!(t.next_deadline(), None);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let mut expired = Vec::new();
+        t.expire(Instant::now(), &mut expired);
+        assert!(expired.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn orphans_are_forgotten_at_their_deadline() {
         let mut t = table();
         t.insert(1, Instant::now());
-        t.orphan_all();
+        t.orphan_all(|_, _| true);
         tokio::time::advance(Duration::from_secs(60)).await;
         let mut expired = Vec::new();
         t.expire(Instant::now(), &mut expired);

@@ -97,6 +97,18 @@ impl BridgeSettings {
             prefix,
             "processing_deadline",
             "must be above zero and below the broker's 30 min consumer timeout",
+        )?;
+        check(
+            self.retry_backoff_max <= BROKER_CONSUMER_TIMEOUT,
+            prefix,
+            "retry_backoff_max",
+            "must be at most 30 min",
+        )?;
+        check(
+            self.shutdown_timeout <= BROKER_CONSUMER_TIMEOUT,
+            prefix,
+            "shutdown_timeout",
+            "must be at most 30 min",
         )
     }
 }

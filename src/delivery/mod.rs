@@ -15,4 +15,6 @@ pub mod settings;
 pub use consumer::{ConsumerController, ConsumerError, ConsumerEvent, Delivery};
 pub use producer::{ProducerController, ProducerError, ProducerEvent};
 pub use protocol::{ConsumerFrame, ProducerId, ProducerRef, SeqNr, SequencedMessage};
-pub use settings::{ConsumerSettings, DeliverySettings, ProducerSettings};
+pub use settings::{
+    ConsumerSettings, DeliverySettings, ProducerSettings, ShardingProducerSettings,
+};

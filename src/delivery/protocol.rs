@@ -15,7 +15,8 @@ impl SeqNr {
 
     /// The sequence number after this one.
     pub fn next(self) -> SeqNr {
-        SeqNr(self.0 + 1)
+        // Saturating: a peer may send any number, and nothing here may panic on peer input.
+        SeqNr(self.0.saturating_add(1))
     }
 
     /// `self + n`.

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, check};
 
+/// Longest timer interval accepted; beyond it time arithmetic could overflow.
+const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// All reliable-delivery settings (`[delivery]` in the TOML config).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -15,6 +18,31 @@ pub struct DeliverySettings {
     pub producer_controller: ProducerSettings,
     /// `[delivery.consumer_controller]`.
     pub consumer_controller: ConsumerSettings,
+    /// `[delivery.sharding_producer_controller]`: one producer feeding many entities.
+    pub sharding_producer_controller: ShardingProducerSettings,
+}
+
+/// Settings of a producer that keeps one ProducerController per entity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShardingProducerSettings {
+    /// An entity's controller with nothing unconfirmed or waiting is dropped after this idle
+    /// time (checked every half of it).
+    #[serde(with = "humantime_serde")]
+    pub cleanup_unused_after: Duration,
+    /// The first unconfirmed message of an entity idle this long is sent again, to wake an
+    /// entity that stopped or was lost (checked every half of it).
+    #[serde(with = "humantime_serde")]
+    pub resend_first_unconfirmed_idle_timeout: Duration,
+}
+
+impl Default for ShardingProducerSettings {
+    fn default() -> Self {
+        ShardingProducerSettings {
+            cleanup_unused_after: Duration::from_secs(120),
+            resend_first_unconfirmed_idle_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// ProducerController settings.
@@ -72,11 +100,13 @@ impl DeliverySettings {
             "producer_controller.resend_first_interval",
             "must be greater than zero",
         )?;
+        // With a window of 1 or 2 the half-window Request never fires after the first message
+        // (Akka's arithmetic), so delivery would stall.
         check(
-            c.flow_control_window >= 1,
+            c.flow_control_window >= 3,
             prefix,
             "consumer_controller.flow_control_window",
-            "must be at least 1",
+            "must be at least 3",
         )?;
         check(
             !c.resend_interval_min.is_zero(),
@@ -89,6 +119,35 @@ impl DeliverySettings {
             prefix,
             "consumer_controller.resend_interval_max",
             "must not be smaller than resend_interval_min",
-        )
+        )?;
+        let sp = &self.sharding_producer_controller;
+        for (key, value) in [
+            (
+                "producer_controller.resend_first_interval",
+                p.resend_first_interval,
+            ),
+            (
+                "consumer_controller.resend_interval_max",
+                c.resend_interval_max,
+            ),
+            (
+                "sharding_producer_controller.cleanup_unused_after",
+                sp.cleanup_unused_after,
+            ),
+            (
+                "sharding_producer_controller.resend_first_unconfirmed_idle_timeout",
+                sp.resend_first_unconfirmed_idle_timeout,
+            ),
+        ] {
+            check(value <= MAX_INTERVAL, prefix, key, "must be at most 1h")?;
+        }
+        check(
+            sp.cleanup_unused_after >= Duration::from_millis(2)
+                && sp.resend_first_unconfirmed_idle_timeout >= Duration::from_millis(2),
+            prefix,
+            "sharding_producer_controller",
+            "timeouts must be at least 2ms",
+        )?;
+        Ok(())
     }
 }
