@@ -93,7 +93,7 @@ impl PairHarness {
         let mut producer =
             ProducerController::new(ProducerId::new("harness"), seed, producer_settings);
         let mut consumer = ConsumerController::new(consumer_settings, now);
-        producer.start();
+        producer.start(now);
         producer.register_consumer(now);
         consumer.start(now);
         PairHarness {

@@ -47,7 +47,7 @@ pub struct Dispatcher<M> {
     confirmed: VecDeque<u64>,
 }
 
-impl<M> Dispatcher<M> {
+impl<M: 'static> Dispatcher<M> {
     /// A dispatcher whose controllers are named `producer_id`; `first_incarnation` should be
     /// random so that controllers of a restarted bridge never look like old ones.
     pub fn new(
@@ -88,7 +88,7 @@ impl<M> Dispatcher<M> {
                     incarnation,
                     self.settings.clone(),
                 );
-                controller.start();
+                controller.start(now);
                 controller.register_consumer(now);
                 if self.next_idle_check.is_none() {
                     self.next_idle_check = Some(now + idle_check_interval(&self.idle));
@@ -291,7 +291,13 @@ mod tests {
 
     fn sent(d: &mut Dispatcher<&'static str>) -> Vec<(String, u64, u64)> {
         std::iter::from_fn(|| d.poll_transmit())
-            .map(|(e, m)| (e.to_string(), m.seq_nr.0, m.message.correlation))
+            .map(|(e, m)| {
+                let correlation = match &m.payload {
+                    crate::delivery::Payload::Message(envelope) => envelope.correlation,
+                    crate::delivery::Payload::Chunk(_) => u64::MAX,
+                };
+                (e.to_string(), m.seq_nr.0, correlation)
+            })
             .collect()
     }
 

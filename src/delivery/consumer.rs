@@ -8,11 +8,16 @@
 //! input. Chunk reassembly is not here yet.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
-use crate::delivery::protocol::{ConsumerFrame, ProducerId, ProducerRef, SeqNr, SequencedMessage};
+use crate::delivery::codec::Codec;
+use crate::delivery::protocol::{
+    ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
+};
 use crate::delivery::settings::ConsumerSettings;
 
 /// A message handed to the consumer, which must call [`ConsumerController::confirm`] once it is
@@ -37,12 +42,21 @@ pub enum ConsumerEvent<M> {
     Stopped,
 }
 
-/// A consumer-side mistake; the controller's state is unchanged.
+/// A consumer-side problem.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConsumerError {
-    /// `confirm` was called while no delivery was outstanding.
+    /// `confirm` was called while no delivery was outstanding; nothing changed.
     #[error("confirmation while no delivery is outstanding")]
     NothingToConfirm,
+    /// A chunked message could not be reassembled (no codec, or it does not decode); the
+    /// controller stopped, as Akka's does, since a retry would meet the same bytes.
+    #[error("chunked message seq nr {seq_nr} cannot be decoded: {reason}")]
+    Undecodable {
+        /// The message's last chunk.
+        seq_nr: SeqNr,
+        /// Why.
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -115,7 +129,6 @@ impl RetryTimer {
 ///
 /// Guarantees: within one producer session the consumer gets each sequence number at most once
 /// and in order; with resending enabled, without gaps.
-#[derive(Debug)]
 pub struct ConsumerController<M> {
     settings: ConsumerSettings,
     window: u64,
@@ -128,12 +141,30 @@ pub struct ConsumerController<M> {
     stopping: bool,
     /// Messages that arrived while waiting for Start or for a confirmation; capacity W.
     stash: VecDeque<SequencedMessage<M>>,
+    /// Chunks of the message being reassembled, and whether its first chunk was `first`.
+    collected_chunks: Vec<Bytes>,
+    collected_first: bool,
+    codec: Option<Arc<dyn Codec<M>>>,
+    failure: Option<ConsumerError>,
     retry: RetryTimer,
     transmits: VecDeque<(ProducerRef, ConsumerFrame)>,
     events: VecDeque<ConsumerEvent<M>>,
 }
 
-impl<M: Clone> ConsumerController<M> {
+impl<M> std::fmt::Debug for ConsumerController<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerController")
+            .field("producer", &self.producer)
+            .field("received", &self.received)
+            .field("confirmed", &self.confirmed)
+            .field("requested", &self.requested)
+            .field("stash", &self.stash.len())
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: Clone + 'static> ConsumerController<M> {
     /// A controller waiting for its consumer's Start; its retry timer runs from `now`.
     pub fn new(settings: ConsumerSettings, now: Instant) -> Self {
         let retry = RetryTimer::new(
@@ -152,10 +183,33 @@ impl<M: Clone> ConsumerController<M> {
             registering: None,
             stopping: false,
             stash: VecDeque::new(),
+            collected_chunks: Vec::new(),
+            collected_first: false,
+            codec: None,
+            failure: None,
             retry,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
+    }
+
+    /// Reassembles chunked messages with `codec` (needed when the producer chunks).
+    pub fn with_codec(mut self, codec: Arc<dyn Codec<M>>) -> Self {
+        self.codec = Some(codec);
+        self
+    }
+
+    /// Why the controller stopped, when it stopped on an error.
+    pub fn failure(&self) -> Option<&ConsumerError> {
+        self.failure.as_ref()
+    }
+
+    /// Gives back buffer memory kept from busier times (for controllers that sit idle).
+    pub fn shrink_buffers(&mut self) {
+        self.stash.shrink_to_fit();
+        self.collected_chunks.shrink_to_fit();
+        self.transmits.shrink_to_fit();
+        self.events.shrink_to_fit();
     }
 
     /// True once the controller has stopped for good.
@@ -183,8 +237,9 @@ impl<M: Clone> ConsumerController<M> {
                 self.drain_stash(now);
             }
             Phase::WaitingForConfirmation(current) => {
-                let redelivery = self.delivery_of(current);
-                self.events.push_back(ConsumerEvent::Deliver(redelivery));
+                if let Some(redelivery) = self.delivery_of(current) {
+                    self.events.push_back(ConsumerEvent::Deliver(redelivery));
+                }
             }
             Phase::Active | Phase::Resending { .. } | Phase::Stopped => {}
         }
@@ -372,11 +427,15 @@ impl<M: Clone> ConsumerController<M> {
         !self.settings.only_flow_control
     }
 
-    fn delivery_of(&self, message: &SequencedMessage<M>) -> Delivery<M> {
-        Delivery {
-            message: message.message.clone(),
-            producer_id: message.producer.id.clone(),
-            seq_nr: message.seq_nr,
+    /// The delivery of a whole message (chunks are reassembled before they get here).
+    fn delivery_of(&self, message: &SequencedMessage<M>) -> Option<Delivery<M>> {
+        match &message.payload {
+            Payload::Message(m) => Some(Delivery {
+                message: m.clone(),
+                producer_id: message.producer.id.clone(),
+                seq_nr: message.seq_nr,
+            }),
+            Payload::Chunk(_) => None,
         }
     }
 
@@ -410,14 +469,14 @@ impl<M: Clone> ConsumerController<M> {
             // Discarded: we are moving to another producer.
         } else if message.seq_nr == expected {
             self.received = message.seq_nr;
-            self.deliver(message);
+            self.deliver(message, now);
         } else if message.seq_nr > expected {
             if self.resend_lost() {
                 self.start_resending(message.producer, expected, now);
             } else {
                 // Only flow control: lost messages are skipped.
                 self.received = message.seq_nr;
-                self.deliver(message);
+                self.deliver(message, now);
             }
         } else if message.first {
             // A duplicate first: the producer still resends it, so our Request was lost.
@@ -432,7 +491,7 @@ impl<M: Clone> ConsumerController<M> {
             // Discarded: we are moving to another producer.
         } else if message.seq_nr == self.received.next() {
             self.received = message.seq_nr;
-            self.deliver(message);
+            self.deliver(message, now);
         } else if message.first {
             self.retry_request();
         }
@@ -449,7 +508,7 @@ impl<M: Clone> ConsumerController<M> {
             self.received = message.seq_nr;
             self.confirmed = SeqNr::ZERO;
             self.requested = up_to;
-            self.deliver(message);
+            self.deliver(message, now);
         } else if self.received == SeqNr::ZERO {
             // A fresh consumer (e.g. a re-created entity) joined mid-stream: ask for everything
             // unconfirmed, with the head marked first.
@@ -471,10 +530,77 @@ impl<M: Clone> ConsumerController<M> {
         self.phase = Phase::Resending { producer, from };
     }
 
-    fn deliver(&mut self, message: SequencedMessage<M>) {
-        let delivery = self.delivery_of(&message);
-        self.events.push_back(ConsumerEvent::Deliver(delivery));
-        self.phase = Phase::WaitingForConfirmation(message);
+    fn deliver(&mut self, message: SequencedMessage<M>, now: Instant) {
+        let SequencedMessage {
+            producer,
+            seq_nr,
+            payload,
+            first,
+            ack,
+        } = message;
+        let chunk = match payload {
+            Payload::Message(m) => {
+                let whole = SequencedMessage {
+                    producer,
+                    seq_nr,
+                    payload: Payload::Message(m),
+                    first,
+                    ack,
+                };
+                self.hand_to_consumer(whole);
+                return;
+            }
+            Payload::Chunk(chunk) => chunk,
+        };
+        if chunk.first_chunk {
+            self.collected_chunks.clear();
+            self.collected_first = first;
+        }
+        self.collected_chunks.push(chunk.bytes);
+        if !chunk.last_chunk {
+            // Many chunks can use up the window before any message is confirmed.
+            let half = self.window / 2;
+            if self.requested.distance_from(seq_nr) == Some(half) {
+                let up_to = self.requested.plus(half);
+                self.transmit_request(&producer, self.confirmed, up_to, false);
+                self.retry.start(now);
+                self.requested = up_to;
+            }
+            self.phase = Phase::Active;
+            return;
+        }
+        let mut bytes = BytesMut::new();
+        for piece in self.collected_chunks.drain(..) {
+            bytes.extend_from_slice(&piece);
+        }
+        let decoded = match &self.codec {
+            Some(codec) => codec.decode(&bytes).map_err(|e| e.to_string()),
+            None => Err("no codec to reassemble chunked messages".to_owned()),
+        };
+        match decoded {
+            Ok(m) => {
+                let whole = SequencedMessage {
+                    producer,
+                    seq_nr,
+                    payload: Payload::Message(m),
+                    first: self.collected_first,
+                    ack,
+                };
+                self.hand_to_consumer(whole);
+            }
+            Err(reason) => {
+                tracing::error!(%seq_nr, %reason, "chunked message cannot be decoded; stopping");
+                self.failure = Some(ConsumerError::Undecodable { seq_nr, reason });
+                self.become_stopped();
+            }
+        }
+    }
+
+    fn hand_to_consumer(&mut self, whole: SequencedMessage<M>) {
+        if let Some(delivery) = self.delivery_of(&whole) {
+            self.events.push_back(ConsumerEvent::Deliver(delivery));
+        }
+        self.phase = Phase::WaitingForConfirmation(whole);
     }
 
     fn transmit_request(
@@ -529,377 +655,4 @@ impl<M: Clone> ConsumerController<M> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings(window: u32) -> ConsumerSettings {
-        ConsumerSettings {
-            flow_control_window: window,
-            resend_interval_min: Duration::from_secs(1),
-            resend_interval_max: Duration::from_secs(2),
-            only_flow_control: false,
-        }
-    }
-
-    fn pc(incarnation: u64) -> ProducerRef {
-        ProducerRef {
-            id: ProducerId::new("p"),
-            incarnation,
-        }
-    }
-
-    fn msg(producer: &ProducerRef, seq_nr: u64, first: bool) -> SequencedMessage<u64> {
-        SequencedMessage {
-            producer: producer.clone(),
-            seq_nr: SeqNr(seq_nr),
-            message: seq_nr,
-            first,
-            ack: false,
-        }
-    }
-
-    fn request(confirmed: u64, up_to: u64, via_timeout: bool) -> ConsumerFrame {
-        ConsumerFrame::Request {
-            confirmed: SeqNr(confirmed),
-            request_up_to: SeqNr(up_to),
-            support_resend: true,
-            via_timeout,
-        }
-    }
-
-    fn frames(cc: &mut ConsumerController<u64>) -> Vec<ConsumerFrame> {
-        std::iter::from_fn(|| cc.poll_transmit())
-            .map(|(_, f)| f)
-            .collect()
-    }
-
-    fn delivered(cc: &mut ConsumerController<u64>) -> Vec<u64> {
-        std::iter::from_fn(|| cc.poll_event())
-            .filter_map(|e| match e {
-                ConsumerEvent::Deliver(d) => Some(d.message),
-                ConsumerEvent::Stopped => None,
-            })
-            .collect()
-    }
-
-    fn started(window: u32) -> ConsumerController<u64> {
-        let mut cc = ConsumerController::new(settings(window), Instant::now());
-        cc.start(Instant::now());
-        cc
-    }
-
-    // CC-03
-    #[tokio::test(start_paused = true)]
-    async fn sends_the_initial_request_and_retries_it_when_idle() {
-        let p = pc(1);
-        let mut cc = ConsumerController::new(settings(20), Instant::now());
-        cc.handle_message(msg(&p, 1, true), Instant::now());
-        assert!(frames(&mut cc).is_empty(), "stashed until Start");
-        cc.start(Instant::now());
-        assert_eq!(frames(&mut cc), vec![request(0, 20, false)]);
-        assert_eq!(delivered(&mut cc), vec![1]);
-        cc.confirm(Instant::now()).unwrap();
-        assert_eq!(frames(&mut cc), vec![request(1, 20, false)]);
-
-        tokio::time::advance(Duration::from_secs(1)).await;
-        cc.handle_timeout(Instant::now());
-        assert_eq!(frames(&mut cc), vec![request(1, 20, true)]);
-    }
-
-    // CC-04
-    #[tokio::test(start_paused = true)]
-    async fn requests_more_after_half_the_window_is_confirmed() {
-        let p = pc(1);
-        let mut cc = started(20);
-        for n in 1..=9 {
-            cc.handle_message(msg(&p, n, n == 1), Instant::now());
-            cc.confirm(Instant::now()).unwrap();
-        }
-        assert_eq!(
-            frames(&mut cc),
-            vec![request(0, 20, false), request(1, 20, false)]
-        );
-        cc.handle_message(msg(&p, 10, false), Instant::now());
-        assert!(frames(&mut cc).is_empty());
-        cc.confirm(Instant::now()).unwrap();
-        assert_eq!(frames(&mut cc), vec![request(10, 30, false)]);
-    }
-
-    // CC-05
-    #[tokio::test(start_paused = true)]
-    async fn detects_a_gap_and_delivers_in_order_after_the_resend() {
-        let p = pc(1);
-        let mut cc = started(20);
-        for n in 1..=2 {
-            cc.handle_message(msg(&p, n, n == 1), Instant::now());
-            cc.confirm(Instant::now()).unwrap();
-        }
-        frames(&mut cc);
-        delivered(&mut cc);
-        cc.handle_message(msg(&p, 5, false), Instant::now());
-        assert_eq!(
-            frames(&mut cc),
-            vec![ConsumerFrame::Resend { from: SeqNr(3) }]
-        );
-        for n in 3..=5 {
-            cc.handle_message(msg(&p, n, false), Instant::now());
-            cc.confirm(Instant::now()).unwrap();
-        }
-        assert_eq!(delivered(&mut cc), vec![3, 4, 5]);
-    }
-
-    // CC-06 and D-05
-    #[tokio::test(start_paused = true)]
-    async fn backs_off_request_retries_and_snaps_back_on_traffic() {
-        let p = pc(1);
-        let mut cc = started(20);
-        for n in 1..=2 {
-            cc.handle_message(msg(&p, n, n == 1), Instant::now());
-            cc.confirm(Instant::now()).unwrap();
-        }
-        frames(&mut cc);
-        let t0 = Instant::now();
-        let mut retries = Vec::new();
-        for _ in 0..4 {
-            let at = cc.poll_timeout().unwrap();
-            tokio::time::advance(at - Instant::now()).await;
-            cc.handle_timeout(Instant::now());
-            retries.push((Instant::now() - t0, frames(&mut cc)));
-        }
-        let offsets: Vec<Duration> = retries.iter().map(|(d, _)| *d).collect();
-        assert_eq!(
-            offsets,
-            vec![
-                Duration::from_secs(1),
-                Duration::from_millis(2500),
-                Duration::from_millis(4500),
-                Duration::from_millis(6500)
-            ]
-        );
-        assert!(
-            retries
-                .iter()
-                .all(|(_, f)| f == &vec![request(2, 20, true)])
-        );
-
-        cc.handle_message(msg(&p, 3, false), Instant::now());
-        cc.confirm(Instant::now()).unwrap();
-        assert_eq!(
-            cc.poll_timeout(),
-            Some(Instant::now() + Duration::from_secs(1))
-        );
-    }
-
-    // CC-07
-    #[tokio::test(start_paused = true)]
-    async fn stashes_while_waiting_for_confirmation_and_drops_duplicates() {
-        let p = pc(1);
-        let mut cc = started(20);
-        cc.handle_message(msg(&p, 1, true), Instant::now());
-        cc.confirm(Instant::now()).unwrap();
-        cc.handle_message(msg(&p, 2, false), Instant::now());
-        cc.handle_message(msg(&p, 3, false), Instant::now());
-        cc.handle_message(msg(&p, 4, false), Instant::now());
-        assert_eq!(delivered(&mut cc), vec![1, 2]);
-        cc.confirm(Instant::now()).unwrap();
-        assert_eq!(delivered(&mut cc), vec![3]);
-        cc.confirm(Instant::now()).unwrap();
-        assert_eq!(delivered(&mut cc), vec![4]);
-        cc.confirm(Instant::now()).unwrap();
-        for n in [5, 6, 7, 5, 6, 7, 8] {
-            cc.handle_message(msg(&p, n, false), Instant::now());
-        }
-        let mut all = delivered(&mut cc);
-        while cc.confirm(Instant::now()).is_ok() {
-            all.extend(delivered(&mut cc));
-        }
-        assert_eq!(all, vec![5, 6, 7, 8]);
-    }
-
-    // CC-09
-    #[tokio::test(start_paused = true)]
-    async fn a_restarted_consumer_gets_the_outstanding_delivery_again() {
-        let p = pc(1);
-        let mut cc = started(20);
-        cc.handle_message(msg(&p, 1, true), Instant::now());
-        cc.handle_message(msg(&p, 2, false), Instant::now());
-        assert_eq!(delivered(&mut cc), vec![1]);
-        cc.start(Instant::now());
-        assert_eq!(delivered(&mut cc), vec![1]);
-        cc.confirm(Instant::now()).unwrap();
-        assert_eq!(delivered(&mut cc), vec![2]);
-    }
-
-    // CC-12
-    #[tokio::test(start_paused = true)]
-    async fn a_resent_first_message_is_delivered_once_but_a_new_producer_is_accepted() {
-        let p1 = pc(1);
-        let mut cc = started(20);
-        cc.handle_message(msg(&p1, 1, true), Instant::now());
-        cc.handle_message(msg(&p1, 1, true), Instant::now());
-        assert_eq!(delivered(&mut cc), vec![1]);
-        cc.confirm(Instant::now()).unwrap();
-        cc.handle_message(msg(&p1, 1, true), Instant::now());
-        assert!(delivered(&mut cc).is_empty());
-        frames(&mut cc);
-
-        let p2 = pc(2);
-        cc.handle_message(msg(&p2, 1, true), Instant::now());
-        assert_eq!(delivered(&mut cc), vec![1]);
-        let to_p2: Vec<ProducerRef> = std::iter::from_fn(|| cc.poll_transmit())
-            .map(|(to, _)| to)
-            .collect();
-        assert_eq!(to_p2, vec![p2]);
-    }
-
-    // CC-13
-    #[tokio::test(start_paused = true)]
-    async fn the_window_starts_at_the_first_message_of_each_producer() {
-        let mut cc = started(20);
-        cc.handle_message(msg(&pc(1), 1, true), Instant::now());
-        cc.confirm(Instant::now()).unwrap();
-        cc.handle_message(msg(&pc(2), 23, true), Instant::now());
-        cc.confirm(Instant::now()).unwrap();
-        cc.handle_message(msg(&pc(3), 7, true), Instant::now());
-        let requests: Vec<ConsumerFrame> = frames(&mut cc)
-            .into_iter()
-            .filter(
-                |f| matches!(f, ConsumerFrame::Request { confirmed, .. } if *confirmed == SeqNr(0)),
-            )
-            .collect();
-        assert_eq!(
-            requests,
-            vec![
-                request(0, 20, false),
-                request(0, 42, false),
-                request(0, 26, false)
-            ]
-        );
-        assert_eq!(delivered(&mut cc), vec![1, 23, 7]);
-    }
-
-    // CC-14
-    #[tokio::test(start_paused = true)]
-    async fn a_fresh_consumer_asks_for_everything_when_joining_mid_stream() {
-        let p = pc(1);
-        let mut cc = ConsumerController::new(settings(20), Instant::now());
-        cc.handle_message(msg(&p, 44, false), Instant::now());
-        cc.handle_message(msg(&p, 41, true), Instant::now());
-        cc.handle_message(msg(&p, 45, false), Instant::now());
-        cc.start(Instant::now());
-        assert_eq!(
-            frames(&mut cc),
-            vec![ConsumerFrame::Resend { from: SeqNr(0) }]
-        );
-        assert!(delivered(&mut cc).is_empty());
-        for n in 41..=46 {
-            cc.handle_message(msg(&p, n, n == 41), Instant::now());
-        }
-        assert_eq!(frames(&mut cc), vec![request(0, 60, false)]);
-        assert_eq!(delivered(&mut cc), vec![41]);
-        cc.confirm(Instant::now()).unwrap();
-        assert_eq!(frames(&mut cc), vec![request(41, 60, false)]);
-        let mut rest = delivered(&mut cc);
-        while cc.confirm(Instant::now()).is_ok() {
-            rest.extend(delivered(&mut cc));
-        }
-        assert_eq!(rest, vec![42, 43, 44, 45, 46]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_fresh_consumer_repeats_its_lost_resend_from_zero() {
-        let p = pc(1);
-        let mut cc = started(20);
-        cc.handle_message(msg(&p, 5, false), Instant::now());
-        assert_eq!(
-            frames(&mut cc),
-            vec![ConsumerFrame::Resend { from: SeqNr(0) }]
-        );
-        tokio::time::advance(Duration::from_secs(1)).await;
-        cc.handle_timeout(Instant::now());
-        assert_eq!(
-            frames(&mut cc),
-            vec![ConsumerFrame::Resend { from: SeqNr(0) }]
-        );
-    }
-
-    // CC-16
-    #[tokio::test(start_paused = true)]
-    async fn deliver_then_stop_delivers_everything_received_then_stops() {
-        let p = pc(1);
-        let mut cc = started(20);
-        cc.handle_message(msg(&p, 1, true), Instant::now());
-        cc.confirm(Instant::now()).unwrap();
-        cc.handle_message(msg(&p, 2, false), Instant::now());
-        cc.handle_message(msg(&p, 3, false), Instant::now());
-        cc.handle_message(msg(&p, 4, false), Instant::now());
-        cc.deliver_then_stop();
-        cc.handle_message(msg(&p, 5, false), Instant::now());
-        let mut all = delivered(&mut cc);
-        frames(&mut cc);
-        while cc.confirm(Instant::now()).is_ok() {
-            all.extend(delivered(&mut cc));
-        }
-        assert_eq!(all, vec![1, 2, 3, 4, 5]);
-        assert!(cc.is_stopped());
-        assert_eq!(
-            frames(&mut cc).last(),
-            Some(&ConsumerFrame::Ack {
-                confirmed: SeqNr(5)
-            })
-        );
-        assert_eq!(cc.poll_timeout(), None);
-    }
-
-    // CC-19
-    #[tokio::test(start_paused = true)]
-    async fn only_flow_control_delivers_across_gaps() {
-        let p = pc(1);
-        let mut cc = ConsumerController::new(
-            ConsumerSettings {
-                only_flow_control: true,
-                ..settings(20)
-            },
-            Instant::now(),
-        );
-        cc.start(Instant::now());
-        for n in [1, 3, 4, 35] {
-            cc.handle_message(msg(&p, n, n == 1), Instant::now());
-            cc.confirm(Instant::now()).unwrap();
-        }
-        assert_eq!(delivered(&mut cc), vec![1, 3, 4, 35]);
-        assert!(frames(&mut cc).iter().all(|f| matches!(
-            f,
-            ConsumerFrame::Request {
-                support_resend: false,
-                ..
-            } | ConsumerFrame::Ack { .. }
-        )));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn confirming_with_nothing_outstanding_is_an_error_that_changes_nothing() {
-        let mut cc = started(20);
-        assert_eq!(
-            cc.confirm(Instant::now()),
-            Err(ConsumerError::NothingToConfirm)
-        );
-        assert!(!cc.is_stopped());
-    }
-
-    // D-06
-    #[tokio::test(start_paused = true)]
-    async fn an_odd_window_requests_after_integer_half() {
-        let p = pc(1);
-        let mut cc = started(5);
-        cc.handle_message(msg(&p, 1, true), Instant::now());
-        cc.confirm(Instant::now()).unwrap();
-        frames(&mut cc);
-        cc.handle_message(msg(&p, 2, false), Instant::now());
-        cc.confirm(Instant::now()).unwrap();
-        assert!(frames(&mut cc).is_empty());
-        cc.handle_message(msg(&p, 3, false), Instant::now());
-        cc.confirm(Instant::now()).unwrap();
-        assert_eq!(frames(&mut cc), vec![request(3, 7, false)]);
-    }
-}
+mod tests;

@@ -7,14 +7,20 @@
 //! the producer↔consumer link may lose, duplicate or reorder frames; a producer and its
 //! controller, and a consumer and its controller, are assumed to talk losslessly.
 
+pub mod codec;
 pub mod consumer;
+pub mod durable;
 pub mod producer;
 pub mod protocol;
 pub mod settings;
 
+pub use codec::{Codec, CodecError, JsonCodec};
 pub use consumer::{ConsumerController, ConsumerError, ConsumerEvent, Delivery};
+pub use durable::{DurableProducerQueue, DurableState, MessageSent, StoreError};
 pub use producer::{ProducerController, ProducerError, ProducerEvent};
-pub use protocol::{ConsumerFrame, ProducerId, ProducerRef, SeqNr, SequencedMessage};
+pub use protocol::{
+    Chunk, ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
+};
 pub use settings::{
     ConsumerSettings, DeliverySettings, ProducerSettings, ShardingProducerSettings,
 };

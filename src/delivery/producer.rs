@@ -1,17 +1,26 @@
 //! The ProducerController core: numbers a producer's messages, keeps the unconfirmed ones for
 //! resending, grants the producer one message at a time within the consumer's flow-control
-//! window, and reports confirmations (Akka's `ProducerControllerImpl`, reference §2.1).
+//! window, splits large messages into chunks, stores messages in a durable queue before sending
+//! them when it has one, and reports confirmations (Akka's `ProducerControllerImpl`, reference
+//! §2.1).
 //!
-//! Sans-IO: no clock reads, no tasks, no channels. The owner feeds inputs with `now` and drains
-//! [`ProducerController::poll_transmit`], [`ProducerController::poll_event`] and
-//! [`ProducerController::poll_timeout`] after every input. Chunking and the durable producer
-//! queue are not here yet.
+//! Sans-IO: no clock reads, no tasks, no channels, no storage. The owner feeds inputs with
+//! `now` and drains, after every input, [`ProducerController::poll_transmit`] (frames for the
+//! consumer), [`ProducerController::poll_event`] (for the producer),
+//! [`ProducerController::poll_store`] (requests for the durable queue, whose answers come back
+//! through the `handle_*` methods) and [`ProducerController::poll_timeout`].
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::delivery::protocol::{ConsumerFrame, ProducerId, ProducerRef, SeqNr, SequencedMessage};
+use crate::delivery::codec::{Codec, CodecError};
+use crate::delivery::durable::{DurableState, MessageSent, NO_QUALIFIER, Qualifier};
+use crate::delivery::protocol::{
+    Chunk, ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
+};
 use crate::delivery::settings::ProducerSettings;
 
 /// What the ProducerController tells its producer.
@@ -24,8 +33,9 @@ pub enum ProducerEvent<T> {
         /// Highest sequence number known to be confirmed.
         confirmed_seq_nr: SeqNr,
     },
-    /// A message sent with [`ProducerController::send_with_confirmation`] was confirmed by the
-    /// consumer (Akka's reply to `MessageWithConfirmation`). Emitted in sequence order.
+    /// A message sent with [`ProducerController::send_with_confirmation`] is confirmed: by the
+    /// consumer, or, with a durable queue, by the queue having stored it. Emitted in sequence
+    /// order; for a chunked message `seq_nr` is its last chunk's.
     Confirmed {
         /// The confirmed message's sequence number.
         seq_nr: SeqNr,
@@ -34,7 +44,34 @@ pub enum ProducerEvent<T> {
     },
 }
 
-/// A protocol violation; the controller is failed afterwards and refuses every further input.
+/// A request for the durable queue; the owner runs it and reports back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreRequest<M> {
+    /// Load the stored state; answer with [`ProducerController::handle_state_loaded`] or
+    /// [`ProducerController::handle_load_failed`] (also on timeout).
+    LoadState {
+        /// 1 for the first try.
+        attempt: u32,
+    },
+    /// Store this message durably; answer with [`ProducerController::handle_message_stored`]
+    /// or [`ProducerController::handle_store_failed`] (also on timeout). The owner sets its
+    /// timestamp.
+    StoreMessageSent {
+        /// The message.
+        sent: MessageSent<M>,
+        /// 1 for the first try.
+        attempt: u32,
+    },
+    /// Record a confirmation, write-behind; no answer is expected.
+    StoreMessageConfirmed {
+        /// Everything of `qualifier` up to here is confirmed.
+        seq_nr: SeqNr,
+        /// Whose confirmation.
+        qualifier: Qualifier,
+    },
+}
+
+/// Why the controller stopped; it refuses every further input.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProducerError {
     /// The producer sent without an unused `RequestNext` (Akka: "Unexpected Msg when no demand").
@@ -55,34 +92,53 @@ pub enum ProducerError {
         /// The window end in the Request.
         request_up_to: SeqNr,
     },
+    /// The durable queue did not load its state within the attempts allowed.
+    #[error("durable queue LoadState failed after {attempts} attempts")]
+    LoadFailed {
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The durable queue did not store a message within the attempts allowed.
+    #[error("durable queue StoreMessageSent of seq nr {seq_nr} failed after {attempts} attempts")]
+    StoreFailed {
+        /// The message that could not be stored.
+        seq_nr: SeqNr,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// A message could not be serialized for chunking.
+    #[error("message could not be chunked: {0}")]
+    Codec(#[from] CodecError),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Waiting for both the producer's Start and a consumer.
+#[derive(Debug)]
+enum Phase<M> {
+    /// Waiting for the producer's Start, a consumer, and the (durable) state.
     Initializing {
         has_producer: bool,
         has_consumer: bool,
+        state: Option<DurableState<M>>,
     },
     Active,
 }
 
-/// Sans-IO ProducerController for message type `M` (cloned once per send, for the resend buffer:
-/// make it cheap to clone) and confirmation token `T`.
+/// Sans-IO ProducerController for message type `M` (cloned once per send for the resend
+/// buffer: make it cheap to clone) and confirmation token `T`.
 ///
 /// Inputs: [`Self::start`], [`Self::register_consumer`], [`Self::send`],
 /// [`Self::send_with_confirmation`], [`Self::handle_frame`], [`Self::resend_first_unconfirmed`],
-/// [`Self::handle_timeout`]. Outputs, to drain after every input: [`Self::poll_transmit`]
-/// (frames for the consumer, in order), [`Self::poll_event`] (for the producer, in order), and
-/// [`Self::poll_timeout`] (when to call `handle_timeout` next).
+/// the durable-queue answers, and [`Self::handle_timeout`].
 ///
-/// Guarantees while neither side restarts: the consumer sees every message once, in order; each
-/// `Confirmed` event means the consumer processed that message and every earlier one.
-#[derive(Debug)]
+/// Guarantees: while neither side restarts, the consumer sees every message once, in order.
+/// `Confirmed` means processed by the consumer (without a durable queue) or stored (with one).
+/// With a durable queue a restarted controller resends what was stored and not confirmed
+/// (at-least-once).
 pub struct ProducerController<M, T> {
     me: ProducerRef,
     settings: ProducerSettings,
-    phase: Phase,
+    durable: bool,
+    chunking: Option<(usize, Arc<dyn Codec<M>>)>,
+    phase: Phase<M>,
     failure: Option<ProducerError>,
     /// The producer holds an unused RequestNext.
     requested: bool,
@@ -93,42 +149,102 @@ pub struct ProducerController<M, T> {
     first_seq_nr: SeqNr,
     support_resend: bool,
     unconfirmed: VecDeque<SequencedMessage<M>>,
+    /// Chunks of the current message not sent yet; the head is next.
+    remaining_chunks: VecDeque<SequencedMessage<M>>,
+    /// The chunk being stored, and the attempt.
+    store_in_progress: Option<(SeqNr, u32)>,
     awaiting_confirmation: VecDeque<(SeqNr, T)>,
     /// Periodic ResendFirst timer; `None` when cancelled.
     resend_first_at: Option<Instant>,
     transmits: VecDeque<SequencedMessage<M>>,
     events: VecDeque<ProducerEvent<T>>,
+    store_requests: VecDeque<StoreRequest<M>>,
 }
 
-impl<M: Clone, T> ProducerController<M, T> {
-    /// A fresh controller for `producer_id`; `incarnation` must differ from any earlier
+impl<M: std::fmt::Debug, T> std::fmt::Debug for ProducerController<M, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProducerController")
+            .field("producer", &self.me)
+            .field("current_seq_nr", &self.current_seq_nr)
+            .field("confirmed_seq_nr", &self.confirmed_seq_nr)
+            .field("requested_seq_nr", &self.requested_seq_nr)
+            .field("unconfirmed", &self.unconfirmed.len())
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: Clone + 'static, T> ProducerController<M, T> {
+    /// A controller without a durable queue; `incarnation` must differ from any earlier
     /// controller with the same id that a consumer may still remember.
     pub fn new(producer_id: ProducerId, incarnation: u64, settings: ProducerSettings) -> Self {
+        Self::build(
+            producer_id,
+            incarnation,
+            settings,
+            Some(DurableState::default()),
+        )
+    }
+
+    /// A controller with a durable queue: it first asks for the stored state
+    /// ([`StoreRequest::LoadState`]) and resumes from it.
+    pub fn with_durable_queue(
+        producer_id: ProducerId,
+        incarnation: u64,
+        settings: ProducerSettings,
+    ) -> Self {
+        let mut controller = Self::build(producer_id, incarnation, settings, None);
+        controller.durable = true;
+        controller
+            .store_requests
+            .push_back(StoreRequest::LoadState { attempt: 1 });
+        controller
+    }
+
+    fn build(
+        producer_id: ProducerId,
+        incarnation: u64,
+        settings: ProducerSettings,
+        state: Option<DurableState<M>>,
+    ) -> Self {
         ProducerController {
             me: ProducerRef {
                 id: producer_id,
                 incarnation,
             },
             settings,
+            durable: false,
+            chunking: None,
             phase: Phase::Initializing {
                 has_producer: false,
                 has_consumer: false,
+                state,
             },
             failure: None,
             requested: false,
             current_seq_nr: SeqNr(1),
             confirmed_seq_nr: SeqNr::ZERO,
-            // pekko's fix (#2762): the first allowed message is the current one, so a fresh
-            // controller pushes seq nr 1 before any Request.
             requested_seq_nr: SeqNr(1),
             first_seq_nr: SeqNr(1),
             support_resend: true,
             unconfirmed: VecDeque::new(),
+            remaining_chunks: VecDeque::new(),
+            store_in_progress: None,
             awaiting_confirmation: VecDeque::new(),
             resend_first_at: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            store_requests: VecDeque::new(),
         }
+    }
+
+    /// Turns on chunking (when `chunk_large_messages` is set) with `codec` to serialize messages.
+    pub fn with_codec(mut self, codec: Arc<dyn Codec<M>>) -> Self {
+        self.chunking = self
+            .settings
+            .chunk_large_messages
+            .map(|size| (size.max(1) as usize, codec));
+        self
     }
 
     /// This controller's identity, carried in every message it sends.
@@ -136,14 +252,18 @@ impl<M: Clone, T> ProducerController<M, T> {
         &self.me
     }
 
-    /// True once both the producer and a consumer are known.
+    /// True once the producer, a consumer and the state are all there.
     pub fn is_active(&self) -> bool {
-        self.phase == Phase::Active
+        matches!(self.phase, Phase::Active)
     }
 
     /// The producer holds an unused `RequestNext`: it may send one message now.
     pub fn has_demand(&self) -> bool {
-        self.failure.is_none() && self.requested && self.current_seq_nr <= self.requested_seq_nr
+        self.failure.is_none()
+            && self.requested
+            && self.remaining_chunks.is_empty()
+            && self.store_in_progress.is_none()
+            && self.current_seq_nr <= self.requested_seq_nr
     }
 
     /// Sequence number the next message will get.
@@ -161,23 +281,35 @@ impl<M: Clone, T> ProducerController<M, T> {
         self.unconfirmed.len()
     }
 
-    /// The protocol violation that ended this controller, if any.
+    /// Messages sent with confirmation whose confirmation is still to come.
+    pub fn awaiting_confirmation_len(&self) -> usize {
+        self.awaiting_confirmation.len()
+    }
+
+    /// Gives back buffer memory kept from busier times (for controllers that sit idle).
+    pub fn shrink_buffers(&mut self) {
+        self.unconfirmed.shrink_to_fit();
+        self.remaining_chunks.shrink_to_fit();
+        self.awaiting_confirmation.shrink_to_fit();
+        self.transmits.shrink_to_fit();
+        self.events.shrink_to_fit();
+        self.store_requests.shrink_to_fit();
+    }
+
+    /// Why the controller stopped, if it did.
     pub fn failure(&self) -> Option<&ProducerError> {
         self.failure.as_ref()
     }
 
     /// The producer (re)registered (Akka's `Start`): a pending demand is offered to it again.
-    pub fn start(&mut self) {
-        match self.phase {
-            Phase::Initializing { has_consumer, .. } => {
-                self.phase = Phase::Initializing {
-                    has_producer: true,
-                    has_consumer,
-                };
-                self.activate_when_ready();
+    pub fn start(&mut self, now: Instant) {
+        match &mut self.phase {
+            Phase::Initializing { has_producer, .. } => {
+                *has_producer = true;
+                self.activate_when_ready(now);
             }
             Phase::Active => {
-                if self.requested {
+                if self.requested && self.remaining_chunks.is_empty() {
                     self.request_next(self.confirmed_seq_nr);
                 }
             }
@@ -188,13 +320,10 @@ impl<M: Clone, T> ProducerController<M, T> {
     /// session: the first unconfirmed message is re-sent marked `first` until confirmed, then
     /// the rest follow.
     pub fn register_consumer(&mut self, now: Instant) {
-        match self.phase {
-            Phase::Initializing { has_producer, .. } => {
-                self.phase = Phase::Initializing {
-                    has_producer,
-                    has_consumer: true,
-                };
-                self.activate_when_ready();
+        match &mut self.phase {
+            Phase::Initializing { has_consumer, .. } => {
+                *has_consumer = true;
+                self.activate_when_ready(now);
             }
             Phase::Active => {
                 self.first_seq_nr = self
@@ -211,18 +340,18 @@ impl<M: Clone, T> ProducerController<M, T> {
 
     /// Sends `message` using the producer's pending demand (Akka's `Msg`).
     pub fn send(&mut self, message: M, now: Instant) -> Result<SeqNr, ProducerError> {
-        self.send_inner(message, None, now)
+        self.receive_message(message, None, now)
     }
 
-    /// Sends `message` and emits [`ProducerEvent::Confirmed`] with `token` once the consumer
-    /// confirmed it (Akka's `MessageWithConfirmation`).
+    /// Sends `message` and emits [`ProducerEvent::Confirmed`] with `token` once it is confirmed
+    /// (Akka's `MessageWithConfirmation`). Returns the sequence number the reply will carry.
     pub fn send_with_confirmation(
         &mut self,
         message: M,
         token: T,
         now: Instant,
     ) -> Result<SeqNr, ProducerError> {
-        self.send_inner(message, Some(token), now)
+        self.receive_message(message, Some(token), now)
     }
 
     /// A frame from the consumer side of the link.
@@ -231,14 +360,12 @@ impl<M: Clone, T> ProducerController<M, T> {
         frame: ConsumerFrame,
         now: Instant,
     ) -> Result<(), ProducerError> {
-        if let Some(failure) = &self.failure {
-            return Err(failure.clone());
-        }
+        self.check_running()?;
         if let ConsumerFrame::RegisterConsumer = frame {
             self.register_consumer(now);
             return Ok(());
         }
-        if self.phase != Phase::Active {
+        if !self.is_active() {
             // Akka drops these while initializing; the consumer retries.
             return Ok(());
         }
@@ -248,7 +375,7 @@ impl<M: Clone, T> ProducerController<M, T> {
                 request_up_to,
                 support_resend,
                 via_timeout,
-            } => self.receive_request(confirmed, request_up_to, support_resend, via_timeout),
+            } => self.receive_request(confirmed, request_up_to, support_resend, via_timeout, now),
             ConsumerFrame::Ack { confirmed } => {
                 self.receive_ack(confirmed);
                 Ok(())
@@ -267,6 +394,88 @@ impl<M: Clone, T> ProducerController<M, T> {
         if let Some(head) = self.unconfirmed.front() {
             self.transmits.push_back(head.clone());
         }
+    }
+
+    /// The durable queue's state arrived.
+    pub fn handle_state_loaded(&mut self, state: DurableState<M>, now: Instant) {
+        if let Phase::Initializing {
+            state: slot @ None, ..
+        } = &mut self.phase
+        {
+            *slot = Some(state);
+            self.activate_when_ready(now);
+        }
+    }
+
+    /// Loading the durable state failed or timed out on `attempt`.
+    pub fn handle_load_failed(&mut self, attempt: u32) {
+        if self.failure.is_some() {
+            return;
+        }
+        if attempt >= self.settings.durable_queue.retry_attempts {
+            self.fail(ProducerError::LoadFailed { attempts: attempt });
+        } else {
+            self.store_requests.push_back(StoreRequest::LoadState {
+                attempt: attempt + 1,
+            });
+        }
+    }
+
+    /// The durable queue stored the message `seq_nr`: reply to an asker, send it, and store
+    /// the next chunk if there is one.
+    pub fn handle_message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
+        if self.failure.is_some() || self.store_in_progress.map(|(s, _)| s) != Some(seq_nr) {
+            // A late answer to an earlier attempt.
+            return;
+        }
+        if let Some(position) = self
+            .awaiting_confirmation
+            .iter()
+            .position(|(s, _)| *s == seq_nr)
+            && let Some((seq_nr, token)) = self.awaiting_confirmation.remove(position)
+        {
+            // With a durable queue the reply comes after storage, not after the consumer.
+            self.events
+                .push_back(ProducerEvent::Confirmed { seq_nr, token });
+        }
+        if let Some(head) = self.remaining_chunks.pop_front() {
+            self.on_msg(head, now);
+        }
+        self.store_next_chunk();
+    }
+
+    /// Storing the message `seq_nr` failed or timed out on `attempt`: retry, or fail after
+    /// `retry_attempts`.
+    pub fn handle_store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
+        if self.failure.is_some() || self.store_in_progress != Some((seq_nr, attempt)) {
+            return;
+        }
+        if attempt >= self.settings.durable_queue.retry_attempts {
+            self.fail(ProducerError::StoreFailed {
+                seq_nr,
+                attempts: attempt,
+            });
+            return;
+        }
+        let head_is_first = self
+            .remaining_chunks
+            .front()
+            .is_some_and(|m| m.payload.is_first_chunk());
+        if !head_is_first {
+            // A restarted durable queue drops partly stored chunked messages: store the whole
+            // message again, from its first chunk (already sent chunks come back from
+            // `unconfirmed`).
+            while let Some(sent) = self.unconfirmed.pop_back() {
+                let first = sent.payload.is_first_chunk();
+                self.current_seq_nr = sent.seq_nr;
+                self.remaining_chunks.push_front(sent);
+                if first {
+                    break;
+                }
+            }
+        }
+        self.store_in_progress = None;
+        self.store_head(attempt + 1);
     }
 
     /// Fires the timers that are due at `now`.
@@ -291,24 +500,69 @@ impl<M: Clone, T> ProducerController<M, T> {
         self.events.pop_front()
     }
 
+    /// The next request for the durable queue.
+    pub fn poll_store(&mut self) -> Option<StoreRequest<M>> {
+        self.store_requests.pop_front()
+    }
+
     /// When [`Self::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.resend_first_at
     }
 
-    fn activate_when_ready(&mut self) {
-        if let Phase::Initializing {
+    fn check_running(&self) -> Result<(), ProducerError> {
+        match &self.failure {
+            Some(failure) => Err(failure.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&mut self, error: ProducerError) -> ProducerError {
+        self.failure = Some(error.clone());
+        self.resend_first_at = None;
+        error
+    }
+
+    fn activate_when_ready(&mut self, now: Instant) {
+        let Phase::Initializing {
             has_producer: true,
             has_consumer: true,
-        } = self.phase
-        {
-            self.phase = Phase::Active;
-            if self.unconfirmed.is_empty() {
-                self.request_next(self.confirmed_seq_nr);
-            } else {
-                self.requested = false;
-                self.resend_first();
-            }
+            state: Some(_),
+        } = &self.phase
+        else {
+            return;
+        };
+        let Phase::Initializing {
+            state: Some(state), ..
+        } = std::mem::replace(&mut self.phase, Phase::Active)
+        else {
+            return;
+        };
+        self.current_seq_nr = state.current_seq_nr;
+        self.confirmed_seq_nr = state.highest_confirmed_seq_nr;
+        self.first_seq_nr = state.highest_confirmed_seq_nr.next();
+        // pekko's fix (#2762): the window starts at the current sequence number, not at 1.
+        self.requested_seq_nr = state.current_seq_nr;
+        self.unconfirmed = state
+            .unconfirmed
+            .into_iter()
+            .enumerate()
+            .map(|(i, sent)| SequencedMessage {
+                producer: self.me.clone(),
+                seq_nr: sent.seq_nr,
+                payload: sent.payload,
+                first: i == 0,
+                ack: sent.ack,
+            })
+            .collect();
+        if self.unconfirmed.is_empty() {
+            self.request_next(self.confirmed_seq_nr);
+        } else {
+            self.requested = false;
+            // Unlike Akka (reference §8.9), keep resending until confirmed: the one immediate
+            // resend may be lost.
+            self.arm_resend_first(now);
+            self.resend_first();
         }
     }
 
@@ -320,39 +574,120 @@ impl<M: Clone, T> ProducerController<M, T> {
         });
     }
 
-    fn fail(&mut self, error: ProducerError) -> ProducerError {
-        self.failure = Some(error.clone());
-        self.resend_first_at = None;
-        error
-    }
-
-    fn send_inner(
+    fn receive_message(
         &mut self,
         message: M,
         token: Option<T>,
         now: Instant,
     ) -> Result<SeqNr, ProducerError> {
-        if let Some(failure) = &self.failure {
-            return Err(failure.clone());
-        }
-        let seq_nr = self.current_seq_nr;
-        if self.phase != Phase::Active || !self.requested || seq_nr > self.requested_seq_nr {
+        self.check_running()?;
+        if !self.is_active() || !self.has_demand() {
             return Err(self.fail(ProducerError::NoDemand {
-                current: seq_nr,
+                current: self.current_seq_nr,
                 requested_up_to: self.requested_seq_nr,
             }));
         }
-        let ack = token.is_some();
-        if let Some(token) = token {
-            self.awaiting_confirmation.push_back((seq_nr, token));
-        }
-        let sequenced = SequencedMessage {
-            producer: self.me.clone(),
-            seq_nr,
-            message,
-            first: seq_nr == self.first_seq_nr,
-            ack,
+        let chunks = match self.chunk(message, token.is_some()) {
+            Ok(chunks) => chunks,
+            Err(error) => return Err(self.fail(error)),
         };
+        let last_seq_nr = chunks.back().map_or(self.current_seq_nr, |m| m.seq_nr);
+        if let Some(token) = token {
+            self.awaiting_confirmation.push_back((last_seq_nr, token));
+        }
+        self.remaining_chunks = chunks;
+        if self.durable {
+            self.store_next_chunk();
+        } else {
+            self.send_chunks(now);
+        }
+        Ok(last_seq_nr)
+    }
+
+    /// The message as one or more sequenced messages on consecutive sequence numbers.
+    fn chunk(&self, message: M, ack: bool) -> Result<VecDeque<SequencedMessage<M>>, ProducerError> {
+        let sequenced = |offset: u64, payload: Payload<M>, last: bool| {
+            let seq_nr = self.current_seq_nr.plus(offset);
+            SequencedMessage {
+                producer: self.me.clone(),
+                seq_nr,
+                payload,
+                first: seq_nr == self.first_seq_nr,
+                ack: ack && last,
+            }
+        };
+        let Some((size, codec)) = &self.chunking else {
+            return Ok(VecDeque::from([sequenced(
+                0,
+                Payload::Message(message),
+                true,
+            )]));
+        };
+        let bytes = Bytes::from(codec.encode(&message)?);
+        // A message that serializes to nothing still travels, as one empty chunk.
+        let pieces = bytes.len().div_ceil(*size).max(1);
+        Ok((0..pieces)
+            .map(|i| {
+                let start = (i * size).min(bytes.len());
+                let end = ((i + 1) * size).min(bytes.len());
+                let last = i + 1 == pieces;
+                let chunk = Chunk {
+                    bytes: bytes.slice(start..end),
+                    first_chunk: i == 0,
+                    last_chunk: last,
+                };
+                sequenced(i as u64, Payload::Chunk(chunk), last)
+            })
+            .collect())
+    }
+
+    /// Sends chunks while the consumer's window allows (no durable queue).
+    fn send_chunks(&mut self, now: Instant) {
+        while self
+            .remaining_chunks
+            .front()
+            .is_some_and(|m| m.seq_nr <= self.requested_seq_nr)
+        {
+            if let Some(chunk) = self.remaining_chunks.pop_front() {
+                self.on_msg(chunk, now);
+            }
+        }
+    }
+
+    /// Stores the next chunk if the window allows and no store is under way (durable queue).
+    fn store_next_chunk(&mut self) {
+        if self.store_in_progress.is_none()
+            && self
+                .remaining_chunks
+                .front()
+                .is_some_and(|m| m.seq_nr <= self.requested_seq_nr)
+        {
+            self.store_head(1);
+        }
+    }
+
+    fn store_head(&mut self, attempt: u32) {
+        let Some(head) = self.remaining_chunks.front() else {
+            return;
+        };
+        self.store_in_progress = Some((head.seq_nr, attempt));
+        self.store_requests
+            .push_back(StoreRequest::StoreMessageSent {
+                sent: MessageSent {
+                    seq_nr: head.seq_nr,
+                    payload: head.payload.clone(),
+                    ack: head.ack,
+                    qualifier: NO_QUALIFIER.to_owned(),
+                    timestamp_millis: 0,
+                },
+                attempt,
+            });
+    }
+
+    /// Sends one message or chunk to the consumer (Akka's `onMsg`).
+    fn on_msg(&mut self, sequenced: SequencedMessage<M>, now: Instant) {
+        let seq_nr = sequenced.seq_nr;
+        let last_chunk = sequenced.payload.is_last_chunk();
         if self.support_resend {
             self.unconfirmed.push_back(sequenced.clone());
         }
@@ -360,14 +695,17 @@ impl<M: Clone, T> ProducerController<M, T> {
             self.arm_resend_first(now);
         }
         self.transmits.push_back(sequenced);
+        self.store_in_progress = None;
         self.current_seq_nr = seq_nr.next();
         if seq_nr == self.requested_seq_nr {
-            // Window exhausted: wait for the consumer's next Request.
-            self.requested = false;
-        } else {
+            // Window used up: wait for the consumer's next Request (keep the producer's demand
+            // until the message's last chunk is out).
+            self.requested = !self.remaining_chunks.is_empty();
+        } else if last_chunk {
             self.request_next(self.confirmed_seq_nr);
+        } else {
+            self.requested = true;
         }
-        Ok(seq_nr)
     }
 
     fn on_ack(&mut self, confirmed: SeqNr) {
@@ -396,7 +734,16 @@ impl<M: Clone, T> ProducerController<M, T> {
             self.resend_first_at = None;
         }
         // The max, not the latest: Acks and Requests may arrive reordered (Akka.NET bug §8.4).
-        self.confirmed_seq_nr = self.confirmed_seq_nr.max(confirmed);
+        let new_max = self.confirmed_seq_nr.max(confirmed);
+        if self.durable && new_max != self.confirmed_seq_nr {
+            // Write-behind: a lost one only causes redelivery after a restart.
+            self.store_requests
+                .push_back(StoreRequest::StoreMessageConfirmed {
+                    seq_nr: new_max,
+                    qualifier: NO_QUALIFIER.to_owned(),
+                });
+        }
+        self.confirmed_seq_nr = new_max;
     }
 
     fn receive_request(
@@ -405,6 +752,7 @@ impl<M: Clone, T> ProducerController<M, T> {
         request_up_to: SeqNr,
         support_resend: bool,
         via_timeout: bool,
+        now: Instant,
     ) -> Result<(), ProducerError> {
         if confirmed > request_up_to {
             return Err(self.fail(ProducerError::InconsistentRequest {
@@ -429,10 +777,18 @@ impl<M: Clone, T> ProducerController<M, T> {
             request_up_to
         };
         if new_requested > self.requested_seq_nr {
-            if !self.requested && new_requested > self.current_seq_nr {
+            self.requested_seq_nr = new_requested;
+            if self.store_in_progress.is_some() {
+                // The stored chunk goes out when the store answers.
+            } else if !self.remaining_chunks.is_empty() {
+                if self.durable {
+                    self.store_next_chunk();
+                } else {
+                    self.send_chunks(now);
+                }
+            } else if !self.requested && new_requested > self.current_seq_nr {
                 self.request_next(confirmed);
             }
-            self.requested_seq_nr = new_requested;
         }
         self.support_resend = support_resend;
         Ok(())
@@ -465,7 +821,7 @@ impl<M: Clone, T> ProducerController<M, T> {
     }
 
     fn arm_resend_first(&mut self, now: Instant) {
-        self.resend_first_at = Some(now + self.settings.resend_first_interval);
+        self.resend_first_at = Some(now + self.settings.durable_queue.resend_first_interval);
     }
 
     fn resend_first(&mut self) {
@@ -483,285 +839,4 @@ impl<M: Clone, T> ProducerController<M, T> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::testkit::request;
-
-    type Pc = ProducerController<&'static str, u32>;
-
-    fn active_controller(now: Instant) -> Pc {
-        let mut pc = Pc::new(ProducerId::new("p"), 1, ProducerSettings::default());
-        pc.start();
-        pc.register_consumer(now);
-        pc
-    }
-
-    fn transmitted(pc: &mut Pc) -> Vec<(u64, bool)> {
-        std::iter::from_fn(|| pc.poll_transmit())
-            .map(|m| (m.seq_nr.0, m.first))
-            .collect()
-    }
-
-    fn events(pc: &mut Pc) -> Vec<ProducerEvent<u32>> {
-        std::iter::from_fn(|| pc.poll_event()).collect()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn requests_the_first_message_once_producer_and_consumer_are_known() {
-        let now = Instant::now();
-        let mut pc = Pc::new(ProducerId::new("p"), 1, ProducerSettings::default());
-        pc.start();
-        assert!(events(&mut pc).is_empty());
-        pc.register_consumer(now);
-        assert_eq!(
-            events(&mut pc),
-            vec![ProducerEvent::RequestNext {
-                current_seq_nr: SeqNr(1),
-                confirmed_seq_nr: SeqNr(0)
-            }]
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn pushes_the_first_message_before_any_request_then_waits_for_demand() {
-        let now = Instant::now();
-        let mut pc = active_controller(now);
-        events(&mut pc);
-        assert_eq!(pc.send("a", now), Ok(SeqNr(1)));
-        assert_eq!(transmitted(&mut pc), vec![(1, true)]);
-        // Window of one exhausted: no RequestNext until the consumer's Request.
-        assert!(events(&mut pc).is_empty());
-        assert!(!pc.has_demand());
-        pc.handle_frame(request(0, 3), now).unwrap();
-        assert_eq!(
-            events(&mut pc),
-            vec![ProducerEvent::RequestNext {
-                current_seq_nr: SeqNr(2),
-                confirmed_seq_nr: SeqNr(0)
-            }]
-        );
-    }
-
-    // PC-01
-    #[tokio::test(start_paused = true)]
-    async fn resends_the_first_message_every_interval_until_it_is_confirmed() {
-        let start = Instant::now();
-        let mut pc = active_controller(start);
-        pc.send("a", start).unwrap();
-        transmitted(&mut pc);
-        assert_eq!(pc.poll_timeout(), Some(start + Duration::from_secs(1)));
-
-        tokio::time::advance(Duration::from_secs(1)).await;
-        pc.handle_timeout(Instant::now());
-        assert_eq!(transmitted(&mut pc), vec![(1, true)]);
-        assert_eq!(pc.poll_timeout(), Some(start + Duration::from_secs(2)));
-
-        pc.handle_frame(request(1, 10), Instant::now()).unwrap();
-        assert_eq!(pc.poll_timeout(), None);
-        tokio::time::advance(Duration::from_millis(1100)).await;
-        pc.handle_timeout(Instant::now());
-        assert!(transmitted(&mut pc).is_empty());
-    }
-
-    // PC-02
-    #[tokio::test(start_paused = true)]
-    async fn resends_from_the_requested_seq_nr_on_resend() {
-        let now = Instant::now();
-        let mut pc = active_controller(now);
-        pc.send("1", now).unwrap();
-        pc.handle_frame(request(0, 10), now).unwrap();
-        for m in ["2", "3", "4"] {
-            pc.send(m, now).unwrap();
-        }
-        transmitted(&mut pc);
-        pc.handle_frame(ConsumerFrame::Resend { from: SeqNr(3) }, now)
-            .unwrap();
-        assert_eq!(transmitted(&mut pc), vec![(3, false), (4, false)]);
-        assert_eq!(pc.send("5", now), Ok(SeqNr(5)));
-    }
-
-    // PC-03
-    #[tokio::test(start_paused = true)]
-    async fn resends_the_lost_tail_on_a_request_via_timeout() {
-        let now = Instant::now();
-        let mut pc = active_controller(now);
-        pc.send("1", now).unwrap();
-        pc.handle_frame(request(1, 10), now).unwrap();
-        for m in ["2", "3", "4"] {
-            pc.send(m, now).unwrap();
-        }
-        transmitted(&mut pc);
-        let via_timeout = ConsumerFrame::Request {
-            confirmed: SeqNr(2),
-            request_up_to: SeqNr(10),
-            support_resend: true,
-            via_timeout: true,
-        };
-        pc.handle_frame(via_timeout, now).unwrap();
-        assert_eq!(transmitted(&mut pc), vec![(3, false), (4, false)]);
-    }
-
-    // PC-05
-    #[tokio::test(start_paused = true)]
-    async fn confirms_in_order_including_messages_whose_ack_was_lost() {
-        let now = Instant::now();
-        let mut pc = active_controller(now);
-        events(&mut pc);
-        pc.send_with_confirmation("1", 10, now).unwrap();
-        pc.handle_frame(request(1, 10), now).unwrap();
-        assert!(events(&mut pc).contains(&ProducerEvent::Confirmed {
-            seq_nr: SeqNr(1),
-            token: 10
-        }));
-        for (m, t) in [("2", 20), ("3", 30), ("4", 40)] {
-            pc.send_with_confirmation(m, t, now).unwrap();
-        }
-        events(&mut pc);
-        // Ack(3) is lost; Ack(4) confirms 2, 3 and 4 in order.
-        pc.handle_frame(
-            ConsumerFrame::Ack {
-                confirmed: SeqNr(4),
-            },
-            now,
-        )
-        .unwrap();
-        let tokens: Vec<u32> = events(&mut pc)
-            .into_iter()
-            .filter_map(|e| match e {
-                ProducerEvent::Confirmed { token, .. } => Some(token),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(tokens, vec![20, 30, 40]);
-        assert_eq!(pc.unconfirmed_len(), 0);
-    }
-
-    // PC-06
-    #[tokio::test(start_paused = true)]
-    async fn a_restarted_producer_takes_over_the_pending_demand() {
-        let now = Instant::now();
-        let mut pc = active_controller(now);
-        pc.send("1", now).unwrap();
-        pc.handle_frame(request(1, 10), now).unwrap();
-        pc.send("2", now).unwrap();
-        events(&mut pc);
-        pc.start();
-        assert_eq!(
-            events(&mut pc),
-            vec![ProducerEvent::RequestNext {
-                current_seq_nr: SeqNr(3),
-                confirmed_seq_nr: SeqNr(1)
-            }]
-        );
-        assert_eq!(pc.send("3", now), Ok(SeqNr(3)));
-    }
-
-    // PC-04
-    #[tokio::test(start_paused = true)]
-    async fn a_new_consumer_gets_the_first_unconfirmed_marked_first_then_the_rest() {
-        let now = Instant::now();
-        let mut pc = active_controller(now);
-        pc.send("1", now).unwrap();
-        pc.handle_frame(request(1, 10), now).unwrap();
-        pc.send("2", now).unwrap();
-        pc.send("3", now).unwrap();
-        transmitted(&mut pc);
-
-        pc.register_consumer(now);
-        assert_eq!(transmitted(&mut pc), vec![(2, true)]);
-        tokio::time::advance(Duration::from_secs(1)).await;
-        pc.handle_timeout(Instant::now());
-        assert_eq!(transmitted(&mut pc), vec![(2, true)]);
-
-        pc.handle_frame(request(2, 10), Instant::now()).unwrap();
-        assert_eq!(transmitted(&mut pc), vec![(3, false)]);
-        assert_eq!(pc.send("4", Instant::now()), Ok(SeqNr(4)));
-    }
-
-    // PC-08
-    #[tokio::test(start_paused = true)]
-    async fn without_resend_support_nothing_is_buffered_or_resent() {
-        let now = Instant::now();
-        let mut pc = active_controller(now);
-        pc.send("1", now).unwrap();
-        let no_resend = |confirmed, up_to, via_timeout| ConsumerFrame::Request {
-            confirmed: SeqNr(confirmed),
-            request_up_to: SeqNr(up_to),
-            support_resend: false,
-            via_timeout,
-        };
-        pc.handle_frame(no_resend(1, 10, false), now).unwrap();
-        for m in ["2", "3", "4"] {
-            pc.send(m, now).unwrap();
-        }
-        transmitted(&mut pc);
-        pc.handle_frame(no_resend(2, 10, true), now).unwrap();
-        assert!(transmitted(&mut pc).is_empty());
-        assert_eq!(pc.unconfirmed_len(), 0);
-        assert_eq!(pc.send("5", now), Ok(SeqNr(5)));
-    }
-
-    // D-01
-    #[tokio::test(start_paused = true)]
-    async fn sending_without_demand_fails_the_controller() {
-        let now = Instant::now();
-        let mut pc = active_controller(now);
-        pc.send("1", now).unwrap();
-        let err = pc.send("2", now).unwrap_err();
-        assert_eq!(
-            err,
-            ProducerError::NoDemand {
-                current: SeqNr(2),
-                requested_up_to: SeqNr(1)
-            }
-        );
-        assert_eq!(pc.failure(), Some(&err));
-        assert_eq!(pc.handle_frame(request(1, 5), now), Err(err));
-    }
-
-    // D-02
-    #[tokio::test(start_paused = true)]
-    async fn an_inconsistent_request_fails_the_controller() {
-        let now = Instant::now();
-        let mut pc = active_controller(now);
-        pc.send("1", now).unwrap();
-        let err = pc.handle_frame(request(5, 3), now).unwrap_err();
-        assert!(matches!(err, ProducerError::InconsistentRequest { .. }));
-        assert!(pc.failure().is_some());
-        assert_eq!(pc.poll_timeout(), None);
-    }
-
-    // D-07
-    #[tokio::test(start_paused = true)]
-    async fn resend_from_zero_resends_everything_with_the_head_marked_first() {
-        let now = Instant::now();
-        let mut pc = active_controller(now);
-        pc.send("1", now).unwrap();
-        pc.handle_frame(request(1, 10), now).unwrap();
-        pc.send("2", now).unwrap();
-        pc.send("3", now).unwrap();
-        transmitted(&mut pc);
-        pc.handle_frame(ConsumerFrame::Resend { from: SeqNr(0) }, now)
-            .unwrap();
-        assert_eq!(transmitted(&mut pc), vec![(2, true), (3, false)]);
-    }
-
-    // D-09
-    #[tokio::test(start_paused = true)]
-    async fn an_ack_of_the_first_message_stops_resending_it() {
-        let now = Instant::now();
-        let mut pc = active_controller(now);
-        pc.send_with_confirmation("1", 1, now).unwrap();
-        assert!(pc.poll_timeout().is_some());
-        pc.handle_frame(
-            ConsumerFrame::Ack {
-                confirmed: SeqNr(1),
-            },
-            now,
-        )
-        .unwrap();
-        assert_eq!(pc.poll_timeout(), None);
-    }
-}
+mod tests;

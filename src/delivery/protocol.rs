@@ -5,6 +5,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 /// Position of a message in one producer's stream; the first message is 1 and 0 means "none".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SeqNr(pub u64);
@@ -74,6 +76,45 @@ pub struct ProducerRef {
     pub incarnation: u64,
 }
 
+/// One piece of a message too large to send whole; the pieces of a message occupy consecutive
+/// sequence numbers and the consumer reassembles them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// This piece of the serialized message.
+    pub bytes: Bytes,
+    /// The message's first piece.
+    pub first_chunk: bool,
+    /// The message's last piece.
+    pub last_chunk: bool,
+}
+
+/// What a sequence number carries: a whole message, or one chunk of a serialized one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Payload<M> {
+    /// The application message itself.
+    Message(M),
+    /// A piece of it (chunking is on).
+    Chunk(Chunk),
+}
+
+impl<M> Payload<M> {
+    /// A whole message counts as both first and last chunk.
+    pub fn is_first_chunk(&self) -> bool {
+        match self {
+            Payload::Message(_) => true,
+            Payload::Chunk(chunk) => chunk.first_chunk,
+        }
+    }
+
+    /// A whole message counts as both first and last chunk.
+    pub fn is_last_chunk(&self) -> bool {
+        match self {
+            Payload::Message(_) => true,
+            Payload::Chunk(chunk) => chunk.last_chunk,
+        }
+    }
+}
+
 /// A message on its way from a ProducerController to a ConsumerController.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SequencedMessage<M> {
@@ -81,11 +122,11 @@ pub struct SequencedMessage<M> {
     pub producer: ProducerRef,
     /// Its position in the producer's stream.
     pub seq_nr: SeqNr,
-    /// The application message.
-    pub message: M,
+    /// The application message, or a chunk of it.
+    pub payload: Payload<M>,
     /// Starts a new session: accept it whatever was received before.
     pub first: bool,
-    /// The producer wants an `Ack` once the consumer confirmed it.
+    /// The producer wants an `Ack` once the consumer confirmed it (on the last chunk only).
     pub ack: bool,
 }
 

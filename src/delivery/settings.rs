@@ -46,18 +46,45 @@ impl Default for ShardingProducerSettings {
 }
 
 /// ProducerController settings.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProducerSettings {
-    /// Period of the timer that re-sends the first message of a session until it is confirmed.
-    #[serde(with = "humantime_serde")]
-    pub resend_first_interval: Duration,
+    /// Split messages larger than this many bytes into chunks, each on its own sequence number
+    /// (point-to-point only; unset means off). Needs a codec.
+    pub chunk_large_messages: Option<u32>,
+    /// `[delivery.producer_controller.durable_queue]`.
+    pub durable_queue: DurableQueueSettings,
 }
 
-impl Default for ProducerSettings {
+/// The durable producer queue: how the controller talks to it, and how stores keep it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DurableQueueSettings {
+    /// Time limit of one `LoadState` or `StoreMessageSent`; it is retried after.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Attempts before the controller gives up and fails.
+    pub retry_attempts: u32,
+    /// Period of the timer that re-sends the first message of a session until it is confirmed
+    /// (it applies without a durable queue too; Akka keeps the key here).
+    #[serde(with = "humantime_serde")]
+    pub resend_first_interval: Duration,
+    /// Confirmation records of qualifiers unused this long, with nothing unconfirmed, are
+    /// removed (checked every half of it).
+    #[serde(with = "humantime_serde")]
+    pub cleanup_unused_after: Duration,
+    /// On-disk stores compact their file after this many writes (0: never).
+    pub compact_every: u64,
+}
+
+impl Default for DurableQueueSettings {
     fn default() -> Self {
-        ProducerSettings {
+        DurableQueueSettings {
+            request_timeout: Duration::from_secs(3),
+            retry_attempts: 10,
             resend_first_interval: Duration::from_secs(1),
+            cleanup_unused_after: Duration::from_secs(3600),
+            compact_every: 1000,
         }
     }
 }
@@ -93,38 +120,25 @@ impl DeliverySettings {
     /// Rejects values the protocol cannot run with, naming the offending key.
     pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
         let p = &self.producer_controller;
+        let dq = &p.durable_queue;
         let c = &self.consumer_controller;
-        check(
-            !p.resend_first_interval.is_zero(),
-            prefix,
-            "producer_controller.resend_first_interval",
-            "must be greater than zero",
-        )?;
-        // With a window of 1 or 2 the half-window Request never fires after the first message
-        // (Akka's arithmetic), so delivery would stall.
-        check(
-            c.flow_control_window >= 3,
-            prefix,
-            "consumer_controller.flow_control_window",
-            "must be at least 3",
-        )?;
-        check(
-            !c.resend_interval_min.is_zero(),
-            prefix,
-            "consumer_controller.resend_interval_min",
-            "must be greater than zero",
-        )?;
-        check(
-            c.resend_interval_max >= c.resend_interval_min,
-            prefix,
-            "consumer_controller.resend_interval_max",
-            "must not be smaller than resend_interval_min",
-        )?;
         let sp = &self.sharding_producer_controller;
         for (key, value) in [
             (
-                "producer_controller.resend_first_interval",
-                p.resend_first_interval,
+                "producer_controller.durable_queue.resend_first_interval",
+                dq.resend_first_interval,
+            ),
+            (
+                "producer_controller.durable_queue.request_timeout",
+                dq.request_timeout,
+            ),
+            (
+                "producer_controller.durable_queue.cleanup_unused_after",
+                dq.cleanup_unused_after,
+            ),
+            (
+                "consumer_controller.resend_interval_min",
+                c.resend_interval_min,
             ),
             (
                 "consumer_controller.resend_interval_max",
@@ -139,15 +153,38 @@ impl DeliverySettings {
                 sp.resend_first_unconfirmed_idle_timeout,
             ),
         ] {
-            check(value <= MAX_INTERVAL, prefix, key, "must be at most 1h")?;
+            check(
+                value >= Duration::from_millis(2) && value <= MAX_INTERVAL,
+                prefix,
+                key,
+                "must be between 2ms and 1h",
+            )?;
         }
         check(
-            sp.cleanup_unused_after >= Duration::from_millis(2)
-                && sp.resend_first_unconfirmed_idle_timeout >= Duration::from_millis(2),
+            dq.retry_attempts >= 1,
             prefix,
-            "sharding_producer_controller",
-            "timeouts must be at least 2ms",
+            "producer_controller.durable_queue.retry_attempts",
+            "must be at least 1",
         )?;
-        Ok(())
+        check(
+            p.chunk_large_messages != Some(0),
+            prefix,
+            "producer_controller.chunk_large_messages",
+            "must be at least 1 byte (leave it unset for off)",
+        )?;
+        // With a window of 1 or 2 the half-window Request never fires after the first message
+        // (Akka's arithmetic), so delivery would stall.
+        check(
+            c.flow_control_window >= 3,
+            prefix,
+            "consumer_controller.flow_control_window",
+            "must be at least 3",
+        )?;
+        check(
+            c.resend_interval_max >= c.resend_interval_min,
+            prefix,
+            "consumer_controller.resend_interval_max",
+            "must not be smaller than resend_interval_min",
+        )
     }
 }

@@ -155,7 +155,7 @@ pub(crate) async fn run<E: Entity>(
 }
 
 /// Sends the controller's frames to the bridge; false when the bridge is gone.
-async fn send_frames<M: Clone>(
+async fn send_frames<M: Clone + 'static>(
     id: &EntityId,
     consumer: &mut ConsumerController<M>,
     replies: &mpsc::Sender<EntityReply>,
