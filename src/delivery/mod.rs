@@ -9,6 +9,7 @@
 
 pub mod codec;
 pub mod consumer;
+pub mod driver;
 pub mod durable;
 pub mod producer;
 pub mod protocol;

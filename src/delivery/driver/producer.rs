@@ -1,0 +1,446 @@
+//! The task that runs a [`ProducerController`] core: it takes the producer's messages through a
+//! [`ProducerHandle`], sends frames over a [`Link`], feeds back the consumer's frames, runs the
+//! durable queue's requests with timeouts, and fires the core's timers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::{Future, StreamExt};
+use rand::Rng;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::delivery::codec::Codec;
+use crate::delivery::driver::link::Link;
+use crate::delivery::driver::{DeliveryError, FromConsumer, sleep_until};
+use crate::delivery::durable::{DurableProducerQueue, DurableState, StoreError, wall_clock_millis};
+use crate::delivery::producer::{ProducerController, ProducerEvent, StoreRequest};
+use crate::delivery::protocol::{ProducerId, ProducerRef, SeqNr, SequencedMessage};
+use crate::delivery::settings::ProducerSettings;
+
+/// Where a producer's frames go.
+pub type ConsumerLink<M> = Arc<dyn Link<SequencedMessage<M>>>;
+
+enum Command<M> {
+    Send {
+        message: M,
+        confirm: Option<oneshot::Sender<SeqNr>>,
+    },
+    RegisterConsumer(ConsumerLink<M>),
+}
+
+/// The producer's side of a ProducerController task: cheap to clone; every clone sends into
+/// the same stream.
+pub struct ProducerHandle<M> {
+    commands: mpsc::Sender<Command<M>>,
+    demand: Arc<Semaphore>,
+    producer: ProducerRef,
+    failure: watch::Receiver<Option<DeliveryError>>,
+}
+
+impl<M> Clone for ProducerHandle<M> {
+    fn clone(&self) -> Self {
+        ProducerHandle {
+            commands: self.commands.clone(),
+            demand: Arc::clone(&self.demand),
+            producer: self.producer.clone(),
+            failure: self.failure.clone(),
+        }
+    }
+}
+
+impl<M: Send + 'static> ProducerHandle<M> {
+    /// The controller's identity (what a consumer registers to).
+    pub fn producer_ref(&self) -> &ProducerRef {
+        &self.producer
+    }
+
+    /// Waits for demand (Akka's `RequestNext`), then sends `message`. Delivery is reliable
+    /// from here on; use [`Self::ask`] to learn when it is confirmed.
+    pub async fn send(&self, message: M) -> Result<(), DeliveryError> {
+        self.acquire_demand().await?;
+        self.commands
+            .send(Command::Send {
+                message,
+                confirm: None,
+            })
+            .await
+            .map_err(|_| self.stopped())
+    }
+
+    /// Like [`Self::send`], then waits until the message is confirmed: processed by the
+    /// consumer, or stored when the controller has a durable queue. Returns its sequence number.
+    pub async fn ask(&self, message: M) -> Result<SeqNr, DeliveryError> {
+        self.acquire_demand().await?;
+        let (confirm, confirmed) = oneshot::channel();
+        self.commands
+            .send(Command::Send {
+                message,
+                confirm: Some(confirm),
+            })
+            .await
+            .map_err(|_| self.stopped())?;
+        confirmed.await.map_err(|_| self.stopped())
+    }
+
+    /// Sends to a (new) consumer from now on (Akka's `RegisterConsumer`): unconfirmed messages
+    /// are sent to it, the first marked `first`.
+    pub async fn register_consumer(&self, consumer: ConsumerLink<M>) -> Result<(), DeliveryError> {
+        self.commands
+            .send(Command::RegisterConsumer(consumer))
+            .await
+            .map_err(|_| self.stopped())
+    }
+
+    /// Why the controller stopped, if it did.
+    pub fn failure(&self) -> Option<DeliveryError> {
+        self.failure.borrow().clone()
+    }
+
+    async fn acquire_demand(&self) -> Result<(), DeliveryError> {
+        let permit = self.demand.acquire().await.map_err(|_| self.stopped())?;
+        // One RequestNext permits one message.
+        permit.forget();
+        Ok(())
+    }
+
+    fn stopped(&self) -> DeliveryError {
+        self.failure().unwrap_or(DeliveryError::Stopped)
+    }
+}
+
+/// Builds and starts a ProducerController task.
+pub struct ProducerBuilder<M> {
+    producer_id: ProducerId,
+    settings: ProducerSettings,
+    codec: Option<Arc<dyn Codec<M>>>,
+    consumer: Option<ConsumerLink<M>>,
+    incarnation: Option<u64>,
+}
+
+impl<M: Clone + Send + Sync + 'static> ProducerBuilder<M> {
+    /// A producer stream named `producer_id`, with default settings.
+    pub fn new(producer_id: ProducerId) -> Self {
+        ProducerBuilder {
+            producer_id,
+            settings: ProducerSettings::default(),
+            codec: None,
+            consumer: None,
+            incarnation: None,
+        }
+    }
+
+    /// Protocol settings.
+    pub fn settings(mut self, settings: ProducerSettings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// The codec for chunking (used when `chunk_large_messages` is set).
+    pub fn codec(mut self, codec: Arc<dyn Codec<M>>) -> Self {
+        self.codec = Some(codec);
+        self
+    }
+
+    /// The consumer to send to from the start; without one the controller waits for a
+    /// `RegisterConsumer` (from the handle, or from a consumer over the link).
+    pub fn consumer(mut self, consumer: ConsumerLink<M>) -> Self {
+        self.consumer = Some(consumer);
+        self
+    }
+
+    /// Fixes the incarnation (tests); by default it is random.
+    pub fn incarnation(mut self, incarnation: u64) -> Self {
+        self.incarnation = Some(incarnation);
+        self
+    }
+
+    /// Starts the task without a durable queue; consumer frames arrive on `inbox`.
+    pub fn spawn(self, inbox: mpsc::Receiver<FromConsumer<M>>) -> ProducerHandle<M> {
+        self.start(inbox, None::<NoQueue>)
+    }
+
+    /// Starts the task with a durable queue: it loads the stored state first and resends what
+    /// was not confirmed.
+    pub fn spawn_durable<Q: DurableProducerQueue<M>>(
+        self,
+        inbox: mpsc::Receiver<FromConsumer<M>>,
+        queue: Q,
+    ) -> ProducerHandle<M> {
+        self.start(inbox, Some(queue))
+    }
+
+    fn start<Q: DurableProducerQueue<M>>(
+        self,
+        inbox: mpsc::Receiver<FromConsumer<M>>,
+        queue: Option<Q>,
+    ) -> ProducerHandle<M> {
+        let incarnation = self.incarnation.unwrap_or_else(|| rand::rng().random());
+        let mut core = if queue.is_some() {
+            ProducerController::with_durable_queue(
+                self.producer_id,
+                incarnation,
+                self.settings.clone(),
+            )
+        } else {
+            ProducerController::new(self.producer_id, incarnation, self.settings.clone())
+        };
+        if let Some(codec) = self.codec {
+            core = core.with_codec(codec);
+        }
+        let producer = core.producer_ref().clone();
+        let now = Instant::now();
+        core.start(now);
+        if self.consumer.is_some() {
+            core.register_consumer(now);
+        }
+        let (commands, commands_rx) = mpsc::channel(1);
+        let demand = Arc::new(Semaphore::new(0));
+        let (failure_tx, failure) = watch::channel(None);
+        let task = ProducerTask {
+            core,
+            settings: self.settings,
+            consumer: self.consumer,
+            queue: queue.map(Arc::new),
+            demand: Arc::clone(&demand),
+            failure: failure_tx,
+            store_ops: FuturesUnordered::new(),
+            next_cleanup: None,
+        };
+        tokio::spawn(task.run(commands_rx, inbox));
+        ProducerHandle {
+            commands,
+            demand,
+            producer,
+            failure,
+        }
+    }
+}
+
+/// What a finished durable-queue operation reports.
+enum StoreOutcome<M> {
+    Loaded(u32, Result<DurableState<M>, StoreError>),
+    Stored(SeqNr, u32, Result<(), StoreError>),
+    Other(Result<(), StoreError>),
+}
+
+type StoreOp<M> = Pin<Box<dyn Future<Output = StoreOutcome<M>> + Send>>;
+
+struct ProducerTask<M, Q> {
+    core: ProducerController<M, oneshot::Sender<SeqNr>>,
+    settings: ProducerSettings,
+    consumer: Option<ConsumerLink<M>>,
+    queue: Option<Arc<Q>>,
+    demand: Arc<Semaphore>,
+    failure: watch::Sender<Option<DeliveryError>>,
+    store_ops: FuturesUnordered<StoreOp<M>>,
+    next_cleanup: Option<Instant>,
+}
+
+impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<M, Q> {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command<M>>,
+        mut inbox: mpsc::Receiver<FromConsumer<M>>,
+    ) {
+        if self.queue.is_some() {
+            let interval = self.settings.durable_queue.cleanup_unused_after / 2;
+            self.next_cleanup = Some(Instant::now() + interval);
+        }
+        self.drain();
+        loop {
+            let wake_at = [self.core.poll_timeout(), self.next_cleanup]
+                .into_iter()
+                .flatten()
+                .min();
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    // Every handle is gone: nothing more will be sent.
+                    None => break,
+                },
+                Some(frame) = inbox.recv() => self.on_frame(frame),
+                Some(outcome) = self.store_ops.next(), if !self.store_ops.is_empty() => {
+                    self.on_store(outcome);
+                }
+                _ = sleep_until(wake_at) => self.on_timeout(),
+            }
+            self.drain();
+            if let Some(error) = self.core.failure() {
+                warn!(producer = %self.core.producer_ref().id, %error, "producer controller failed");
+                let _ = self
+                    .failure
+                    .send(Some(DeliveryError::Failed(error.clone())));
+                self.demand.close();
+                break;
+            }
+        }
+        if let Some(queue) = &self.queue
+            && let Err(error) = queue.flush().await
+        {
+            warn!(%error, "durable queue not flushed at stop");
+        }
+    }
+
+    fn on_command(&mut self, command: Command<M>) {
+        let now = Instant::now();
+        match command {
+            Command::Send { message, confirm } => {
+                // An error fails the core; `drain` reports it.
+                let _ = match confirm {
+                    Some(confirm) => self.core.send_with_confirmation(message, confirm, now),
+                    None => self.core.send(message, now),
+                };
+            }
+            Command::RegisterConsumer(consumer) => {
+                self.consumer = Some(consumer);
+                self.core.register_consumer(now);
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: FromConsumer<M>) {
+        // Frames for an earlier controller of this producer are not ours.
+        if &frame.to != self.core.producer_ref() {
+            return;
+        }
+        if let Some(reply_to) = frame.reply_to {
+            self.consumer = Some(reply_to);
+        }
+        let _ = self.core.handle_frame(frame.frame, Instant::now());
+    }
+
+    fn on_store(&mut self, outcome: StoreOutcome<M>) {
+        let now = Instant::now();
+        match outcome {
+            StoreOutcome::Loaded(_, Ok(state)) => self.core.handle_state_loaded(state, now),
+            StoreOutcome::Loaded(attempt, Err(error)) => {
+                warn!(%error, attempt, "durable queue LoadState failed");
+                self.core.handle_load_failed(attempt);
+            }
+            StoreOutcome::Stored(seq_nr, _, Ok(())) => self.core.handle_message_stored(seq_nr, now),
+            StoreOutcome::Stored(seq_nr, attempt, Err(error)) => {
+                warn!(%error, %seq_nr, attempt, "durable queue StoreMessageSent failed");
+                self.core.handle_store_failed(seq_nr, attempt);
+            }
+            StoreOutcome::Other(Err(error)) => warn!(%error, "durable queue write-behind failed"),
+            StoreOutcome::Other(Ok(())) => {}
+        }
+    }
+
+    fn on_timeout(&mut self) {
+        let now = Instant::now();
+        self.core.handle_timeout(now);
+        if let (Some(at), Some(queue)) = (self.next_cleanup, &self.queue)
+            && at <= now
+        {
+            let unused_after = self.settings.durable_queue.cleanup_unused_after;
+            self.next_cleanup = Some(now + unused_after / 2);
+            let queue = Arc::clone(queue);
+            self.store_ops.push(Box::pin(async move {
+                StoreOutcome::Other(
+                    queue
+                        .cleanup_unused(wall_clock_millis(), unused_after)
+                        .await,
+                )
+            }));
+        }
+    }
+
+    /// Moves every output of the core to where it goes.
+    fn drain(&mut self) {
+        while let Some(message) = self.core.poll_transmit() {
+            if let Some(consumer) = &self.consumer {
+                consumer.send(message);
+            }
+        }
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                ProducerEvent::RequestNext { .. } => self.demand.add_permits(1),
+                ProducerEvent::Confirmed { seq_nr, token } => {
+                    let _ = token.send(seq_nr);
+                }
+            }
+        }
+        while let Some(request) = self.core.poll_store() {
+            self.run_store(request);
+        }
+    }
+
+    fn run_store(&mut self, request: StoreRequest<M>) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        let queue = Arc::clone(queue);
+        let timeout = self.settings.durable_queue.request_timeout;
+        let timed_out = move || StoreError::Backend(format!("no answer within {timeout:?}"));
+        let op: StoreOp<M> = match request {
+            StoreRequest::LoadState { attempt } => Box::pin(async move {
+                pause_before_retry(attempt, timeout).await;
+                let loaded = tokio::time::timeout(timeout, queue.load_state()).await;
+                StoreOutcome::Loaded(attempt, loaded.unwrap_or_else(|_| Err(timed_out())))
+            }),
+            StoreRequest::StoreMessageSent { mut sent, attempt } => Box::pin(async move {
+                pause_before_retry(attempt, timeout).await;
+                sent.timestamp_millis = wall_clock_millis();
+                let seq_nr = sent.seq_nr;
+                let stored = tokio::time::timeout(timeout, queue.store_message_sent(sent)).await;
+                StoreOutcome::Stored(seq_nr, attempt, stored.unwrap_or_else(|_| Err(timed_out())))
+            }),
+            StoreRequest::StoreMessageConfirmed { seq_nr, qualifier } => Box::pin(async move {
+                let stored = queue
+                    .store_message_confirmed(seq_nr, &qualifier, wall_clock_millis())
+                    .await;
+                StoreOutcome::Other(stored)
+            }),
+        };
+        self.store_ops.push(op);
+    }
+}
+
+/// A retry waits a little (doubling, at most the request timeout), so a store that fails fast
+/// is not hammered through all its attempts at once.
+async fn pause_before_retry(attempt: u32, limit: Duration) {
+    if attempt > 1 {
+        let pause = Duration::from_millis(10)
+            .saturating_mul(1 << (attempt - 1).min(16))
+            .min(limit);
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// The store of a controller without a durable queue: never called.
+struct NoQueue;
+
+impl<M: Send + 'static> DurableProducerQueue<M> for NoQueue {
+    async fn load_state(&self) -> Result<DurableState<M>, StoreError> {
+        Ok(DurableState::default())
+    }
+
+    async fn store_message_sent(
+        &self,
+        _sent: crate::delivery::durable::MessageSent<M>,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn store_message_confirmed(
+        &self,
+        _seq_nr: SeqNr,
+        _qualifier: &str,
+        _timestamp_millis: u64,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn cleanup_unused(
+        &self,
+        _now_millis: u64,
+        _unused_after: Duration,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

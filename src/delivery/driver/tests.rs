@@ -1,0 +1,347 @@
+//! The drivers end to end on paused time: reference §5.7 (RD-*) and §5.12 (ESRD-*), and a
+//! faulty link under the real tasks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::delivery::durable::memory::InMemoryQueue;
+use crate::delivery::protocol::{ProducerId, SeqNr};
+use crate::delivery::settings::{ConsumerSettings, ProducerSettings};
+
+fn consumer_settings() -> ConsumerSettings {
+    ConsumerSettings {
+        flow_control_window: 20,
+        resend_interval_min: Duration::from_millis(500),
+        resend_interval_max: Duration::from_secs(2),
+        only_flow_control: false,
+    }
+}
+
+/// Consumes with an optional processing delay; reports `(seq_nr, message)` of every delivery.
+fn consume(
+    mut consumer: ConsumerHandle<u32>,
+    delay: Duration,
+) -> (
+    mpsc::UnboundedReceiver<(u64, u32)>,
+    JoinHandle<ConsumerHandle<u32>>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Some(delivery) = consumer.next().await {
+            tokio::time::sleep(delay).await;
+            if tx.send((delivery.seq_nr.0, delivery.message)).is_err() {
+                break;
+            }
+            consumer.confirm();
+        }
+        consumer
+    });
+    (rx, task)
+}
+
+/// Takes and confirms `n` deliveries right here (the handle stays with the test).
+async fn take(consumer: &mut ConsumerHandle<u32>, n: usize) -> Vec<u32> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let delivery = consumer.next().await.expect("consumer still running");
+        got.push(delivery.message);
+        consumer.confirm();
+    }
+    got
+}
+
+async fn receive(rx: &mut mpsc::UnboundedReceiver<(u64, u32)>, n: usize) -> Vec<u32> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let (_, message) = rx.recv().await.expect("consumer still running");
+        got.push(message);
+    }
+    got
+}
+
+/// A producer that waits for consumer registration, and a consumer that registers to it
+/// (Akka's `RegisterToProducerController`).
+fn registered_pair(
+    producer_settings: ProducerSettings,
+) -> (ProducerHandle<u32>, ConsumerHandle<u32>) {
+    let (to_producer, producer_inbox) = channel_link(LINK_CAPACITY);
+    let (to_consumer, consumer_inbox) = channel_link(LINK_CAPACITY);
+    let producer = ProducerBuilder::new(ProducerId::new("p"))
+        .settings(producer_settings)
+        .spawn(producer_inbox);
+    let consumer = ConsumerBuilder::default()
+        .settings(consumer_settings())
+        .spawn(consumer_inbox, to_consumer);
+    consumer.register_to_producer(producer.producer_ref().clone(), Arc::new(to_producer));
+    (producer, consumer)
+}
+
+async fn produce(
+    producer: &ProducerHandle<u32>,
+    range: std::ops::RangeInclusive<u32>,
+    delay: Duration,
+) {
+    for n in range {
+        tokio::time::sleep(delay).await;
+        producer.send(n).await.unwrap();
+    }
+}
+
+// RD-01
+#[tokio::test(start_paused = true)]
+async fn point_to_point_delivers_every_message_once_in_order() {
+    let (producer, consumer) = registered_pair(ProducerSettings::default());
+    let (mut rx, _task) = consume(consumer, Duration::ZERO);
+    produce(&producer, 1..=42, Duration::ZERO).await;
+    assert_eq!(receive(&mut rx, 42).await, (1..=42).collect::<Vec<_>>());
+}
+
+// RD-02
+#[tokio::test(start_paused = true)]
+async fn asking_returns_each_seq_nr_once_confirmed() {
+    let (producer, consumer) = registered_pair(ProducerSettings::default());
+    let (mut rx, _task) = consume(consumer, Duration::ZERO);
+    let mut confirmed = Vec::new();
+    for n in 1..=42 {
+        confirmed.push(producer.ask(n).await.unwrap().0);
+    }
+    assert_eq!(confirmed, (1..=42).collect::<Vec<u64>>());
+    assert_eq!(receive(&mut rx, 42).await, (1..=42).collect::<Vec<_>>());
+}
+
+// RD-03, RD-04, RD-05
+#[tokio::test(start_paused = true)]
+async fn slow_and_fast_producers_and_consumers_all_complete() {
+    let slow = Duration::from_millis(30);
+    for (producer_delay, consumer_delay) in [
+        (slow, Duration::ZERO),
+        (Duration::ZERO, slow),
+        (Duration::ZERO, Duration::ZERO),
+    ] {
+        let (producer, consumer) = registered_pair(ProducerSettings::default());
+        let (mut rx, _task) = consume(consumer, consumer_delay);
+        produce(&producer, 1..=42, producer_delay).await;
+        assert_eq!(receive(&mut rx, 42).await, (1..=42).collect::<Vec<_>>());
+    }
+}
+
+// RD-06
+#[tokio::test(start_paused = true)]
+async fn a_replaced_consumer_takes_over_the_same_producer() {
+    let (to_producer, producer_inbox) = channel_link(LINK_CAPACITY);
+    let producer = ProducerBuilder::new(ProducerId::new("p")).spawn(producer_inbox);
+    let to_producer: ProducerLink<u32> = Arc::new(to_producer);
+
+    let (to_first, first_inbox) = channel_link(LINK_CAPACITY);
+    let mut first = ConsumerBuilder::default()
+        .settings(consumer_settings())
+        .spawn(first_inbox, to_first);
+    first.register_to_producer(producer.producer_ref().clone(), Arc::clone(&to_producer));
+    let asking = async {
+        for n in 1..=42 {
+            producer.ask(n).await.unwrap();
+        }
+    };
+    let (_, got) = tokio::join!(asking, take(&mut first, 42));
+    assert_eq!(got, (1..=42).collect::<Vec<_>>());
+    first.deliver_then_stop();
+    assert_eq!(
+        first.stopped().await,
+        None,
+        "the first consumer stops cleanly"
+    );
+
+    let (to_second, second_inbox) = channel_link(LINK_CAPACITY);
+    let second = ConsumerBuilder::default()
+        .settings(consumer_settings())
+        .spawn(second_inbox, to_second);
+    second.register_to_producer(producer.producer_ref().clone(), to_producer);
+    let (mut rx, _task) = consume(second, Duration::ZERO);
+    produce(&producer, 43..=84, Duration::ZERO).await;
+    assert_eq!(receive(&mut rx, 42).await, (43..=84).collect::<Vec<_>>());
+}
+
+// RD-07
+#[tokio::test(start_paused = true)]
+async fn a_replaced_producer_starts_a_new_session_with_the_same_consumer() {
+    let (to_consumer, consumer_inbox) = channel_link(LINK_CAPACITY);
+    let (to_producer, first_inbox) = channel_link(LINK_CAPACITY);
+    let consumer = ConsumerBuilder::default()
+        .settings(consumer_settings())
+        .producer(Arc::new(to_producer))
+        .spawn(consumer_inbox, to_consumer.clone());
+    let (mut rx, _task) = consume(consumer, Duration::ZERO);
+    let first = ProducerBuilder::new(ProducerId::new("p"))
+        .consumer(Arc::new(to_consumer.clone()))
+        .spawn(first_inbox);
+    for n in 1..=2 {
+        first.ask(n).await.unwrap();
+    }
+    drop(first);
+
+    // The consumer's frames now go to the old controller's inbox; the new one is told about
+    // the consumer by its handle (Akka: RegisterConsumer from the producer side).
+    let (_to_second, second_inbox) = channel_link::<FromConsumer<u32>>(LINK_CAPACITY);
+    let second = ProducerBuilder::new(ProducerId::new("p")).spawn(second_inbox);
+    second
+        .register_consumer(Arc::new(to_consumer))
+        .await
+        .unwrap();
+    second.send(3).await.unwrap();
+    let got = receive(&mut rx, 3).await;
+    assert_eq!(
+        got,
+        vec![1, 2, 3],
+        "the new session starts at seq nr 1, first"
+    );
+}
+
+// The real tasks over a faulty link, both ways.
+#[tokio::test(start_paused = true)]
+async fn a_faulty_link_between_the_tasks_still_delivers_everything_in_order() {
+    for seed in 0..20 {
+        let faults = Faults {
+            drop: 0.2,
+            duplicate: 0.1,
+            delay: 0.2,
+            max_delay: Duration::from_millis(50),
+        };
+        let (to_consumer, consumer_inbox) = channel_link(LINK_CAPACITY);
+        let (to_producer, producer_inbox) = channel_link(LINK_CAPACITY);
+        let faulty_to_consumer = Arc::new(FaultyLink::new(to_consumer.clone(), faults, seed));
+        let faulty_to_producer = Arc::new(FaultyLink::new(to_producer, faults, seed + 1000));
+        let producer = ProducerBuilder::new(ProducerId::new("p"))
+            .consumer(faulty_to_consumer)
+            .spawn(producer_inbox);
+        let consumer = ConsumerBuilder::default()
+            .settings(consumer_settings())
+            .producer(faulty_to_producer)
+            .spawn(consumer_inbox, to_consumer);
+        let (mut rx, _task) = consume(consumer, Duration::ZERO);
+        for n in 1..=100 {
+            producer.send(n).await.unwrap();
+        }
+        let got = tokio::time::timeout(Duration::from_secs(600), receive(&mut rx, 100))
+            .await
+            .unwrap_or_else(|_| panic!("seed {seed} stalled"));
+        assert_eq!(got, (1..=100).collect::<Vec<_>>(), "seed {seed}");
+    }
+}
+
+fn durable_producer(
+    queue: &InMemoryQueue<u32>,
+    to_consumer: &ChannelLink<crate::delivery::SequencedMessage<u32>>,
+) -> (ProducerHandle<u32>, ChannelLink<FromConsumer<u32>>) {
+    let (to_producer, producer_inbox) = channel_link(LINK_CAPACITY);
+    let producer = ProducerBuilder::new(ProducerId::new("p"))
+        .consumer(Arc::new(to_consumer.clone()))
+        .spawn_durable(producer_inbox, queue.clone());
+    (producer, to_producer)
+}
+
+// ESRD-01
+#[tokio::test(start_paused = true)]
+async fn after_a_full_restart_unconfirmed_messages_are_delivered_again() {
+    let queue = InMemoryQueue::default();
+    let (to_consumer, consumer_inbox) = channel_link(LINK_CAPACITY);
+    let (producer, to_producer) = durable_producer(&queue, &to_consumer);
+    let mut consumer = ConsumerBuilder::default()
+        .settings(consumer_settings())
+        .producer(Arc::new(to_producer))
+        .spawn(consumer_inbox, to_consumer);
+    for n in [1, 2, 3] {
+        producer.ask(n).await.unwrap();
+    }
+    let a = consumer.next().await.unwrap();
+    assert_eq!(a.message, 1);
+    // Neither confirms nor continues: both sides stop.
+    drop(producer);
+    drop(consumer);
+
+    let (to_consumer, consumer_inbox) = channel_link(LINK_CAPACITY);
+    let (producer, to_producer) = durable_producer(&queue, &to_consumer);
+    let consumer = ConsumerBuilder::default()
+        .settings(consumer_settings())
+        .producer(Arc::new(to_producer))
+        .spawn(consumer_inbox, to_consumer);
+    let (mut rx, _task) = consume(consumer, Duration::ZERO);
+    assert_eq!(receive(&mut rx, 3).await, vec![1, 2, 3]);
+    assert_eq!(producer.ask(4).await.unwrap(), SeqNr(4));
+    assert_eq!(receive(&mut rx, 1).await, vec![4]);
+}
+
+// ESRD-02
+#[tokio::test(start_paused = true)]
+async fn after_a_producer_restart_the_same_consumer_gets_the_rest_again() {
+    let queue = InMemoryQueue::default();
+    let (to_consumer, consumer_inbox) = channel_link(LINK_CAPACITY);
+    let (producer, to_producer) = durable_producer(&queue, &to_consumer);
+    let mut consumer = ConsumerBuilder::default()
+        .settings(consumer_settings())
+        .producer(Arc::new(to_producer))
+        .spawn(consumer_inbox, to_consumer.clone());
+    for n in [1, 2, 3] {
+        producer.ask(n).await.unwrap();
+    }
+    let a = consumer.next().await.unwrap();
+    assert_eq!(a.message, 1);
+    drop(producer);
+
+    let (producer, to_producer) = durable_producer(&queue, &to_consumer);
+    consumer.register_to_producer(producer.producer_ref().clone(), Arc::new(to_producer));
+    // The old message 1 is confirmed late, to the old controller.
+    consumer.confirm();
+    let (mut rx, _task) = consume(consumer, Duration::ZERO);
+    assert_eq!(producer.ask(4).await.unwrap(), SeqNr(4));
+    producer.send(5).await.unwrap();
+    let got = receive(&mut rx, 5).await;
+    assert_eq!(
+        got,
+        vec![1, 2, 3, 4, 5],
+        "1 again (at-least-once), then the rest in order"
+    );
+}
+
+// ESRD-03 (pekko)
+#[tokio::test(start_paused = true)]
+async fn after_a_restart_with_everything_confirmed_numbering_continues() {
+    let queue = InMemoryQueue::default();
+    let (to_consumer, consumer_inbox) = channel_link(LINK_CAPACITY);
+    let (producer, to_producer) = durable_producer(&queue, &to_consumer);
+    let mut consumer = ConsumerBuilder::default()
+        .settings(consumer_settings())
+        .producer(Arc::new(to_producer))
+        .spawn(consumer_inbox, to_consumer);
+    let (confirmed, got) = tokio::join!(producer.ask(1), take(&mut consumer, 1));
+    confirmed.unwrap();
+    assert_eq!(got, vec![1]);
+    // Wait (with a deadline) until the write-behind confirmation is stored.
+    let stored = async {
+        while queue.snapshot().highest_confirmed_seq_nr < SeqNr(1) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), stored)
+        .await
+        .expect("confirmation stored");
+    drop(producer);
+    drop(consumer);
+
+    let (to_consumer, consumer_inbox) = channel_link(LINK_CAPACITY);
+    let (producer, to_producer) = durable_producer(&queue, &to_consumer);
+    let consumer = ConsumerBuilder::default()
+        .settings(consumer_settings())
+        .producer(Arc::new(to_producer))
+        .spawn(consumer_inbox, to_consumer);
+    let (mut rx, _task) = consume(consumer, Duration::ZERO);
+    assert_eq!(
+        producer.ask(2).await.unwrap(),
+        SeqNr(2),
+        "no crash, numbering continues"
+    );
+    assert_eq!(receive(&mut rx, 1).await, vec![2]);
+}
