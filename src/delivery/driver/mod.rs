@@ -11,6 +11,8 @@
 pub mod consumer;
 pub mod link;
 pub mod producer;
+pub mod store;
+pub mod work_pulling;
 
 use std::sync::Arc;
 
@@ -19,9 +21,14 @@ use tokio::time::Instant;
 pub use consumer::{ConsumerBuilder, ConsumerHandle, ProducerLink};
 pub use link::{ChannelLink, Faults, FaultyLink, Link, channel_link};
 pub use producer::{ConsumerLink, ProducerBuilder, ProducerHandle};
+pub use work_pulling::{
+    LocalWorkerRegistry, WorkPullingBuilder, WorkPullingHandle, WorkerId, WorkerRegistration,
+    WorkerRegistry,
+};
 
 use crate::delivery::producer::ProducerError;
 use crate::delivery::protocol::{ConsumerFrame, ProducerRef, SequencedMessage};
+use crate::delivery::work_pulling::WorkPullingError;
 
 /// A frame from a ConsumerController, addressed to one ProducerController.
 pub struct FromConsumer<M> {
@@ -49,6 +56,10 @@ pub enum DeliveryError {
     /// The controller stopped on a protocol violation or a durable-queue failure.
     #[error("producer controller failed: {0}")]
     Failed(ProducerError),
+    /// The work-pulling controller stopped on a full buffer, a durable-queue failure or a
+    /// protocol violation.
+    #[error("work-pulling producer controller failed: {0}")]
+    WorkPulling(WorkPullingError),
     /// The controller's task is gone.
     #[error("controller stopped")]
     Stopped,

@@ -2,12 +2,10 @@
 //! [`ProducerHandle`], sends frames over a [`Link`], feeds back the consumer's frames, runs the
 //! durable queue's requests with timeouts, and fires the core's timers.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
+use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use futures::{Future, StreamExt};
 use rand::Rng;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -15,8 +13,9 @@ use tracing::warn;
 
 use crate::delivery::codec::Codec;
 use crate::delivery::driver::link::Link;
+use crate::delivery::driver::store::{self, NoQueue, StoreOp};
 use crate::delivery::driver::{DeliveryError, FromConsumer, sleep_until};
-use crate::delivery::durable::{DurableProducerQueue, DurableState, StoreError, wall_clock_millis};
+use crate::delivery::durable::DurableProducerQueue;
 use crate::delivery::producer::{ProducerController, ProducerEvent, StoreRequest};
 use crate::delivery::protocol::{ProducerId, ProducerRef, SeqNr, SequencedMessage};
 use crate::delivery::settings::ProducerSettings;
@@ -220,15 +219,6 @@ impl<M: Clone + Send + Sync + 'static> ProducerBuilder<M> {
     }
 }
 
-/// What a finished durable-queue operation reports.
-enum StoreOutcome<M> {
-    Loaded(u32, Result<DurableState<M>, StoreError>),
-    Stored(SeqNr, u32, Result<(), StoreError>),
-    Other(Result<(), StoreError>),
-}
-
-type StoreOp<M> = Pin<Box<dyn Future<Output = StoreOutcome<M>> + Send>>;
-
 struct ProducerTask<M, Q> {
     core: ProducerController<M, oneshot::Sender<SeqNr>>,
     settings: ProducerSettings,
@@ -264,7 +254,7 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<
                 },
                 Some(frame) = inbox.recv() => self.on_frame(frame),
                 Some(outcome) = self.store_ops.next(), if !self.store_ops.is_empty() => {
-                    self.on_store(outcome);
+                    store::apply(&mut self.core, outcome);
                 }
                 _ = sleep_until(wake_at) => self.on_timeout(),
             }
@@ -313,24 +303,6 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<
         let _ = self.core.handle_frame(frame.frame, Instant::now());
     }
 
-    fn on_store(&mut self, outcome: StoreOutcome<M>) {
-        let now = Instant::now();
-        match outcome {
-            StoreOutcome::Loaded(_, Ok(state)) => self.core.handle_state_loaded(state, now),
-            StoreOutcome::Loaded(attempt, Err(error)) => {
-                warn!(%error, attempt, "durable queue LoadState failed");
-                self.core.handle_load_failed(attempt);
-            }
-            StoreOutcome::Stored(seq_nr, _, Ok(())) => self.core.handle_message_stored(seq_nr, now),
-            StoreOutcome::Stored(seq_nr, attempt, Err(error)) => {
-                warn!(%error, %seq_nr, attempt, "durable queue StoreMessageSent failed");
-                self.core.handle_store_failed(seq_nr, attempt);
-            }
-            StoreOutcome::Other(Err(error)) => warn!(%error, "durable queue write-behind failed"),
-            StoreOutcome::Other(Ok(())) => {}
-        }
-    }
-
     fn on_timeout(&mut self) {
         let now = Instant::now();
         self.core.handle_timeout(now);
@@ -339,14 +311,7 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<
         {
             let unused_after = self.settings.durable_queue.cleanup_unused_after;
             self.next_cleanup = Some(now + unused_after / 2);
-            let queue = Arc::clone(queue);
-            self.store_ops.push(Box::pin(async move {
-                StoreOutcome::Other(
-                    queue
-                        .cleanup_unused(wall_clock_millis(), unused_after)
-                        .await,
-                )
-            }));
+            self.store_ops.push(store::cleanup_op(queue, unused_after));
         }
     }
 
@@ -371,76 +336,9 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<
     }
 
     fn run_store(&mut self, request: StoreRequest<M>) {
-        let Some(queue) = &self.queue else {
-            return;
-        };
-        let queue = Arc::clone(queue);
-        let timeout = self.settings.durable_queue.request_timeout;
-        let timed_out = move || StoreError::Backend(format!("no answer within {timeout:?}"));
-        let op: StoreOp<M> = match request {
-            StoreRequest::LoadState { attempt } => Box::pin(async move {
-                pause_before_retry(attempt, timeout).await;
-                let loaded = tokio::time::timeout(timeout, queue.load_state()).await;
-                StoreOutcome::Loaded(attempt, loaded.unwrap_or_else(|_| Err(timed_out())))
-            }),
-            StoreRequest::StoreMessageSent { mut sent, attempt } => Box::pin(async move {
-                pause_before_retry(attempt, timeout).await;
-                sent.timestamp_millis = wall_clock_millis();
-                let seq_nr = sent.seq_nr;
-                let stored = tokio::time::timeout(timeout, queue.store_message_sent(sent)).await;
-                StoreOutcome::Stored(seq_nr, attempt, stored.unwrap_or_else(|_| Err(timed_out())))
-            }),
-            StoreRequest::StoreMessageConfirmed { seq_nr, qualifier } => Box::pin(async move {
-                let stored = queue
-                    .store_message_confirmed(seq_nr, &qualifier, wall_clock_millis())
-                    .await;
-                StoreOutcome::Other(stored)
-            }),
-        };
-        self.store_ops.push(op);
-    }
-}
-
-/// A retry waits a little (doubling, at most the request timeout), so a store that fails fast
-/// is not hammered through all its attempts at once.
-async fn pause_before_retry(attempt: u32, limit: Duration) {
-    if attempt > 1 {
-        let pause = Duration::from_millis(10)
-            .saturating_mul(1 << (attempt - 1).min(16))
-            .min(limit);
-        tokio::time::sleep(pause).await;
-    }
-}
-
-/// The store of a controller without a durable queue: never called.
-struct NoQueue;
-
-impl<M: Send + 'static> DurableProducerQueue<M> for NoQueue {
-    async fn load_state(&self) -> Result<DurableState<M>, StoreError> {
-        Ok(DurableState::default())
-    }
-
-    async fn store_message_sent(
-        &self,
-        _sent: crate::delivery::durable::MessageSent<M>,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    async fn store_message_confirmed(
-        &self,
-        _seq_nr: SeqNr,
-        _qualifier: &str,
-        _timestamp_millis: u64,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    async fn cleanup_unused(
-        &self,
-        _now_millis: u64,
-        _unused_after: Duration,
-    ) -> Result<(), StoreError> {
-        Ok(())
+        if let Some(queue) = &self.queue {
+            let op = store::store_op(queue, request, &self.settings.durable_queue);
+            self.store_ops.push(op);
+        }
     }
 }

@@ -345,3 +345,76 @@ async fn after_a_restart_with_everything_confirmed_numbering_continues() {
     );
     assert_eq!(receive(&mut rx, 1).await, vec![2]);
 }
+
+/// Consumes as a worker; reports `(worker, message)`.
+fn work(
+    name: &'static str,
+    mut worker: ConsumerHandle<u32>,
+    seen: mpsc::UnboundedSender<(&'static str, u32)>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(delivery) = worker.next().await {
+            if seen.send((name, delivery.message)).is_err() {
+                break;
+            }
+            worker.confirm();
+        }
+    })
+}
+
+// WP-01 with the real tasks
+#[tokio::test(start_paused = true)]
+async fn work_pulling_spreads_messages_over_worker_tasks() {
+    let registry = LocalWorkerRegistry::default();
+    let (to_producer, inbox) = channel_link(LINK_CAPACITY);
+    let mut producer = WorkPullingBuilder::new(ProducerId::new("wp"))
+        .spawn(inbox, &registry)
+        .unwrap();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let (w1, r1) = registry.spawn_worker(to_producer.clone(), ConsumerBuilder::default());
+    let (w2, r2) = registry.spawn_worker(to_producer.clone(), ConsumerBuilder::default());
+    producer.wait_for_workers(2).await.unwrap();
+    let _t1 = work("w1", w1, seen_tx.clone());
+    let _t2 = work("w2", w2, seen_tx);
+    for n in 1..=84 {
+        producer.ask(n).await.unwrap();
+    }
+    let mut by_worker: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut all = Vec::new();
+    while all.len() < 84 {
+        let (worker, message) = seen.recv().await.unwrap();
+        *by_worker.entry(worker).or_default() += 1;
+        all.push(message);
+    }
+    all.sort();
+    assert_eq!(all, (1..=84).collect::<Vec<_>>());
+    assert_eq!(by_worker.len(), 2, "both workers got work: {by_worker:?}");
+    drop((r1, r2));
+    producer.wait_for_workers(0).await.unwrap();
+}
+
+// WP-02 with the real tasks: a departed worker's unconfirmed messages finish elsewhere.
+#[tokio::test(start_paused = true)]
+async fn a_departed_workers_messages_are_processed_by_another_worker_task() {
+    let registry = LocalWorkerRegistry::default();
+    let (to_producer, inbox) = channel_link(LINK_CAPACITY);
+    let mut producer = WorkPullingBuilder::new(ProducerId::new("wp"))
+        .spawn(inbox, &registry)
+        .unwrap();
+    let (mut stuck, stuck_registration) =
+        registry.spawn_worker(to_producer.clone(), ConsumerBuilder::default());
+    producer.wait_for_workers(1).await.unwrap();
+    producer.send(1).await.unwrap();
+    producer.send(2).await.unwrap();
+    // The first worker takes message 1 and never confirms it.
+    assert_eq!(stuck.next().await.unwrap().message, 1);
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let (w2, _r2) = registry.spawn_worker(to_producer, ConsumerBuilder::default());
+    producer.wait_for_workers(2).await.unwrap();
+    let _t2 = work("w2", w2, seen_tx);
+    drop(stuck_registration);
+    producer.wait_for_workers(1).await.unwrap();
+    let mut got = vec![seen.recv().await.unwrap().1, seen.recv().await.unwrap().1];
+    got.sort();
+    assert_eq!(got, vec![1, 2]);
+}
