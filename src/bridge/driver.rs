@@ -97,7 +97,7 @@ impl<F: EntityFactory> Bridge<F> {
                 ProducerId::new("bridge"),
                 first_incarnation,
                 delivery.producer_controller,
-                delivery.sharding_producer_controller,
+                delivery.sharding.producer_controller,
             ),
             session: None,
             rejections: HashMap::new(),

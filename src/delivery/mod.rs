@@ -25,4 +25,5 @@ pub use protocol::{
 };
 pub use settings::{
     ConsumerSettings, DeliverySettings, ProducerSettings, ShardingProducerSettings,
+    ShardingSettings, WorkPullingProducerSettings, WorkPullingSettings,
 };

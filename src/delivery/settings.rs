@@ -18,8 +18,40 @@ pub struct DeliverySettings {
     pub producer_controller: ProducerSettings,
     /// `[delivery.consumer_controller]`.
     pub consumer_controller: ConsumerSettings,
-    /// `[delivery.sharding_producer_controller]`: one producer feeding many entities.
-    pub sharding_producer_controller: ShardingProducerSettings,
+    /// `[delivery.work_pulling]`: one producer feeding many workers.
+    pub work_pulling: WorkPullingSettings,
+    /// `[delivery.sharding]`: one producer feeding many entities.
+    pub sharding: ShardingSettings,
+}
+
+/// Work-pulling settings (Akka's `work-pulling.*`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkPullingSettings {
+    /// `[delivery.work_pulling.producer_controller]`.
+    pub producer_controller: WorkPullingProducerSettings,
+}
+
+/// The work-pulling producer; its child controllers use `[delivery.producer_controller]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkPullingProducerSettings {
+    /// Most messages waiting for a worker with demand; one more fails the controller.
+    pub buffer_size: usize,
+}
+
+impl Default for WorkPullingProducerSettings {
+    fn default() -> Self {
+        WorkPullingProducerSettings { buffer_size: 1000 }
+    }
+}
+
+/// Sharding settings (Akka's `sharding.*`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShardingSettings {
+    /// `[delivery.sharding.producer_controller]`.
+    pub producer_controller: ShardingProducerSettings,
 }
 
 /// Settings of a producer that keeps one ProducerController per entity.
@@ -122,7 +154,7 @@ impl DeliverySettings {
         let p = &self.producer_controller;
         let dq = &p.durable_queue;
         let c = &self.consumer_controller;
-        let sp = &self.sharding_producer_controller;
+        let sp = &self.sharding.producer_controller;
         for (key, value) in [
             (
                 "producer_controller.durable_queue.resend_first_interval",
@@ -145,11 +177,11 @@ impl DeliverySettings {
                 c.resend_interval_max,
             ),
             (
-                "sharding_producer_controller.cleanup_unused_after",
+                "sharding.producer_controller.cleanup_unused_after",
                 sp.cleanup_unused_after,
             ),
             (
-                "sharding_producer_controller.resend_first_unconfirmed_idle_timeout",
+                "sharding.producer_controller.resend_first_unconfirmed_idle_timeout",
                 sp.resend_first_unconfirmed_idle_timeout,
             ),
         ] {
@@ -160,6 +192,12 @@ impl DeliverySettings {
                 "must be between 2ms and 1h",
             )?;
         }
+        check(
+            self.work_pulling.producer_controller.buffer_size >= 1,
+            prefix,
+            "work_pulling.producer_controller.buffer_size",
+            "must be at least 1",
+        )?;
         check(
             dq.retry_attempts >= 1,
             prefix,
@@ -186,5 +224,91 @@ impl DeliverySettings {
             "consumer_controller.resend_interval_max",
             "must not be smaller than resend_interval_min",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use figment::Figment;
+    use figment::providers::{Format, Serialized, Toml};
+
+    use super::*;
+
+    #[test]
+    fn defaults_are_akkas() {
+        let d = DeliverySettings::default();
+        assert_eq!(d.producer_controller.chunk_large_messages, None);
+        let dq = &d.producer_controller.durable_queue;
+        assert_eq!(dq.request_timeout, Duration::from_secs(3));
+        assert_eq!(dq.retry_attempts, 10);
+        assert_eq!(dq.resend_first_interval, Duration::from_secs(1));
+        assert_eq!(dq.cleanup_unused_after, Duration::from_secs(3600));
+        let c = &d.consumer_controller;
+        assert_eq!(c.flow_control_window, 50);
+        assert_eq!(c.resend_interval_min, Duration::from_secs(2));
+        assert_eq!(c.resend_interval_max, Duration::from_secs(30));
+        assert!(!c.only_flow_control);
+        assert_eq!(d.work_pulling.producer_controller.buffer_size, 1000);
+        let sp = &d.sharding.producer_controller;
+        assert_eq!(sp.cleanup_unused_after, Duration::from_secs(120));
+        assert_eq!(
+            sp.resend_first_unconfirmed_idle_timeout,
+            Duration::from_secs(10)
+        );
+        d.validate("delivery").unwrap();
+    }
+
+    #[test]
+    fn every_key_reads_from_toml() {
+        let toml = r#"
+            [producer_controller]
+            chunk_large_messages = 1024
+            [producer_controller.durable_queue]
+            request_timeout = "500ms"
+            retry_attempts = 3
+            resend_first_interval = "2s"
+            cleanup_unused_after = "10m"
+            compact_every = 7
+            [consumer_controller]
+            flow_control_window = 20
+            resend_interval_min = "1s"
+            resend_interval_max = "2s"
+            only_flow_control = true
+            [work_pulling.producer_controller]
+            buffer_size = 5
+            [sharding.producer_controller]
+            cleanup_unused_after = "1s"
+            resend_first_unconfirmed_idle_timeout = "1500ms"
+        "#;
+        let d: DeliverySettings = Figment::from(Serialized::defaults(DeliverySettings::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .unwrap();
+        d.validate("delivery").unwrap();
+        assert_eq!(d.producer_controller.chunk_large_messages, Some(1024));
+        assert_eq!(
+            d.producer_controller.durable_queue.request_timeout,
+            Duration::from_millis(500)
+        );
+        assert_eq!(d.producer_controller.durable_queue.compact_every, 7);
+        assert!(d.consumer_controller.only_flow_control);
+        assert_eq!(d.work_pulling.producer_controller.buffer_size, 5);
+        assert_eq!(
+            d.sharding
+                .producer_controller
+                .resend_first_unconfirmed_idle_timeout,
+            Duration::from_millis(1500)
+        );
+    }
+
+    #[test]
+    fn a_window_below_three_is_refused_naming_the_key() {
+        let mut d = DeliverySettings::default();
+        d.consumer_controller.flow_control_window = 2;
+        let err = d.validate("delivery").unwrap_err().to_string();
+        assert!(
+            err.contains("delivery.consumer_controller.flow_control_window"),
+            "{err}"
+        );
     }
 }

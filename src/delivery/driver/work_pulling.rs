@@ -20,7 +20,7 @@ use crate::delivery::driver::store::{self, NoQueue, StoreOp};
 use crate::delivery::driver::{DeliveryError, FromConsumer, LINK_CAPACITY, sleep_until};
 use crate::delivery::durable::DurableProducerQueue;
 use crate::delivery::protocol::ProducerId;
-use crate::delivery::settings::ProducerSettings;
+use crate::delivery::settings::{DeliverySettings, ProducerSettings};
 use crate::delivery::work_pulling::{WorkPullingEvent, WorkPullingProducerController};
 
 /// Names a registered worker.
@@ -215,6 +215,13 @@ impl WorkPullingBuilder {
             settings: ProducerSettings::default(),
             buffer_size: 1000,
         }
+    }
+
+    /// The `[delivery]` settings: the child controllers' and the buffer size.
+    pub fn delivery_settings(mut self, delivery: &DeliverySettings) -> Self {
+        self.settings = delivery.producer_controller.clone();
+        self.buffer_size = delivery.work_pulling.producer_controller.buffer_size;
+        self
     }
 
     /// The child controllers' settings (chunking must stay off).
