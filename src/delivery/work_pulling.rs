@@ -124,7 +124,6 @@ pub struct WorkPullingProducerController<M, T, W> {
     workers: HashMap<W, Worker<M, T>>,
     by_incarnation: HashMap<u64, W>,
     next_incarnation: u64,
-    next_worker_number: u64,
     buffer: VecDeque<Pending<M, T>>,
     current_seq_nr: SeqNr,
     /// Durable: messages chosen for a worker, stored one at a time in this order.
@@ -199,7 +198,6 @@ where
             workers: HashMap::new(),
             by_incarnation: HashMap::new(),
             next_incarnation,
-            next_worker_number: 1,
             buffer: VecDeque::new(),
             current_seq_nr: SeqNr(1),
             storing: VecDeque::new(),
@@ -467,8 +465,10 @@ where
     fn add_worker(&mut self, worker: W, now: Instant) {
         let incarnation = self.next_incarnation;
         self.next_incarnation = self.next_incarnation.wrapping_add(1);
-        let qualifier = format!("{}-{}", self.producer_id, self.next_worker_number);
-        self.next_worker_number += 1;
+        // Unique across restarts (like Akka's UUIDs): a new child must never share a qualifier
+        // with records an earlier controller left, or its confirmations would remove them
+        // before they are handed over.
+        let qualifier = format!("{}-{incarnation:016x}", self.producer_id);
         let mut controller = ProducerController::new(
             ProducerId::new(qualifier.as_str()),
             incarnation,

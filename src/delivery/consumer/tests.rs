@@ -469,3 +469,154 @@ async fn an_undecodable_chunked_message_stops_the_controller_with_a_reason() {
         })
     ));
 }
+
+fn to(cc: &mut ConsumerController<u64>) -> Vec<(ProducerRef, ConsumerFrame)> {
+    std::iter::from_fn(|| cc.poll_transmit()).collect()
+}
+
+// CC-01
+#[tokio::test(start_paused = true)]
+async fn register_consumer_is_retried_before_start() {
+    let p = pc(1);
+    let mut cc = ConsumerController::new(settings(20), Instant::now());
+    cc.register_to_producer(p.clone(), Instant::now());
+    assert_eq!(
+        to(&mut cc),
+        vec![(p.clone(), ConsumerFrame::RegisterConsumer)]
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    cc.handle_timeout(Instant::now());
+    assert_eq!(to(&mut cc), vec![(p, ConsumerFrame::RegisterConsumer)]);
+}
+
+// CC-02 and D-08
+#[tokio::test(start_paused = true)]
+async fn registering_to_another_producer_retries_until_its_first_message_and_ignores_the_old() {
+    let (p1, p2) = (pc(1), pc(2));
+    let mut cc = started(20);
+    cc.handle_message(msg(&p1, 1, true), Instant::now());
+    to(&mut cc);
+    cc.register_to_producer(p2.clone(), Instant::now());
+    assert_eq!(
+        to(&mut cc),
+        vec![(p2.clone(), ConsumerFrame::RegisterConsumer)]
+    );
+    cc.confirm(Instant::now()).unwrap();
+    to(&mut cc);
+    // The old producer's next message is discarded while registering.
+    cc.handle_message(msg(&p1, 2, false), Instant::now());
+    assert_eq!(delivered(&mut cc), vec![1]);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    cc.handle_timeout(Instant::now());
+    assert_eq!(
+        to(&mut cc),
+        vec![(p2.clone(), ConsumerFrame::RegisterConsumer)]
+    );
+    // p2's first message ends the registering: no more RegisterConsumer.
+    cc.handle_message(msg(&p2, 1, true), Instant::now());
+    assert_eq!(delivered(&mut cc), vec![1]);
+    cc.confirm(Instant::now()).unwrap();
+    to(&mut cc);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    cc.handle_timeout(Instant::now());
+    assert!(
+        to(&mut cc)
+            .iter()
+            .all(|(target, f)| *target == p2 && *f != ConsumerFrame::RegisterConsumer)
+    );
+}
+
+// CC-08
+#[tokio::test(start_paused = true)]
+async fn messages_that_ask_for_an_ack_get_one_on_confirmation() {
+    let p = pc(1);
+    let mut cc = started(20);
+    let with_ack = |n, ack| SequencedMessage {
+        ack,
+        ..msg(&p, n, n == 1)
+    };
+    cc.handle_message(with_ack(1, true), Instant::now());
+    cc.confirm(Instant::now()).unwrap();
+    assert_eq!(
+        frames(&mut cc),
+        vec![request(0, 20, false), request(1, 20, false)]
+    );
+    for (n, ack) in [(2, true), (3, true), (4, false), (5, true)] {
+        cc.handle_message(with_ack(n, ack), Instant::now());
+        cc.confirm(Instant::now()).unwrap();
+        let expected = if ack {
+            vec![ConsumerFrame::Ack {
+                confirmed: SeqNr(n),
+            }]
+        } else {
+            vec![]
+        };
+        assert_eq!(frames(&mut cc), expected, "seq {n}");
+    }
+}
+
+// CC-10 and CC-15
+#[tokio::test(start_paused = true)]
+async fn stopping_acks_what_was_confirmed_and_ends_the_controller() {
+    let p = pc(1);
+    let mut cc = started(20);
+    for n in 1..=2 {
+        cc.handle_message(msg(&p, n, n == 1), Instant::now());
+        cc.confirm(Instant::now()).unwrap();
+    }
+    cc.handle_message(msg(&p, 3, false), Instant::now());
+    frames(&mut cc);
+    assert_eq!(delivered(&mut cc), vec![1, 2, 3]);
+    cc.stop();
+    assert_eq!(
+        frames(&mut cc),
+        vec![ConsumerFrame::Ack {
+            confirmed: SeqNr(2)
+        }]
+    );
+    assert!(cc.is_stopped());
+    assert_eq!(cc.poll_event(), Some(ConsumerEvent::Stopped));
+    cc.handle_message(msg(&p, 4, false), Instant::now());
+    assert!(
+        cc.poll_event().is_none(),
+        "a stopped controller ignores input"
+    );
+}
+
+// CC-11
+#[tokio::test(start_paused = true)]
+async fn stopping_before_any_message_ends_the_controller_quietly() {
+    let mut cc = started(20);
+    cc.stop();
+    assert!(cc.is_stopped());
+    assert!(frames(&mut cc).is_empty(), "no producer to ack");
+    assert_eq!(cc.poll_event(), Some(ConsumerEvent::Stopped));
+}
+
+// D-04
+#[tokio::test(start_paused = true)]
+async fn a_full_stash_drops_and_the_retry_timer_asks_for_the_rest() {
+    let p = pc(1);
+    let mut cc = started(3);
+    cc.handle_message(msg(&p, 1, true), Instant::now());
+    for n in 2..=5 {
+        cc.handle_message(msg(&p, n, false), Instant::now());
+    }
+    let mut seen = delivered(&mut cc);
+    while cc.confirm(Instant::now()).is_ok() {
+        seen.extend(delivered(&mut cc));
+    }
+    assert_eq!(seen, vec![1, 2, 3, 4], "5 did not fit the stash of 3");
+    frames(&mut cc);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    cc.handle_timeout(Instant::now());
+    // A Request via timeout makes the producer resend its unconfirmed tail (PC-03).
+    assert!(matches!(
+        frames(&mut cc).as_slice(),
+        [ConsumerFrame::Request {
+            confirmed: SeqNr(4),
+            via_timeout: true,
+            ..
+        }]
+    ));
+}

@@ -172,6 +172,20 @@ impl Harness {
         }
     }
 
+    /// A new controller from the stored state, with the same workers (and their consumers).
+    fn restart(&mut self) {
+        let mut wp =
+            Wp::with_durable_queue(ProducerId::new("wp"), ProducerSettings::default(), 100, 8)
+                .unwrap();
+        wp.start(self.now);
+        self.wp = wp;
+        self.request_nexts = 0;
+        self.pump();
+        let names: Vec<&'static str> = self.workers.keys().copied().collect();
+        self.wp.workers_changed(names, self.now);
+        self.pump();
+    }
+
     fn messages_for(&self, worker: &str) -> Vec<u32> {
         self.received
             .iter()
@@ -403,6 +417,7 @@ fn a_departing_workers_messages_are_handed_over_in_the_durable_queue() {
         h.send(n);
     }
     h.confirm("w1");
+    let w1_qualifier = h.store().unconfirmed[0].qualifier.clone();
     h.join("w2", true, 20);
     h.leave("w1");
     let mut moved = h.messages_for("w2");
@@ -410,7 +425,10 @@ fn a_departing_workers_messages_are_handed_over_in_the_durable_queue() {
     assert!(moved.starts_with(&[2, 3, 4, 5]), "w2 got {moved:?}");
     let store = h.store();
     assert!(
-        store.unconfirmed.iter().all(|m| m.qualifier != "wp-1"),
+        store
+            .unconfirmed
+            .iter()
+            .all(|m| m.qualifier != w1_qualifier),
         "w1's records were confirmed once re-stored: {:?}",
         store.unconfirmed
     );
@@ -475,4 +493,39 @@ async fn a_lost_frame_to_a_worker_is_recovered_by_its_controllers_timers() {
     h.wp.handle_timeout(h.now);
     h.pump();
     assert_eq!(h.messages_for("w1"), vec![1]);
+}
+
+// ESWP-02
+#[test]
+fn after_a_restart_the_same_worker_gets_the_old_messages_again_then_the_new() {
+    let mut h = Harness::durable(DurableState::default());
+    h.join("w1", false, 20);
+    for n in 1..=3 {
+        h.send(n);
+    }
+    assert_eq!(
+        h.messages_for("w1"),
+        vec![1],
+        "2 and 3 wait in w1's consumer"
+    );
+    h.restart();
+    // w1 works through what the old controller sent (those confirmations reach nobody and
+    // are not stored), then the new controller's copies (1 again: at-least-once).
+    for _ in 0..6 {
+        h.confirm("w1");
+    }
+    assert_eq!(h.request_nexts, 1, "one RequestNext after the restart");
+    h.send(4);
+    h.confirm("w1");
+    h.send(5);
+    h.confirm("w1");
+    let got = h.messages_for("w1");
+    assert_eq!(&got[..3], &[1, 2, 3]);
+    assert_eq!(
+        got.iter().filter(|m| **m == 1).count(),
+        2,
+        "1 again after the restart: {got:?}"
+    );
+    assert!(got.ends_with(&[4, 5]), "{got:?}");
+    assert!(h.store().unconfirmed.is_empty());
 }
