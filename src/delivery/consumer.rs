@@ -164,6 +164,42 @@ impl<M> std::fmt::Debug for ConsumerController<M> {
     }
 }
 
+/// What works for any message type: stopping and draining frames (used from `Drop`).
+impl<M> ConsumerController<M> {
+    /// Stop now (the consumer went away, or the owner shuts down): a best-effort Ack of what
+    /// was confirmed goes to the producer.
+    pub fn stop(&mut self) {
+        if self.is_stopped() {
+            return;
+        }
+        if let Some(producer) = &self.producer {
+            self.transmits.push_back((
+                producer.clone(),
+                ConsumerFrame::Ack {
+                    confirmed: self.confirmed,
+                },
+            ));
+        }
+        self.become_stopped();
+    }
+
+    /// The next frame, with the producer it is for.
+    pub fn poll_transmit(&mut self) -> Option<(ProducerRef, ConsumerFrame)> {
+        self.transmits.pop_front()
+    }
+
+    fn become_stopped(&mut self) {
+        self.phase = Phase::Stopped;
+        self.stash.clear();
+        self.events.push_back(ConsumerEvent::Stopped);
+    }
+
+    /// True once the controller has stopped for good.
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.phase, Phase::Stopped)
+    }
+}
+
 impl<M: Clone + 'static> ConsumerController<M> {
     /// A controller waiting for its consumer's Start; its retry timer runs from `now`.
     pub fn new(settings: ConsumerSettings, now: Instant) -> Self {
@@ -210,11 +246,6 @@ impl<M: Clone + 'static> ConsumerController<M> {
         self.collected_chunks.shrink_to_fit();
         self.transmits.shrink_to_fit();
         self.events.shrink_to_fit();
-    }
-
-    /// True once the controller has stopped for good.
-    pub fn is_stopped(&self) -> bool {
-        matches!(self.phase, Phase::Stopped)
     }
 
     /// The producer this controller is connected to, if any.
@@ -358,23 +389,6 @@ impl<M: Clone + 'static> ConsumerController<M> {
         }
     }
 
-    /// Stop now (the consumer went away, or the owner shuts down): a best-effort Ack of what
-    /// was confirmed goes to the producer.
-    pub fn stop(&mut self) {
-        if self.is_stopped() {
-            return;
-        }
-        if let Some(producer) = &self.producer {
-            self.transmits.push_back((
-                producer.clone(),
-                ConsumerFrame::Ack {
-                    confirmed: self.confirmed,
-                },
-            ));
-        }
-        self.become_stopped();
-    }
-
     /// Fires the retry timer when it is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.is_stopped() || self.retry.deadline > now {
@@ -406,11 +420,6 @@ impl<M: Clone + 'static> ConsumerController<M> {
             }
             Phase::Stopped => {}
         }
-    }
-
-    /// The next frame, with the producer it is for.
-    pub fn poll_transmit(&mut self) -> Option<(ProducerRef, ConsumerFrame)> {
-        self.transmits.pop_front()
     }
 
     /// The next event for the consumer.
@@ -645,12 +654,6 @@ impl<M: Clone + 'static> ConsumerController<M> {
         };
         self.requested = up_to;
         self.transmit_request(&producer, self.confirmed, up_to, true);
-    }
-
-    fn become_stopped(&mut self) {
-        self.phase = Phase::Stopped;
-        self.stash.clear();
-        self.events.push_back(ConsumerEvent::Stopped);
     }
 }
 

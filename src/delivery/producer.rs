@@ -266,6 +266,19 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
             && self.current_seq_nr <= self.requested_seq_nr
     }
 
+    /// While the producer has demand: the highest sequence number it may use now. Each message
+    /// takes one number when nothing is chunked, so a driver may grant the producer the whole
+    /// range at once; the core still checks every send against it.
+    pub fn requested_up_to(&self) -> Option<SeqNr> {
+        self.has_demand().then_some(self.requested_seq_nr)
+    }
+
+    /// True when one message takes exactly one sequence number and no storage step: then the
+    /// whole [`Self::requested_up_to`] range may be granted at once.
+    pub fn grants_whole_window(&self) -> bool {
+        self.chunking.is_none() && !self.durable
+    }
+
     /// Sequence number the next message will get.
     pub fn current_seq_nr(&self) -> SeqNr {
         self.current_seq_nr

@@ -1,6 +1,9 @@
-//! The task that runs a [`ConsumerController`] core: it hands deliveries to the consumer
-//! through a [`ConsumerHandle`] one at a time, takes its confirmations, and talks to the
-//! producer over a [`Link`].
+//! The consumer's side: a [`ConsumerHandle`] owns its [`ConsumerController`] core and drives it
+//! from the consumer's own task. [`ConsumerHandle::next`] reads the link and fires timers
+//! until a delivery is ready; [`ConsumerHandle::confirm`] sends the resulting frames at once.
+//! There is no separate task, so no hand-off per message. Timers only run while the consumer
+//! waits in `next`; while it processes, the core is waiting for a confirmation and retries
+//! nothing anyway (Akka does the same).
 
 use std::sync::Arc;
 
@@ -17,53 +20,106 @@ use crate::delivery::settings::ConsumerSettings;
 /// Where a consumer's frames go.
 pub type ProducerLink<M> = Arc<dyn Link<FromConsumer<M>>>;
 
-enum Command<M> {
-    Confirm,
-    RegisterToProducer(ProducerRef, ProducerLink<M>),
-    DeliverThenStop,
+/// A ConsumerController and the consumer that uses it, in one place. The controller only
+/// makes progress while the consumer calls [`Self::next`]: a producer waits for the consumer's
+/// first poll before it sends more than its first message.
+pub struct ConsumerHandle<M: 'static> {
+    core: ConsumerController<M>,
+    inbox: mpsc::Receiver<SequencedMessage<M>>,
+    producer: Option<ProducerLink<M>>,
+    me: Arc<ChannelLink<SequencedMessage<M>>>,
+    stopped: bool,
 }
 
-/// The consumer's side of a ConsumerController task.
-pub struct ConsumerHandle<M> {
-    deliveries: mpsc::Receiver<Delivery<M>>,
-    // Unbounded: the protocol allows one delivery outstanding, so at most one Confirm, plus
-    // the rare register or stop command, can wait here.
-    commands: mpsc::UnboundedSender<Command<M>>,
-    stopped: mpsc::Receiver<Option<ConsumerError>>,
-}
-
-impl<M: Send + 'static> ConsumerHandle<M> {
-    /// The next message, in order; `None` once the controller stopped. Confirm it before the
-    /// next one comes.
+impl<M: Clone + Send + Sync + 'static> ConsumerHandle<M> {
+    /// The next message, in order; `None` once the controller stopped. Confirm it before
+    /// asking for the next one.
     pub async fn next(&mut self) -> Option<Delivery<M>> {
-        self.deliveries.recv().await
+        loop {
+            self.send_frames();
+            match self.core.poll_event() {
+                Some(ConsumerEvent::Deliver(delivery)) => return Some(delivery),
+                Some(ConsumerEvent::Stopped) => self.stopped = true,
+                None => {}
+            }
+            if self.stopped {
+                return None;
+            }
+            tokio::select! {
+                message = self.inbox.recv() => match message {
+                    Some(message) => {
+                        self.core.handle_message(message, Instant::now());
+                        // Take what else already arrived, without waiting.
+                        while let Ok(message) = self.inbox.try_recv() {
+                            self.core.handle_message(message, Instant::now());
+                        }
+                    }
+                    // Every link to us is gone: nothing more can arrive.
+                    None => self.core.stop(),
+                },
+                _ = sleep_until(self.core.poll_timeout()) => self.core.handle_timeout(Instant::now()),
+            }
+        }
     }
 
-    /// The outstanding delivery is processed (Akka's `Confirmed`).
-    pub fn confirm(&self) {
-        let _ = self.commands.send(Command::Confirm);
+    /// The delivery last returned by [`Self::next`] is processed (Akka's `Confirmed`).
+    pub fn confirm(&mut self) {
+        let _ = self.core.confirm(Instant::now());
+        self.send_frames();
     }
 
-    /// Connects to `producer`, whose frames arrive over `link` (Akka's
+    /// Connects to `producer`, whose frames go over `link` (Akka's
     /// `RegisterToProducerController`); retried until its first message arrives.
-    pub fn register_to_producer(&self, producer: ProducerRef, link: ProducerLink<M>) {
-        let _ = self
-            .commands
-            .send(Command::RegisterToProducer(producer, link));
+    pub fn register_to_producer(&mut self, producer: ProducerRef, link: ProducerLink<M>) {
+        self.producer = Some(link);
+        self.core.register_to_producer(producer, Instant::now());
+        self.send_frames();
     }
 
-    /// Stops once everything received so far is delivered and confirmed.
-    pub fn deliver_then_stop(&self) {
-        let _ = self.commands.send(Command::DeliverThenStop);
+    /// Stops once everything received so far is delivered and confirmed; `next` then returns
+    /// `None`.
+    pub fn deliver_then_stop(&mut self) {
+        self.core.deliver_then_stop();
+        self.send_frames();
     }
 
-    /// Waits until the controller stopped; returns why, if it failed.
-    pub async fn stopped(&mut self) -> Option<ConsumerError> {
-        self.stopped.recv().await.flatten()
+    /// Why the controller stopped, when it stopped on an error.
+    pub fn failure(&self) -> Option<&ConsumerError> {
+        self.core.failure()
+    }
+
+    fn send_frames(&mut self) {
+        while let Some((to, frame)) = self.core.poll_transmit() {
+            let reply_to = matches!(frame, ConsumerFrame::RegisterConsumer)
+                .then(|| Arc::clone(&self.me) as Arc<dyn Link<SequencedMessage<M>>>);
+            if let Some(producer) = &self.producer {
+                producer.send(FromConsumer {
+                    to,
+                    frame,
+                    reply_to,
+                });
+            }
+        }
     }
 }
 
-/// Builds and starts a ConsumerController task.
+impl<M: 'static> Drop for ConsumerHandle<M> {
+    /// The consumer is gone (Akka: consumer terminated): a last best-effort Ack.
+    fn drop(&mut self) {
+        self.core.stop();
+        while let Some((to, frame)) = self.core.poll_transmit() {
+            if let Some(producer) = &self.producer {
+                producer.send(FromConsumer {
+                    to,
+                    frame,
+                    reply_to: None,
+                });
+            }
+        }
+    }
+}
+
+/// Builds a ConsumerController and its handle.
 pub struct ConsumerBuilder<M> {
     settings: ConsumerSettings,
     codec: Option<Arc<dyn Codec<M>>>,
@@ -99,9 +155,9 @@ impl<M: Clone + Send + Sync + 'static> ConsumerBuilder<M> {
         self
     }
 
-    /// Starts the task; producers' messages arrive on `inbox`, whose sending side is `me`
-    /// (passed along with RegisterConsumer so the producer can answer).
-    pub fn spawn(
+    /// The handle; producers' messages arrive on `inbox`, whose sending side is `me` (passed
+    /// along with RegisterConsumer so a producer can answer).
+    pub fn start(
         self,
         inbox: mpsc::Receiver<SequencedMessage<M>>,
         me: ChannelLink<SequencedMessage<M>>,
@@ -113,90 +169,12 @@ impl<M: Clone + Send + Sync + 'static> ConsumerBuilder<M> {
         }
         // The handle is the consumer, and it exists from the start.
         core.start(now);
-        let (deliveries_tx, deliveries) = mpsc::channel(2);
-        let (commands, commands_rx) = mpsc::unbounded_channel();
-        let (stopped_tx, stopped) = mpsc::channel(1);
-        let task = ConsumerTask {
+        ConsumerHandle {
             core,
+            inbox,
             producer: self.producer,
             me: Arc::new(me),
-            deliveries: deliveries_tx,
-        };
-        tokio::spawn(async move {
-            let failure = task.run(inbox, commands_rx).await;
-            let _ = stopped_tx.send(failure).await;
-        });
-        ConsumerHandle {
-            deliveries,
-            commands,
-            stopped,
+            stopped: false,
         }
-    }
-}
-
-struct ConsumerTask<M> {
-    core: ConsumerController<M>,
-    producer: Option<ProducerLink<M>>,
-    me: Arc<ChannelLink<SequencedMessage<M>>>,
-    deliveries: mpsc::Sender<Delivery<M>>,
-}
-
-impl<M: Clone + Send + Sync + 'static> ConsumerTask<M> {
-    async fn run(
-        mut self,
-        mut inbox: mpsc::Receiver<SequencedMessage<M>>,
-        mut commands: mpsc::UnboundedReceiver<Command<M>>,
-    ) -> Option<ConsumerError> {
-        loop {
-            if self.drain() {
-                return self.core.failure().cloned();
-            }
-            tokio::select! {
-                Some(message) = inbox.recv() => self.core.handle_message(message, Instant::now()),
-                command = commands.recv() => {
-                    let now = Instant::now();
-                    match command {
-                        Some(Command::Confirm) => {
-                            let _ = self.core.confirm(now);
-                        }
-                        Some(Command::RegisterToProducer(producer, link)) => {
-                            self.producer = Some(link);
-                            self.core.register_to_producer(producer, now);
-                        }
-                        Some(Command::DeliverThenStop) => self.core.deliver_then_stop(),
-                        // The consumer is gone (Akka: consumer terminated).
-                        None => self.core.stop(),
-                    }
-                }
-                _ = sleep_until(self.core.poll_timeout()) => self.core.handle_timeout(Instant::now()),
-            }
-        }
-    }
-
-    /// Moves the core's outputs; returns true once it stopped.
-    fn drain(&mut self) -> bool {
-        while let Some((to, frame)) = self.core.poll_transmit() {
-            let reply_to = matches!(frame, ConsumerFrame::RegisterConsumer)
-                .then(|| Arc::clone(&self.me) as Arc<dyn Link<SequencedMessage<M>>>);
-            if let Some(producer) = &self.producer {
-                producer.send(FromConsumer {
-                    to,
-                    frame,
-                    reply_to,
-                });
-            }
-        }
-        let mut stopped = false;
-        while let Some(event) = self.core.poll_event() {
-            match event {
-                ConsumerEvent::Deliver(delivery) => {
-                    // Room for one outstanding delivery and one redelivery to a restarted
-                    // consumer; more would be a protocol bug.
-                    let _ = self.deliveries.try_send(delivery);
-                }
-                ConsumerEvent::Stopped => stopped = true,
-            }
-        }
-        stopped
     }
 }

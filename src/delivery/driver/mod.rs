@@ -80,7 +80,7 @@ pub fn connect_in_process<M: Clone + Send + Sync + 'static>(
         .spawn(producer_inbox);
     let consumer = consumer
         .producer(Arc::new(to_producer))
-        .spawn(consumer_inbox, to_consumer);
+        .start(consumer_inbox, to_consumer);
     (producer, consumer)
 }
 

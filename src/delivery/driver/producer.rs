@@ -196,7 +196,8 @@ impl<M: Clone + Send + Sync + 'static> ProducerBuilder<M> {
         if self.consumer.is_some() {
             core.register_consumer(now);
         }
-        let (commands, commands_rx) = mpsc::channel(1);
+        // Sends are bounded by demand permits (at most a flow-control window), not by this.
+        let (commands, commands_rx) = mpsc::channel(64);
         let demand = Arc::new(Semaphore::new(0));
         let (failure_tx, failure) = watch::channel(None);
         let task = ProducerTask {
@@ -208,6 +209,7 @@ impl<M: Clone + Send + Sync + 'static> ProducerBuilder<M> {
             failure: failure_tx,
             store_ops: FuturesUnordered::new(),
             next_cleanup: None,
+            granted_through: SeqNr::ZERO,
         };
         tokio::spawn(task.run(commands_rx, inbox));
         ProducerHandle {
@@ -228,6 +230,8 @@ struct ProducerTask<M, Q> {
     failure: watch::Sender<Option<DeliveryError>>,
     store_ops: FuturesUnordered<StoreOp<M>>,
     next_cleanup: Option<Instant>,
+    /// Highest sequence number the producer holds a permit for (whole-window granting).
+    granted_through: SeqNr,
 }
 
 impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<M, Q> {
@@ -248,7 +252,13 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<
                 .min();
             tokio::select! {
                 command = commands.recv() => match command {
-                    Some(command) => self.on_command(command),
+                    Some(command) => {
+                        self.on_command(command);
+                        // Take what else is already queued before draining once.
+                        while let Ok(command) = commands.try_recv() {
+                            self.on_command(command);
+                        }
+                    }
                     // Every handle is gone: nothing more will be sent.
                     None => break,
                 },
@@ -322,12 +332,25 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<
                 consumer.send(message);
             }
         }
+        let whole_window = self.core.grants_whole_window();
         while let Some(event) = self.core.poll_event() {
             match event {
-                ProducerEvent::RequestNext { .. } => self.demand.add_permits(1),
+                ProducerEvent::RequestNext { .. } if !whole_window => self.demand.add_permits(1),
+                ProducerEvent::RequestNext { .. } => {}
                 ProducerEvent::Confirmed { seq_nr, token } => {
                     let _ = token.send(seq_nr);
                 }
+            }
+        }
+        if whole_window && let Some(up_to) = self.core.requested_up_to() {
+            // One permit per sequence number up to the window's end: the producer need not
+            // wait for this task between messages.
+            let first_ungranted = self
+                .granted_through
+                .max(self.core.current_seq_nr().minus(1));
+            if let Some(more) = up_to.distance_from(first_ungranted).filter(|n| *n > 0) {
+                self.demand.add_permits(more as usize);
+                self.granted_through = up_to;
             }
         }
         while let Some(request) = self.core.poll_store() {

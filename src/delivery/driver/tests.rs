@@ -73,9 +73,9 @@ fn registered_pair(
     let producer = ProducerBuilder::new(ProducerId::new("p"))
         .settings(producer_settings)
         .spawn(producer_inbox);
-    let consumer = ConsumerBuilder::default()
+    let mut consumer = ConsumerBuilder::default()
         .settings(consumer_settings())
-        .spawn(consumer_inbox, to_consumer);
+        .start(consumer_inbox, to_consumer);
     consumer.register_to_producer(producer.producer_ref().clone(), Arc::new(to_producer));
     (producer, consumer)
 }
@@ -139,7 +139,7 @@ async fn a_replaced_consumer_takes_over_the_same_producer() {
     let (to_first, first_inbox) = channel_link(LINK_CAPACITY);
     let mut first = ConsumerBuilder::default()
         .settings(consumer_settings())
-        .spawn(first_inbox, to_first);
+        .start(first_inbox, to_first);
     first.register_to_producer(producer.producer_ref().clone(), Arc::clone(&to_producer));
     let asking = async {
         for n in 1..=42 {
@@ -149,16 +149,13 @@ async fn a_replaced_consumer_takes_over_the_same_producer() {
     let (_, got) = tokio::join!(asking, take(&mut first, 42));
     assert_eq!(got, (1..=42).collect::<Vec<_>>());
     first.deliver_then_stop();
-    assert_eq!(
-        first.stopped().await,
-        None,
-        "the first consumer stops cleanly"
-    );
+    assert!(first.next().await.is_none(), "the first consumer stops");
+    assert_eq!(first.failure(), None, "cleanly");
 
     let (to_second, second_inbox) = channel_link(LINK_CAPACITY);
-    let second = ConsumerBuilder::default()
+    let mut second = ConsumerBuilder::default()
         .settings(consumer_settings())
-        .spawn(second_inbox, to_second);
+        .start(second_inbox, to_second);
     second.register_to_producer(producer.producer_ref().clone(), to_producer);
     let (mut rx, _task) = consume(second, Duration::ZERO);
     produce(&producer, 43..=84, Duration::ZERO).await;
@@ -173,7 +170,7 @@ async fn a_replaced_producer_starts_a_new_session_with_the_same_consumer() {
     let consumer = ConsumerBuilder::default()
         .settings(consumer_settings())
         .producer(Arc::new(to_producer))
-        .spawn(consumer_inbox, to_consumer.clone());
+        .start(consumer_inbox, to_consumer.clone());
     let (mut rx, _task) = consume(consumer, Duration::ZERO);
     let first = ProducerBuilder::new(ProducerId::new("p"))
         .consumer(Arc::new(to_consumer.clone()))
@@ -220,7 +217,7 @@ async fn a_faulty_link_between_the_tasks_still_delivers_everything_in_order() {
         let consumer = ConsumerBuilder::default()
             .settings(consumer_settings())
             .producer(faulty_to_producer)
-            .spawn(consumer_inbox, to_consumer);
+            .start(consumer_inbox, to_consumer);
         let (mut rx, _task) = consume(consumer, Duration::ZERO);
         for n in 1..=100 {
             producer.send(n).await.unwrap();
@@ -252,12 +249,15 @@ async fn after_a_full_restart_unconfirmed_messages_are_delivered_again() {
     let mut consumer = ConsumerBuilder::default()
         .settings(consumer_settings())
         .producer(Arc::new(to_producer))
-        .spawn(consumer_inbox, to_consumer);
-    for n in [1, 2, 3] {
-        producer.ask(n).await.unwrap();
-    }
-    let a = consumer.next().await.unwrap();
-    assert_eq!(a.message, 1);
+        .start(consumer_inbox, to_consumer);
+    // The consumer polls while the producer asks: its first Request opens the window.
+    let asking = async {
+        for n in [1, 2, 3] {
+            producer.ask(n).await.unwrap();
+        }
+    };
+    let (_, a) = tokio::join!(asking, consumer.next());
+    assert_eq!(a.unwrap().message, 1);
     // Neither confirms nor continues: both sides stop.
     drop(producer);
     drop(consumer);
@@ -267,7 +267,7 @@ async fn after_a_full_restart_unconfirmed_messages_are_delivered_again() {
     let consumer = ConsumerBuilder::default()
         .settings(consumer_settings())
         .producer(Arc::new(to_producer))
-        .spawn(consumer_inbox, to_consumer);
+        .start(consumer_inbox, to_consumer);
     let (mut rx, _task) = consume(consumer, Duration::ZERO);
     assert_eq!(receive(&mut rx, 3).await, vec![1, 2, 3]);
     assert_eq!(producer.ask(4).await.unwrap(), SeqNr(4));
@@ -283,12 +283,15 @@ async fn after_a_producer_restart_the_same_consumer_gets_the_rest_again() {
     let mut consumer = ConsumerBuilder::default()
         .settings(consumer_settings())
         .producer(Arc::new(to_producer))
-        .spawn(consumer_inbox, to_consumer.clone());
-    for n in [1, 2, 3] {
-        producer.ask(n).await.unwrap();
-    }
-    let a = consumer.next().await.unwrap();
-    assert_eq!(a.message, 1);
+        .start(consumer_inbox, to_consumer.clone());
+    // The consumer polls while the producer asks: its first Request opens the window.
+    let asking = async {
+        for n in [1, 2, 3] {
+            producer.ask(n).await.unwrap();
+        }
+    };
+    let (_, a) = tokio::join!(asking, consumer.next());
+    assert_eq!(a.unwrap().message, 1);
     drop(producer);
 
     let (producer, to_producer) = durable_producer(&queue, &to_consumer);
@@ -315,7 +318,7 @@ async fn after_a_restart_with_everything_confirmed_numbering_continues() {
     let mut consumer = ConsumerBuilder::default()
         .settings(consumer_settings())
         .producer(Arc::new(to_producer))
-        .spawn(consumer_inbox, to_consumer);
+        .start(consumer_inbox, to_consumer);
     let (confirmed, got) = tokio::join!(producer.ask(1), take(&mut consumer, 1));
     confirmed.unwrap();
     assert_eq!(got, vec![1]);
@@ -336,7 +339,7 @@ async fn after_a_restart_with_everything_confirmed_numbering_continues() {
     let consumer = ConsumerBuilder::default()
         .settings(consumer_settings())
         .producer(Arc::new(to_producer))
-        .spawn(consumer_inbox, to_consumer);
+        .start(consumer_inbox, to_consumer);
     let (mut rx, _task) = consume(consumer, Duration::ZERO);
     assert_eq!(
         producer.ask(2).await.unwrap(),
@@ -405,9 +408,10 @@ async fn a_departed_workers_messages_are_processed_by_another_worker_task() {
         registry.spawn_worker(to_producer.clone(), ConsumerBuilder::default());
     producer.wait_for_workers(1).await.unwrap();
     producer.send(1).await.unwrap();
-    producer.send(2).await.unwrap();
-    // The first worker takes message 1 and never confirms it.
-    assert_eq!(stuck.next().await.unwrap().message, 1);
+    // The first worker takes message 1 and never confirms it; its Request lets 2 follow.
+    let (sent, first) = tokio::join!(producer.send(2), stuck.next());
+    sent.unwrap();
+    assert_eq!(first.unwrap().message, 1);
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     let (w2, _r2) = registry.spawn_worker(to_producer, ConsumerBuilder::default());
     producer.wait_for_workers(2).await.unwrap();
@@ -441,7 +445,7 @@ async fn one_byte_chunks_deliver_every_message_once_in_order() {
         .settings(consumer_settings())
         .codec(codec)
         .producer(Arc::new(to_producer))
-        .spawn(consumer_inbox, to_consumer);
+        .start(consumer_inbox, to_consumer);
     let (mut rx, _task) = consume(consumer, Duration::ZERO);
     let mut replies = Vec::new();
     for n in 1..=42u32 {
@@ -476,14 +480,17 @@ async fn chunked_messages_survive_a_full_restart() {
             .settings(consumer_settings())
             .codec(codec.clone())
             .producer(Arc::new(to_producer))
-            .spawn(consumer_inbox, to_consumer);
+            .start(consumer_inbox, to_consumer);
         (producer, consumer)
     };
     let (producer, mut consumer) = spawn(&queue);
-    for n in [101, 102, 103] {
-        producer.ask(n).await.unwrap();
-    }
-    assert_eq!(consumer.next().await.unwrap().message, 101);
+    let asking = async {
+        for n in [101, 102, 103] {
+            producer.ask(n).await.unwrap();
+        }
+    };
+    let (_, first) = tokio::join!(asking, consumer.next());
+    assert_eq!(first.unwrap().message, 101);
     drop((producer, consumer));
 
     let (producer, consumer) = spawn(&queue);

@@ -106,7 +106,7 @@ impl<M: Send + Sync + 'static> LocalWorkerRegistry<M> {
         let (link, inbox) = channel_link(LINK_CAPACITY);
         let handle = consumer
             .producer(Arc::new(producer))
-            .spawn(inbox, link.clone());
+            .start(inbox, link.clone());
         let registration = self.register(Arc::new(link));
         (handle, registration)
     }
