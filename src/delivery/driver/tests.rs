@@ -499,3 +499,59 @@ async fn chunked_messages_survive_a_full_restart() {
     producer.ask(104).await.unwrap();
     assert_eq!(receive(&mut rx, 1).await, vec![104]);
 }
+
+// ESRD-01 with the embedded redb store and a real file: real time, because redb runs on the
+// blocking pool and paused time would skip past the store's request timeout meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redb_store_carries_unconfirmed_messages_across_a_full_restart() {
+    use crate::delivery::codec::JsonCodec;
+    use crate::delivery::durable::redb_store::RedbQueue;
+
+    let dir = std::env::temp_dir().join("warren-redb-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("restart-{}.redb", uuid::Uuid::new_v4()));
+    let spawn = |queue: RedbQueue<u32>| {
+        let (to_consumer, consumer_inbox) = channel_link(LINK_CAPACITY);
+        let (to_producer, producer_inbox) = channel_link(LINK_CAPACITY);
+        let producer = ProducerBuilder::new(ProducerId::new("p"))
+            .consumer(Arc::new(to_consumer.clone()))
+            .spawn_durable(producer_inbox, queue);
+        let consumer = ConsumerBuilder::default()
+            .settings(consumer_settings())
+            .producer(Arc::new(to_producer))
+            .start(consumer_inbox, to_consumer);
+        (producer, consumer)
+    };
+    let queue = RedbQueue::open(&path, Arc::new(JsonCodec), 100).unwrap();
+    let (producer, mut consumer) = spawn(queue);
+    let asking = async {
+        for n in [1, 2, 3] {
+            producer.ask(n).await.unwrap();
+        }
+    };
+    let (_, first) = tokio::join!(asking, consumer.next());
+    assert_eq!(first.unwrap().message, 1);
+    drop((producer, consumer));
+
+    // The file is released once the old producer task has flushed and stopped.
+    let reopened = async {
+        loop {
+            match RedbQueue::open(&path, Arc::new(JsonCodec), 100) {
+                Ok(queue) => break queue,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    };
+    let queue = tokio::time::timeout(Duration::from_secs(10), reopened)
+        .await
+        .expect("store reopened");
+    let (producer, consumer) = spawn(queue);
+    let (mut rx, _task) = consume(consumer, Duration::ZERO);
+    let got = tokio::time::timeout(Duration::from_secs(10), receive(&mut rx, 3))
+        .await
+        .expect("redelivered");
+    assert_eq!(got, vec![1, 2, 3]);
+    assert_eq!(producer.ask(4).await.unwrap(), SeqNr(4));
+    drop(producer);
+    let _ = std::fs::remove_file(&path);
+}
