@@ -22,12 +22,12 @@ fn consumer_settings() -> ConsumerSettings {
 }
 
 /// Consumes with an optional processing delay; reports `(seq_nr, message)` of every delivery.
-fn consume(
-    mut consumer: ConsumerHandle<u32>,
+fn consume<M: Clone + Send + Sync + 'static>(
+    mut consumer: ConsumerHandle<M>,
     delay: Duration,
 ) -> (
-    mpsc::UnboundedReceiver<(u64, u32)>,
-    JoinHandle<ConsumerHandle<u32>>,
+    mpsc::UnboundedReceiver<(u64, M)>,
+    JoinHandle<ConsumerHandle<M>>,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
@@ -54,7 +54,7 @@ async fn take(consumer: &mut ConsumerHandle<u32>, n: usize) -> Vec<u32> {
     got
 }
 
-async fn receive(rx: &mut mpsc::UnboundedReceiver<(u64, u32)>, n: usize) -> Vec<u32> {
+async fn receive<M>(rx: &mut mpsc::UnboundedReceiver<(u64, M)>, n: usize) -> Vec<M> {
     let mut got = Vec::with_capacity(n);
     while got.len() < n {
         let (_, message) = rx.recv().await.expect("consumer still running");
@@ -91,7 +91,7 @@ async fn produce(
     }
 }
 
-// RD-01
+// RD-01 (and NET-05, Akka.NET's point-to-point doc sample)
 #[tokio::test(start_paused = true)]
 async fn point_to_point_delivers_every_message_once_in_order() {
     let (producer, consumer) = registered_pair(ProducerSettings::default());
@@ -240,7 +240,8 @@ fn durable_producer(
     (producer, to_producer)
 }
 
-// ESRD-01
+// ESRD-01 (and NET-07: with a durable queue the ask is answered after storage, before the
+// consumer confirms, so asks 1..3 complete while the consumer holds message 1)
 #[tokio::test(start_paused = true)]
 async fn after_a_full_restart_unconfirmed_messages_are_delivered_again() {
     let queue = InMemoryQueue::default();
@@ -461,6 +462,37 @@ async fn one_byte_chunks_deliver_every_message_once_in_order() {
     );
     let expected: Vec<u32> = (1..=42).map(|n| n * 1000).collect();
     assert_eq!(receive(&mut rx, 42).await, expected);
+}
+
+// NET-06: Akka.NET's point-to-point doc sample with 10-byte chunks; the strings span one, two
+// and three chunks, the last one short.
+#[tokio::test(start_paused = true)]
+async fn ten_byte_chunks_carry_strings_of_any_length() {
+    let codec = Arc::new(crate::delivery::codec::JsonCodec);
+    let (to_consumer, consumer_inbox) = channel_link(LINK_CAPACITY);
+    let (to_producer, producer_inbox) = channel_link(LINK_CAPACITY);
+    let producer = ProducerBuilder::new(ProducerId::new("p"))
+        .settings(ProducerSettings {
+            chunk_large_messages: Some(10),
+            ..ProducerSettings::default()
+        })
+        .codec(codec.clone())
+        .consumer(Arc::new(to_consumer.clone()))
+        .spawn(producer_inbox);
+    let consumer = ConsumerBuilder::default()
+        .settings(consumer_settings())
+        .codec(codec)
+        .producer(Arc::new(to_producer))
+        .start(consumer_inbox, to_consumer);
+    let (mut rx, _task) = consume(consumer, Duration::ZERO);
+    let sent = vec!["a".to_string(), "b".repeat(17), "c".repeat(28)];
+    let mut replies = Vec::new();
+    for message in &sent {
+        replies.push(producer.ask(message.clone()).await.unwrap().0);
+    }
+    // JSON adds two quote bytes: 3, 19 and 30 bytes make 1, 2 and 3 chunks.
+    assert_eq!(replies, vec![1, 3, 6]);
+    assert_eq!(receive(&mut rx, 3).await, sent);
 }
 
 // ESRD-01, chunked
