@@ -185,3 +185,12 @@ impl<M: Send + 'static> DurableProducerQueue<M> for NoQueue {
         Ok(())
     }
 }
+
+/// Writes what the queue holds back before its controller stops, so a restart loads it.
+pub async fn flush_at_stop<M, Q: DurableProducerQueue<M>>(queue: Option<&Q>) {
+    if let Some(queue) = queue
+        && let Err(error) = queue.flush().await
+    {
+        warn!(%error, "durable queue not flushed at stop");
+    }
+}

@@ -358,11 +358,7 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> WorkPullingTa
                 break;
             }
         }
-        if let Some(queue) = &self.queue
-            && let Err(error) = queue.flush().await
-        {
-            warn!(%error, "durable queue not flushed at stop");
-        }
+        store::flush_at_stop(self.queue.as_deref()).await;
     }
 
     fn on_workers(&mut self, current: &Workers<M>) {
