@@ -84,13 +84,24 @@ pub enum ProducerError {
         /// Highest sequence number the consumer allowed.
         requested_up_to: SeqNr,
     },
-    /// The consumer sent a Request whose confirmed sequence number is beyond its own window.
-    #[error("inconsistent request: confirmed {confirmed} is beyond requested {request_up_to}")]
+    /// The consumer sent a Request whose confirmed sequence number is beyond its own window,
+    /// or whose window is wider than any consumer can be configured with.
+    #[error("inconsistent request: confirmed {confirmed}, requested up to {request_up_to}")]
     InconsistentRequest {
         /// The confirmed sequence number in the Request.
         confirmed: SeqNr,
         /// The window end in the Request.
         request_up_to: SeqNr,
+    },
+    /// The consumer confirmed a sequence number this controller never sent. Trusting it would
+    /// drop unconfirmed messages and, with a durable queue, store a confirmation that hides
+    /// every real one up to it.
+    #[error("the consumer confirmed {confirmed}, but only messages before {current} were sent")]
+    ConfirmedUnsent {
+        /// The confirmed sequence number in the frame.
+        confirmed: SeqNr,
+        /// The next sequence number to be sent.
+        current: SeqNr,
     },
     /// The durable queue did not load its state within the attempts allowed.
     #[error("durable queue LoadState failed after {attempts} attempts")]
@@ -390,6 +401,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
                 via_timeout,
             } => self.receive_request(confirmed, request_up_to, support_resend, via_timeout, now),
             ConsumerFrame::Ack { confirmed } => {
+                self.check_sent(confirmed)?;
                 self.receive_ack(confirmed);
                 Ok(())
             }
@@ -457,7 +469,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         self.store_next_chunk();
     }
 
-    /// Storing the message `seq_nr` failed or timed out on `attempt`: retry, or fail after
+    /// Storing the message `seq_nr` failed or timed out on `attempt`: retry it, or fail after
     /// `retry_attempts`.
     pub fn handle_store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
         if self.failure.is_some() || self.store_in_progress != Some((seq_nr, attempt)) {
@@ -470,23 +482,10 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
             });
             return;
         }
-        let head_is_first = self
-            .remaining_chunks
-            .front()
-            .is_some_and(|m| m.payload.is_first_chunk());
-        if !head_is_first {
-            // A restarted durable queue drops partly stored chunked messages: store the whole
-            // message again, from its first chunk (already sent chunks come back from
-            // `unconfirmed`).
-            while let Some(sent) = self.unconfirmed.pop_back() {
-                let first = sent.payload.is_first_chunk();
-                self.current_seq_nr = sent.seq_nr;
-                self.remaining_chunks.push_front(sent);
-                if first {
-                    break;
-                }
-            }
-        }
+        // Retry the same message or chunk. Akka re-stores a chunked message from its first
+        // chunk because its store restarts and forgets partial runs; ours keep what they
+        // acknowledged and take a retry of the last record as a no-op, so the chunk itself is
+        // the right retry (a full restart still drops partial runs in `load_state`).
         self.store_in_progress = None;
         self.store_head(attempt + 1);
     }
@@ -767,12 +766,14 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         via_timeout: bool,
         now: Instant,
     ) -> Result<(), ProducerError> {
-        if confirmed > request_up_to {
+        let window = request_up_to.distance_from(confirmed);
+        if window.is_none_or(|w| w > u64::from(u32::MAX)) {
             return Err(self.fail(ProducerError::InconsistentRequest {
                 confirmed,
                 request_up_to,
             }));
         }
+        self.check_sent(confirmed)?;
         let first_before = self.first_seq_nr;
         self.on_ack(confirmed);
         if !support_resend {
@@ -804,6 +805,17 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
             }
         }
         self.support_resend = support_resend;
+        Ok(())
+    }
+
+    /// A confirmation may only name a message this controller sent.
+    fn check_sent(&mut self, confirmed: SeqNr) -> Result<(), ProducerError> {
+        if confirmed >= self.current_seq_nr {
+            return Err(self.fail(ProducerError::ConfirmedUnsent {
+                confirmed,
+                current: self.current_seq_nr,
+            }));
+        }
         Ok(())
     }
 

@@ -436,6 +436,53 @@ async fn an_inconsistent_request_fails_the_controller() {
     assert_eq!(pc.poll_timeout(), None);
 }
 
+// A misbehaving consumer is not trusted: a confirmation of what was never sent, or a window
+// wider than any consumer can be configured with, ends the controller with a typed error
+// (the owner drops that consumer) instead of dropping unconfirmed messages or overflowing.
+#[tokio::test(start_paused = true)]
+async fn a_consumer_cannot_confirm_what_was_never_sent_or_open_an_endless_window() {
+    let now = Instant::now();
+    let mut pc = active(now);
+    pc.send(msg("1"), now).unwrap();
+    let err = pc.handle_frame(request(5, 20), now).unwrap_err();
+    assert_eq!(
+        err,
+        ProducerError::ConfirmedUnsent {
+            confirmed: SeqNr(5),
+            current: SeqNr(2)
+        }
+    );
+
+    let mut pc = active(now);
+    pc.send(msg("1"), now).unwrap();
+    let err = pc
+        .handle_frame(
+            ConsumerFrame::Ack {
+                confirmed: SeqNr(2),
+            },
+            now,
+        )
+        .unwrap_err();
+    assert!(matches!(err, ProducerError::ConfirmedUnsent { .. }));
+
+    let mut pc = active(now);
+    pc.send(msg("1"), now).unwrap();
+    let err = pc.handle_frame(request(0, u64::MAX), now).unwrap_err();
+    assert!(matches!(err, ProducerError::InconsistentRequest { .. }));
+    assert_eq!(
+        pc.poll_timeout(),
+        None,
+        "a failed controller keeps no timers"
+    );
+
+    // The widest legal window is accepted.
+    let mut pc = active(now);
+    pc.send(msg("1"), now).unwrap();
+    pc.handle_frame(request(1, 1 + u64::from(u32::MAX)), now)
+        .unwrap();
+    assert!(pc.has_demand());
+}
+
 // D-07
 #[tokio::test(start_paused = true)]
 async fn resend_from_zero_resends_everything_with_the_head_marked_first() {
@@ -672,31 +719,47 @@ async fn a_durable_queue_that_never_answers_fails_the_controller() {
     assert!(transmitted(&mut pc).is_empty(), "nothing unstored is sent");
 }
 
+// A chunk's store fails: once before it was written, once after it was written (a timeout
+// while the write went through). Each time the chunk itself is stored again, and the store
+// ends up with every chunk exactly once.
 #[tokio::test(start_paused = true)]
-async fn a_failed_store_of_a_later_chunk_stores_the_whole_message_again() {
+async fn a_failed_store_of_a_later_chunk_retries_that_chunk() {
     let now = Instant::now();
     let mut store = DurableState::default();
     let mut pc = durable(&mut store, chunked(1), now);
     pc.handle_frame(request(0, 10), now).unwrap_or(());
     pc.send(msg("abc"), now).unwrap();
-    // Chunk 1 is stored and sent; chunk 2's store fails.
-    let Some(StoreRequest::StoreMessageSent { sent, .. }) = pc.poll_store() else {
-        panic!("store chunk 1")
+    let mut next_store = |pc: &mut Pc| match pc.poll_store() {
+        Some(StoreRequest::StoreMessageSent { sent, attempt }) => (sent, attempt),
+        other => panic!("a store request, got {other:?}"),
     };
+    let (sent, _) = next_store(&mut pc);
     accept_message_sent(&mut store, sent).unwrap();
     pc.handle_message_stored(SeqNr(1), now);
-    let Some(StoreRequest::StoreMessageSent { sent, attempt }) = pc.poll_store() else {
-        panic!("store chunk 2")
-    };
-    assert_eq!(sent.seq_nr, SeqNr(2));
+
+    // Chunk 2 fails before it is written.
+    let (sent, attempt) = next_store(&mut pc);
+    assert_eq!((sent.seq_nr, attempt), (SeqNr(2), 1));
     pc.handle_store_failed(SeqNr(2), attempt);
-    let Some(StoreRequest::StoreMessageSent { sent, attempt }) = pc.poll_store() else {
-        panic!("store again")
-    };
+    let (sent, attempt) = next_store(&mut pc);
+    assert_eq!((sent.seq_nr, attempt), (SeqNr(2), 2), "the chunk itself");
+    accept_message_sent(&mut store, sent).unwrap();
+    pc.handle_message_stored(SeqNr(2), now);
+
+    // Chunk 3 is written, but its answer times out.
+    let (sent, attempt) = next_store(&mut pc);
+    assert_eq!((sent.seq_nr, attempt), (SeqNr(3), 1));
+    accept_message_sent(&mut store, sent).unwrap();
+    pc.handle_store_failed(SeqNr(3), attempt);
+    let (sent, attempt) = next_store(&mut pc);
+    assert_eq!((sent.seq_nr, attempt), (SeqNr(3), 2));
+    assert_eq!(accept_message_sent(&mut store, sent), Ok(false), "a no-op");
+    pc.handle_message_stored(SeqNr(3), now);
+
+    assert!(pc.failure().is_none());
+    assert_eq!(unconfirmed_seqs(&store), vec![1, 2, 3]);
     assert_eq!(
-        (sent.seq_nr, attempt),
-        (SeqNr(1), 2),
-        "from the first chunk"
+        transmitted(&mut pc),
+        vec![(1, true), (2, false), (3, false)]
     );
-    assert!(sent.payload.is_first_chunk());
 }
