@@ -300,6 +300,15 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         self.confirmed_seq_nr
     }
 
+    /// Everything the producer sent is confirmed and nothing waits to be sent or stored: the
+    /// controller may stop without losing anything.
+    pub fn is_settled(&self) -> bool {
+        self.is_active()
+            && self.remaining_chunks.is_empty()
+            && self.store_in_progress.is_none()
+            && self.confirmed_seq_nr.next() >= self.current_seq_nr
+    }
+
     /// Messages sent but not yet confirmed (kept for resending).
     pub fn unconfirmed_len(&self) -> usize {
         self.unconfirmed.len()

@@ -218,6 +218,15 @@ where
         self.buffer.len()
     }
 
+    /// Nothing buffered or being stored, and every worker confirmed all it was sent: the
+    /// controller may stop without losing anything.
+    pub fn is_settled(&self) -> bool {
+        matches!(self.phase, Phase::Active)
+            && self.buffer.is_empty()
+            && self.storing.is_empty()
+            && self.workers.values().all(|w| w.unconfirmed.is_empty())
+    }
+
     /// Why the controller stopped, if it did.
     pub fn failure(&self) -> Option<&WorkPullingError> {
         self.failure.as_ref()

@@ -29,10 +29,14 @@ enum Command<M> {
         confirm: Option<oneshot::Sender<SeqNr>>,
     },
     RegisterConsumer(ConsumerLink<M>),
+    Close(oneshot::Sender<()>),
 }
 
 /// The producer's side of a ProducerController task: cheap to clone; every clone sends into
 /// the same stream.
+///
+/// Dropping every clone stops the controller at once: what it has not had confirmed then
+/// survives only in a durable queue. [`Self::close`] waits for the confirmations first.
 pub struct ProducerHandle<M> {
     commands: mpsc::Sender<Command<M>>,
     demand: Arc<Semaphore>,
@@ -58,7 +62,8 @@ impl<M: Send + 'static> ProducerHandle<M> {
     }
 
     /// Waits for demand (Akka's `RequestNext`), then sends `message`. Delivery is reliable
-    /// from here on; use [`Self::ask`] to learn when it is confirmed.
+    /// from here on while the controller runs; use [`Self::ask`] to learn when it is
+    /// confirmed, or [`Self::close`] to stop only once everything is.
     pub async fn send(&self, message: M) -> Result<(), DeliveryError> {
         self.acquire_demand().await?;
         self.commands
@@ -92,6 +97,18 @@ impl<M: Send + 'static> ProducerHandle<M> {
             .send(Command::RegisterConsumer(consumer))
             .await
             .map_err(|_| self.stopped())
+    }
+
+    /// Stops taking messages (from every clone), waits until everything sent is confirmed,
+    /// makes the durable queue's write-behind confirmations durable, then stops the
+    /// controller. Bound it with a timeout if the consumer may be gone.
+    pub async fn close(self) -> Result<(), DeliveryError> {
+        let (done, closed) = oneshot::channel();
+        self.commands
+            .send(Command::Close(done))
+            .await
+            .map_err(|_| self.stopped())?;
+        closed.await.map_err(|_| self.stopped())
     }
 
     /// Why the controller stopped, if it did.
@@ -200,6 +217,11 @@ impl<M: Clone + Send + Sync + 'static> ProducerBuilder<M> {
         let (commands, commands_rx) = mpsc::channel(64);
         let demand = Arc::new(Semaphore::new(0));
         let (failure_tx, failure) = watch::channel(None);
+        let cleanup = store::CleanupSchedule::new(
+            queue.is_some(),
+            self.settings.durable_queue.cleanup_unused_after,
+            now,
+        );
         let task = ProducerTask {
             core,
             settings: self.settings,
@@ -208,8 +230,9 @@ impl<M: Clone + Send + Sync + 'static> ProducerBuilder<M> {
             demand: Arc::clone(&demand),
             failure: failure_tx,
             store_ops: FuturesUnordered::new(),
-            next_cleanup: None,
+            cleanup,
             granted_through: SeqNr::ZERO,
+            closing: Vec::new(),
         };
         tokio::spawn(task.run(commands_rx, inbox));
         ProducerHandle {
@@ -229,9 +252,11 @@ struct ProducerTask<M, Q> {
     demand: Arc<Semaphore>,
     failure: watch::Sender<Option<DeliveryError>>,
     store_ops: FuturesUnordered<StoreOp<M>>,
-    next_cleanup: Option<Instant>,
+    cleanup: store::CleanupSchedule,
     /// Highest sequence number the producer holds a permit for (whole-window granting).
     granted_through: SeqNr,
+    /// Who waits in [`ProducerHandle::close`]; answered once everything is confirmed.
+    closing: Vec<oneshot::Sender<()>>,
 }
 
 impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<M, Q> {
@@ -240,18 +265,15 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<
         mut commands: mpsc::Receiver<Command<M>>,
         mut inbox: mpsc::Receiver<FromConsumer<M>>,
     ) {
-        if self.queue.is_some() {
-            let interval = self.settings.durable_queue.cleanup_unused_after / 2;
-            self.next_cleanup = Some(Instant::now() + interval);
-        }
         self.drain();
+        let mut commands_open = true;
         loop {
-            let wake_at = [self.core.poll_timeout(), self.next_cleanup]
+            let wake_at = [self.core.poll_timeout(), self.cleanup.next()]
                 .into_iter()
                 .flatten()
                 .min();
             tokio::select! {
-                command = commands.recv() => match command {
+                command = commands.recv(), if commands_open => match command {
                     Some(command) => {
                         self.on_command(command);
                         // Take what else is already queued before draining once.
@@ -260,7 +282,8 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<
                         }
                     }
                     // Every handle is gone: nothing more will be sent.
-                    None => break,
+                    None if self.closing.is_empty() => break,
+                    None => commands_open = false,
                 },
                 Some(frame) = inbox.recv() => self.on_frame(frame),
                 Some(outcome) = self.store_ops.next(), if !self.store_ops.is_empty() => {
@@ -275,10 +298,17 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<
                     .failure
                     .send(Some(DeliveryError::Failed(error.clone())));
                 self.demand.close();
+                self.closing.clear();
+                break;
+            }
+            if !self.closing.is_empty() && self.core.is_settled() {
                 break;
             }
         }
         store::flush_at_stop(self.queue.as_deref()).await;
+        for done in self.closing.drain(..) {
+            let _ = done.send(());
+        }
     }
 
     fn on_command(&mut self, command: Command<M>) {
@@ -294,6 +324,10 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<
             Command::RegisterConsumer(consumer) => {
                 self.consumer = Some(consumer);
                 self.core.register_consumer(now);
+            }
+            Command::Close(done) => {
+                self.demand.close();
+                self.closing.push(done);
             }
         }
     }
@@ -312,12 +346,8 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> ProducerTask<
     fn on_timeout(&mut self) {
         let now = Instant::now();
         self.core.handle_timeout(now);
-        if let (Some(at), Some(queue)) = (self.next_cleanup, &self.queue)
-            && at <= now
-        {
-            let unused_after = self.settings.durable_queue.cleanup_unused_after;
-            self.next_cleanup = Some(now + unused_after / 2);
-            self.store_ops.push(store::cleanup_op(queue, unused_after));
+        if let Some(cleanup) = self.cleanup.due(self.queue.as_ref(), now) {
+            self.store_ops.push(cleanup);
         }
     }
 

@@ -111,19 +111,47 @@ pub fn store_op<M: Send + 'static, Q: DurableProducerQueue<M>>(
     }
 }
 
-/// A periodic cleanup of stale confirmation qualifiers.
-pub fn cleanup_op<M: Send + 'static, Q: DurableProducerQueue<M>>(
-    queue: &Arc<Q>,
+/// When the next cleanup of stale confirmation qualifiers is due: every half
+/// `cleanup_unused_after`, with a durable queue only.
+pub struct CleanupSchedule {
+    next: Option<Instant>,
     unused_after: Duration,
-) -> StoreOp<M> {
-    let queue = Arc::clone(queue);
-    Box::pin(async move {
-        StoreOutcome::Other(
-            queue
-                .cleanup_unused(wall_clock_millis(), unused_after)
-                .await,
-        )
-    })
+}
+
+impl CleanupSchedule {
+    /// The first cleanup half an interval from `now`; none without a queue.
+    pub fn new(has_queue: bool, unused_after: Duration, now: Instant) -> Self {
+        CleanupSchedule {
+            next: has_queue.then(|| now + unused_after / 2),
+            unused_after,
+        }
+    }
+
+    /// When to wake for it.
+    pub fn next(&self) -> Option<Instant> {
+        self.next
+    }
+
+    /// The cleanup to run when it is due at `now`; schedules the next one.
+    pub fn due<M: Send + 'static, Q: DurableProducerQueue<M>>(
+        &mut self,
+        queue: Option<&Arc<Q>>,
+        now: Instant,
+    ) -> Option<StoreOp<M>> {
+        let queue = Arc::clone(queue?);
+        if self.next.is_none_or(|at| at > now) {
+            return None;
+        }
+        self.next = Some(now + self.unused_after / 2);
+        let unused_after = self.unused_after;
+        Some(Box::pin(async move {
+            StoreOutcome::Other(
+                queue
+                    .cleanup_unused(wall_clock_millis(), unused_after)
+                    .await,
+            )
+        }))
+    }
 }
 
 /// Feeds an outcome back to its core.

@@ -587,3 +587,91 @@ async fn the_redb_store_carries_unconfirmed_messages_across_a_full_restart() {
     drop(producer);
     let _ = std::fs::remove_file(&path);
 }
+
+// `close` answers only once the consumer confirmed everything sent: a slow consumer has
+// received all of it by then, and no clone can send any more.
+#[tokio::test(start_paused = true)]
+async fn close_returns_once_everything_sent_is_confirmed() {
+    let (producer, consumer) = registered_pair(ProducerSettings::default());
+    let (mut rx, _task) = consume(consumer, Duration::from_millis(50));
+    produce(&producer, 1..=10, Duration::ZERO).await;
+    let other = producer.clone();
+    producer.close().await.unwrap();
+    let got: Vec<u32> = std::iter::from_fn(|| rx.try_recv().ok().map(|(_, m)| m)).collect();
+    assert_eq!(got, (1..=10).collect::<Vec<_>>());
+    assert!(matches!(other.send(11).await, Err(DeliveryError::Stopped)));
+}
+
+// The same for work pulling: `close` waits for the workers' confirmations.
+#[tokio::test(start_paused = true)]
+async fn work_pulling_close_returns_once_workers_confirmed_everything() {
+    let registry = LocalWorkerRegistry::default();
+    let (to_producer, inbox) = channel_link(LINK_CAPACITY);
+    let mut producer = WorkPullingBuilder::new(ProducerId::new("wp"))
+        .spawn(inbox, &registry)
+        .unwrap();
+    let (mut worker, _registration) =
+        registry.spawn_worker(to_producer, ConsumerBuilder::default());
+    producer.wait_for_workers(1).await.unwrap();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let _worker = tokio::spawn(async move {
+        while let Some(delivery) = worker.next().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if seen_tx.send(delivery.message).is_err() {
+                break;
+            }
+            worker.confirm();
+        }
+    });
+    for n in 1..=10 {
+        producer.send(n).await.unwrap();
+    }
+    producer.close().await.unwrap();
+    let mut got: Vec<u32> = std::iter::from_fn(|| seen.try_recv().ok()).collect();
+    got.sort();
+    assert_eq!(got, (1..=10).collect::<Vec<_>>());
+}
+
+// Durable work pulling keeps one confirmation record per worker incarnation; the periodic
+// cleanup forgets those of departed workers (real time: records carry wall-clock stamps).
+#[tokio::test]
+async fn durable_work_pulling_forgets_departed_workers_confirmation_records() {
+    let registry = LocalWorkerRegistry::default();
+    let queue = InMemoryQueue::default();
+    let (to_producer, inbox) = channel_link(LINK_CAPACITY);
+    let mut settings = ProducerSettings::default();
+    settings.durable_queue.cleanup_unused_after = Duration::from_secs(1);
+    let mut producer = WorkPullingBuilder::new(ProducerId::new("wp"))
+        .settings(settings)
+        .spawn_durable(inbox, &registry, queue.clone())
+        .unwrap();
+    for n in 1..=3 {
+        let (worker, registration) =
+            registry.spawn_worker(to_producer.clone(), ConsumerBuilder::default());
+        producer.wait_for_workers(1).await.unwrap();
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let task = work("w", worker, seen_tx);
+        producer.send(n).await.unwrap();
+        assert_eq!(seen.recv().await.map(|(_, m)| m), Some(n));
+        drop(registration);
+        producer.wait_for_workers(0).await.unwrap();
+        task.abort();
+    }
+    let recorded = async {
+        while queue.snapshot().confirmed.len() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), recorded)
+        .await
+        .expect("one confirmation record per worker");
+    let forgotten = async {
+        while !queue.snapshot().confirmed.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), forgotten)
+        .await
+        .expect("confirmation records cleaned up");
+    assert!(queue.snapshot().unconfirmed.is_empty());
+}

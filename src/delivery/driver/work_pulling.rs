@@ -123,9 +123,12 @@ enum Command<M> {
         message: M,
         confirm: Option<oneshot::Sender<()>>,
     },
+    Close(oneshot::Sender<()>),
 }
 
-/// The producer's side of a work-pulling task; cheap to clone.
+/// The producer's side of a work-pulling task; cheap to clone. Dropping every clone stops the
+/// controller at once (what is unconfirmed then survives only in a durable queue);
+/// [`Self::close`] waits for the confirmations first.
 pub struct WorkPullingHandle<M> {
     commands: mpsc::Sender<Command<M>>,
     demand: Arc<Semaphore>,
@@ -170,6 +173,17 @@ impl<M: Send + 'static> WorkPullingHandle<M> {
             .await
             .map_err(|_| self.stopped())?;
         confirmed.await.map_err(|_| self.stopped())
+    }
+
+    /// Stops taking messages (from every clone), waits until workers confirmed everything
+    /// handed over, then stops the controller. Bound it with a timeout if workers may be gone.
+    pub async fn close(self) -> Result<(), DeliveryError> {
+        let (done, closed) = oneshot::channel();
+        self.commands
+            .send(Command::Close(done))
+            .await
+            .map_err(|_| self.stopped())?;
+        closed.await.map_err(|_| self.stopped())
     }
 
     /// Workers known to the controller now (Akka's `GetWorkerStats`).
@@ -279,8 +293,15 @@ impl WorkPullingBuilder {
         let demand = Arc::new(Semaphore::new(0));
         let (failure_tx, failure) = watch::channel(None);
         let (workers_tx, workers) = watch::channel(0);
+        let cleanup = store::CleanupSchedule::new(
+            queue.is_some(),
+            self.settings.durable_queue.cleanup_unused_after,
+            Instant::now(),
+        );
         let task = WorkPullingTask {
             core,
+            cleanup,
+            closing: Vec::new(),
             settings: self.settings,
             links: BTreeMap::new(),
             queue: queue.map(Arc::new),
@@ -308,6 +329,9 @@ struct WorkPullingTask<M, Q> {
     failure: watch::Sender<Option<DeliveryError>>,
     worker_count: watch::Sender<usize>,
     store_ops: FuturesUnordered<StoreOp<M>>,
+    cleanup: store::CleanupSchedule,
+    /// Who waits in [`WorkPullingHandle::close`]; answered once everything is confirmed.
+    closing: Vec<oneshot::Sender<()>>,
 }
 
 impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> WorkPullingTask<M, Q> {
@@ -320,9 +344,14 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> WorkPullingTa
         self.on_workers(&workers.borrow_and_update().clone());
         self.drain();
         let mut registry_open = true;
+        let mut commands_open = true;
         loop {
+            let wake_at = [self.core.poll_timeout(), self.cleanup.next()]
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
-                command = commands.recv() => match command {
+                command = commands.recv(), if commands_open => match command {
                     Some(Command::Send { message, confirm }) => {
                         let now = Instant::now();
                         let _ = match confirm {
@@ -330,7 +359,13 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> WorkPullingTa
                             None => self.core.send(message, now),
                         };
                     }
-                    None => break,
+                    Some(Command::Close(done)) => {
+                        self.demand.close();
+                        self.closing.push(done);
+                    }
+                    // Every handle is gone: nothing more will be sent.
+                    None if self.closing.is_empty() => break,
+                    None => commands_open = false,
                 },
                 Some(frame) = inbox.recv() => {
                     self.core.handle_frame(&frame.to, frame.frame, Instant::now());
@@ -346,7 +381,7 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> WorkPullingTa
                 Some(outcome) = self.store_ops.next(), if !self.store_ops.is_empty() => {
                     store::apply(&mut self.core, outcome);
                 }
-                _ = sleep_until(self.core.poll_timeout()) => self.core.handle_timeout(Instant::now()),
+                _ = sleep_until(wake_at) => self.on_timeout(),
             }
             self.drain();
             if let Some(error) = self.core.failure() {
@@ -355,10 +390,25 @@ impl<M: Clone + Send + Sync + 'static, Q: DurableProducerQueue<M>> WorkPullingTa
                     .failure
                     .send(Some(DeliveryError::WorkPulling(error.clone())));
                 self.demand.close();
+                self.closing.clear();
+                break;
+            }
+            if !self.closing.is_empty() && self.core.is_settled() {
                 break;
             }
         }
         store::flush_at_stop(self.queue.as_deref()).await;
+        for done in self.closing.drain(..) {
+            let _ = done.send(());
+        }
+    }
+
+    fn on_timeout(&mut self) {
+        let now = Instant::now();
+        self.core.handle_timeout(now);
+        if let Some(cleanup) = self.cleanup.due(self.queue.as_ref(), now) {
+            self.store_ops.push(cleanup);
+        }
     }
 
     fn on_workers(&mut self, current: &Workers<M>) {

@@ -17,7 +17,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 use crate::delivery::codec::Codec;
 use crate::delivery::durable::{
-    DurableProducerQueue, DurableState, MessageSent, StoreError, check_message_sent,
+    DurableProducerQueue, DurableState, MessageSent, Qualifier, StoreError, check_message_sent,
 };
 use crate::delivery::protocol::{Chunk, Payload, SeqNr};
 
@@ -201,21 +201,9 @@ impl<M: 'static> Inner<M> {
         let mut state = DurableState {
             current_seq_nr: SeqNr(value(CURRENT_SEQ_NR)?.unwrap_or(1)),
             highest_confirmed_seq_nr: SeqNr(value(HIGHEST_CONFIRMED)?.unwrap_or(0)),
-            confirmed: BTreeMap::new(),
+            confirmed: read_confirmed(&txn)?,
             unconfirmed: VecDeque::new(),
         };
-        for entry in txn
-            .open_table(CONFIRMED)
-            .map_err(backend)?
-            .iter()
-            .map_err(backend)?
-        {
-            let (qualifier, value) = entry.map_err(backend)?;
-            let (seq_nr, timestamp) = value.value();
-            state
-                .confirmed
-                .insert(qualifier.value().to_owned(), (SeqNr(seq_nr), timestamp));
-        }
         for entry in txn
             .open_table(SENT)
             .map_err(backend)?
@@ -229,6 +217,57 @@ impl<M: 'static> Inner<M> {
         }
         Ok(state)
     }
+}
+
+fn read_confirmed(
+    txn: &redb::ReadTransaction,
+) -> Result<BTreeMap<Qualifier, (SeqNr, u64)>, StoreError> {
+    let mut confirmed = BTreeMap::new();
+    for entry in txn
+        .open_table(CONFIRMED)
+        .map_err(backend)?
+        .iter()
+        .map_err(backend)?
+    {
+        let (qualifier, value) = entry.map_err(backend)?;
+        let (seq_nr, timestamp) = value.value();
+        confirmed.insert(qualifier.value().to_owned(), (SeqNr(seq_nr), timestamp));
+    }
+    Ok(confirmed)
+}
+
+/// Qualifiers unused for `unused_after` with nothing unconfirmed, read from record headers
+/// only: the payloads are not decoded, so cleanup costs little and works whatever they hold.
+fn stale_qualifiers(
+    db: &Database,
+    now_millis: u64,
+    unused_after: Duration,
+) -> Result<Vec<Qualifier>, StoreError> {
+    let txn = db.begin_read().map_err(backend)?;
+    let old_enough = DurableState::<()> {
+        confirmed: read_confirmed(&txn)?,
+        ..DurableState::default()
+    }
+    .stale_qualifiers(now_millis, unused_after);
+    if old_enough.is_empty() {
+        return Ok(old_enough);
+    }
+    let mut in_use = std::collections::HashSet::new();
+    for entry in txn
+        .open_table(SENT)
+        .map_err(backend)?
+        .iter()
+        .map_err(backend)?
+    {
+        let (_, record) = entry.map_err(backend)?;
+        if let Some(qualifier) = record_qualifier(record.value()) {
+            in_use.insert(qualifier.to_vec());
+        }
+    }
+    Ok(old_enough
+        .into_iter()
+        .filter(|qualifier| !in_use.contains(qualifier.as_bytes()))
+        .collect())
 }
 
 impl<M: Clone + Send + Sync + 'static> DurableProducerQueue<M> for RedbQueue<M> {
@@ -344,9 +383,7 @@ impl<M: Clone + Send + Sync + 'static> DurableProducerQueue<M> for RedbQueue<M> 
     ) -> Result<(), StoreError> {
         self.blocking(move |inner| {
             let db = inner.db.lock().unwrap_or_else(PoisonError::into_inner);
-            let stale = inner
-                .read_state(&db)?
-                .stale_qualifiers(now_millis, unused_after);
+            let stale = stale_qualifiers(&db, now_millis, unused_after)?;
             if stale.is_empty() {
                 return Ok(());
             }

@@ -729,7 +729,7 @@ async fn a_failed_store_of_a_later_chunk_retries_that_chunk() {
     let mut pc = durable(&mut store, chunked(1), now);
     pc.handle_frame(request(0, 10), now).unwrap_or(());
     pc.send(msg("abc"), now).unwrap();
-    let mut next_store = |pc: &mut Pc| match pc.poll_store() {
+    let next_store = |pc: &mut Pc| match pc.poll_store() {
         Some(StoreRequest::StoreMessageSent { sent, attempt }) => (sent, attempt),
         other => panic!("a store request, got {other:?}"),
     };
