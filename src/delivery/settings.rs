@@ -36,7 +36,8 @@ pub struct WorkPullingSettings {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkPullingProducerSettings {
-    /// Most messages waiting for a worker with demand; one more fails the controller.
+    /// Most messages waiting for a worker with demand; a new message beyond it fails the
+    /// controller (messages re-routed from departed workers are always kept).
     pub buffer_size: usize,
 }
 

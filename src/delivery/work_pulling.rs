@@ -43,7 +43,9 @@ pub enum WorkPullingError {
     /// The producer sent without an unused `RequestNext` (D-14).
     #[error("message sent without demand")]
     NoDemand,
-    /// More messages waited for a worker than `buffer_size` allows (D-10).
+    /// A new message found `buffer_size` messages already waiting for a worker (D-10).
+    /// Messages re-routed from departed workers never fail the controller: they are bounded by
+    /// those workers' windows, and failing would lose them.
     #[error("buffer of {0} messages waiting for a worker is full")]
     BufferFull(usize),
     /// The durable queue failed beyond its retry attempts.
@@ -358,12 +360,15 @@ where
         let Payload::Message(message) = stored.sent.payload else {
             return;
         };
+        // The same incarnation, not just the same address: a worker that left and came back
+        // has a new qualifier, and the stored record names the old one.
         match self.workers.get_mut(&stored.worker) {
-            Some(out) if out.controller.has_demand() => {
+            Some(out) if out.qualifier == stored.sent.qualifier && out.controller.has_demand() => {
                 out.reserved = false;
                 self.deliver(&stored.worker, message, None, seq_nr, now);
             }
-            // The worker went away while its message was stored: store it again for another.
+            // The worker went away while its message was stored: store it again for another
+            // (a hand-over, so the old record is confirmed once the new one is stored).
             _ => self.route(
                 Pending {
                     message,
@@ -562,7 +567,7 @@ where
             .map(|(w, _)| w.clone())
             .collect();
         if candidates.is_empty() {
-            if self.buffer.len() >= self.buffer_size {
+            if matches!(pending.origin, Origin::Fresh) && self.buffer.len() >= self.buffer_size {
                 self.failure = Some(WorkPullingError::BufferFull(self.buffer_size));
                 return;
             }

@@ -244,7 +244,7 @@ impl WorkPullingBuilder {
         self
     }
 
-    /// Most messages waiting for a worker before the controller fails.
+    /// Most messages waiting for a worker before a new one fails the controller.
     pub fn buffer_size(mut self, buffer_size: usize) -> Self {
         self.buffer_size = buffer_size;
         self
