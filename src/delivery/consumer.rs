@@ -5,7 +5,7 @@
 //!
 //! Sans-IO: the owner feeds inputs with `now` and drains [`ConsumerController::poll_transmit`],
 //! [`ConsumerController::poll_event`] and [`ConsumerController::poll_timeout`] after every
-//! input. Chunk reassembly is not here yet.
+//! input. Chunked messages are reassembled here, from contiguous pieces only.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -57,6 +57,27 @@ pub enum ConsumerError {
         /// Why.
         reason: String,
     },
+    /// A chunked message grew beyond [`MAX_REASSEMBLED_BYTES`]; the controller stopped.
+    #[error("chunked message at seq nr {seq_nr} exceeds {MAX_REASSEMBLED_BYTES} bytes")]
+    TooLarge {
+        /// The chunk that crossed the limit.
+        seq_nr: SeqNr,
+    },
+}
+
+/// The largest chunked message a consumer reassembles; beyond it the producer is misbehaving
+/// (or misconfigured) and the controller stops rather than grow without bound.
+pub const MAX_REASSEMBLED_BYTES: usize = 64 * 1024 * 1024;
+
+/// The pieces of a chunked message collected so far.
+#[derive(Debug)]
+struct Reassembly {
+    pieces: Vec<Bytes>,
+    bytes: usize,
+    /// Its first chunk was marked `first` (the producer's first message).
+    first: bool,
+    /// The sequence number of the last piece collected; the next must follow it.
+    through: SeqNr,
 }
 
 #[derive(Clone, Debug)]
@@ -141,9 +162,8 @@ pub struct ConsumerController<M> {
     stopping: bool,
     /// Messages that arrived while waiting for Start or for a confirmation; capacity W.
     stash: VecDeque<SequencedMessage<M>>,
-    /// Chunks of the message being reassembled, and whether its first chunk was `first`.
-    collected_chunks: Vec<Bytes>,
-    collected_first: bool,
+    /// The chunked message being reassembled (boxed: idle controllers stay small).
+    reassembly: Option<Box<Reassembly>>,
     codec: Option<Arc<dyn Codec<M>>>,
     failure: Option<ConsumerError>,
     retry: RetryTimer,
@@ -219,8 +239,7 @@ impl<M: Clone + 'static> ConsumerController<M> {
             registering: None,
             stopping: false,
             stash: VecDeque::new(),
-            collected_chunks: Vec::new(),
-            collected_first: false,
+            reassembly: None,
             codec: None,
             failure: None,
             retry,
@@ -243,7 +262,6 @@ impl<M: Clone + 'static> ConsumerController<M> {
     /// Gives back buffer memory kept from busier times (for controllers that sit idle).
     pub fn shrink_buffers(&mut self) {
         self.stash.shrink_to_fit();
-        self.collected_chunks.shrink_to_fit();
         self.transmits.shrink_to_fit();
         self.events.shrink_to_fit();
     }
@@ -514,6 +532,7 @@ impl<M: Clone + 'static> ConsumerController<M> {
                 self.registering = None;
             }
             self.producer = Some(message.producer.clone());
+            self.reassembly = None;
             self.received = message.seq_nr;
             self.confirmed = SeqNr::ZERO;
             self.requested = up_to;
@@ -549,6 +568,7 @@ impl<M: Clone + 'static> ConsumerController<M> {
         } = message;
         let chunk = match payload {
             Payload::Message(m) => {
+                self.reassembly = None;
                 let whole = SequencedMessage {
                     producer,
                     seq_nr,
@@ -561,26 +581,50 @@ impl<M: Clone + 'static> ConsumerController<M> {
             }
             Payload::Chunk(chunk) => chunk,
         };
+        let continues = self
+            .reassembly
+            .as_ref()
+            .is_some_and(|r| r.through.next() == seq_nr);
         if chunk.first_chunk {
-            self.collected_chunks.clear();
-            self.collected_first = first;
-        }
-        self.collected_chunks.push(chunk.bytes);
-        if !chunk.last_chunk {
-            // Many chunks can use up the window before any message is confirmed.
-            let half = self.window / 2;
-            if self.requested.distance_from(seq_nr) == Some(half) {
-                let up_to = self.requested.plus(half);
-                self.transmit_request(&producer, self.confirmed, up_to, false);
-                self.retry.start(now);
-                self.requested = up_to;
-            }
+            self.reassembly = Some(Box::new(Reassembly {
+                pieces: Vec::new(),
+                bytes: 0,
+                first,
+                through: seq_nr,
+            }));
+        } else if !continues {
+            // Its first chunk was skipped (only flow control), or a new producer started
+            // mid-message: these pieces cannot make a whole message.
+            tracing::warn!(%seq_nr, "discarding a chunk without the start of its message");
+            self.reassembly = None;
+            self.request_more_while_chunks_arrive(&producer, seq_nr, now);
             self.phase = Phase::Active;
             return;
         }
-        let mut bytes = BytesMut::new();
-        for piece in self.collected_chunks.drain(..) {
-            bytes.extend_from_slice(&piece);
+        let Some(reassembly) = self.reassembly.as_mut() else {
+            return;
+        };
+        reassembly.through = seq_nr;
+        reassembly.bytes = reassembly.bytes.saturating_add(chunk.bytes.len());
+        reassembly.pieces.push(chunk.bytes);
+        if reassembly.bytes > MAX_REASSEMBLED_BYTES {
+            tracing::error!(%seq_nr, "chunked message exceeds {MAX_REASSEMBLED_BYTES} bytes; stopping");
+            self.failure = Some(ConsumerError::TooLarge { seq_nr });
+            self.reassembly = None;
+            self.become_stopped();
+            return;
+        }
+        if !chunk.last_chunk {
+            self.request_more_while_chunks_arrive(&producer, seq_nr, now);
+            self.phase = Phase::Active;
+            return;
+        }
+        let Some(reassembly) = self.reassembly.take() else {
+            return;
+        };
+        let mut bytes = BytesMut::with_capacity(reassembly.bytes);
+        for piece in &reassembly.pieces {
+            bytes.extend_from_slice(piece);
         }
         let decoded = match &self.codec {
             Some(codec) => codec.decode(&bytes).map_err(|e| e.to_string()),
@@ -592,7 +636,7 @@ impl<M: Clone + 'static> ConsumerController<M> {
                     producer,
                     seq_nr,
                     payload: Payload::Message(m),
-                    first: self.collected_first,
+                    first: reassembly.first,
                     ack,
                 };
                 self.hand_to_consumer(whole);
@@ -602,6 +646,23 @@ impl<M: Clone + 'static> ConsumerController<M> {
                 self.failure = Some(ConsumerError::Undecodable { seq_nr, reason });
                 self.become_stopped();
             }
+        }
+    }
+
+    /// Many chunks can use up the window before any message is confirmed: ask for more at
+    /// half of it.
+    fn request_more_while_chunks_arrive(
+        &mut self,
+        producer: &ProducerRef,
+        seq_nr: SeqNr,
+        now: Instant,
+    ) {
+        let half = self.window / 2;
+        if self.requested.distance_from(seq_nr) == Some(half) {
+            let up_to = self.requested.plus(half);
+            self.transmit_request(producer, self.confirmed, up_to, false);
+            self.retry.start(now);
+            self.requested = up_to;
         }
     }
 

@@ -470,6 +470,63 @@ async fn an_undecodable_chunked_message_stops_the_controller_with_a_reason() {
     ));
 }
 
+// Only flow control skips a lost message; when that is a first chunk, the rest of its
+// message is discarded instead of being glued into garbage, and the next message is whole.
+#[tokio::test(start_paused = true)]
+async fn chunks_without_the_start_of_their_message_are_discarded() {
+    let p = pc(1);
+    let mut cc = ConsumerController::new(
+        ConsumerSettings {
+            only_flow_control: true,
+            ..settings(20)
+        },
+        Instant::now(),
+    )
+    .with_codec(Arc::new(crate::delivery::codec::JsonCodec));
+    cc.start(Instant::now());
+    cc.handle_message(chunk_msg(&p, 1, b"1", true, true), Instant::now());
+    assert_eq!(delivered(&mut cc), vec![1]);
+    cc.confirm(Instant::now()).unwrap();
+    // 2 (first chunk of "23") is lost: 3 is its last chunk and must not become a message.
+    cc.handle_message(chunk_msg(&p, 3, b"3", false, true), Instant::now());
+    cc.handle_message(chunk_msg(&p, 4, b"4", true, false), Instant::now());
+    cc.handle_message(chunk_msg(&p, 5, b"5", false, true), Instant::now());
+    assert_eq!(delivered(&mut cc), vec![45]);
+    assert!(cc.failure().is_none());
+}
+
+// A producer that never ends its chunked message cannot make the consumer grow without bound.
+#[tokio::test(start_paused = true)]
+async fn an_endless_chunked_message_stops_the_controller() {
+    let p = pc(1);
+    let mut cc = started_with_codec(20);
+    let piece = Bytes::from(vec![b' '; 1 << 20]);
+    let limit = MAX_REASSEMBLED_BYTES as u64 >> 20;
+    for n in 1..=limit + 1 {
+        cc.handle_message(
+            SequencedMessage {
+                producer: p.clone(),
+                seq_nr: SeqNr(n),
+                payload: Payload::Chunk(crate::delivery::protocol::Chunk {
+                    bytes: piece.clone(),
+                    first_chunk: n == 1,
+                    last_chunk: false,
+                }),
+                first: n == 1,
+                ack: false,
+            },
+            Instant::now(),
+        );
+    }
+    assert!(cc.is_stopped());
+    assert_eq!(
+        cc.failure(),
+        Some(&ConsumerError::TooLarge {
+            seq_nr: SeqNr(limit + 1)
+        })
+    );
+}
+
 fn to(cc: &mut ConsumerController<u64>) -> Vec<(ProducerRef, ConsumerFrame)> {
     std::iter::from_fn(|| cc.poll_transmit()).collect()
 }
