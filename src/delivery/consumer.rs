@@ -18,7 +18,7 @@ use crate::delivery::codec::Codec;
 use crate::delivery::protocol::{
     ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
 };
-use crate::delivery::settings::ConsumerSettings;
+use crate::delivery::settings::{ConsumerSettings, timer_interval};
 
 /// A message handed to the consumer, which must call [`ConsumerController::confirm`] once it is
 /// processed. Only one delivery is outstanding at a time.
@@ -65,6 +65,9 @@ pub enum ConsumerError {
     },
 }
 
+/// The smallest flow-control window that keeps delivery moving.
+pub const MIN_FLOW_CONTROL_WINDOW: u32 = 3;
+
 /// The largest chunked message a consumer reassembles; beyond it the producer is misbehaving
 /// (or misconfigured) and the controller stops rather than grow without bound.
 pub const MAX_REASSEMBLED_BYTES: usize = 64 * 1024 * 1024;
@@ -109,6 +112,8 @@ struct RetryTimer {
 
 impl RetryTimer {
     fn new(min: Duration, max: Duration, now: Instant) -> Self {
+        let min = timer_interval(min);
+        let max = timer_interval(max).max(min);
         RetryTimer {
             min,
             max,
@@ -229,7 +234,9 @@ impl<M: Clone + 'static> ConsumerController<M> {
             now,
         );
         ConsumerController {
-            window: u64::from(settings.flow_control_window.max(1)),
+            // Below 3 the half-window Request never fires and delivery stalls; the config
+            // path rejects such values by key, code that builds settings gets the minimum.
+            window: u64::from(settings.flow_control_window.max(MIN_FLOW_CONTROL_WINDOW)),
             settings,
             phase: Phase::WaitingForStart,
             producer: None,

@@ -21,7 +21,7 @@ use crate::delivery::durable::{DurableState, MessageSent, NO_QUALIFIER, Qualifie
 use crate::delivery::protocol::{
     Chunk, ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
 };
-use crate::delivery::settings::ProducerSettings;
+use crate::delivery::settings::{ProducerSettings, timer_interval};
 
 /// What the ProducerController tells its producer.
 #[derive(Debug, PartialEq, Eq)]
@@ -855,7 +855,8 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
     }
 
     fn arm_resend_first(&mut self, now: Instant) {
-        self.resend_first_at = Some(now + self.settings.durable_queue.resend_first_interval);
+        self.resend_first_at =
+            Some(now + timer_interval(self.settings.durable_queue.resend_first_interval));
     }
 
     fn resend_first(&mut self) {

@@ -126,7 +126,8 @@ impl Default for DurableQueueSettings {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsumerSettings {
-    /// W: most unconfirmed messages in flight; a new Request goes out when half is used.
+    /// W: most unconfirmed messages in flight; a new Request goes out when half is used. At
+    /// least 3 (smaller windows stall).
     pub flow_control_window: u32,
     /// First and smallest interval of the Request/Resend/RegisterConsumer retry timer.
     #[serde(with = "humantime_serde")]
@@ -214,7 +215,7 @@ impl DeliverySettings {
         // With a window of 1 or 2 the half-window Request never fires after the first message
         // (Akka's arithmetic), so delivery would stall.
         check(
-            c.flow_control_window >= 3,
+            c.flow_control_window >= crate::delivery::consumer::MIN_FLOW_CONTROL_WINDOW,
             prefix,
             "consumer_controller.flow_control_window",
             "must be at least 3",
@@ -226,6 +227,13 @@ impl DeliverySettings {
             "must not be smaller than resend_interval_min",
         )
     }
+}
+
+/// Bounds a timer interval taken from settings: the config path validates intervals by key,
+/// but settings built in code are not, and a zero interval would spin while a huge one would
+/// overflow `Instant`.
+pub fn timer_interval(interval: Duration) -> Duration {
+    interval.clamp(Duration::from_millis(1), Duration::from_secs(24 * 60 * 60))
 }
 
 #[cfg(test)]

@@ -677,3 +677,25 @@ async fn a_full_stash_drops_and_the_retry_timer_asks_for_the_rest() {
         }]
     ));
 }
+
+// Settings built in code skip config validation: a window below the minimum is raised to it
+// (smaller ones stall) and a zero retry interval still leaves time between retries.
+#[tokio::test(start_paused = true)]
+async fn settings_from_code_are_bounded_to_values_that_keep_delivery_moving() {
+    let p = pc(1);
+    let mut cc = ConsumerController::new(
+        ConsumerSettings {
+            resend_interval_min: Duration::ZERO,
+            resend_interval_max: Duration::ZERO,
+            ..settings(1)
+        },
+        Instant::now(),
+    );
+    cc.start(Instant::now());
+    cc.handle_message(msg(&p, 1, true), Instant::now());
+    assert_eq!(
+        frames(&mut cc),
+        vec![request(0, u64::from(MIN_FLOW_CONTROL_WINDOW), false)]
+    );
+    assert!(cc.poll_timeout().is_some_and(|at| at > Instant::now()));
+}

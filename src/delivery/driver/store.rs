@@ -15,7 +15,7 @@ use crate::delivery::durable::{
 };
 use crate::delivery::producer::{ProducerController, StoreRequest};
 use crate::delivery::protocol::SeqNr;
-use crate::delivery::settings::DurableQueueSettings;
+use crate::delivery::settings::{DurableQueueSettings, timer_interval};
 use crate::delivery::work_pulling::WorkPullingProducerController;
 
 /// A core that talks to a durable queue through [`StoreRequest`]s.
@@ -121,6 +121,7 @@ pub struct CleanupSchedule {
 impl CleanupSchedule {
     /// The first cleanup half an interval from `now`; none without a queue.
     pub fn new(has_queue: bool, unused_after: Duration, now: Instant) -> Self {
+        let unused_after = timer_interval(unused_after);
         CleanupSchedule {
             next: has_queue.then(|| now + unused_after / 2),
             unused_after,
