@@ -9,6 +9,7 @@
 
 pub mod amqp;
 pub mod bridge;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod entity;
