@@ -7,6 +7,7 @@ pub mod auth;
 pub mod member;
 pub mod membership;
 pub mod metrics;
+pub mod singleton;
 pub mod transport;
 
 pub use auth::{ClusterSecret, Security};

@@ -2,6 +2,7 @@
 //! seeded faulty link (and, optionally, a flaky durable queue), and small helpers. Compiled for
 //! tests and behind the `testkit` feature; nothing here runs in production.
 
+pub mod network;
 pub mod simulation;
 
 use crate::delivery::{ConsumerFrame, SeqNr};

@@ -27,9 +27,9 @@ use tracing::{debug, info, warn};
 use crate::cluster::auth::Security;
 use crate::cluster::member::{ClusterView, MemberStatus, NodeAddr};
 use crate::cluster::metrics::{ClusterMetrics, refusal};
-use crate::cluster::transport::TransportSettings;
 use crate::cluster::transport::frame::{Frame, decode, encode};
 use crate::cluster::transport::handshake::{self, Refusal};
+use crate::cluster::transport::{Outbox, TransportSettings};
 
 /// Handshakes in progress at most; more connections wait to be accepted.
 const MAX_HANDSHAKES: usize = 64;
@@ -110,6 +110,15 @@ impl<T> TransportHandle<T> {
             self.dropped.inc();
         }
         outcome
+    }
+
+    /// An [`Outbox`] for one kind of message, wrapped into this transport's type by `wrap`.
+    pub fn outbox<M: 'static>(&self, wrap: fn(M) -> T) -> Outbox<M>
+    where
+        T: Send + 'static,
+    {
+        let handle = self.clone();
+        Arc::new(move |to: &NodeAddr, message: M| handle.send(to, wrap(message)))
     }
 
     /// Nodes this node has a route to now.

@@ -10,11 +10,19 @@ pub mod driver;
 pub mod frame;
 pub mod handshake;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::member::NodeAddr;
+
 pub use driver::{Inbound, SendOutcome, TransportHandle, start};
+
+/// Sends one kind of message to a node without waiting: the transport (wrapping the message
+/// into the node's message type), or an in-memory network in tests. Services take this, so
+/// they neither know nor care which.
+pub type Outbox<M> = Arc<dyn Fn(&NodeAddr, M) -> SendOutcome + Send + Sync>;
 
 /// How links behave.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

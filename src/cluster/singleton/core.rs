@@ -1,0 +1,245 @@
+//! One singleton's decisions on one node, sans IO. The singleton runs on the oldest Up member
+//! with its role. A node that sees itself there is the candidate: before it starts the
+//! instance it asks every other live member with the role to release it, and starts once all
+//! of them said so (or went Down). A node that is not the oldest stops its instance if it runs
+//! one, and releases once it has stopped. A candidate releases to nobody, so within one view
+//! two instances never run: the new one starts only after the old one stopped (graceful
+//! handover) or its node is Down (takeover).
+//!
+//! Inputs: [`SingletonCore::handle_view`], [`SingletonCore::handle_message`],
+//! [`SingletonCore::handle_stopped`], [`SingletonCore::handle_timeout`]. Outputs, drained after
+//! every input: [`SingletonCore::poll_transmit`] (messages to nodes),
+//! [`SingletonCore::poll_event`] (start or stop the instance), [`SingletonCore::poll_timeout`].
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::cluster::member::{ClusterView, MemberStatus, NodeAddr};
+
+/// What singleton managers say to each other.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SingletonMsg {
+    /// "I am the oldest: release the singleton (stop it if you run it)."
+    Ask {
+        /// Which singleton.
+        singleton: String,
+    },
+    /// "I do not run it, and will not while you are the oldest."
+    Released {
+        /// Which singleton.
+        singleton: String,
+    },
+}
+
+/// What the owner must do with the instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SingletonEvent {
+    /// Start the instance here.
+    Start,
+    /// Stop the instance; report [`SingletonCore::handle_stopped`] once it has.
+    Stop,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Instance {
+    Idle,
+    Running,
+    Stopping,
+}
+
+/// One singleton's state machine on one node.
+pub struct SingletonCore {
+    name: String,
+    role: String,
+    me: NodeAddr,
+    retry_interval: Duration,
+    view: Option<ClusterView>,
+    instance: Instance,
+    /// Members that released to this node since it became the candidate.
+    released: BTreeSet<NodeAddr>,
+    /// Members that asked while this node was stopping: they get a release once stopped.
+    asked_while_stopping: BTreeSet<NodeAddr>,
+    next_ask: Option<Instant>,
+    transmits: VecDeque<(NodeAddr, SingletonMsg)>,
+    events: VecDeque<SingletonEvent>,
+}
+
+impl SingletonCore {
+    /// The singleton `name` for members with `role` (empty: any member), on node `me`.
+    pub fn new(name: &str, role: &str, me: NodeAddr, retry_interval: Duration) -> Self {
+        SingletonCore {
+            name: name.to_owned(),
+            role: role.to_owned(),
+            me,
+            retry_interval,
+            view: None,
+            instance: Instance::Idle,
+            released: BTreeSet::new(),
+            asked_while_stopping: BTreeSet::new(),
+            next_ask: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The singleton's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The instance runs here (started and not asked to stop).
+    pub fn is_running(&self) -> bool {
+        self.instance == Instance::Running
+    }
+
+    /// This node is where the singleton belongs in its current view.
+    pub fn is_candidate(&self) -> bool {
+        self.view
+            .as_ref()
+            .and_then(|v| v.oldest_up(&self.role))
+            .is_some_and(|m| m.addr == self.me)
+    }
+
+    /// The membership view changed.
+    pub fn handle_view(&mut self, view: ClusterView, now: Instant) {
+        let was_candidate = self.is_candidate();
+        self.view = Some(view);
+        let candidate = self.is_candidate();
+        if candidate && !was_candidate {
+            self.released.clear();
+            self.next_ask = Some(now);
+        }
+        if !candidate {
+            self.next_ask = None;
+            if self.instance == Instance::Running {
+                self.stop();
+            }
+        }
+        self.step(now);
+    }
+
+    /// A message from another node's manager.
+    pub fn handle_message(&mut self, from: NodeAddr, message: SingletonMsg, now: Instant) {
+        match message {
+            SingletonMsg::Ask { singleton } if singleton == self.name => {
+                if self.is_candidate() {
+                    // Views disagree for a moment; the asker retries until they agree.
+                    return;
+                }
+                match self.instance {
+                    Instance::Idle => self.release_to(from),
+                    Instance::Running => {
+                        self.stop();
+                        self.asked_while_stopping.insert(from);
+                    }
+                    Instance::Stopping => {
+                        self.asked_while_stopping.insert(from);
+                    }
+                }
+            }
+            SingletonMsg::Released { singleton }
+                if singleton == self.name && self.is_candidate() =>
+            {
+                self.released.insert(from);
+                self.step(now);
+            }
+            _ => {}
+        }
+    }
+
+    /// The instance stopped after a [`SingletonEvent::Stop`] (or ended on its own).
+    pub fn handle_stopped(&mut self, now: Instant) {
+        self.instance = Instance::Idle;
+        let asked: Vec<NodeAddr> = std::mem::take(&mut self.asked_while_stopping)
+            .into_iter()
+            .collect();
+        if !self.is_candidate() {
+            for asker in asked {
+                self.release_to(asker);
+            }
+        }
+        self.step(now);
+    }
+
+    /// Time passed: repeat the questions not answered yet.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.next_ask.is_some_and(|at| at <= now) {
+            self.step(now);
+        }
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<(NodeAddr, SingletonMsg)> {
+        self.transmits.pop_front()
+    }
+
+    /// The next thing to do with the instance.
+    pub fn poll_event(&mut self) -> Option<SingletonEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_ask
+    }
+
+    /// Members that must release before this node may start: every live member with the
+    /// role except this one.
+    fn holders_to_hear_from(&self) -> Vec<NodeAddr> {
+        let Some(view) = &self.view else {
+            return Vec::new();
+        };
+        view.members
+            .values()
+            .filter(|m| {
+                m.addr != self.me && m.status != MemberStatus::Down && m.has_role(&self.role)
+            })
+            .map(|m| m.addr.clone())
+            .filter(|addr| !self.released.contains(addr))
+            .collect()
+    }
+
+    fn step(&mut self, now: Instant) {
+        if !self.is_candidate() || self.instance != Instance::Idle {
+            if self.instance == Instance::Running {
+                self.next_ask = None;
+            }
+            return;
+        }
+        let waiting = self.holders_to_hear_from();
+        if waiting.is_empty() {
+            self.instance = Instance::Running;
+            self.next_ask = None;
+            self.events.push_back(SingletonEvent::Start);
+            return;
+        }
+        if self.next_ask.is_none_or(|at| at <= now) {
+            for holder in waiting {
+                self.transmits.push_back((
+                    holder,
+                    SingletonMsg::Ask {
+                        singleton: self.name.clone(),
+                    },
+                ));
+            }
+            self.next_ask = Some(now + self.retry_interval);
+        }
+    }
+
+    fn stop(&mut self) {
+        self.instance = Instance::Stopping;
+        self.events.push_back(SingletonEvent::Stop);
+    }
+
+    fn release_to(&mut self, to: NodeAddr) {
+        self.transmits.push_back((
+            to,
+            SingletonMsg::Released {
+                singleton: self.name.clone(),
+            },
+        ));
+    }
+}
