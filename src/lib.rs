@@ -15,6 +15,7 @@ pub mod delivery;
 pub mod entity;
 pub mod metrics;
 pub mod order;
+pub mod sharding;
 pub mod shutdown;
 pub mod telemetry;
 #[cfg(any(test, feature = "testkit"))]

@@ -15,7 +15,9 @@ pub use host::{EntityQueries, LocalEntityHost};
 pub use runner::{EntityMetrics, EntityReply, Envelope, RunnerSettings};
 
 /// Names one entity (for orders, the product id); shards and routes are derived from it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct EntityId(Arc<str>);
 
 impl EntityId {

@@ -1,0 +1,552 @@
+//! A shard region, sans IO: one per node and entity type. It routes entity messages to the
+//! region hosting their shard (asking the coordinator where that is, and buffering, bounded,
+//! until it knows), hosts the shards the coordinator gives it, and runs their entities'
+//! lifecycles: start on the first message, passivate when idle, restart after a failure with a
+//! growing pause, and stop (each entity finishing what it holds) when the shard is handed off.
+//!
+//! The entities themselves run in the driver: the region only says, through
+//! [`Region::poll_command`], to deliver to an entity (starting it if it is not running) or to
+//! stop it, and hears back when one stopped or failed.
+//!
+//! Inputs: `deliver` (from this node), `handle_view`, `handle_message`, `handle_entity_stopped`,
+//! `handle_entity_failed`, `handle_timeout`. Outputs: `poll_transmit`, `poll_command`,
+//! `poll_timeout`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::cluster::member::{ClusterView, NodeAddr};
+use crate::entity::EntityId;
+use crate::sharding::messages::{Deliver, FromCoordinator, ShardingMsg, ToCoordinator};
+use crate::sharding::shard::{ShardId, shard_of};
+
+/// A message bounced between regions more often than this is dropped.
+const MAX_HOPS: u8 = 3;
+
+/// How a region routes and keeps entities.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegionSettings {
+    /// Number of shards; every node of the cluster must use the same number.
+    pub shards: u32,
+    /// Messages waiting for a shard's home to be known, all shards together; beyond it new
+    /// ones are dropped (their senders resend).
+    pub buffer_size: usize,
+    /// Unanswered questions to the coordinator are repeated this often.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    /// An entity without messages for this long is stopped (zero: never).
+    #[serde(with = "humantime_serde")]
+    pub passivate_after: Duration,
+    /// First pause before restarting an entity that failed; doubles up to `restart_max`.
+    #[serde(with = "humantime_serde")]
+    pub restart_min: Duration,
+    /// Longest pause before restarting a failed entity.
+    #[serde(with = "humantime_serde")]
+    pub restart_max: Duration,
+}
+
+impl Default for RegionSettings {
+    fn default() -> Self {
+        RegionSettings {
+            shards: 50,
+            buffer_size: 10_000,
+            retry_interval: Duration::from_millis(500),
+            passivate_after: Duration::from_secs(120),
+            restart_min: Duration::from_millis(200),
+            restart_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the driver must do with an entity.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EntityCommand<P> {
+    /// Deliver `message` to `entity`, starting it first if it does not run.
+    Deliver {
+        /// The entity.
+        entity: EntityId,
+        /// The message.
+        message: P,
+    },
+    /// Stop `entity` once it has finished the messages it holds; report when it has.
+    Stop {
+        /// The entity.
+        entity: EntityId,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Asked to stop (passivation or hand-off); messages wait until it has.
+    Stopping,
+    /// Failed; restarts at the given time.
+    Restarting(Instant),
+}
+
+struct Entity<P> {
+    shard: ShardId,
+    phase: Phase,
+    last_active: Instant,
+    /// Messages that arrived while it was stopping or restarting.
+    waiting: VecDeque<P>,
+    failures: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hosting {
+    Active,
+    HandingOff,
+}
+
+/// What a region does with one message for `entity`.
+enum Route {
+    Local,
+    Remote(NodeAddr),
+    Unknown,
+}
+
+/// The region of one entity type on one node.
+pub struct Region<P> {
+    settings: RegionSettings,
+    role: String,
+    me: NodeAddr,
+    view: Option<ClusterView>,
+    coordinator: Option<NodeAddr>,
+    registered: bool,
+    next_register: Option<Instant>,
+    homes: HashMap<ShardId, NodeAddr>,
+    /// Messages for shards whose home is unknown, and when their home was last asked for.
+    buffered: BTreeMap<ShardId, VecDeque<(EntityId, P)>>,
+    buffered_total: usize,
+    asked_at: HashMap<ShardId, Instant>,
+    hosted: BTreeMap<ShardId, Hosting>,
+    entities: HashMap<EntityId, Entity<P>>,
+    next_passivation_scan: Option<Instant>,
+    dropped: u64,
+    transmits: VecDeque<(NodeAddr, ShardingMsg<P>)>,
+    commands: VecDeque<EntityCommand<P>>,
+}
+
+impl<P: Clone> Region<P> {
+    /// The region of node `me`, hosting shards if `me` has `role`.
+    pub fn new(settings: RegionSettings, role: &str, me: NodeAddr) -> Self {
+        Region {
+            settings,
+            role: role.to_owned(),
+            me,
+            view: None,
+            coordinator: None,
+            registered: false,
+            next_register: None,
+            homes: HashMap::new(),
+            buffered: BTreeMap::new(),
+            buffered_total: 0,
+            asked_at: HashMap::new(),
+            hosted: BTreeMap::new(),
+            entities: HashMap::new(),
+            next_passivation_scan: None,
+            dropped: 0,
+            transmits: VecDeque::new(),
+            commands: VecDeque::new(),
+        }
+    }
+
+    /// Shards hosted here now (including those being handed off).
+    pub fn hosted_shards(&self) -> Vec<ShardId> {
+        self.hosted.keys().copied().collect()
+    }
+
+    /// Entities running (or stopping, or waiting to restart) here.
+    pub fn entity_count(&self) -> usize {
+        self.entities.len()
+    }
+
+    /// Messages waiting for a shard's home.
+    pub fn buffered(&self) -> usize {
+        self.buffered_total
+    }
+
+    /// Messages dropped: buffer full, or bounced between regions too often.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Where this region thinks the coordinator runs.
+    pub fn coordinator(&self) -> Option<&NodeAddr> {
+        self.coordinator.as_ref()
+    }
+
+    /// Sends `message` to `entity`, wherever it lives.
+    pub fn deliver(&mut self, entity: EntityId, message: P, now: Instant) {
+        self.route(entity, message, 0, now);
+    }
+
+    /// The membership view changed.
+    pub fn handle_view(&mut self, view: ClusterView, now: Instant) {
+        let coordinator = view.oldest_up(&self.role).map(|m| m.addr.clone());
+        self.homes.retain(|_, home| view.is_alive(home));
+        self.view = Some(view);
+        if coordinator != self.coordinator {
+            self.coordinator = coordinator;
+            self.registered = false;
+            self.next_register = Some(now);
+        }
+        self.step(now);
+    }
+
+    /// A message from another node (or from this node's coordinator).
+    pub fn handle_message(&mut self, from: NodeAddr, message: ShardingMsg<P>, now: Instant) {
+        match message {
+            ShardingMsg::Deliver(Deliver {
+                entity,
+                message,
+                hops,
+            }) => self.route(entity, message, hops.saturating_add(1), now),
+            ShardingMsg::FromCoordinator(message) => {
+                if Some(&from) == self.coordinator.as_ref() {
+                    self.on_coordinator_message(message, now);
+                }
+            }
+            ShardingMsg::ToCoordinator(_) => {}
+        }
+    }
+
+    /// An entity stopped after [`EntityCommand::Stop`].
+    pub fn handle_entity_stopped(&mut self, entity: &EntityId, now: Instant) {
+        let Some(state) = self.entities.remove(entity) else {
+            return;
+        };
+        let shard = state.shard;
+        if !state.waiting.is_empty() {
+            // Messages came while it stopped: route them again (to a new home, after a
+            // hand-off, or to a fresh start here).
+            for message in state.waiting {
+                self.route(entity.clone(), message, 0, now);
+            }
+        }
+        self.finish_handoff_if_done(shard);
+    }
+
+    /// An entity ended without being asked to: it restarts after a pause, and its messages
+    /// wait until then.
+    pub fn handle_entity_failed(&mut self, entity: &EntityId, now: Instant) {
+        let Some(phase) = self.entities.get(entity).map(|e| e.phase) else {
+            return;
+        };
+        if phase == Phase::Stopping {
+            // It was stopping anyway.
+            self.handle_entity_stopped(entity, now);
+            return;
+        }
+        let (min, max) = (self.settings.restart_min, self.settings.restart_max);
+        if let Some(state) = self.entities.get_mut(entity) {
+            state.failures = state.failures.saturating_add(1);
+            let pause = min
+                .saturating_mul(1 << state.failures.saturating_sub(1).min(10))
+                .min(max);
+            warn!(%entity, ?pause, "entity failed; restarting after a pause");
+            state.phase = Phase::Restarting(now + pause);
+        }
+    }
+
+    /// Time passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let restarts: Vec<EntityId> = self
+            .entities
+            .iter()
+            .filter(|(_, e)| matches!(e.phase, Phase::Restarting(at) if at <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for entity in restarts {
+            if let Some(state) = self.entities.get_mut(&entity) {
+                state.phase = Phase::Running;
+                state.last_active = now;
+                for message in std::mem::take(&mut state.waiting) {
+                    self.commands.push_back(EntityCommand::Deliver {
+                        entity: entity.clone(),
+                        message,
+                    });
+                }
+            }
+        }
+        if self.next_passivation_scan.is_some_and(|at| at <= now) {
+            self.passivate_idle(now);
+        }
+        self.step(now);
+    }
+
+    /// The next message for another node.
+    pub fn poll_transmit(&mut self) -> Option<(NodeAddr, ShardingMsg<P>)> {
+        self.transmits.pop_front()
+    }
+
+    /// The next thing to do with an entity.
+    pub fn poll_command(&mut self) -> Option<EntityCommand<P>> {
+        self.commands.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let restarts = self.entities.values().filter_map(|e| match e.phase {
+            Phase::Restarting(at) => Some(at),
+            _ => None,
+        });
+        let asks = (!self.buffered.is_empty())
+            .then(|| {
+                self.asked_at
+                    .values()
+                    .map(|at| *at + self.settings.retry_interval)
+                    .min()
+            })
+            .flatten();
+        [self.next_register, self.next_passivation_scan, asks]
+            .into_iter()
+            .flatten()
+            .chain(restarts)
+            .min()
+    }
+
+    fn route(&mut self, entity: EntityId, message: P, hops: u8, now: Instant) {
+        if hops > MAX_HOPS {
+            self.dropped += 1;
+            debug!(%entity, "message bounced between regions too often; dropped");
+            return;
+        }
+        let shard = shard_of(&entity, self.settings.shards);
+        let route = match self.hosted.get(&shard) {
+            Some(Hosting::Active) => Route::Local,
+            Some(Hosting::HandingOff) => Route::Unknown,
+            None => match self.homes.get(&shard) {
+                Some(home) if *home == self.me => Route::Unknown,
+                Some(home) => Route::Remote(home.clone()),
+                None => Route::Unknown,
+            },
+        };
+        match route {
+            Route::Local => self.deliver_local(shard, entity, message, now),
+            Route::Remote(home) => self.transmits.push_back((
+                home,
+                ShardingMsg::Deliver(Deliver {
+                    entity,
+                    message,
+                    hops,
+                }),
+            )),
+            Route::Unknown => {
+                if self.buffered_total >= self.settings.buffer_size {
+                    self.dropped += 1;
+                    return;
+                }
+                self.buffered
+                    .entry(shard)
+                    .or_default()
+                    .push_back((entity, message));
+                self.buffered_total += 1;
+                self.ask_home(shard, now);
+            }
+        }
+    }
+
+    fn deliver_local(&mut self, shard: ShardId, entity: EntityId, message: P, now: Instant) {
+        let state = self.entities.entry(entity.clone()).or_insert(Entity {
+            shard,
+            phase: Phase::Running,
+            last_active: now,
+            waiting: VecDeque::new(),
+            failures: 0,
+        });
+        state.last_active = now;
+        match state.phase {
+            Phase::Running => {
+                self.commands
+                    .push_back(EntityCommand::Deliver { entity, message });
+                if self.next_passivation_scan.is_none() && !self.settings.passivate_after.is_zero()
+                {
+                    self.next_passivation_scan = Some(now + self.settings.passivate_after / 2);
+                }
+            }
+            Phase::Stopping | Phase::Restarting(_) => state.waiting.push_back(message),
+        }
+    }
+
+    fn ask_home(&mut self, shard: ShardId, now: Instant) {
+        let due = self
+            .asked_at
+            .get(&shard)
+            .is_none_or(|at| *at + self.settings.retry_interval <= now);
+        if !due || !self.registered {
+            return;
+        }
+        if let Some(coordinator) = &self.coordinator {
+            self.asked_at.insert(shard, now);
+            self.transmits.push_back((
+                coordinator.clone(),
+                ShardingMsg::ToCoordinator(ToCoordinator::GetShardHome { shard }),
+            ));
+        }
+    }
+
+    fn on_coordinator_message(&mut self, message: FromCoordinator, now: Instant) {
+        match message {
+            FromCoordinator::RegisterAck => {
+                if !self.registered {
+                    self.registered = true;
+                    self.next_register = None;
+                    self.asked_at.clear();
+                    let shards: Vec<ShardId> = self.buffered.keys().copied().collect();
+                    for shard in shards {
+                        self.ask_home(shard, now);
+                    }
+                }
+            }
+            FromCoordinator::RegisterFirst => {
+                self.registered = false;
+                self.next_register = Some(now);
+            }
+            FromCoordinator::ShardHome { shard, node } => {
+                if node == self.me {
+                    if self.hosted.get(&shard) != Some(&Hosting::HandingOff) {
+                        self.hosted.insert(shard, Hosting::Active);
+                    }
+                    self.coordinator_message(ToCoordinator::ShardStarted { shard });
+                }
+                self.homes.insert(shard, node);
+                self.asked_at.remove(&shard);
+                if let Some(waiting) = self.buffered.remove(&shard) {
+                    self.buffered_total -= waiting.len();
+                    for (entity, message) in waiting {
+                        self.route(entity, message, 0, now);
+                    }
+                }
+            }
+            FromCoordinator::BeginHandOff { shard } => {
+                self.homes.remove(&shard);
+                self.coordinator_message(ToCoordinator::BeginHandOffAck { shard });
+            }
+            FromCoordinator::HandOff { shard } => {
+                self.homes.remove(&shard);
+                if let Some(hosting) = self.hosted.get_mut(&shard) {
+                    *hosting = Hosting::HandingOff;
+                    let stopping: Vec<EntityId> = self
+                        .entities
+                        .iter()
+                        .filter(|(_, e)| e.shard == shard && e.phase != Phase::Stopping)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for entity in stopping {
+                        self.stop_entity(&entity);
+                    }
+                }
+                self.finish_handoff_if_done(shard);
+            }
+        }
+    }
+
+    fn stop_entity(&mut self, entity: &EntityId) {
+        if let Some(state) = self.entities.get_mut(entity) {
+            match state.phase {
+                Phase::Running => {
+                    state.phase = Phase::Stopping;
+                    self.commands.push_back(EntityCommand::Stop {
+                        entity: entity.clone(),
+                    });
+                }
+                // Not running: the driver reports it stopped at once, and its waiting
+                // messages are routed again from there.
+                Phase::Restarting(_) => {
+                    state.phase = Phase::Stopping;
+                    self.commands.push_back(EntityCommand::Stop {
+                        entity: entity.clone(),
+                    });
+                }
+                Phase::Stopping => {}
+            }
+        }
+    }
+
+    /// A shard being handed off whose entities have all stopped is reported stopped.
+    fn finish_handoff_if_done(&mut self, shard: ShardId) {
+        let handing_off = self.hosted.get(&shard) == Some(&Hosting::HandingOff);
+        let not_hosted = !self.hosted.contains_key(&shard);
+        let entities_left = self.entities.values().any(|e| e.shard == shard);
+        if entities_left {
+            return;
+        }
+        if handing_off || not_hosted {
+            self.hosted.remove(&shard);
+            self.coordinator_message(ToCoordinator::ShardStopped { shard });
+        }
+    }
+
+    fn coordinator_message(&mut self, message: ToCoordinator) {
+        if let Some(coordinator) = &self.coordinator {
+            self.transmits
+                .push_back((coordinator.clone(), ShardingMsg::ToCoordinator(message)));
+        }
+    }
+
+    fn passivate_idle(&mut self, now: Instant) {
+        let after = self.settings.passivate_after;
+        let idle: Vec<EntityId> = self
+            .entities
+            .iter()
+            .filter(|(_, e)| {
+                e.phase == Phase::Running && now.duration_since(e.last_active) >= after
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for entity in idle {
+            debug!(%entity, "passivating idle entity");
+            self.stop_entity(&entity);
+        }
+        self.next_passivation_scan = (!self.entities.is_empty()).then(|| now + after / 2);
+    }
+
+    fn step(&mut self, now: Instant) {
+        if self.next_register.is_some_and(|at| at <= now) && !self.registered {
+            if let Some(coordinator) = self.coordinator.clone() {
+                let hosted: Vec<ShardId> = self
+                    .hosted
+                    .iter()
+                    .filter(|(_, h)| **h == Hosting::Active)
+                    .map(|(s, _)| *s)
+                    .collect();
+                self.transmits.push_back((
+                    coordinator,
+                    ShardingMsg::ToCoordinator(ToCoordinator::Register { hosted }),
+                ));
+            }
+            self.next_register = Some(now + self.settings.retry_interval);
+        }
+        if self.registered {
+            let due: Vec<ShardId> = self
+                .buffered
+                .keys()
+                .copied()
+                .filter(|s| {
+                    self.asked_at
+                        .get(s)
+                        .is_none_or(|at| *at + self.settings.retry_interval <= now)
+                })
+                .collect();
+            for shard in due {
+                self.ask_home(shard, now);
+            }
+        }
+    }
+
+    /// Shards with entities stopping, for tests and metrics.
+    pub fn shards_handing_off(&self) -> BTreeSet<ShardId> {
+        self.hosted
+            .iter()
+            .filter(|(_, h)| **h == Hosting::HandingOff)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+}
