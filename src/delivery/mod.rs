@@ -14,6 +14,7 @@ pub mod durable;
 pub mod producer;
 pub mod protocol;
 pub mod settings;
+pub mod sharding;
 pub mod work_pulling;
 
 pub use codec::{Codec, CodecError, JsonCodec};

@@ -59,6 +59,9 @@ pub struct ShardingSettings {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShardingProducerSettings {
+    /// Most messages waiting for entities without demand, all entities together; one more
+    /// fails the controller (the producer sees the counts in every RequestNext).
+    pub buffer_size: usize,
     /// An entity's controller with nothing unconfirmed or waiting is dropped after this idle
     /// time (checked every half of it).
     #[serde(with = "humantime_serde")]
@@ -72,6 +75,7 @@ pub struct ShardingProducerSettings {
 impl Default for ShardingProducerSettings {
     fn default() -> Self {
         ShardingProducerSettings {
+            buffer_size: 1000,
             cleanup_unused_after: Duration::from_secs(120),
             resend_first_unconfirmed_idle_timeout: Duration::from_secs(10),
         }
@@ -194,6 +198,12 @@ impl DeliverySettings {
                 "must be between 2ms and 1h",
             )?;
         }
+        check(
+            self.sharding.producer_controller.buffer_size >= 1,
+            prefix,
+            "sharding.producer_controller.buffer_size",
+            "must be at least 1",
+        )?;
         check(
             self.work_pulling.producer_controller.buffer_size >= 1,
             prefix,

@@ -1,0 +1,668 @@
+//! The ShardingProducerController core (Akka's, reference §2.4), sans IO: one per node and
+//! producer, sending to any number of sharded entities through one child ProducerController
+//! per entity. A message for an entity with demand goes out at once; one for an entity without
+//! demand waits in that entity's buffer (all buffers together at most `buffer_size`). The
+//! producer hears, in every `RequestNext`, which entities have demand and how much waits for
+//! the others, and paces itself by that.
+//!
+//! Timers: an entity idle for `resend_first_unconfirmed_idle_timeout` that still owes a
+//! confirmation gets its first unconfirmed message again (it may have been stopped by a
+//! rebalance or a crash, and a new incarnation needs waking); an entity with nothing
+//! unconfirmed or buffered, idle for `cleanup_unused_after`, loses its child (a later message
+//! starts a new one at sequence number 1, which its consumer takes as a new producer).
+//!
+//! With a durable queue every message is stored (qualifier: the entity id) before it is
+//! routed, the reply to an ask comes after storage, and a restarted controller routes what was
+//! stored and not confirmed first.
+//!
+//! Inputs: `start`, `send`, `send_with_confirmation`, `handle_frame`, `handle_timeout`, and the
+//! durable queue's answers. Outputs: `poll_transmit` (entity, message), `poll_event`,
+//! `poll_store`, `poll_timeout`.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::delivery::durable::{DurableState, MessageSent};
+use crate::delivery::producer::{ProducerController, ProducerError, ProducerEvent, StoreRequest};
+use crate::delivery::protocol::{
+    ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
+};
+use crate::delivery::settings::{ProducerSettings, ShardingProducerSettings};
+use crate::entity::EntityId;
+
+/// What the controller tells its producer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardingProducerEvent<T> {
+    /// The producer may send; these entities have demand, these have messages waiting.
+    RequestNext {
+        /// Entities that take a message at once.
+        entities_with_demand: BTreeSet<EntityId>,
+        /// Messages waiting, per entity without demand (zero included).
+        buffered_for_entities_without_demand: BTreeMap<EntityId, usize>,
+    },
+    /// A message sent with confirmation was confirmed by its entity (or stored, when durable).
+    Confirmed {
+        /// The token given with it.
+        token: T,
+    },
+}
+
+/// Why the controller stopped; it refuses every further input.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShardingProducerError {
+    /// More messages waited for entities without demand than `buffer_size` (D-10).
+    #[error("buffer of {0} messages waiting for entities is full")]
+    BufferFull(usize),
+    /// The durable queue failed beyond its retry attempts.
+    #[error("durable queue failed: {0}")]
+    Store(ProducerError),
+    /// Chunking was configured; sharding cannot chunk.
+    #[error("sharded delivery does not support chunk_large_messages")]
+    ChunkingUnsupported,
+}
+
+struct Waiting<M, T> {
+    total_seq_nr: SeqNr,
+    message: M,
+    reply: Option<T>,
+}
+
+/// Sent to the child and not confirmed yet; the message is kept to resend it through a new
+/// child if this one fails.
+struct Unconfirmed<M, T> {
+    total_seq_nr: SeqNr,
+    message: M,
+    reply: Option<T>,
+}
+
+struct Out<M, T> {
+    controller: ProducerController<M, SeqNr>,
+    buffered: VecDeque<Waiting<M, T>>,
+    unconfirmed: VecDeque<Unconfirmed<M, T>>,
+    last_used: Instant,
+    /// The deadline last put on the timer heap for this child.
+    armed: Option<Instant>,
+}
+
+enum Phase<M> {
+    Initializing {
+        has_producer: bool,
+        state: Option<DurableState<M>>,
+    },
+    Active,
+}
+
+/// A message being stored before it is routed.
+struct Storing<M, T> {
+    entity: EntityId,
+    sent: MessageSent<M>,
+    reply: Option<T>,
+}
+
+/// Sans-IO ShardingProducerController for messages `M` and confirmation tokens `T`.
+pub struct ShardingProducerController<M, T> {
+    producer_id: ProducerId,
+    settings: ProducerSettings,
+    sharding: ShardingProducerSettings,
+    durable: bool,
+    next_incarnation: u64,
+    phase: Phase<M>,
+    failure: Option<ShardingProducerError>,
+    outs: HashMap<EntityId, Out<M, T>>,
+    current_seq_nr: SeqNr,
+    storing: VecDeque<Storing<M, T>>,
+    store_attempt: Option<u32>,
+    timers: BinaryHeap<Reverse<(Instant, EntityId)>>,
+    next_idle_check: Option<Instant>,
+    transmits: VecDeque<(EntityId, SequencedMessage<M>)>,
+    events: VecDeque<ShardingProducerEvent<T>>,
+    store_requests: VecDeque<StoreRequest<M>>,
+}
+
+impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
+    /// A controller without a durable queue; `first_incarnation` (random) tells its children
+    /// apart from an earlier run's.
+    pub fn new(
+        producer_id: ProducerId,
+        settings: ProducerSettings,
+        sharding: ShardingProducerSettings,
+        first_incarnation: u64,
+    ) -> Result<Self, ShardingProducerError> {
+        Self::build(
+            producer_id,
+            settings,
+            sharding,
+            first_incarnation,
+            Some(DurableState::default()),
+        )
+    }
+
+    /// A controller with a durable queue: it loads the stored state first.
+    pub fn with_durable_queue(
+        producer_id: ProducerId,
+        settings: ProducerSettings,
+        sharding: ShardingProducerSettings,
+        first_incarnation: u64,
+    ) -> Result<Self, ShardingProducerError> {
+        let mut controller = Self::build(producer_id, settings, sharding, first_incarnation, None)?;
+        controller.durable = true;
+        controller
+            .store_requests
+            .push_back(StoreRequest::LoadState { attempt: 1 });
+        Ok(controller)
+    }
+
+    fn build(
+        producer_id: ProducerId,
+        settings: ProducerSettings,
+        sharding: ShardingProducerSettings,
+        first_incarnation: u64,
+        state: Option<DurableState<M>>,
+    ) -> Result<Self, ShardingProducerError> {
+        if settings.chunk_large_messages.is_some() {
+            return Err(ShardingProducerError::ChunkingUnsupported);
+        }
+        Ok(ShardingProducerController {
+            producer_id,
+            settings,
+            sharding,
+            durable: false,
+            next_incarnation: first_incarnation,
+            phase: Phase::Initializing {
+                has_producer: false,
+                state,
+            },
+            failure: None,
+            outs: HashMap::new(),
+            current_seq_nr: SeqNr(1),
+            storing: VecDeque::new(),
+            store_attempt: None,
+            timers: BinaryHeap::new(),
+            next_idle_check: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            store_requests: VecDeque::new(),
+        })
+    }
+
+    /// Why the controller stopped, if it did.
+    pub fn failure(&self) -> Option<&ShardingProducerError> {
+        self.failure.as_ref()
+    }
+
+    /// Entities with a child controller now.
+    pub fn entity_count(&self) -> usize {
+        self.outs.len()
+    }
+
+    /// Messages waiting for entities without demand.
+    pub fn buffered(&self) -> usize {
+        self.outs.values().map(|o| o.buffered.len()).sum()
+    }
+
+    /// Messages sent and not confirmed yet, all entities together.
+    pub fn unconfirmed(&self) -> usize {
+        self.outs.values().map(|o| o.unconfirmed.len()).sum()
+    }
+
+    /// The producer (re)registered (Akka's `Start`): it gets a RequestNext.
+    pub fn start(&mut self, now: Instant) {
+        match &mut self.phase {
+            Phase::Initializing { has_producer, .. } => {
+                *has_producer = true;
+                self.activate_when_ready(now);
+            }
+            Phase::Active => self.request_next(),
+        }
+    }
+
+    /// Sends `message` to `entity`.
+    pub fn send(
+        &mut self,
+        entity: EntityId,
+        message: M,
+        now: Instant,
+    ) -> Result<(), ShardingProducerError> {
+        self.receive(entity, message, None, now)
+    }
+
+    /// Sends `message` to `entity`; `token` comes back in `Confirmed` once it is confirmed (or
+    /// stored, with a durable queue).
+    pub fn send_with_confirmation(
+        &mut self,
+        entity: EntityId,
+        message: M,
+        token: T,
+        now: Instant,
+    ) -> Result<(), ShardingProducerError> {
+        self.receive(entity, message, Some(token), now)
+    }
+
+    /// A frame from `entity`'s ConsumerController for the child `to`; frames for an earlier
+    /// child of the entity are ignored.
+    pub fn handle_frame(
+        &mut self,
+        entity: &EntityId,
+        to: &ProducerRef,
+        frame: ConsumerFrame,
+        now: Instant,
+    ) {
+        if self.failure.is_some() {
+            return;
+        }
+        let Some(out) = self.outs.get_mut(entity) else {
+            return;
+        };
+        if out.controller.producer_ref() != to {
+            return;
+        }
+        out.last_used = now;
+        if let Err(error) = out.controller.handle_frame(frame, now) {
+            // A misbehaving consumer: its child goes; what it held is resent by a new child,
+            // and the producer hears nothing lost (its asks stay unanswered until then).
+            warn!(%entity, %error, "sharded delivery to an entity failed; restarting its controller");
+            if let Some(failed) = self.outs.remove(entity) {
+                self.restart_child(entity.clone(), failed, now);
+            }
+            return;
+        }
+        self.after_child(entity, now);
+    }
+
+    /// Time passed: child timers, idle wake-ups, cleanup.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.failure.is_some() {
+            return;
+        }
+        if self.next_idle_check.is_some_and(|at| at <= now) {
+            self.check_idle(now);
+        }
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, entity))) = self.timers.pop() else {
+                break;
+            };
+            let Some(out) = self.outs.get_mut(&entity) else {
+                continue;
+            };
+            if out.armed != Some(at) {
+                continue;
+            }
+            out.armed = None;
+            out.controller.handle_timeout(now);
+            self.after_child(&entity, now);
+        }
+    }
+
+    /// The durable queue's state arrived.
+    pub fn handle_state_loaded(&mut self, state: DurableState<M>, now: Instant) {
+        if let Phase::Initializing {
+            state: slot @ None, ..
+        } = &mut self.phase
+        {
+            *slot = Some(state);
+            self.activate_when_ready(now);
+        }
+    }
+
+    /// Loading the durable state failed or timed out on `attempt`.
+    pub fn handle_load_failed(&mut self, attempt: u32) {
+        if attempt >= self.settings.durable_queue.retry_attempts {
+            self.failure = Some(ShardingProducerError::Store(ProducerError::LoadFailed {
+                attempts: attempt,
+            }));
+        } else {
+            self.store_requests.push_back(StoreRequest::LoadState {
+                attempt: attempt + 1,
+            });
+        }
+    }
+
+    /// The message `seq_nr` is stored: reply to an asker, then route it.
+    pub fn handle_message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
+        if self.store_attempt.is_none()
+            || self.storing.front().map(|s| s.sent.seq_nr) != Some(seq_nr)
+        {
+            return;
+        }
+        self.store_attempt = None;
+        let Some(stored) = self.storing.pop_front() else {
+            return;
+        };
+        if let Some(token) = stored.reply {
+            self.events
+                .push_back(ShardingProducerEvent::Confirmed { token });
+        }
+        if let Payload::Message(message) = stored.sent.payload {
+            self.route(stored.entity, seq_nr, message, None, now);
+        }
+        self.store_next(1);
+    }
+
+    /// Storing the message `seq_nr` failed or timed out on `attempt`.
+    pub fn handle_store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
+        if self.store_attempt != Some(attempt)
+            || self.storing.front().map(|s| s.sent.seq_nr) != Some(seq_nr)
+        {
+            return;
+        }
+        if attempt >= self.settings.durable_queue.retry_attempts {
+            self.failure = Some(ShardingProducerError::Store(ProducerError::StoreFailed {
+                seq_nr,
+                attempts: attempt,
+            }));
+            return;
+        }
+        self.store_attempt = None;
+        self.store_next(attempt + 1);
+    }
+
+    /// The next message for an entity.
+    pub fn poll_transmit(&mut self) -> Option<(EntityId, SequencedMessage<M>)> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event for the producer.
+    pub fn poll_event(&mut self) -> Option<ShardingProducerEvent<T>> {
+        self.events.pop_front()
+    }
+
+    /// The next request for the durable queue.
+    pub fn poll_store(&mut self) -> Option<StoreRequest<M>> {
+        self.store_requests.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] is due (possibly early, never late).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.failure.is_some() {
+            return None;
+        }
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        timer.into_iter().chain(self.next_idle_check).min()
+    }
+
+    fn receive(
+        &mut self,
+        entity: EntityId,
+        message: M,
+        reply: Option<T>,
+        now: Instant,
+    ) -> Result<(), ShardingProducerError> {
+        if let Some(failure) = &self.failure {
+            return Err(failure.clone());
+        }
+        if self.durable {
+            let seq_nr = self.current_seq_nr;
+            self.current_seq_nr = seq_nr.next();
+            self.storing.push_back(Storing {
+                entity: entity.clone(),
+                sent: MessageSent {
+                    seq_nr,
+                    payload: Payload::Message(message),
+                    ack: reply.is_some(),
+                    qualifier: entity.as_str().to_owned(),
+                    timestamp_millis: 0,
+                },
+                reply,
+            });
+            if self.store_attempt.is_none() {
+                self.store_next(1);
+            }
+            return Ok(());
+        }
+        self.route(entity, SeqNr::ZERO, message, reply, now);
+        match &self.failure {
+            Some(failure) => Err(failure.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends to the entity's child if it has demand, or buffers; starts the child if there is
+    /// none.
+    fn route(
+        &mut self,
+        entity: EntityId,
+        total_seq_nr: SeqNr,
+        message: M,
+        reply: Option<T>,
+        now: Instant,
+    ) {
+        if !self.outs.contains_key(&entity) {
+            let out = self.new_child(&entity, now);
+            self.outs.insert(entity.clone(), out);
+        }
+        let total_buffered = self.buffered();
+        let Some(out) = self.outs.get_mut(&entity) else {
+            return;
+        };
+        out.last_used = now;
+        if out.controller.has_demand() && out.buffered.is_empty() {
+            send_to_child(out, total_seq_nr, message, reply, now);
+            self.after_child(&entity, now);
+            return;
+        }
+        if total_buffered >= self.sharding.buffer_size {
+            self.failure = Some(ShardingProducerError::BufferFull(self.sharding.buffer_size));
+            return;
+        }
+        out.buffered.push_back(Waiting {
+            total_seq_nr,
+            message,
+            reply,
+        });
+        self.after_child(&entity, now);
+        self.request_next();
+    }
+
+    fn new_child(&mut self, entity: &EntityId, now: Instant) -> Out<M, T> {
+        let incarnation = self.next_incarnation;
+        self.next_incarnation = self.next_incarnation.wrapping_add(1);
+        // Akka names the child "<producerId>-<entityId>"; its consumer keys its controller by it.
+        let child_id = ProducerId::new(format!("{}-{}", self.producer_id, entity));
+        let mut controller = ProducerController::new(child_id, incarnation, self.settings.clone());
+        // It sends through this controller, so it needs no RegisterConsumer.
+        controller.start(now);
+        controller.register_consumer(now);
+        if self.next_idle_check.is_none() {
+            self.next_idle_check = Some(now + self.idle_check_interval());
+        }
+        Out {
+            controller,
+            buffered: VecDeque::new(),
+            unconfirmed: VecDeque::new(),
+            last_used: now,
+            armed: None,
+        }
+    }
+
+    /// A child that failed is replaced: what it held unconfirmed goes out again first.
+    fn restart_child(&mut self, entity: EntityId, failed: Out<M, T>, now: Instant) {
+        let mut out = self.new_child(&entity, now);
+        out.buffered = failed
+            .unconfirmed
+            .into_iter()
+            .map(|u| Waiting {
+                total_seq_nr: u.total_seq_nr,
+                message: u.message,
+                reply: u.reply,
+            })
+            .chain(failed.buffered)
+            .collect();
+        self.outs.insert(entity.clone(), out);
+        self.after_child(&entity, now);
+    }
+
+    /// Drains one child's outputs; feeds it buffered messages while it has demand.
+    fn after_child(&mut self, entity: &EntityId, now: Instant) {
+        let mut gained_demand = false;
+        let mut confirmed = Vec::new();
+        let Some(out) = self.outs.get_mut(entity) else {
+            return;
+        };
+        loop {
+            while let Some(event) = out.controller.poll_event() {
+                match event {
+                    // Every message goes with a confirmation request, and the child confirms
+                    // them one by one, in order.
+                    ProducerEvent::Confirmed { .. } => {
+                        if let Some(done) = out.unconfirmed.pop_front() {
+                            out.last_used = now;
+                            confirmed.push(done);
+                        }
+                    }
+                    ProducerEvent::RequestNext { .. } => gained_demand = true,
+                }
+            }
+            if !out.controller.has_demand() {
+                break;
+            }
+            let Some(next) = out.buffered.pop_front() else {
+                break;
+            };
+            send_to_child(out, next.total_seq_nr, next.message, next.reply, now);
+        }
+        while let Some(message) = out.controller.poll_transmit() {
+            self.transmits.push_back((entity.clone(), message));
+        }
+        let deadline = out.controller.poll_timeout();
+        if deadline != out.armed {
+            out.armed = deadline;
+            if let Some(at) = deadline {
+                self.timers.push(Reverse((at, entity.clone())));
+            }
+        }
+        let demand_with_empty_buffer = out.controller.has_demand() && out.buffered.is_empty();
+        for done in confirmed {
+            if self.durable && done.total_seq_nr != SeqNr::ZERO {
+                self.store_requests
+                    .push_back(StoreRequest::StoreMessageConfirmed {
+                        seq_nr: done.total_seq_nr,
+                        qualifier: entity.as_str().to_owned(),
+                    });
+            }
+            if let Some(token) = done.reply {
+                self.events
+                    .push_back(ShardingProducerEvent::Confirmed { token });
+            }
+        }
+        if gained_demand && demand_with_empty_buffer {
+            self.request_next();
+        }
+    }
+
+    fn request_next(&mut self) {
+        if !matches!(self.phase, Phase::Active) || self.failure.is_some() {
+            return;
+        }
+        let mut entities_with_demand = BTreeSet::new();
+        let mut buffered = BTreeMap::new();
+        for (entity, out) in &self.outs {
+            if out.controller.has_demand() && out.buffered.is_empty() {
+                entities_with_demand.insert(entity.clone());
+            } else {
+                buffered.insert(entity.clone(), out.buffered.len());
+            }
+        }
+        self.events.push_back(ShardingProducerEvent::RequestNext {
+            entities_with_demand,
+            buffered_for_entities_without_demand: buffered,
+        });
+    }
+
+    fn check_idle(&mut self, now: Instant) {
+        let cleanup_after = self.sharding.cleanup_unused_after;
+        let resend_after = self.sharding.resend_first_unconfirmed_idle_timeout;
+        let mut wake = Vec::new();
+        self.outs.retain(|entity, out| {
+            let idle = now.saturating_duration_since(out.last_used);
+            let owes = out.controller.unconfirmed_len() > 0;
+            if owes && idle >= resend_after {
+                wake.push(entity.clone());
+            }
+            owes || !out.buffered.is_empty() || !out.unconfirmed.is_empty() || idle < cleanup_after
+        });
+        for entity in wake {
+            if let Some(out) = self.outs.get_mut(&entity) {
+                out.controller.resend_first_unconfirmed();
+                out.last_used = now;
+            }
+            self.after_child(&entity, now);
+        }
+        self.next_idle_check = (!self.outs.is_empty()).then(|| now + self.idle_check_interval());
+    }
+
+    /// Akka runs both idle checks at half their timeouts.
+    fn idle_check_interval(&self) -> std::time::Duration {
+        self.sharding
+            .cleanup_unused_after
+            .min(self.sharding.resend_first_unconfirmed_idle_timeout)
+            / 2
+    }
+
+    fn activate_when_ready(&mut self, now: Instant) {
+        let Phase::Initializing {
+            has_producer: true,
+            state: Some(_),
+        } = &self.phase
+        else {
+            return;
+        };
+        let Phase::Initializing {
+            state: Some(state), ..
+        } = std::mem::replace(&mut self.phase, Phase::Active)
+        else {
+            return;
+        };
+        self.current_seq_nr = state.current_seq_nr;
+        let nothing_unconfirmed = state.unconfirmed.is_empty();
+        // What was stored and not confirmed goes first, to the entity named by its qualifier.
+        for sent in state.unconfirmed {
+            if let Payload::Message(message) = sent.payload {
+                self.route(
+                    EntityId::new(sent.qualifier),
+                    sent.seq_nr,
+                    message,
+                    None,
+                    now,
+                );
+            }
+        }
+        if nothing_unconfirmed {
+            self.request_next();
+        }
+    }
+
+    fn store_next(&mut self, attempt: u32) {
+        if let Some(next) = self.storing.front() {
+            self.store_attempt = Some(attempt);
+            self.store_requests
+                .push_back(StoreRequest::StoreMessageSent {
+                    sent: next.sent.clone(),
+                    attempt,
+                });
+        }
+    }
+}
+
+fn send_to_child<M: Clone + 'static, T>(
+    out: &mut Out<M, T>,
+    total_seq_nr: SeqNr,
+    message: M,
+    reply: Option<T>,
+    now: Instant,
+) {
+    // Demand was checked; a refusal cannot happen, and would only fail this child.
+    let _ = out
+        .controller
+        .send_with_confirmation(message.clone(), total_seq_nr, now);
+    out.unconfirmed.push_back(Unconfirmed {
+        total_seq_nr,
+        message,
+        reply,
+    });
+}
