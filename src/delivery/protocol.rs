@@ -1,14 +1,18 @@
 //! The vocabulary shared by both ends of a reliable-delivery link: sequence numbers, producer
 //! identity, and the frames that cross the (possibly lossy) link between a ProducerController and
-//! a ConsumerController. Pure data: no behaviour, no I/O.
+//! a ConsumerController. Pure data: no behaviour, no I/O. Everything here serializes, for links
+//! between nodes.
 
 use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use serde::{Deserialize, Serialize};
 
 /// Position of a message in one producer's stream; the first message is 1 and 0 means "none".
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct SeqNr(pub u64);
 
 impl SeqNr {
@@ -44,7 +48,7 @@ impl fmt::Display for SeqNr {
 }
 
 /// Name of a producer stream, stable across restarts of its controller (Akka's `producerId`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ProducerId(Arc<str>);
 
 impl ProducerId {
@@ -68,7 +72,7 @@ impl fmt::Display for ProducerId {
 /// One incarnation of a ProducerController: its producer id plus a number that differs for every
 /// controller instance, so a consumer can tell "the same producer restarted" from "the same
 /// controller" the way Akka compares actor refs.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ProducerRef {
     /// The producer stream this controller serves.
     pub id: ProducerId,
@@ -78,7 +82,7 @@ pub struct ProducerRef {
 
 /// One piece of a message too large to send whole; the pieces of a message occupy consecutive
 /// sequence numbers and the consumer reassembles them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunk {
     /// This piece of the serialized message.
     pub bytes: Bytes,
@@ -89,7 +93,7 @@ pub struct Chunk {
 }
 
 /// What a sequence number carries: a whole message, or one chunk of a serialized one.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Payload<M> {
     /// The application message itself.
     Message(M),
@@ -116,7 +120,7 @@ impl<M> Payload<M> {
 }
 
 /// A message on its way from a ProducerController to a ConsumerController.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SequencedMessage<M> {
     /// The controller that sent it; replies go there.
     pub producer: ProducerRef,
@@ -144,7 +148,7 @@ impl<M> SequencedMessage<M> {
 }
 
 /// A frame from a ConsumerController back to a ProducerController.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConsumerFrame {
     /// Everything up to `confirmed` is processed; the producer may send up to `request_up_to`.
     Request {

@@ -48,6 +48,14 @@ pub enum ShardingProducerEvent<T> {
         /// The token given with it.
         token: T,
     },
+    /// The entity gave up on a message sent with confirmation (it reported why before it
+    /// confirmed it, so the message is settled either way).
+    Rejected {
+        /// The token given with it.
+        token: T,
+        /// The entity's reason.
+        reason: String,
+    },
 }
 
 /// Why the controller stopped; it refuses every further input.
@@ -73,9 +81,13 @@ struct Waiting<M, T> {
 /// Sent to the child and not confirmed yet; the message is kept to resend it through a new
 /// child if this one fails.
 struct Unconfirmed<M, T> {
+    /// Its number in the entity's child stream.
+    out_seq_nr: SeqNr,
     total_seq_nr: SeqNr,
     message: M,
     reply: Option<T>,
+    /// The entity reported it could not process it.
+    rejected: Option<String>,
 }
 
 struct Out<M, T> {
@@ -270,6 +282,20 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             return;
         }
         self.after_child(entity, now);
+    }
+
+    /// `entity` reports (ahead of its confirmation) that it gave up on message `seq_nr` of the
+    /// child `to`; the message's confirmation then comes back as `Rejected`.
+    pub fn reject(&mut self, entity: &EntityId, to: &ProducerRef, seq_nr: SeqNr, reason: String) {
+        let Some(out) = self.outs.get_mut(entity) else {
+            return;
+        };
+        if out.controller.producer_ref() != to {
+            return;
+        }
+        if let Some(unconfirmed) = out.unconfirmed.iter_mut().find(|u| u.out_seq_nr == seq_nr) {
+            unconfirmed.rejected = Some(reason);
+        }
     }
 
     /// Time passed: child timers, idle wake-ups, cleanup.
@@ -546,8 +572,10 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
                     });
             }
             if let Some(token) = done.reply {
-                self.events
-                    .push_back(ShardingProducerEvent::Confirmed { token });
+                self.events.push_back(match done.rejected {
+                    Some(reason) => ShardingProducerEvent::Rejected { token, reason },
+                    None => ShardingProducerEvent::Confirmed { token },
+                });
             }
         }
         if gained_demand && demand_with_empty_buffer {
@@ -656,13 +684,16 @@ fn send_to_child<M: Clone + 'static, T>(
     reply: Option<T>,
     now: Instant,
 ) {
-    // Demand was checked; a refusal cannot happen, and would only fail this child.
-    let _ = out
+    // Demand was checked, so the child accepts it.
+    let out_seq_nr = out
         .controller
-        .send_with_confirmation(message.clone(), total_seq_nr, now);
+        .send_with_confirmation(message.clone(), total_seq_nr, now)
+        .unwrap_or(SeqNr::ZERO);
     out.unconfirmed.push_back(Unconfirmed {
+        out_seq_nr,
         total_seq_nr,
         message,
         reply,
+        rejected: None,
     });
 }

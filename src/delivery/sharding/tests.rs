@@ -237,7 +237,7 @@ impl Harness {
                     .map(|(e, n)| (e.to_string(), *n))
                     .collect(),
             )),
-            ShardingProducerEvent::Confirmed { .. } => None,
+            _ => None,
         })
     }
 
@@ -246,7 +246,7 @@ impl Harness {
             .iter()
             .filter_map(|e| match e {
                 ShardingProducerEvent::Confirmed { token } => Some(*token),
-                ShardingProducerEvent::RequestNext { .. } => None,
+                _ => None,
             })
             .collect()
     }
@@ -546,6 +546,30 @@ async fn with_a_durable_queue_asks_are_answered_after_storage() {
     h.ask("p", 2, 2);
     assert_eq!(h.replies("p"), vec![1, 2], "before any entity confirmed");
     assert_eq!(h.store.as_ref().unwrap().unconfirmed.len(), 2);
+}
+
+// An entity that gives up on a message reports it before confirming; the ask's answer says so.
+#[tokio::test(start_paused = true)]
+async fn a_message_the_entity_gave_up_on_is_answered_as_rejected() {
+    let mut h = Harness::new();
+    h.auto_confirm = false;
+    h.add_producer("p", sharding());
+    h.ask("p", 1, 7);
+    // The harness's first child has incarnation 1; the message is its seq 1.
+    let child = crate::delivery::protocol::ProducerRef {
+        id: ProducerId::new("p-entity-1"),
+        incarnation: 1,
+    };
+    h.spc("p")
+        .reject(&entity(1), &child, SeqNr(1), "bad".to_owned());
+    h.confirm(1);
+    assert_eq!(
+        h.events["p"].last(),
+        Some(&ShardingProducerEvent::Rejected {
+            token: 7,
+            reason: "bad".to_owned()
+        })
+    );
 }
 
 // D-10 for sharding: more waiting than buffer_size fails the controller.
