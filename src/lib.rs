@@ -14,9 +14,11 @@ pub mod config;
 pub mod delivery;
 pub mod entity;
 pub mod metrics;
+pub mod node;
 pub mod order;
 pub mod sharding;
 pub mod shutdown;
 pub mod telemetry;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
+mod timer;

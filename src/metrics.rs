@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::source::SourceMetrics;
+use crate::cluster::ClusterMetrics;
 use crate::entity::{EntityMetrics, InvalidMessage};
 
 /// Outcome label values of `warren_deliveries_total`.
@@ -55,6 +56,8 @@ pub struct Metrics {
     pub bridge: BridgeMetrics,
     /// The entities' series.
     pub entities: EntityMetrics,
+    /// Membership, transport, singleton and sharding series.
+    pub cluster: ClusterMetrics,
 }
 
 impl Metrics {
@@ -137,6 +140,7 @@ impl Metrics {
             )?,
         };
         Ok(Metrics {
+            cluster: ClusterMetrics::register(&registry)?,
             registry,
             bridge,
             entities,

@@ -31,6 +31,7 @@ use crate::entity::{
     LocalEntityHost,
 };
 use crate::metrics::{BridgeMetrics, outcome};
+use crate::timer::sleep_until;
 
 /// Longest wait for the broker to confirm a dead-letter copy.
 const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -407,12 +408,5 @@ impl<F: EntityFactory> Bridge<F> {
         }
         // Their verdicts no longer matter: redelivered copies are processed afresh.
         self.rejections.clear();
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod host;
 pub mod runner;
+pub mod sharded;
 
 use std::fmt;
 use std::future::Future;

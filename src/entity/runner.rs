@@ -20,6 +20,7 @@ use crate::delivery::{
     SequencedMessage,
 };
 use crate::entity::{Entity, EntityId};
+use crate::timer::sleep_until;
 
 /// What the bridge sends an entity: the message plus the key under which the bridge tracks it.
 #[derive(Debug)]
@@ -173,7 +174,7 @@ async fn send_frames<M: Clone + 'static>(
     true
 }
 
-async fn process<E: Entity>(
+pub(crate) async fn process<E: Entity>(
     entity: &mut E,
     message: &E::Message,
     settings: &RunnerSettings,
@@ -202,12 +203,5 @@ async fn process<E: Entity>(
                 ));
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

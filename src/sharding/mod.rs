@@ -4,6 +4,7 @@
 //! hosts ([`region`]). [`messages`] is what they say to each other.
 
 pub mod coordinator;
+pub mod driver;
 pub mod messages;
 pub mod region;
 pub mod shard;

@@ -12,10 +12,11 @@ use tokio::time::Instant;
 
 use crate::delivery::codec::Codec;
 use crate::delivery::consumer::{ConsumerController, ConsumerError, ConsumerEvent, Delivery};
+use crate::delivery::driver::FromConsumer;
 use crate::delivery::driver::link::{ChannelLink, Link};
-use crate::delivery::driver::{FromConsumer, sleep_until};
 use crate::delivery::protocol::{ConsumerFrame, ProducerRef, SequencedMessage};
 use crate::delivery::settings::ConsumerSettings;
+use crate::timer::sleep_until;
 
 /// Where a consumer's frames go.
 pub type ProducerLink<M> = Arc<dyn Link<FromConsumer<M>>>;

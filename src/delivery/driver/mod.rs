@@ -16,8 +16,6 @@ pub mod work_pulling;
 
 use std::sync::Arc;
 
-use tokio::time::Instant;
-
 pub use consumer::{ConsumerBuilder, ConsumerHandle, ProducerLink};
 pub use link::{ChannelLink, Faults, FaultyLink, Link, channel_link};
 pub use producer::{ConsumerLink, ProducerBuilder, ProducerHandle};
@@ -82,13 +80,6 @@ pub fn connect_in_process<M: Clone + Send + Sync + 'static>(
         .producer(Arc::new(to_producer))
         .start(consumer_inbox, to_consumer);
     (producer, consumer)
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

@@ -14,11 +14,12 @@ use tracing::warn;
 use crate::delivery::codec::Codec;
 use crate::delivery::driver::link::Link;
 use crate::delivery::driver::store::{self, NoQueue, StoreOp};
-use crate::delivery::driver::{DeliveryError, FromConsumer, sleep_until};
+use crate::delivery::driver::{DeliveryError, FromConsumer};
 use crate::delivery::durable::DurableProducerQueue;
 use crate::delivery::producer::{ProducerController, ProducerEvent, StoreRequest};
 use crate::delivery::protocol::{ProducerId, ProducerRef, SeqNr, SequencedMessage};
 use crate::delivery::settings::ProducerSettings;
+use crate::timer::sleep_until;
 
 /// Where a producer's frames go.
 pub type ConsumerLink<M> = Arc<dyn Link<SequencedMessage<M>>>;

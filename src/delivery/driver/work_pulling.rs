@@ -17,11 +17,12 @@ use crate::delivery::driver::consumer::{ConsumerBuilder, ConsumerHandle};
 use crate::delivery::driver::link::{ChannelLink, channel_link};
 use crate::delivery::driver::producer::ConsumerLink;
 use crate::delivery::driver::store::{self, NoQueue, StoreOp};
-use crate::delivery::driver::{DeliveryError, FromConsumer, LINK_CAPACITY, sleep_until};
+use crate::delivery::driver::{DeliveryError, FromConsumer, LINK_CAPACITY};
 use crate::delivery::durable::DurableProducerQueue;
 use crate::delivery::protocol::ProducerId;
 use crate::delivery::settings::{DeliverySettings, ProducerSettings};
 use crate::delivery::work_pulling::{WorkPullingEvent, WorkPullingProducerController};
+use crate::timer::sleep_until;
 
 /// Names a registered worker.
 pub type WorkerId = u64;

@@ -5,6 +5,7 @@
 //! only name entities.
 
 pub mod consumer;
+pub mod driver;
 pub mod producer;
 
 pub use consumer::ShardingConsumerController;

@@ -1,0 +1,160 @@
+//! A sharded entity's task: the entity plus its ShardingConsumerController (one
+//! ConsumerController per producer). Messages arrive from the shard region as
+//! [`EntityEnvelope`]s naming the node to answer; the entity processes them one at a time with
+//! the runner's retries, reports a message it gave up on before confirming it, and answers
+//! queries with a JSON snapshot. When the region closes its inbox (passivation, hand-off) it
+//! finishes the messages its controllers hold, then returns.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::cluster::member::NodeAddr;
+use crate::cluster::transport::Outbox;
+use crate::delivery::protocol::{ProducerId, ProducerRef, SequencedMessage};
+use crate::delivery::sharding::ShardingConsumerController;
+use crate::delivery::sharding::driver::{EntityAnswer, ToProducer};
+use crate::entity::runner::{EntityMetrics, RunnerSettings, process};
+use crate::entity::{Entity, EntityFactory, EntityId};
+use crate::sharding::driver::{EntitySpawner, EntityTask};
+use crate::timer::sleep_until;
+
+/// What travels to a sharded entity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntityEnvelope<M> {
+    /// A reliable-delivery message; answers go to `reply_to`.
+    Sequenced {
+        /// The node of the producer's controller.
+        reply_to: NodeAddr,
+        /// The message.
+        message: SequencedMessage<M>,
+    },
+    /// "Send me your state."
+    Query {
+        /// The asking node.
+        reply_to: NodeAddr,
+        /// The asker's key for the answer.
+        request: u64,
+    },
+}
+
+/// An entity's answer to a query.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryReply {
+    /// The asker's key.
+    pub request: u64,
+    /// The entity's snapshot as JSON text.
+    #[serde(with = "serde_bytes")]
+    pub snapshot: Vec<u8>,
+}
+
+/// Starts tasks for entities made by `factory`; they answer producers through `to_producer`
+/// and queries through `to_asker`.
+pub fn sharded_entities<F>(
+    factory: Arc<F>,
+    settings: Arc<RunnerSettings>,
+    to_producer: Outbox<ToProducer>,
+    to_asker: Outbox<QueryReply>,
+    metrics: EntityMetrics,
+) -> EntitySpawner<EntityEnvelope<<F::Entity as Entity>::Message>>
+where
+    F: EntityFactory,
+    <F::Entity as Entity>::Message: Clone,
+    <F::Entity as Entity>::Snapshot: Serialize,
+{
+    Arc::new(move |id, inbox| -> EntityTask {
+        let entity = factory.create(&id);
+        Box::pin(run(
+            id,
+            entity,
+            inbox,
+            Arc::clone(&settings),
+            Arc::clone(&to_producer),
+            Arc::clone(&to_asker),
+            metrics.clone(),
+        ))
+    })
+}
+
+async fn run<E>(
+    id: EntityId,
+    mut entity: E,
+    mut inbox: mpsc::UnboundedReceiver<EntityEnvelope<E::Message>>,
+    settings: Arc<RunnerSettings>,
+    to_producer: Outbox<ToProducer>,
+    to_asker: Outbox<QueryReply>,
+    metrics: EntityMetrics,
+) -> Result<(), String>
+where
+    E: Entity,
+    E::Message: Clone,
+    E::Snapshot: Serialize,
+{
+    metrics.active.inc();
+    let mut consumer = ShardingConsumerController::new(settings.consumer.clone());
+    // Where each producer's controller lives, and which incarnation of it spoke last.
+    let mut producers: HashMap<ProducerId, (NodeAddr, ProducerRef)> = HashMap::new();
+    let mut open = true;
+    loop {
+        while let Some((to, frame)) = consumer.poll_transmit() {
+            if let Some((node, _)) = producers.get(&to.id) {
+                let answer = ToProducer {
+                    entity: id.clone(),
+                    to,
+                    answer: EntityAnswer::Frame(frame),
+                };
+                to_producer(node, answer);
+            }
+        }
+        if let Some(delivery) = consumer.poll_event() {
+            if let Err(reason) = process(&mut entity, &delivery.message, &settings, &metrics).await
+            {
+                warn!(entity = %id, %reason, "giving up on a message");
+                if let Some((node, to)) = producers.get(&delivery.producer_id) {
+                    let answer = ToProducer {
+                        entity: id.clone(),
+                        to: to.clone(),
+                        answer: EntityAnswer::Rejected {
+                            seq_nr: delivery.seq_nr,
+                            reason,
+                        },
+                    };
+                    to_producer(node, answer);
+                }
+            }
+            // One delivery per producer is outstanding, and this is it.
+            let _ = consumer.confirm(&delivery.producer_id, Instant::now());
+            continue;
+        }
+        if !open {
+            break;
+        }
+        tokio::select! {
+            envelope = inbox.recv() => match envelope {
+                Some(EntityEnvelope::Sequenced { reply_to, message }) => {
+                    producers.insert(message.producer.id.clone(), (reply_to, message.producer.clone()));
+                    consumer.handle_message(message, Instant::now());
+                }
+                Some(EntityEnvelope::Query { reply_to, request }) => {
+                    let snapshot = serde_json::to_vec(&entity.snapshot())
+                        .map_err(|e| format!("snapshot does not serialize: {e}"));
+                    match snapshot {
+                        Ok(snapshot) => {
+                            to_asker(&reply_to, QueryReply { request, snapshot });
+                        }
+                        Err(reason) => warn!(entity = %id, %reason, "query unanswered"),
+                    }
+                }
+                // Asked to stop: finish what the controllers hold first.
+                None => open = false,
+            },
+            _ = sleep_until(consumer.poll_timeout()) => consumer.handle_timeout(Instant::now()),
+        }
+    }
+    metrics.active.dec();
+    Ok(())
+}

@@ -1,0 +1,493 @@
+//! A cluster node, composed: membership (gossip), the transport (authenticated links), the
+//! singleton manager (running the shard coordinator on the oldest shard host), the shard
+//! region with this node's entities, and a ShardingProducerController through which this
+//! node sends to entities wherever they live. A router task hands every message that arrives
+//! to the part it is for.
+//!
+//! [`ClusterNode::leave`] is the graceful way out: announce Leaving, let the coordinator move
+//! this node's shards and the singleton move to the next oldest node, then stop.
+
+pub mod settings;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
+use crate::cluster::membership::{Membership, MembershipError};
+use crate::cluster::singleton::SingletonMsg;
+use crate::cluster::singleton::driver::{self as singletons, SingletonHandle, SingletonSettings};
+use crate::cluster::transport::{self, Inbound, TransportHandle};
+use crate::config::ConfigError;
+use crate::delivery::protocol::ProducerId;
+use crate::delivery::settings::DeliverySettings;
+use crate::delivery::sharding::driver::{
+    AskError, AskOutcome, EntitySender, ShardingProducerHandle, ToProducer, spawn_sharding_producer,
+};
+use crate::delivery::sharding::{ShardingProducerController, ShardingProducerError};
+use crate::entity::runner::RunnerSettings;
+use crate::entity::sharded::{EntityEnvelope, QueryReply, sharded_entities};
+use crate::entity::{Entity, EntityFactory, EntityId};
+use crate::metrics::Metrics;
+use crate::sharding::driver::{
+    CoordinatorSlot, RegionHandle, RegionStatus, coordinator_singleton, spawn_region,
+};
+use crate::sharding::messages::ShardingMsg;
+use crate::sharding::shard::ShardId;
+
+pub use settings::{ClusterSettings, SHARD_HOST_ROLE};
+
+/// The singleton name of the shard coordinator.
+pub const COORDINATOR: &str = "shard-coordinator";
+
+/// Everything nodes send each other, for entities receiving `M`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum NodeMsg<M> {
+    /// Singleton handover.
+    Singleton(SingletonMsg),
+    /// Shard coordination and entity messages.
+    Sharding(ShardingMsg<EntityEnvelope<M>>),
+    /// An entity's answer to a producer's controller.
+    ToProducer(ToProducer),
+    /// An entity's answer to a query.
+    QueryReply(QueryReply),
+}
+
+/// Why a node did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A setting is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The cluster port cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Gossip did not start.
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    /// The sharding producer controller cannot be built with these settings.
+    #[error(transparent)]
+    Producer(#[from] ShardingProducerError),
+}
+
+/// Why a query has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// No answer in time (the entity's node may be down, or its shard moving).
+    #[error("no answer from entity {0} within {1:?}")]
+    Timeout(EntityId, Duration),
+    /// The node is stopping.
+    #[error("the node is stopping")]
+    Stopped,
+    /// The answer is not JSON.
+    #[error("entity {0} answered with an unreadable snapshot: {1}")]
+    Unreadable(EntityId, String),
+}
+
+/// What a node shows about the cluster (`GET /cluster`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This node.
+    pub node: String,
+    /// Every member in this node's view, oldest first.
+    pub members: Vec<MemberStatusReport>,
+    /// Where the shard coordinator runs, as this node sees it.
+    pub coordinator: Option<String>,
+    /// Singletons running on this node.
+    pub singletons_here: Vec<String>,
+    /// Shards hosted on this node.
+    pub shards_here: Vec<u32>,
+    /// Entities running on this node.
+    pub entities_here: usize,
+}
+
+/// One member, for [`ClusterStatus`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberStatusReport {
+    /// Its name.
+    pub node: String,
+    /// Which start of it.
+    pub generation: u64,
+    /// Joining, up, leaving or down.
+    pub status: String,
+    /// Its roles.
+    pub roles: Vec<String>,
+    /// Milliseconds since it started.
+    pub age_ms: u64,
+    /// Its cluster address.
+    pub address: String,
+}
+
+type PendingQueries = Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>;
+
+/// A running cluster node for entities made by one factory.
+pub struct ClusterNode<M> {
+    me: NodeAddr,
+    membership: Membership,
+    transport: TransportHandle<NodeMsg<M>>,
+    region: RegionHandle<EntityEnvelope<M>>,
+    producer: ShardingProducerHandle<M>,
+    singletons: SingletonHandle,
+    queries: PendingQueries,
+    next_query: AtomicU64,
+    leave_timeout: Duration,
+    shutdown: CancellationToken,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl<M> ClusterNode<M>
+where
+    M: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// Starts a node hosting entities made by `factory` (when it has the shard-host role).
+    pub async fn start<F>(
+        settings: &ClusterSettings,
+        delivery: &DeliverySettings,
+        runner: RunnerSettings,
+        factory: Arc<F>,
+        metrics: &Metrics,
+    ) -> Result<Self, NodeError>
+    where
+        F: EntityFactory,
+        F::Entity: Entity<Message = M>,
+        <F::Entity as Entity>::Snapshot: Serialize,
+    {
+        settings.validate("cluster")?;
+        delivery.validate("delivery")?;
+        let security = settings.security()?;
+        let started_at_ms = now_ms();
+        let me = Member {
+            addr: NodeAddr {
+                id: NodeId::new(settings.node_id.as_str()),
+                generation: started_at_ms,
+            },
+            rpc_addr: settings.listen,
+            roles: settings.roles.iter().cloned().collect(),
+            status: MemberStatus::Joining,
+            started_at_ms,
+        };
+        let addr = me.addr.clone();
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| NodeError::Listen {
+                    addr: settings.listen,
+                    source,
+                })?;
+        let cluster_metrics = metrics.cluster.clone();
+        let membership = Membership::start(
+            me,
+            settings.listen,
+            settings.membership(),
+            security.clone(),
+            cluster_metrics.clone(),
+        )
+        .await?;
+        let view = membership.view();
+        let shutdown = CancellationToken::new();
+        let (transport, inbound) = transport::start::<NodeMsg<M>>(
+            addr.clone(),
+            security,
+            listener,
+            view.clone(),
+            settings.transport.clone(),
+            cluster_metrics.clone(),
+            shutdown.child_token(),
+        );
+
+        let slot = CoordinatorSlot::default();
+        let coordinator = coordinator_singleton(
+            COORDINATOR,
+            SHARD_HOST_ROLE,
+            settings.coordinator.clone(),
+            view.clone(),
+            transport.outbox(|m| NodeMsg::Sharding(ShardingMsg::FromCoordinator(m))),
+            slot.clone(),
+        );
+        let (singleton_tx, singleton_rx) = mpsc::channel(256);
+        let singletons = singletons::spawn(
+            addr.clone(),
+            vec![coordinator],
+            view.clone(),
+            transport.outbox(NodeMsg::Singleton),
+            singleton_rx,
+            SingletonSettings::default(),
+            cluster_metrics.clone(),
+            shutdown.child_token(),
+        );
+
+        let spawner = sharded_entities(
+            factory,
+            Arc::new(runner),
+            transport.outbox(NodeMsg::ToProducer),
+            transport.outbox(NodeMsg::QueryReply),
+            metrics.entities.clone(),
+        );
+        let region = spawn_region(
+            addr.clone(),
+            SHARD_HOST_ROLE,
+            settings.region.clone(),
+            view.clone(),
+            transport.outbox(NodeMsg::Sharding),
+            spawner,
+            cluster_metrics,
+            shutdown.child_token(),
+        );
+
+        let sharding = &delivery.sharding.producer_controller;
+        let core = ShardingProducerController::new(
+            ProducerId::new(settings.node_id.as_str()),
+            delivery.producer_controller.clone(),
+            sharding.clone(),
+            rand::random(),
+        )?;
+        let to_entity: EntitySender<M> = {
+            let region = region.clone();
+            let reply_to = addr.clone();
+            Arc::new(move |entity, message| {
+                let region = region.clone();
+                let envelope = EntityEnvelope::Sequenced {
+                    reply_to: reply_to.clone(),
+                    message,
+                };
+                Box::pin(async move {
+                    let _ = region.deliver(entity, envelope).await;
+                })
+            })
+        };
+        let (answers_tx, answers_rx) = mpsc::channel(1024);
+        let producer = spawn_sharding_producer(
+            core,
+            sharding.buffer_size,
+            to_entity,
+            answers_rx,
+            shutdown.child_token(),
+        );
+
+        let queries = PendingQueries::default();
+        tokio::spawn(
+            Router {
+                singletons: singleton_tx,
+                coordinator: slot,
+                region: region.clone(),
+                answers: answers_tx,
+                queries: Arc::clone(&queries),
+            }
+            .run(inbound, shutdown.child_token()),
+        );
+        info!(node = %addr, listen = %settings.listen, "cluster node started");
+        Ok(ClusterNode {
+            me: addr,
+            membership,
+            transport,
+            region,
+            producer,
+            singletons,
+            queries,
+            next_query: AtomicU64::new(1),
+            leave_timeout: settings.leave_timeout,
+            shutdown,
+        })
+    }
+
+    /// This node's address.
+    pub fn me(&self) -> &NodeAddr {
+        &self.me
+    }
+
+    /// The membership view, updated as it changes.
+    pub fn view(&self) -> watch::Receiver<ClusterView> {
+        self.membership.view()
+    }
+
+    /// The region's status, updated as it changes.
+    pub fn region_status(&self) -> watch::Receiver<RegionStatus> {
+        self.region.status()
+    }
+
+    /// Singletons running here, updated as they start and stop.
+    pub fn singletons_here(&self) -> watch::Receiver<std::collections::BTreeSet<String>> {
+        self.singletons.running()
+    }
+
+    /// Sends `message` to `entity` through reliable delivery and waits for its confirmation.
+    pub async fn ask(&self, entity: EntityId, message: M) -> Result<AskOutcome, AskError> {
+        self.producer.ask(entity, message).await
+    }
+
+    /// The sending side, for tasks that outlive a borrow of the node.
+    pub fn producer(&self) -> ShardingProducerHandle<M> {
+        self.producer.clone()
+    }
+
+    /// Asks `entity` (starting it where its shard lives) for its snapshot. Asked again every
+    /// second, since a query may be lost while a shard moves.
+    pub async fn query(
+        &self,
+        entity: EntityId,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, QueryError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let request = self.next_query.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            lock(&self.queries).insert(request, tx);
+            let envelope = EntityEnvelope::Query {
+                reply_to: self.me.clone(),
+                request,
+            };
+            if self.region.deliver(entity.clone(), envelope).await.is_err() {
+                return Err(QueryError::Stopped);
+            }
+            let attempt_until = (Instant::now() + Duration::from_secs(1)).min(deadline);
+            let answer = tokio::time::timeout_at(attempt_until, rx).await;
+            lock(&self.queries).remove(&request);
+            match answer {
+                Ok(Ok(snapshot)) => {
+                    return serde_json::from_slice(&snapshot)
+                        .map_err(|e| QueryError::Unreadable(entity, e.to_string()));
+                }
+                Ok(Err(_)) => return Err(QueryError::Stopped),
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(QueryError::Timeout(entity, timeout));
+                }
+                Err(_) => debug!(%entity, "query unanswered; asking again"),
+            }
+        }
+    }
+
+    /// What this node knows about the cluster.
+    pub fn status(&self) -> ClusterStatus {
+        let view = self.membership.view().borrow().clone();
+        let region = self.region.status().borrow().clone();
+        let now = now_ms();
+        let mut members: Vec<&Member> = view.members.values().collect();
+        members.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+        ClusterStatus {
+            node: self.me.id.to_string(),
+            members: members
+                .into_iter()
+                .map(|m| MemberStatusReport {
+                    node: m.addr.id.to_string(),
+                    generation: m.addr.generation,
+                    status: m.status.as_str().to_owned(),
+                    roles: m.roles.iter().cloned().collect(),
+                    age_ms: now.saturating_sub(m.started_at_ms),
+                    address: m.rpc_addr.to_string(),
+                })
+                .collect(),
+            coordinator: region.coordinator.map(|c| c.id.to_string()),
+            singletons_here: self.singletons.running().borrow().iter().cloned().collect(),
+            shards_here: region.hosted.iter().map(|ShardId(s)| *s).collect(),
+            entities_here: region.entities,
+        }
+    }
+
+    /// Leaves gracefully: announces Leaving, waits (up to `leave_timeout`) until this node's
+    /// shards and singletons have moved, then stops everything.
+    pub async fn leave(self) {
+        info!(node = %self.me, "leaving the cluster");
+        self.membership.leave().await;
+        let deadline = Instant::now() + self.leave_timeout;
+        let mut region = self.region.status();
+        let mut running = self.singletons.running();
+        loop {
+            let moved = region.borrow_and_update().hosted.is_empty()
+                && running.borrow_and_update().is_empty();
+            if moved {
+                break;
+            }
+            tokio::select! {
+                _ = region.changed() => {}
+                _ = running.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!("leave timed out with shards or singletons still here");
+                    break;
+                }
+            }
+        }
+        self.shutdown.cancel();
+        self.singletons.stopped().await;
+        self.membership.shutdown().await;
+        drop(self.transport);
+        info!("left the cluster");
+    }
+
+    /// Stops at once, without handing anything over (the others see this node go down).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.singletons.stopped().await;
+        self.membership.shutdown().await;
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Hands every arriving message to the part of the node it is for.
+struct Router<M> {
+    singletons: mpsc::Sender<Inbound<SingletonMsg>>,
+    coordinator: CoordinatorSlot,
+    region: RegionHandle<EntityEnvelope<M>>,
+    answers: mpsc::Sender<ToProducer>,
+    queries: PendingQueries,
+}
+
+impl<M: Send + 'static> Router<M> {
+    async fn run(
+        self,
+        mut inbound: mpsc::Receiver<Inbound<NodeMsg<M>>>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let Inbound { from, message } = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = inbound.recv() => match next {
+                    Some(inbound) => inbound,
+                    None => return,
+                },
+            };
+            match message {
+                NodeMsg::Singleton(message) => {
+                    let _ = self.singletons.send(Inbound { from, message }).await;
+                }
+                NodeMsg::Sharding(ShardingMsg::ToCoordinator(message)) => {
+                    // Dropped when the coordinator does not run here: the region asks again.
+                    self.coordinator.deliver(from, message);
+                }
+                NodeMsg::Sharding(message) => {
+                    let _ = self.region.handle_remote(from, message).await;
+                }
+                NodeMsg::ToProducer(answer) => {
+                    let _ = self.answers.send(answer).await;
+                }
+                NodeMsg::QueryReply(reply) => {
+                    if let Some(asker) = lock(&self.queries).remove(&reply.request) {
+                        let _ = asker.send(reply.snapshot);
+                    }
+                }
+            }
+        }
+    }
+}

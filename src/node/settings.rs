@@ -1,0 +1,222 @@
+//! `[cluster]`: who this node is, where it listens, whom it joins, and how each cluster layer
+//! behaves. Validation names the offending key; a node that would accept unauthenticated
+//! peers without being told to (`insecure`) does not start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::auth::{ClusterSecret, Security};
+use crate::cluster::membership::MembershipSettings;
+use crate::cluster::transport::TransportSettings;
+use crate::config::{ConfigError, check};
+use crate::sharding::{CoordinatorSettings, RegionSettings};
+
+/// The role of nodes that host shards (and may run the shard coordinator).
+pub const SHARD_HOST_ROLE: &str = "shard-host";
+
+/// One node's cluster settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// This node's name, unique in the cluster and stable across restarts.
+    pub node_id: String,
+    /// Cluster address: TCP (links) and UDP (gossip) on the same port. Must be an address
+    /// the other nodes can reach, not 0.0.0.0.
+    pub listen: SocketAddr,
+    /// Cluster addresses of nodes to join through; empty forms a new cluster.
+    pub seeds: Vec<String>,
+    /// What this node may run: `shard-host` hosts entities.
+    pub roles: Vec<String>,
+    /// Nodes of differently named clusters ignore each other.
+    pub cluster_name: String,
+    /// Shared secret every node must hold (16 bytes or more).
+    pub secret: Option<String>,
+    /// Accept peers without a secret. Only for a trusted, closed network.
+    pub insecure: bool,
+    /// Time between gossip rounds.
+    #[serde(with = "humantime_serde")]
+    pub gossip_interval: Duration,
+    /// Failure-detector threshold.
+    pub phi_threshold: f64,
+    /// A silent member is declared down after this long unreachable.
+    #[serde(with = "humantime_serde")]
+    pub down_after: Duration,
+    /// A node with seeds that meets no Up member by then forms its own cluster.
+    #[serde(with = "humantime_serde")]
+    pub join_timeout: Duration,
+    /// How long a leaving node waits for its shards and singletons to move.
+    #[serde(with = "humantime_serde")]
+    pub leave_timeout: Duration,
+    /// Node-to-node links.
+    pub transport: TransportSettings,
+    /// Shard regions.
+    pub region: RegionSettings,
+    /// The shard coordinator.
+    pub coordinator: CoordinatorSettings,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        let membership = MembershipSettings::default();
+        ClusterSettings {
+            node_id: "node-1".to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7350)),
+            seeds: Vec::new(),
+            roles: vec![SHARD_HOST_ROLE.to_owned()],
+            cluster_name: membership.cluster_name,
+            secret: None,
+            insecure: false,
+            gossip_interval: membership.gossip_interval,
+            phi_threshold: membership.phi_threshold,
+            down_after: membership.down_after,
+            join_timeout: membership.join_timeout,
+            leave_timeout: Duration::from_secs(30),
+            transport: TransportSettings::default(),
+            region: RegionSettings::default(),
+            coordinator: CoordinatorSettings::default(),
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// Rejects values the cluster cannot run with, naming the key under `prefix`.
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        check(
+            !self.node_id.is_empty() && !self.node_id.contains(char::is_whitespace),
+            prefix,
+            "node_id",
+            "must be a non-empty name without spaces",
+        )?;
+        check(
+            !self.listen.ip().is_unspecified() && self.listen.port() != 0,
+            prefix,
+            "listen",
+            "must be an address other nodes can reach, with a port",
+        )?;
+        check(
+            self.region.shards > 0,
+            prefix,
+            "region.shards",
+            "must be at least 1",
+        )?;
+        check(
+            self.transport.max_frame_bytes >= 1024,
+            prefix,
+            "transport.max_frame_bytes",
+            "must be at least 1024",
+        )?;
+        check(
+            self.gossip_interval >= Duration::from_millis(10),
+            prefix,
+            "gossip_interval",
+            "must be at least 10ms",
+        )?;
+        check(
+            self.down_after >= self.gossip_interval,
+            prefix,
+            "down_after",
+            "must be at least gossip_interval",
+        )?;
+        check(
+            self.phi_threshold > 0.0,
+            prefix,
+            "phi_threshold",
+            "must be positive",
+        )?;
+        if let Some(secret) = &self.secret {
+            check(
+                ClusterSecret::new(secret).is_ok(),
+                prefix,
+                "secret",
+                "must be at least 16 bytes",
+            )?;
+        }
+        check(
+            self.secret.is_some() || self.insecure || self.seeds.is_empty(),
+            prefix,
+            "secret",
+            "joining a cluster needs a shared secret (or `insecure = true` on a trusted network)",
+        )
+    }
+
+    /// How this node authenticates peers; call after [`Self::validate`].
+    pub fn security(&self) -> Result<Security, ConfigError> {
+        match &self.secret {
+            Some(secret) => ClusterSecret::new(secret)
+                .map(Security::Secret)
+                .map_err(|e| ConfigError::OutOfRange {
+                    key: "cluster.secret".to_owned(),
+                    reason: e.to_string(),
+                }),
+            None if self.insecure => Ok(Security::Insecure),
+            None => Ok(Security::Standalone),
+        }
+    }
+
+    /// The membership part.
+    pub fn membership(&self) -> MembershipSettings {
+        MembershipSettings {
+            cluster_name: self.cluster_name.clone(),
+            seeds: self.seeds.clone(),
+            gossip_interval: self.gossip_interval,
+            phi_threshold: self.phi_threshold,
+            down_after: self.down_after,
+            join_timeout: self.join_timeout,
+            ..MembershipSettings::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(error: ConfigError) -> String {
+        match error {
+            ConfigError::OutOfRange { key, .. } => key,
+            other => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn joining_without_a_secret_needs_insecure() {
+        let mut settings = ClusterSettings {
+            seeds: vec!["127.0.0.1:7351".to_owned()],
+            ..ClusterSettings::default()
+        };
+        let error = settings.validate("cluster").unwrap_err();
+        assert_eq!(key_of(error), "cluster.secret");
+        settings.insecure = true;
+        settings.validate("cluster").unwrap();
+        assert!(matches!(settings.security().unwrap(), Security::Insecure));
+        settings.insecure = false;
+        settings.secret = Some("0123456789abcdef".to_owned());
+        settings.validate("cluster").unwrap();
+        assert!(matches!(settings.security().unwrap(), Security::Secret(_)));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        type Spoil = fn(&mut ClusterSettings);
+        let cases: [(&str, Spoil); 5] = [
+            ("cluster.secret", |s| s.secret = Some("short".to_owned())),
+            ("cluster.listen", |s| {
+                s.listen = "0.0.0.0:7350".parse().unwrap()
+            }),
+            ("cluster.node_id", |s| s.node_id = "a b".to_owned()),
+            ("cluster.region.shards", |s| s.region.shards = 0),
+            ("cluster.down_after", |s| s.down_after = Duration::ZERO),
+        ];
+        for (key, spoil) in cases {
+            let mut settings = ClusterSettings::default();
+            spoil(&mut settings);
+            assert_eq!(key_of(settings.validate("cluster").unwrap_err()), key);
+        }
+        assert!(matches!(
+            ClusterSettings::default().security().unwrap(),
+            Security::Standalone
+        ));
+    }
+}
