@@ -9,7 +9,7 @@
 
 pub mod settings;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -284,6 +284,13 @@ where
             shutdown.child_token(),
         );
 
+        tokio::spawn(wake_on_down(
+            view.clone(),
+            producer.clone(),
+            settings.down_after,
+            shutdown.child_token(),
+        ));
+
         let queries = PendingQueries::default();
         tokio::spawn(
             Router {
@@ -326,7 +333,7 @@ where
     }
 
     /// Singletons running here, updated as they start and stop.
-    pub fn singletons_here(&self) -> watch::Receiver<std::collections::BTreeSet<String>> {
+    pub fn singletons_here(&self) -> watch::Receiver<BTreeSet<String>> {
         self.singletons.running()
     }
 
@@ -438,6 +445,35 @@ where
         self.shutdown.cancel();
         self.singletons.stopped().await;
         self.membership.shutdown().await;
+    }
+}
+
+/// Wakes entities silent for `silent_for` whenever a member goes down: those that lived on
+/// it have lost what they held, and would otherwise wait for the idle resend (10 s).
+async fn wake_on_down<M: Send + 'static>(
+    mut view: watch::Receiver<ClusterView>,
+    producer: ShardingProducerHandle<M>,
+    silent_for: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut down = BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = view.changed() => if changed.is_err() { return },
+        }
+        let now_down: BTreeSet<NodeAddr> = view
+            .borrow_and_update()
+            .members
+            .values()
+            .filter(|m| m.status == MemberStatus::Down)
+            .map(|m| m.addr.clone())
+            .collect();
+        if now_down.difference(&down).next().is_some() {
+            debug!("a member went down: waking silent entities");
+            producer.wake_idle(silent_for);
+        }
+        down = now_down;
     }
 }
 

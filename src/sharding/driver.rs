@@ -167,6 +167,9 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
             self.drain(&mut incarnations);
             let wake_at = self.core.poll_timeout();
             tokio::select! {
+                // A view change first: a message sent because of it (a producer waking the
+                // entities of a node that went down) must not be routed by the old view.
+                biased;
                 _ = shutdown.cancelled() => break,
                 changed = view.changed() => {
                     if changed.is_err() {

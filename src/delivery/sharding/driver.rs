@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -79,12 +80,14 @@ struct Ask<M> {
 /// Sends through one ShardingProducerController; cheap to clone.
 pub struct ShardingProducerHandle<M> {
     asks: mpsc::Sender<Ask<M>>,
+    wake: mpsc::Sender<Duration>,
 }
 
 impl<M> Clone for ShardingProducerHandle<M> {
     fn clone(&self) -> Self {
         ShardingProducerHandle {
             asks: self.asks.clone(),
+            wake: self.wake.clone(),
         }
     }
 }
@@ -110,6 +113,12 @@ impl<M: Send + 'static> ShardingProducerHandle<M> {
         };
         self.asks.send(ask).await.map_err(|_| AskError::Stopped)?;
         Ok(async move { outcome.await.map_err(|_| AskError::Stopped) })
+    }
+
+    /// Resends the first unconfirmed message of every entity silent for `idle_for` now (see
+    /// [`ShardingProducerController::wake_idle`]).
+    pub fn wake_idle(&self, idle_for: Duration) {
+        let _ = self.wake.try_send(idle_for);
     }
 
     /// Sends `message` to `entity` without waiting for its confirmation.
@@ -138,23 +147,27 @@ where
     M: Clone + Send + 'static,
 {
     let (asks, asks_rx) = mpsc::channel(64);
-    tokio::spawn(run(
-        core,
-        buffer_size,
-        to_entity,
-        asks_rx,
+    let (wake, wake_rx) = mpsc::channel(4);
+    let inputs = Inputs {
+        asks: asks_rx,
+        wake: wake_rx,
         answers,
-        shutdown,
-    ));
-    ShardingProducerHandle { asks }
+    };
+    tokio::spawn(run(core, buffer_size, to_entity, inputs, shutdown));
+    ShardingProducerHandle { asks, wake }
+}
+
+struct Inputs<M> {
+    asks: mpsc::Receiver<Ask<M>>,
+    wake: mpsc::Receiver<Duration>,
+    answers: mpsc::Receiver<ToProducer>,
 }
 
 async fn run<M: Clone + Send + 'static>(
     mut core: Core<M>,
     buffer_size: usize,
     to_entity: EntitySender<M>,
-    mut asks: mpsc::Receiver<Ask<M>>,
-    mut answers: mpsc::Receiver<ToProducer>,
+    mut inputs: Inputs<M>,
     shutdown: CancellationToken,
 ) {
     core.start(Instant::now());
@@ -181,7 +194,7 @@ async fn run<M: Clone + Send + 'static>(
         let wake_at = core.poll_timeout();
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            ask = asks.recv(), if room => {
+            ask = inputs.asks.recv(), if room => {
                 let Some(ask) = ask else { return };
                 let now = Instant::now();
                 let sent = match ask.reply {
@@ -193,7 +206,8 @@ async fn run<M: Clone + Send + 'static>(
                     return;
                 }
             }
-            Some(answer) = answers.recv() => {
+            Some(idle_for) = inputs.wake.recv() => core.wake_idle(idle_for, Instant::now()),
+            Some(answer) = inputs.answers.recv() => {
                 let now = Instant::now();
                 match answer.answer {
                     EntityAnswer::Frame(frame) => core.handle_frame(&answer.entity, &answer.to, frame, now),

@@ -602,9 +602,22 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         });
     }
 
+    /// Resends at once the first unconfirmed message of every entity silent for `idle_for`,
+    /// instead of waiting for `resend_first_unconfirmed_idle_timeout`: the driver calls it
+    /// when a node went down, since entities that lived there stay silent until woken.
+    pub fn wake_idle(&mut self, idle_for: std::time::Duration, now: Instant) {
+        if self.failure.is_some() {
+            return;
+        }
+        self.check_idle_after(idle_for, now);
+    }
+
     fn check_idle(&mut self, now: Instant) {
+        self.check_idle_after(self.sharding.resend_first_unconfirmed_idle_timeout, now);
+    }
+
+    fn check_idle_after(&mut self, resend_after: std::time::Duration, now: Instant) {
         let cleanup_after = self.sharding.cleanup_unused_after;
-        let resend_after = self.sharding.resend_first_unconfirmed_idle_timeout;
         let mut wake = Vec::new();
         self.outs.retain(|entity, out| {
             let idle = now.saturating_duration_since(out.last_used);

@@ -444,6 +444,32 @@ async fn unconfirmed_messages_reach_a_new_incarnation_of_a_stopped_entity() {
     assert_eq!(h.got(1), vec![4]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn wake_idle_resends_to_a_lost_entity_before_the_idle_timeout() {
+    let mut h = Harness::new();
+    h.auto_confirm = false;
+    h.add_producer("p", sharding());
+    h.send("p", 1, 1);
+    h.confirm(1);
+    h.send("p", 1, 2);
+    assert_eq!(h.got(1), vec![1, 2]);
+    h.received.clear();
+    // The entity's node died with message 2 unconfirmed.
+    h.stop_entity(1);
+    h.advance(Duration::from_secs(2)).await;
+    assert!(
+        h.got(1).is_empty(),
+        "the idle timeout (10 s) has not passed"
+    );
+    // Entities silent for longer than asked are woken; a busier threshold wakes nobody.
+    h.spc("p").wake_idle(Duration::from_secs(5), Instant::now());
+    h.pump();
+    assert!(h.got(1).is_empty());
+    h.spc("p").wake_idle(Duration::from_secs(1), Instant::now());
+    h.pump();
+    assert_eq!(h.got(1), vec![2]);
+}
+
 // SH-07
 #[tokio::test(start_paused = true)]
 async fn unused_controllers_are_cleaned_up_and_recreated_on_demand() {

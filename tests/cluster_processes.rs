@@ -1,0 +1,355 @@
+//! The cluster as separate processes on loopback: `warren-cluster-node` nodes form a cluster,
+//! survive SIGKILLs of the singleton holder and of a shard host (sharded delivery still
+//! completes), refuse a node with the wrong secret, and shrug off garbage on their port.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Stdio;
+use std::time::Duration;
+
+use rand::RngCore;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use support::{binary, eventually};
+
+const SECRET: &str = "warren-test-secret-0123456789";
+const COORDINATOR: &str = "shard-coordinator";
+
+/// A port free for both TCP and UDP on `ip` (the cluster port carries both).
+fn free_port(ip: [u8; 4]) -> SocketAddr {
+    loop {
+        let tcp = TcpListener::bind(SocketAddr::from((ip, 0))).unwrap();
+        let addr = tcp.local_addr().unwrap();
+        if UdpSocket::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+}
+
+struct Node {
+    name: String,
+    cluster: SocketAddr,
+    http: String,
+    child: Child,
+}
+
+struct NodeOptions<'a> {
+    seeds: Vec<SocketAddr>,
+    secret: &'a str,
+    extra: Vec<String>,
+}
+
+impl Node {
+    async fn start(name: &str, ip: [u8; 4], options: NodeOptions<'_>) -> Node {
+        let cluster = free_port(ip);
+        let seeds: Vec<String> = options.seeds.iter().map(ToString::to_string).collect();
+        let mut command = Command::new(binary("warren-cluster-node"));
+        command
+            .args(["--node-id", name, "--listen", &cluster.to_string()])
+            .args(["--down-after-ms", "1500"])
+            .env("WARREN_CLUSTER__SECRET", options.secret)
+            .env("RUST_LOG", "warn,warren=info")
+            .args(&options.extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if !seeds.is_empty() {
+            command.args(["--seeds", &seeds.join(",")]);
+        }
+        let mut child = command.spawn().expect("start warren-cluster-node");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("node announces its HTTP address")
+            .unwrap()
+            .expect("a first line");
+        let http = line
+            .split_whitespace()
+            .last()
+            .expect("address on the line")
+            .to_owned();
+        Node {
+            name: name.to_owned(),
+            cluster,
+            http,
+            child,
+        }
+    }
+
+    async fn get(&self, path: &str) -> Option<Value> {
+        let response = reqwest::get(format!("{}{path}", self.http)).await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.json().await.ok()
+    }
+
+    async fn status(&self) -> Option<Value> {
+        self.get("/cluster").await
+    }
+
+    async fn metrics(&self) -> String {
+        let response = reqwest::get(format!("{}/metrics", self.http))
+            .await
+            .unwrap();
+        response.text().await.unwrap()
+    }
+
+    fn kill(&mut self) {
+        self.child.start_kill().expect("SIGKILL");
+    }
+}
+
+fn up_members(status: &Value) -> BTreeSet<String> {
+    status["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["status"] == "up")
+        .filter_map(|m| m["node"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn runs_coordinator(status: &Value) -> bool {
+    status["singletons_here"]
+        .as_array()
+        .is_some_and(|s| s.iter().any(|n| n == COORDINATOR))
+}
+
+fn shards(status: &Value) -> BTreeSet<u64> {
+    status["shards_here"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect()
+}
+
+/// Waits until every node sees exactly `names` Up.
+async fn converged(nodes: &[&Node], names: &[&str]) {
+    let want: BTreeSet<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    for node in nodes {
+        eventually(
+            &format!("{} to see {want:?} up", node.name),
+            Duration::from_secs(20),
+            || async {
+                let status = node.status().await?;
+                (up_members(&status) == want).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+async fn three_nodes(first_extra: Vec<String>) -> (Node, Node, Node) {
+    let options = |seeds: Vec<SocketAddr>, extra: Vec<String>| NodeOptions {
+        seeds,
+        secret: SECRET,
+        extra,
+    };
+    let a = Node::start("a", [127, 0, 0, 1], options(vec![], first_extra)).await;
+    let b = Node::start("b", [127, 0, 0, 1], options(vec![a.cluster], vec![])).await;
+    let c = Node::start("c", [127, 0, 0, 1], options(vec![a.cluster], vec![])).await;
+    converged(&[&a, &b, &c], &["a", "b", "c"]).await;
+    (a, b, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_form_a_cluster_and_the_singleton_survives_a_sigkill_of_its_holder() {
+    let (mut a, b, c) = three_nodes(vec![]).await;
+    // The oldest node runs the coordinator, and only it.
+    assert!(runs_coordinator(&a.status().await.unwrap()));
+    for node in [&b, &c] {
+        let status = node.status().await.unwrap();
+        assert!(!runs_coordinator(&status), "{status}");
+        assert_eq!(status["coordinator"], "a");
+    }
+
+    a.kill();
+    let killed_at = Instant::now();
+    let holder = eventually(
+        "another node to run the coordinator",
+        Duration::from_secs(20),
+        || async {
+            for node in [&b, &c] {
+                if runs_coordinator(&node.status().await?) {
+                    return Some(node.name.clone());
+                }
+            }
+            None
+        },
+    )
+    .await;
+    let takeover = killed_at.elapsed();
+    eprintln!("singleton takeover after SIGKILL: {takeover:?} (now on {holder})");
+    // The next oldest (b started before c) takes over, and only it runs the coordinator.
+    assert_eq!(holder, "b");
+    assert!(!runs_coordinator(&c.status().await.unwrap()));
+    converged(&[&b, &c], &["b", "c"]).await;
+    // The new coordinator hands out shards: an entity never seen before gets a home.
+    let counter = eventually("a query answered", Duration::from_secs(20), || async {
+        c.get("/entities/fresh-counter").await
+    })
+    .await;
+    assert_eq!(counter["applied"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_shard_host_loses_its_shards_and_sharded_delivery_still_completes() {
+    const MESSAGES: u64 = 6000;
+    const COUNTERS: u64 = 60;
+    let producing = vec![
+        "--produce".to_owned(),
+        MESSAGES.to_string(),
+        "--entities".to_owned(),
+        COUNTERS.to_string(),
+        "--wait-members".to_owned(),
+        "3".to_owned(),
+        "--delay-ms".to_owned(),
+        "1".to_owned(),
+    ];
+    let (a, b, mut c) = three_nodes(producing).await;
+    let c_shards = eventually(
+        "a third of the messages confirmed, with shards on c",
+        Duration::from_secs(60),
+        || async {
+            let progress = a.get("/progress").await?;
+            let shards = shards(&c.status().await?);
+            (progress["confirmed"].as_u64()? >= MESSAGES / 3 && !shards.is_empty())
+                .then_some(shards)
+        },
+    )
+    .await;
+
+    c.kill();
+    let killed_at = Instant::now();
+    let progress = eventually(
+        "every message confirmed",
+        Duration::from_secs(90),
+        || async {
+            let progress = a.get("/progress").await?;
+            (progress["done"] == true).then_some(progress)
+        },
+    )
+    .await;
+    eprintln!(
+        "delivery completed {:?} after the SIGKILL of a shard host",
+        killed_at.elapsed()
+    );
+    assert_eq!(progress["confirmed"], MESSAGES, "{progress}");
+    assert_eq!(progress["rejected"], 0, "{progress}");
+
+    // c's shards now live on a or b, each on exactly one.
+    let (on_a, on_b) = (
+        shards(&a.status().await.unwrap()),
+        shards(&b.status().await.unwrap()),
+    );
+    assert!(on_a.is_disjoint(&on_b), "{on_a:?} {on_b:?}");
+    let survivors: BTreeSet<u64> = on_a.union(&on_b).copied().collect();
+    assert!(
+        c_shards.is_subset(&survivors),
+        "{c_shards:?} not in {survivors:?}"
+    );
+
+    // Every counter, asked through b wherever it lives, saw its numbers in order: whatever
+    // a restarted counter got first, nothing after it was skipped.
+    let mut last_seen = BTreeMap::new();
+    for i in 0..COUNTERS {
+        let id = format!("counter-{i}");
+        let state = eventually(
+            &format!("{id} answers"),
+            Duration::from_secs(20),
+            || async { b.get(&format!("/entities/{id}")).await },
+        )
+        .await;
+        assert_eq!(state["gaps"], 0, "{id}: {state}");
+        last_seen.insert(id, state["last"]["a"].as_u64().unwrap_or(0));
+    }
+    // The last message of every counter was applied by its current incarnation.
+    let expected_last = MESSAGES / COUNTERS;
+    assert!(
+        last_seen.values().all(|&n| n == expected_last),
+        "{last_seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_secret_is_refused_and_garbage_does_not_harm_a_node() {
+    let options = |seeds: Vec<SocketAddr>, secret| NodeOptions {
+        seeds,
+        secret,
+        extra: vec![],
+    };
+    let mut a = Node::start("a", [127, 0, 0, 1], options(vec![], SECRET)).await;
+    let b = Node::start("b", [127, 0, 0, 1], options(vec![a.cluster], SECRET)).await;
+    converged(&[&a, &b], &["a", "b"]).await;
+
+    // A node that knows the seed but not the secret ends up alone (after its join timeout).
+    let intruder = Node::start(
+        "intruder",
+        [127, 0, 0, 1],
+        options(vec![a.cluster], "some-other-secret-0123456789"),
+    )
+    .await;
+    converged(&[&intruder], &["intruder"]).await;
+    for node in [&a, &b] {
+        let status = node.status().await.unwrap();
+        let names: BTreeSet<String> = status["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["node"].as_str().map(str::to_owned))
+            .collect();
+        assert!(!names.contains("intruder"), "{status}");
+    }
+
+    // Garbage on both halves of the cluster port: random bytes, a frame claiming 4 GiB, a
+    // Hello-sized frame of noise, and random datagrams.
+    let mut rng = rand::rng();
+    let mut noise = vec![0_u8; 64 * 1024];
+    rng.fill_bytes(&mut noise);
+    let payloads: [&[u8]; 3] = [&noise, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3], &noise[..200]];
+    for payload in payloads {
+        let mut stream = TcpStream::connect(a.cluster).unwrap();
+        let _ = stream.write_all(payload);
+    }
+    let mut framed = (u32::try_from(noise.len()).unwrap()).to_be_bytes().to_vec();
+    framed.extend_from_slice(&noise);
+    let mut stream = TcpStream::connect(a.cluster).unwrap();
+    let _ = stream.write_all(&framed);
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for chunk in noise.chunks(1200).take(40) {
+        udp.send_to(chunk, a.cluster).unwrap();
+    }
+
+    eventually(
+        "a to count the refused links",
+        Duration::from_secs(20),
+        || async {
+            let metrics = a.metrics().await;
+            let refused: f64 = metrics
+                .lines()
+                .filter(|l| l.starts_with("warren_transport_refused_total"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum();
+            (refused >= 3.0).then_some(())
+        },
+    )
+    .await;
+    assert!(a.child.try_wait().unwrap().is_none(), "a crashed");
+    converged(&[&a, &b], &["a", "b"]).await;
+    // And it still works: b's query reaches an entity wherever it lives.
+    let state = eventually("a query answered", Duration::from_secs(20), || async {
+        b.get("/entities/after-garbage").await
+    })
+    .await;
+    assert_eq!(state["applied"], 0);
+    a.kill();
+}
