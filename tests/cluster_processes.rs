@@ -353,3 +353,98 @@ async fn a_node_with_another_secret_is_refused_and_garbage_does_not_harm_a_node(
     assert_eq!(state["applied"], 0);
     a.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_takes_its_share_of_shards_while_delivery_goes_on() {
+    // Enough that delivery goes on while the shards move.
+    const MESSAGES: u64 = 60_000;
+    const COUNTERS: u64 = 200;
+    let producing = vec![
+        "--produce".to_owned(),
+        MESSAGES.to_string(),
+        "--entities".to_owned(),
+        COUNTERS.to_string(),
+        "--wait-members".to_owned(),
+        "2".to_owned(),
+        "--delay-ms".to_owned(),
+        "1".to_owned(),
+    ];
+    let options = |seeds: Vec<SocketAddr>, extra: Vec<String>| NodeOptions {
+        seeds,
+        secret: SECRET,
+        extra,
+    };
+    let a = Node::start("a", [127, 0, 0, 1], options(vec![], producing)).await;
+    let b = Node::start("b", [127, 0, 0, 1], options(vec![a.cluster], vec![])).await;
+    converged(&[&a, &b], &["a", "b"]).await;
+    let before = eventually(
+        "every shard placed, some messages confirmed",
+        Duration::from_secs(60),
+        || async {
+            let progress = a.get("/progress").await?;
+            let placed: BTreeSet<u64> = shards(&a.status().await?)
+                .union(&shards(&b.status().await?))
+                .copied()
+                .collect();
+            (progress["confirmed"].as_u64()? >= 2000 && placed.len() == 50).then_some(placed)
+        },
+    )
+    .await;
+
+    let c = Node::start("c", [127, 0, 0, 1], options(vec![a.cluster], vec![])).await;
+    let joined_at = Instant::now();
+    let counts = eventually(
+        "shards to spread over three nodes",
+        Duration::from_secs(90),
+        || async {
+            let mut counts = Vec::new();
+            let mut placed = BTreeSet::new();
+            for node in [&a, &b, &c] {
+                let here = shards(&node.status().await?);
+                counts.push(here.len());
+                placed.extend(here);
+            }
+            let spread = counts.iter().max()? - counts.iter().min()?;
+            (spread <= 1 && placed == before).then_some(counts)
+        },
+    )
+    .await;
+    eprintln!(
+        "shards settled {:?} after the join: {counts:?}",
+        joined_at.elapsed()
+    );
+
+    eventually(
+        "every message confirmed",
+        Duration::from_secs(120),
+        || async {
+            let progress = a.get("/progress").await?;
+            (progress["done"] == true).then_some(())
+        },
+    )
+    .await;
+    // Hand-offs stopped each counter before it started elsewhere: no counter saw a message
+    // twice or skipped one, and each applied its last message (unless it moved after that,
+    // and a fresh incarnation, without state of its own yet, answers).
+    let mut moved_when_done = 0;
+    for i in 0..COUNTERS {
+        let id = format!("counter-{i}");
+        let state = eventually(
+            &format!("{id} answers"),
+            Duration::from_secs(20),
+            || async { c.get(&format!("/entities/{id}")).await },
+        )
+        .await;
+        assert_eq!(state["gaps"], 0, "{id}: {state}");
+        assert_eq!(state["duplicates"], 0, "{id}: {state}");
+        if state["applied"] == 0 {
+            moved_when_done += 1;
+        } else {
+            assert_eq!(state["last"]["a"], MESSAGES / COUNTERS, "{id}: {state}");
+        }
+    }
+    assert!(
+        moved_when_done < COUNTERS / 2,
+        "{moved_when_done} counters idle"
+    );
+}

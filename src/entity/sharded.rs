@@ -83,7 +83,7 @@ where
 async fn run<E>(
     id: EntityId,
     mut entity: E,
-    mut inbox: mpsc::UnboundedReceiver<EntityEnvelope<E::Message>>,
+    mut inbox: mpsc::UnboundedReceiver<Box<EntityEnvelope<E::Message>>>,
     settings: Arc<RunnerSettings>,
     to_producer: Outbox<ToProducer>,
     to_asker: Outbox<QueryReply>,
@@ -134,7 +134,7 @@ where
             break;
         }
         tokio::select! {
-            envelope = inbox.recv() => match envelope {
+            envelope = inbox.recv() => match envelope.map(|e| *e) {
                 Some(EntityEnvelope::Sequenced { reply_to, message }) => {
                     producers.insert(message.producer.id.clone(), (reply_to, message.producer.clone()));
                     consumer.handle_message(message, Instant::now());

@@ -260,7 +260,8 @@ where
             delivery.producer_controller.clone(),
             sharding.clone(),
             rand::random(),
-        )?;
+        )?
+        .without_demand_reports();
         let to_entity: EntitySender<M> = {
             let region = region.clone();
             let reply_to = addr.clone();

@@ -5,7 +5,8 @@
 //! that still lives somewhere is not given a second home.
 //!
 //! Allocation: a shard nobody hosts goes to the Up region with the fewest shards (Akka's least
-//! shard allocation). Rebalance: on a timer, shards move from the fullest region to the
+//! shard allocation), on its first message, or at once when it lost its home to a hand-off or
+//! a downed node. Rebalance: on a timer, shards move from the fullest region to the
 //! emptiest while they differ by more than `rebalance_threshold`, at most
 //! `max_concurrent_handoffs` at a time. A hand-off: every region forgets the shard's home
 //! (`BeginHandOff`, acknowledged), then the owner stops the shard's entities (`HandOff`,
@@ -440,16 +441,33 @@ impl Coordinator {
         }
         self.allocations.remove(&shard);
         self.unconfirmed.remove(&shard);
+        self.place_now(shard, now);
         self.serve_waiting(now);
+    }
+
+    /// Gives a shard that lost its home a new one at once (the emptiest region), rather than
+    /// on its next message: a rebalance then really moves shards to the new node (instead of
+    /// only taking them from the full ones), and the cluster's layout is settled before
+    /// traffic needs it.
+    fn place_now(&mut self, shard: ShardId, now: Instant) {
+        if self.allocations.contains_key(&shard) || !self.registration_complete(now) {
+            return;
+        }
+        if let Some(target) = self.least_loaded() {
+            self.allocate(shard, target);
+        }
     }
 
     fn remove_region(&mut self, region: &NodeAddr, now: Instant) {
         info!(%region, "region gone; its shards are free");
         let shards = self.regions.remove(region).unwrap_or_default();
+        for shard in &shards {
+            self.allocations.remove(shard);
+            self.unconfirmed.remove(shard);
+            self.handoffs.remove(shard);
+        }
         for shard in shards {
-            self.allocations.remove(&shard);
-            self.unconfirmed.remove(&shard);
-            self.handoffs.remove(&shard);
+            self.place_now(shard, now);
         }
         for handoff in self.handoffs.values_mut() {
             handoff.unacked.remove(region);

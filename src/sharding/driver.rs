@@ -34,9 +34,11 @@ use crate::timer::sleep_until;
 /// `Ok`; `Err` (or a panic) is a failure, after which the region restarts it with a pause.
 pub type EntityTask = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 
-/// Starts the task of an entity of the region's type.
+/// Starts the task of an entity of the region's type. Messages come boxed: an unbounded
+/// channel allocates its slots in blocks of 32, and an idle entity should not keep 32
+/// envelopes' worth of memory.
 pub type EntitySpawner<P> =
-    Arc<dyn Fn(EntityId, mpsc::UnboundedReceiver<P>) -> EntityTask + Send + Sync>;
+    Arc<dyn Fn(EntityId, mpsc::UnboundedReceiver<Box<P>>) -> EntityTask + Send + Sync>;
 
 /// What a region shows about itself, for `/cluster` pages and tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -138,7 +140,7 @@ type EntityEnd = Pin<Box<dyn Future<Output = (EntityId, u64, bool)> + Send>>;
 
 struct RunningEntity<P> {
     /// `None` once asked to stop.
-    inbox: Option<mpsc::UnboundedSender<P>>,
+    inbox: Option<mpsc::UnboundedSender<Box<P>>>,
     /// Tells a stale end (of an earlier task of the same entity) from this task's.
     incarnation: u64,
 }
@@ -259,7 +261,7 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
 
     fn deliver(&mut self, entity: EntityId, message: P, incarnations: &mut u64) {
         if let Some(inbox) = self.entities.get(&entity).and_then(|e| e.inbox.as_ref()) {
-            if inbox.send(message).is_ok() {
+            if inbox.send(Box::new(message)).is_ok() {
                 return;
             }
             // The task ended and its end is not processed yet: its failure will be reported;
@@ -270,7 +272,7 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
         *incarnations += 1;
         let incarnation = *incarnations;
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
-        let _ = inbox.send(message);
+        let _ = inbox.send(Box::new(message));
         let task = tokio::spawn((self.spawner)(entity.clone(), inbox_rx));
         let id = entity.clone();
         self.running.push(Box::pin(async move {

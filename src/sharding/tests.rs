@@ -384,6 +384,25 @@ async fn a_joining_node_takes_shards_without_an_entity_ever_running_twice() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_joining_node_gets_its_share_of_shards_without_any_traffic() {
+    let mut h = Harness::new(4, Faults::default());
+    h.add_node("a", 1);
+    h.add_node("b", 2);
+    h.run_for(Duration::from_secs(1)).await;
+    for n in 0..200 {
+        h.send("a", n, 1);
+    }
+    h.run_for(Duration::from_secs(3)).await;
+    assert_eq!(h.shards_per_node().values().sum::<usize>(), 20);
+    // No message after the join: moved shards must still land on c, not vanish.
+    h.add_node("c", 3);
+    h.run_for(Duration::from_secs(20)).await;
+    let spread = h.shards_per_node();
+    assert_eq!(spread.values().sum::<usize>(), 20, "{spread:?}");
+    assert!(spread.values().all(|c| (6..=7).contains(c)), "{spread:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_crashed_nodes_shards_are_hosted_elsewhere_and_its_entities_restart_there() {
     let mut h = Harness::new(3, Faults::default());
     h.add_node("a", 1);

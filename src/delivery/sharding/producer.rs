@@ -124,6 +124,11 @@ pub struct ShardingProducerController<M, T> {
     phase: Phase<M>,
     failure: Option<ShardingProducerError>,
     outs: HashMap<EntityId, Out<M, T>>,
+    /// Messages in every child's `buffered`, kept so pacing costs O(1), not O(entities).
+    buffered_total: usize,
+    /// Whether `RequestNext` events are produced: building one visits every entity, which a
+    /// driver that paces by [`Self::buffered`] does not need per message.
+    report_demand: bool,
     current_seq_nr: SeqNr,
     storing: VecDeque<Storing<M, T>>,
     store_attempt: Option<u32>,
@@ -189,6 +194,8 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             },
             failure: None,
             outs: HashMap::new(),
+            buffered_total: 0,
+            report_demand: true,
             current_seq_nr: SeqNr(1),
             storing: VecDeque::new(),
             store_attempt: None,
@@ -212,7 +219,17 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
 
     /// Messages waiting for entities without demand.
     pub fn buffered(&self) -> usize {
-        self.outs.values().map(|o| o.buffered.len()).sum()
+        debug_assert_eq!(
+            self.buffered_total,
+            self.outs.values().map(|o| o.buffered.len()).sum::<usize>()
+        );
+        self.buffered_total
+    }
+
+    /// Stops producing `RequestNext` events (for drivers that pace by [`Self::buffered`]).
+    pub fn without_demand_reports(mut self) -> Self {
+        self.report_demand = false;
+        self
     }
 
     /// Messages sent and not confirmed yet, all entities together.
@@ -462,7 +479,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             let out = self.new_child(&entity, now);
             self.outs.insert(entity.clone(), out);
         }
-        let total_buffered = self.buffered();
+        let total_buffered = self.buffered_total;
         let Some(out) = self.outs.get_mut(&entity) else {
             return;
         };
@@ -481,6 +498,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             message,
             reply,
         });
+        self.buffered_total += 1;
         self.after_child(&entity, now);
         self.request_next();
     }
@@ -509,6 +527,8 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
     /// A child that failed is replaced: what it held unconfirmed goes out again first.
     fn restart_child(&mut self, entity: EntityId, failed: Out<M, T>, now: Instant) {
         let mut out = self.new_child(&entity, now);
+        // Its buffered messages are counted already; its unconfirmed ones join them.
+        self.buffered_total += failed.unconfirmed.len();
         out.buffered = failed
             .unconfirmed
             .into_iter()
@@ -550,6 +570,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             let Some(next) = out.buffered.pop_front() else {
                 break;
             };
+            self.buffered_total -= 1;
             send_to_child(out, next.total_seq_nr, next.message, next.reply, now);
         }
         while let Some(message) = out.controller.poll_transmit() {
@@ -584,7 +605,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
     }
 
     fn request_next(&mut self) {
-        if !matches!(self.phase, Phase::Active) || self.failure.is_some() {
+        if !self.report_demand || !matches!(self.phase, Phase::Active) || self.failure.is_some() {
             return;
         }
         let mut entities_with_demand = BTreeSet::new();
