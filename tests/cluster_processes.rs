@@ -245,6 +245,15 @@ async fn a_sigkilled_shard_host_loses_its_shards_and_sharded_delivery_still_comp
     );
     assert_eq!(progress["confirmed"], MESSAGES, "{progress}");
     assert_eq!(progress["rejected"], 0, "{progress}");
+    let metrics = a.metrics().await;
+    let resends = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("warren_delivery_resends_total "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(
+        resends.is_some_and(|n| n >= 1.0),
+        "what c held was resent: {resends:?}"
+    );
 
     // c's shards now live on a or b, each on exactly one.
     let (on_a, on_b) = (

@@ -168,6 +168,8 @@ pub struct ProducerController<M, T> {
     /// Periodic ResendFirst timer; `None` when cancelled.
     resend_first_at: Option<Instant>,
     transmits: VecDeque<SequencedMessage<M>>,
+    /// Messages sent again so far (lost, or waking a consumer), for metrics.
+    resent: u64,
     events: VecDeque<ProducerEvent<T>>,
     store_requests: VecDeque<StoreRequest<M>>,
 }
@@ -244,6 +246,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
             awaiting_confirmation: VecDeque::new(),
             resend_first_at: None,
             transmits: VecDeque::new(),
+            resent: 0,
             events: VecDeque::new(),
             store_requests: VecDeque::new(),
         }
@@ -312,6 +315,11 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
     /// Messages sent but not yet confirmed (kept for resending).
     pub fn unconfirmed_len(&self) -> usize {
         self.unconfirmed.len()
+    }
+
+    /// Messages sent again so far, on a consumer's `Resend`, a timer, or a wake-up.
+    pub fn resent(&self) -> u64 {
+        self.resent
     }
 
     /// Messages sent with confirmation whose confirmation is still to come.
@@ -427,6 +435,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
     pub fn resend_first_unconfirmed(&mut self) {
         if let Some(head) = self.unconfirmed.front() {
             self.transmits.push_back(head.clone());
+            self.resent += 1;
         }
     }
 
@@ -847,11 +856,13 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         }
         for m in self.unconfirmed.iter().filter(|m| m.seq_nr >= from) {
             self.transmits.push_back(m.clone());
+            self.resent += 1;
         }
     }
 
     fn resend_all_unconfirmed(&mut self) {
         self.transmits.extend(self.unconfirmed.iter().cloned());
+        self.resent += self.unconfirmed.len() as u64;
     }
 
     fn arm_resend_first(&mut self, now: Instant) {
@@ -863,6 +874,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         match self.unconfirmed.front() {
             Some(head) if head.seq_nr == self.first_seq_nr => {
                 self.transmits.push_back(head.as_first());
+                self.resent += 1;
             }
             _ => {
                 if self.current_seq_nr > self.first_seq_nr {

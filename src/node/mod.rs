@@ -282,6 +282,7 @@ where
             sharding.buffer_size,
             to_entity,
             answers_rx,
+            metrics.cluster.delivery_resends.clone(),
             shutdown.child_token(),
         );
 

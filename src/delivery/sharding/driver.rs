@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -141,6 +142,7 @@ pub fn spawn_sharding_producer<M>(
     buffer_size: usize,
     to_entity: EntitySender<M>,
     answers: mpsc::Receiver<ToProducer>,
+    resends: IntCounter,
     shutdown: CancellationToken,
 ) -> ShardingProducerHandle<M>
 where
@@ -152,6 +154,7 @@ where
         asks: asks_rx,
         wake: wake_rx,
         answers,
+        resends,
     };
     tokio::spawn(run(core, buffer_size, to_entity, inputs, shutdown));
     ShardingProducerHandle { asks, wake }
@@ -161,6 +164,8 @@ struct Inputs<M> {
     asks: mpsc::Receiver<Ask<M>>,
     wake: mpsc::Receiver<Duration>,
     answers: mpsc::Receiver<ToProducer>,
+    /// `warren_delivery_resends_total`.
+    resends: IntCounter,
 }
 
 async fn run<M: Clone + Send + 'static>(
@@ -171,7 +176,10 @@ async fn run<M: Clone + Send + 'static>(
     shutdown: CancellationToken,
 ) {
     core.start(Instant::now());
+    let mut resent = 0;
     loop {
+        inputs.resends.inc_by(core.resent() - resent);
+        resent = core.resent();
         while let Some((entity, message)) = core.poll_transmit() {
             to_entity(entity, message).await;
         }

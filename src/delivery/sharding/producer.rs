@@ -95,6 +95,8 @@ struct Out<M, T> {
     buffered: VecDeque<Waiting<M, T>>,
     unconfirmed: VecDeque<Unconfirmed<M, T>>,
     last_used: Instant,
+    /// The child's resend count already added to the parent's.
+    resent_seen: u64,
     /// The deadline last put on the timer heap for this child.
     armed: Option<Instant>,
 }
@@ -126,6 +128,8 @@ pub struct ShardingProducerController<M, T> {
     outs: HashMap<EntityId, Out<M, T>>,
     /// Messages in every child's `buffered`, kept so pacing costs O(1), not O(entities).
     buffered_total: usize,
+    /// Resends of children, kept up to date as each child's outputs are drained.
+    resent: u64,
     /// Whether `RequestNext` events are produced: building one visits every entity, which a
     /// driver that paces by [`Self::buffered`] does not need per message.
     report_demand: bool,
@@ -195,6 +199,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             failure: None,
             outs: HashMap::new(),
             buffered_total: 0,
+            resent: 0,
             report_demand: true,
             current_seq_nr: SeqNr(1),
             storing: VecDeque::new(),
@@ -224,6 +229,12 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             self.outs.values().map(|o| o.buffered.len()).sum::<usize>()
         );
         self.buffered_total
+    }
+
+    /// Messages its children sent again so far (see [`ProducerController::resent`]),
+    /// children that were cleaned up included.
+    pub fn resent(&self) -> u64 {
+        self.resent
     }
 
     /// Stops producing `RequestNext` events (for drivers that pace by [`Self::buffered`]).
@@ -520,6 +531,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             buffered: VecDeque::new(),
             unconfirmed: VecDeque::new(),
             last_used: now,
+            resent_seen: 0,
             armed: None,
         }
     }
@@ -576,6 +588,8 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         while let Some(message) = out.controller.poll_transmit() {
             self.transmits.push_back((entity.clone(), message));
         }
+        self.resent += out.controller.resent() - out.resent_seen;
+        out.resent_seen = out.controller.resent();
         let deadline = out.controller.poll_timeout();
         if deadline != out.armed {
             out.armed = deadline;

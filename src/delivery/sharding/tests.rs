@@ -465,9 +465,13 @@ async fn wake_idle_resends_to_a_lost_entity_before_the_idle_timeout() {
     h.spc("p").wake_idle(Duration::from_secs(5), Instant::now());
     h.pump();
     assert!(h.got(1).is_empty());
+    assert_eq!(h.spc("p").resent(), 0);
     h.spc("p").wake_idle(Duration::from_secs(1), Instant::now());
     h.pump();
     assert_eq!(h.got(1), vec![2]);
+    // Counted for warren_delivery_resends_total: the wake-up, then the copy the new
+    // incarnation asked for (it takes the first message it sees only when marked first).
+    assert_eq!(h.spc("p").resent(), 2);
 }
 
 // SH-07
