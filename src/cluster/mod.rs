@@ -9,6 +9,7 @@ pub mod membership;
 pub mod metrics;
 pub mod singleton;
 pub mod transport;
+pub mod workers;
 
 pub use auth::{ClusterSecret, Security};
 pub use member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};

@@ -1,7 +1,7 @@
 //! A cluster node, composed: membership (gossip), the transport (authenticated links), the
 //! singleton manager (running the shard coordinator on the oldest shard host), the shard
-//! region with this node's entities, and a ShardingProducerController through which this
-//! node sends to entities wherever they live. A router task hands every message that arrives
+//! region with this node's entities, a ShardingProducerController through which this node
+//! sends to entities wherever they live, and its part of the cluster-wide worker registry. A router task hands every message that arrives
 //! to the part it is for.
 //!
 //! [`ClusterNode::leave`] is the graceful way out: announce Leaving, let the coordinator move
@@ -27,6 +27,7 @@ use crate::cluster::membership::{Membership, MembershipError};
 use crate::cluster::singleton::SingletonMsg;
 use crate::cluster::singleton::driver::{self as singletons, SingletonHandle, SingletonSettings};
 use crate::cluster::transport::{self, Inbound, TransportHandle};
+use crate::cluster::workers::{ClusterWorkers, WorkMsg};
 use crate::config::ConfigError;
 use crate::delivery::protocol::ProducerId;
 use crate::delivery::settings::DeliverySettings;
@@ -60,6 +61,8 @@ pub enum NodeMsg<M> {
     ToProducer(ToProducer),
     /// An entity's answer to a query.
     QueryReply(QueryReply),
+    /// Work pulling across the cluster.
+    Work(WorkMsg<M>),
 }
 
 /// Why a node did not start.
@@ -142,6 +145,7 @@ pub struct ClusterNode<M> {
     region: RegionHandle<EntityEnvelope<M>>,
     producer: ShardingProducerHandle<M>,
     singletons: SingletonHandle,
+    workers: ClusterWorkers<M>,
     queries: PendingQueries,
     next_query: AtomicU64,
     leave_timeout: Duration,
@@ -293,6 +297,14 @@ where
             shutdown.child_token(),
         ));
 
+        let workers = ClusterWorkers::start(
+            addr.clone(),
+            transport.outbox(NodeMsg::Work),
+            view.clone(),
+            Duration::from_secs(1),
+            shutdown.child_token(),
+        );
+
         let queries = PendingQueries::default();
         tokio::spawn(
             Router {
@@ -301,6 +313,7 @@ where
                 region: region.clone(),
                 answers: answers_tx,
                 queries: Arc::clone(&queries),
+                workers: workers.clone(),
             }
             .run(inbound, shutdown.child_token()),
         );
@@ -312,6 +325,7 @@ where
             region,
             producer,
             singletons,
+            workers,
             queries,
             next_query: AtomicU64::new(1),
             leave_timeout: settings.leave_timeout,
@@ -342,6 +356,11 @@ where
     /// Sends `message` to `entity` through reliable delivery and waits for its confirmation.
     pub async fn ask(&self, entity: EntityId, message: M) -> Result<AskOutcome, AskError> {
         self.producer.ask(entity, message).await
+    }
+
+    /// The cluster-wide worker registry, for work pulling between nodes.
+    pub fn workers(&self) -> ClusterWorkers<M> {
+        self.workers.clone()
     }
 
     /// The sending side, for tasks that outlive a borrow of the node.
@@ -490,9 +509,10 @@ struct Router<M> {
     region: RegionHandle<EntityEnvelope<M>>,
     answers: mpsc::Sender<ToProducer>,
     queries: PendingQueries,
+    workers: ClusterWorkers<M>,
 }
 
-impl<M: Send + 'static> Router<M> {
+impl<M: Clone + Send + Sync + 'static> Router<M> {
     async fn run(
         self,
         mut inbound: mpsc::Receiver<Inbound<NodeMsg<M>>>,
@@ -520,6 +540,7 @@ impl<M: Send + 'static> Router<M> {
                 NodeMsg::ToProducer(answer) => {
                     let _ = self.answers.send(answer).await;
                 }
+                NodeMsg::Work(message) => self.workers.handle(from, message),
                 NodeMsg::QueryReply(reply) => {
                     if let Some(asker) = lock(&self.queries).remove(&reply.request) {
                         let _ = asker.send(reply.snapshot);
