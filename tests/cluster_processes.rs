@@ -37,6 +37,7 @@ struct Node {
     cluster: SocketAddr,
     http: String,
     child: Child,
+    stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
 struct NodeOptions<'a> {
@@ -80,6 +81,7 @@ impl Node {
             cluster,
             http,
             child,
+            stdout: lines,
         }
     }
 
@@ -456,4 +458,87 @@ async fn a_joining_node_takes_its_share_of_shards_while_delivery_goes_on() {
         moved_when_done < COUNTERS / 2,
         "{moved_when_done} counters idle"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_with_sigterm_hands_its_shards_over_and_nothing_is_lost() {
+    const MESSAGES: u64 = 40_000;
+    const COUNTERS: u64 = 100;
+    let producing = vec![
+        "--produce".to_owned(),
+        MESSAGES.to_string(),
+        "--entities".to_owned(),
+        COUNTERS.to_string(),
+        "--wait-members".to_owned(),
+        "3".to_owned(),
+        "--delay-ms".to_owned(),
+        "1".to_owned(),
+    ];
+    let (a, mut b, c) = three_nodes(producing).await;
+    let b_shards = eventually(
+        "some messages confirmed, with shards on b",
+        Duration::from_secs(60),
+        || async {
+            let progress = a.get("/progress").await?;
+            let shards = shards(&b.status().await?);
+            (progress["confirmed"].as_u64()? >= 2000 && !shards.is_empty()).then_some(shards)
+        },
+    )
+    .await;
+
+    let pid = b.child.id().expect("b runs");
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let asked_at = Instant::now();
+    let exit = tokio::time::timeout(Duration::from_secs(40), b.child.wait())
+        .await
+        .expect("b leaves within its leave timeout")
+        .unwrap();
+    eprintln!("graceful leave took {:?}", asked_at.elapsed());
+    assert!(exit.success(), "{exit:?}");
+    let mut last = String::new();
+    while let Some(line) = b.stdout.next_line().await.unwrap() {
+        last = line;
+    }
+    // It waited until its shards had moved, rather than vanishing with them.
+    assert!(
+        last.starts_with("left the cluster:") && last.contains("handed over: true"),
+        "{last}"
+    );
+    converged(&[&a, &c], &["a", "c"]).await;
+
+    let progress = eventually(
+        "every message confirmed",
+        Duration::from_secs(120),
+        || async {
+            let progress = a.get("/progress").await?;
+            (progress["done"] == true).then_some(progress)
+        },
+    )
+    .await;
+    assert_eq!(progress["confirmed"], MESSAGES, "{progress}");
+    let survivors: BTreeSet<u64> = shards(&a.status().await.unwrap())
+        .union(&shards(&c.status().await.unwrap()))
+        .copied()
+        .collect();
+    assert!(
+        b_shards.is_subset(&survivors),
+        "{b_shards:?} not in {survivors:?}"
+    );
+    // b's counters stopped after finishing what they held and started again elsewhere:
+    // nothing skipped, nothing applied twice by one incarnation.
+    for i in 0..COUNTERS {
+        let id = format!("counter-{i}");
+        let state = eventually(
+            &format!("{id} answers"),
+            Duration::from_secs(20),
+            || async { a.get(&format!("/entities/{id}")).await },
+        )
+        .await;
+        assert_eq!(state["gaps"], 0, "{id}: {state}");
+        assert_eq!(state["duplicates"], 0, "{id}: {state}");
+    }
 }

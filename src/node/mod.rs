@@ -135,6 +135,17 @@ pub struct MemberStatusReport {
     pub address: String,
 }
 
+/// What a graceful leave achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaveReport {
+    /// Shards hosted here when the leave began.
+    pub shards: usize,
+    /// Every shard and singleton moved before the node stopped (false: `leave_timeout`).
+    pub handed_over: bool,
+    /// From the start of the leave until the hand-over ended.
+    pub took: Duration,
+}
+
 type PendingQueries = Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>;
 
 /// A running cluster node for entities made by one factory.
@@ -432,33 +443,41 @@ where
     }
 
     /// Leaves gracefully: announces Leaving, waits (up to `leave_timeout`) until this node's
-    /// shards and singletons have moved, then stops everything.
-    pub async fn leave(self) {
+    /// shards and singletons have moved, then stops everything. Says what it handed over.
+    pub async fn leave(self) -> LeaveReport {
         info!(node = %self.me, "leaving the cluster");
+        let started = Instant::now();
+        let shards = self.region.status().borrow().hosted.len();
         self.membership.leave().await;
-        let deadline = Instant::now() + self.leave_timeout;
+        let deadline = started + self.leave_timeout;
         let mut region = self.region.status();
         let mut running = self.singletons.running();
-        loop {
+        let handed_over = loop {
             let moved = region.borrow_and_update().hosted.is_empty()
                 && running.borrow_and_update().is_empty();
             if moved {
-                break;
+                break true;
             }
             tokio::select! {
                 _ = region.changed() => {}
                 _ = running.changed() => {}
                 _ = tokio::time::sleep_until(deadline) => {
                     warn!("leave timed out with shards or singletons still here");
-                    break;
+                    break false;
                 }
             }
-        }
+        };
+        let report = LeaveReport {
+            shards,
+            handed_over,
+            took: started.elapsed(),
+        };
         self.shutdown.cancel();
         self.singletons.stopped().await;
         self.membership.shutdown().await;
         drop(self.transport);
-        info!("left the cluster");
+        info!(shards, handed_over, took = ?report.took, "left the cluster");
+        report
     }
 
     /// Stops at once, without handing anything over (the others see this node go down).

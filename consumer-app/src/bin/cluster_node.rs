@@ -241,11 +241,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .with_state(app),
     );
     let http_stop = CancellationToken::new();
-    tokio::spawn(metrics::serve(listener, routes, http_stop.clone()));
+    let server = tokio::spawn(metrics::serve(listener, routes, http_stop.clone()));
 
-    if cli.produce > 0 {
-        tokio::spawn(produce(Arc::clone(&node), cli, Arc::clone(&progress)));
-    }
+    let producing = (cli.produce > 0)
+        .then(|| tokio::spawn(produce(Arc::clone(&node), cli, Arc::clone(&progress))));
 
     let (graceful, immediate) = (CancellationToken::new(), CancellationToken::new());
     tokio::spawn(watch_signals(graceful.clone(), immediate.clone()));
@@ -253,11 +252,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ = graceful.cancelled() => {}
         _ = immediate.cancelled() => {}
     }
+    // Stop what shares the node, so it can leave.
     http_stop.cancel();
+    let _ = server.await;
+    if let Some(producing) = producing {
+        producing.abort();
+        let _ = producing.await;
+    }
     match Arc::try_unwrap(node) {
         Ok(node) => {
             tokio::select! {
-                _ = node.leave() => {}
+                report = node.leave() => {
+                    // The last stdout line, for scripts and tests.
+                    println!(
+                        "left the cluster: {} shards, handed over: {}, in {:?}",
+                        report.shards, report.handed_over, report.took
+                    );
+                }
                 _ = immediate.cancelled() => warn!("second signal: exiting without handing over"),
             }
         }
