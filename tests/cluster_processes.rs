@@ -134,6 +134,39 @@ fn shards(status: &Value) -> BTreeSet<u64> {
         .collect()
 }
 
+/// Flags that make a node produce `messages` over `counters` once `members` are Up, with
+/// counters that take a millisecond per message.
+fn producing(messages: u64, counters: u64, members: usize) -> Vec<String> {
+    [
+        "--produce",
+        &messages.to_string(),
+        "--entities",
+        &counters.to_string(),
+        "--wait-members",
+        &members.to_string(),
+        "--delay-ms",
+        "1",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Every counter's state, asked through `node` (wherever the counter lives).
+async fn counters(node: &Node, count: u64) -> Vec<(String, Value)> {
+    let mut states = Vec::new();
+    for i in 0..count {
+        let id = format!("counter-{i}");
+        let state = eventually(
+            &format!("{id} answers"),
+            Duration::from_secs(20),
+            || async { node.get(&format!("/entities/{id}")).await },
+        )
+        .await;
+        states.push((id, state));
+    }
+    states
+}
+
 /// Waits until every node sees exactly `names` Up.
 async fn converged(nodes: &[&Node], names: &[&str]) {
     let want: BTreeSet<String> = names.iter().map(|n| (*n).to_owned()).collect();
@@ -207,16 +240,7 @@ async fn three_nodes_form_a_cluster_and_the_singleton_survives_a_sigkill_of_its_
 async fn a_sigkilled_shard_host_loses_its_shards_and_sharded_delivery_still_completes() {
     const MESSAGES: u64 = 6000;
     const COUNTERS: u64 = 60;
-    let producing = vec![
-        "--produce".to_owned(),
-        MESSAGES.to_string(),
-        "--entities".to_owned(),
-        COUNTERS.to_string(),
-        "--wait-members".to_owned(),
-        "3".to_owned(),
-        "--delay-ms".to_owned(),
-        "1".to_owned(),
-    ];
+    let producing = producing(MESSAGES, COUNTERS, 3);
     let (a, b, mut c) = three_nodes(producing).await;
     let c_shards = eventually(
         "a third of the messages confirmed, with shards on c",
@@ -272,14 +296,7 @@ async fn a_sigkilled_shard_host_loses_its_shards_and_sharded_delivery_still_comp
     // Every counter, asked through b wherever it lives, saw its numbers in order: whatever
     // a restarted counter got first, nothing after it was skipped.
     let mut last_seen = BTreeMap::new();
-    for i in 0..COUNTERS {
-        let id = format!("counter-{i}");
-        let state = eventually(
-            &format!("{id} answers"),
-            Duration::from_secs(20),
-            || async { b.get(&format!("/entities/{id}")).await },
-        )
-        .await;
+    for (id, state) in counters(&b, COUNTERS).await {
         assert_eq!(state["gaps"], 0, "{id}: {state}");
         last_seen.insert(id, state["last"]["a"].as_u64().unwrap_or(0));
     }
@@ -370,16 +387,7 @@ async fn a_joining_node_takes_its_share_of_shards_while_delivery_goes_on() {
     // Enough that delivery goes on while the shards move.
     const MESSAGES: u64 = 60_000;
     const COUNTERS: u64 = 200;
-    let producing = vec![
-        "--produce".to_owned(),
-        MESSAGES.to_string(),
-        "--entities".to_owned(),
-        COUNTERS.to_string(),
-        "--wait-members".to_owned(),
-        "2".to_owned(),
-        "--delay-ms".to_owned(),
-        "1".to_owned(),
-    ];
+    let producing = producing(MESSAGES, COUNTERS, 2);
     let options = |seeds: Vec<SocketAddr>, extra: Vec<String>| NodeOptions {
         seeds,
         secret: SECRET,
@@ -438,14 +446,7 @@ async fn a_joining_node_takes_its_share_of_shards_while_delivery_goes_on() {
     // twice or skipped one, and each applied its last message (unless it moved after that,
     // and a fresh incarnation, without state of its own yet, answers).
     let mut moved_when_done = 0;
-    for i in 0..COUNTERS {
-        let id = format!("counter-{i}");
-        let state = eventually(
-            &format!("{id} answers"),
-            Duration::from_secs(20),
-            || async { c.get(&format!("/entities/{id}")).await },
-        )
-        .await;
+    for (id, state) in counters(&c, COUNTERS).await {
         assert_eq!(state["gaps"], 0, "{id}: {state}");
         assert_eq!(state["duplicates"], 0, "{id}: {state}");
         if state["applied"] == 0 {
@@ -464,16 +465,7 @@ async fn a_joining_node_takes_its_share_of_shards_while_delivery_goes_on() {
 async fn a_node_stopped_with_sigterm_hands_its_shards_over_and_nothing_is_lost() {
     const MESSAGES: u64 = 40_000;
     const COUNTERS: u64 = 100;
-    let producing = vec![
-        "--produce".to_owned(),
-        MESSAGES.to_string(),
-        "--entities".to_owned(),
-        COUNTERS.to_string(),
-        "--wait-members".to_owned(),
-        "3".to_owned(),
-        "--delay-ms".to_owned(),
-        "1".to_owned(),
-    ];
+    let producing = producing(MESSAGES, COUNTERS, 3);
     let (a, mut b, c) = three_nodes(producing).await;
     let b_shards = eventually(
         "some messages confirmed, with shards on b",
@@ -530,14 +522,7 @@ async fn a_node_stopped_with_sigterm_hands_its_shards_over_and_nothing_is_lost()
     );
     // b's counters stopped after finishing what they held and started again elsewhere:
     // nothing skipped, nothing applied twice by one incarnation.
-    for i in 0..COUNTERS {
-        let id = format!("counter-{i}");
-        let state = eventually(
-            &format!("{id} answers"),
-            Duration::from_secs(20),
-            || async { a.get(&format!("/entities/{id}")).await },
-        )
-        .await;
+    for (id, state) in counters(&a, COUNTERS).await {
         assert_eq!(state["gaps"], 0, "{id}: {state}");
         assert_eq!(state["duplicates"], 0, "{id}: {state}");
     }
