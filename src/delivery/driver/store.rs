@@ -16,6 +16,7 @@ use crate::delivery::durable::{
 use crate::delivery::producer::{ProducerController, StoreRequest};
 use crate::delivery::protocol::SeqNr;
 use crate::delivery::settings::{DurableQueueSettings, timer_interval};
+use crate::delivery::sharding::ShardingProducerController;
 use crate::delivery::work_pulling::WorkPullingProducerController;
 
 /// A core that talks to a durable queue through [`StoreRequest`]s.
@@ -49,6 +50,24 @@ impl<M, T, W> StoreClient<M> for WorkPullingProducerController<M, T, W>
 where
     M: Clone + 'static,
     W: Clone + Eq + std::hash::Hash,
+{
+    fn state_loaded(&mut self, state: DurableState<M>, now: Instant) {
+        self.handle_state_loaded(state, now);
+    }
+    fn load_failed(&mut self, attempt: u32) {
+        self.handle_load_failed(attempt);
+    }
+    fn message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
+        self.handle_message_stored(seq_nr, now);
+    }
+    fn store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
+        self.handle_store_failed(seq_nr, attempt);
+    }
+}
+
+impl<M, T> StoreClient<M> for ShardingProducerController<M, T>
+where
+    M: Clone + 'static,
 {
     fn state_loaded(&mut self, state: DurableState<M>, now: Instant) {
         self.handle_state_loaded(state, now);

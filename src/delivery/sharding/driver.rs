@@ -2,8 +2,9 @@
 //! through a [`ShardingProducerHandle`], messages go to entities through a function the node
 //! provides (its shard region), and the entities' answers come back on a channel.
 //!
-//! Pacing: the task takes the next message from its handles only while the messages waiting
-//! for entities without demand stay below `buffer_size`, so a producer that asks faster than
+//! Pacing: the task takes the next message from its handles only once the controller is
+//! active (a durable one has loaded its state) and while the messages waiting for entities
+//! without demand stay below `buffer_size`, so a producer that asks faster than
 //! entities confirm waits in `ask` instead of growing memory or failing the controller.
 
 use std::future::Future;
@@ -11,6 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use prometheus::IntCounter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -18,10 +21,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::delivery::driver::store::{self, CleanupSchedule, NoQueue, StoreOp};
+use crate::delivery::durable::DurableProducerQueue;
 use crate::delivery::protocol::{ConsumerFrame, ProducerRef, SeqNr, SequencedMessage};
-use crate::delivery::sharding::producer::{
-    ShardingProducerController, ShardingProducerError, ShardingProducerEvent,
-};
+use crate::delivery::sharding::producer::{ShardingProducerController, ShardingProducerEvent};
 use crate::entity::EntityId;
 use crate::timer::sleep_until;
 
@@ -135,7 +138,7 @@ impl<M: Send + 'static> ShardingProducerHandle<M> {
 
 type Core<M> = ShardingProducerController<M, oneshot::Sender<AskOutcome>>;
 
-/// Starts the task of `core` (a controller without a durable queue). It runs until
+/// Starts the task of `core`, a controller without a durable queue. It runs until
 /// `shutdown` or until the core fails.
 pub fn spawn_sharding_producer<M>(
     core: Core<M>,
@@ -148,6 +151,33 @@ pub fn spawn_sharding_producer<M>(
 where
     M: Clone + Send + 'static,
 {
+    spawn_durable_sharding_producer(
+        core,
+        None::<NoQueue>,
+        buffer_size,
+        to_entity,
+        answers,
+        resends,
+        shutdown,
+    )
+}
+
+/// Starts the task of `core` (built `with_durable_queue` when `queue` is given): every message
+/// is stored before it is routed, and a restarted controller resends what was stored and not
+/// confirmed. On `shutdown` the queue is flushed.
+pub fn spawn_durable_sharding_producer<M, Q>(
+    core: Core<M>,
+    queue: Option<Q>,
+    buffer_size: usize,
+    to_entity: EntitySender<M>,
+    answers: mpsc::Receiver<ToProducer>,
+    resends: IntCounter,
+    shutdown: CancellationToken,
+) -> ShardingProducerHandle<M>
+where
+    M: Clone + Send + 'static,
+    Q: DurableProducerQueue<M>,
+{
     let (asks, asks_rx) = mpsc::channel(64);
     let (wake, wake_rx) = mpsc::channel(4);
     let inputs = Inputs {
@@ -156,7 +186,16 @@ where
         answers,
         resends,
     };
-    tokio::spawn(run(core, buffer_size, to_entity, inputs, shutdown));
+    let durable = Durable {
+        cleanup: CleanupSchedule::new(
+            queue.is_some(),
+            settings_cleanup_after(&core),
+            Instant::now(),
+        ),
+        queue: queue.map(Arc::new),
+        ops: FuturesUnordered::new(),
+    };
+    tokio::spawn(run(core, durable, buffer_size, to_entity, inputs, shutdown));
     ShardingProducerHandle { asks, wake }
 }
 
@@ -168,8 +207,20 @@ struct Inputs<M> {
     resends: IntCounter,
 }
 
-async fn run<M: Clone + Send + 'static>(
+/// The durable queue and its operations in flight.
+struct Durable<M, Q> {
+    queue: Option<Arc<Q>>,
+    ops: FuturesUnordered<StoreOp<M>>,
+    cleanup: CleanupSchedule,
+}
+
+fn settings_cleanup_after<M: Clone + 'static>(core: &Core<M>) -> Duration {
+    core.settings().durable_queue.cleanup_unused_after
+}
+
+async fn run<M: Clone + Send + 'static, Q: DurableProducerQueue<M>>(
     mut core: Core<M>,
+    mut durable: Durable<M, Q>,
     buffer_size: usize,
     to_entity: EntitySender<M>,
     mut inputs: Inputs<M>,
@@ -194,24 +245,33 @@ async fn run<M: Clone + Send + 'static>(
                 }
             }
         }
+        while let Some(request) = core.poll_store() {
+            if let Some(queue) = &durable.queue {
+                let settings = &core.settings().durable_queue;
+                durable.ops.push(store::store_op(queue, request, settings));
+            }
+        }
         if let Some(error) = core.failure() {
             warn!(%error, "sharding producer controller failed");
-            return;
+            break;
         }
-        let room = core.buffered() < buffer_size;
-        let wake_at = core.poll_timeout();
+        let room = core.is_active() && core.buffered() < buffer_size;
+        let wake_at = [core.poll_timeout(), durable.cleanup.next()]
+            .into_iter()
+            .flatten()
+            .min();
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             ask = inputs.asks.recv(), if room => {
-                let Some(ask) = ask else { return };
+                let Some(ask) = ask else { break };
                 let now = Instant::now();
                 let sent = match ask.reply {
                     Some(reply) => core.send_with_confirmation(ask.entity, ask.message, reply, now),
                     None => core.send(ask.entity, ask.message, now),
                 };
                 if let Err(error) = sent {
-                    report(&error);
-                    return;
+                    warn!(%error, "sharding producer controller failed");
+                    break;
                 }
             }
             Some(idle_for) = inputs.wake.recv() => core.wake_idle(idle_for, Instant::now()),
@@ -222,11 +282,20 @@ async fn run<M: Clone + Send + 'static>(
                     EntityAnswer::Rejected { seq_nr, reason } => core.reject(&answer.entity, &answer.to, seq_nr, reason),
                 }
             }
-            _ = sleep_until(wake_at), if wake_at.is_some() => core.handle_timeout(Instant::now()),
+            Some(outcome) = durable.ops.next(), if !durable.ops.is_empty() => {
+                store::apply(&mut core, outcome);
+            }
+            _ = sleep_until(wake_at), if wake_at.is_some() => {
+                let now = Instant::now();
+                core.handle_timeout(now);
+                if let Some(cleanup) = durable.cleanup.due(durable.queue.as_ref(), now) {
+                    durable.ops.push(cleanup);
+                }
+            }
         }
     }
+    store::flush_at_stop(durable.queue.as_deref()).await;
 }
 
-fn report(error: &ShardingProducerError) {
-    warn!(%error, "sharding producer controller failed");
-}
+#[cfg(test)]
+mod tests;

@@ -212,6 +212,17 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         })
     }
 
+    /// Whether it takes messages: a durable controller first loads its state, and a message
+    /// sent before that would be numbered wrongly (Akka's producer waits for RequestNext).
+    pub fn is_active(&self) -> bool {
+        matches!(self.phase, Phase::Active) && self.failure.is_none()
+    }
+
+    /// The settings of its children.
+    pub fn settings(&self) -> &ProducerSettings {
+        &self.settings
+    }
+
     /// Why the controller stopped, if it did.
     pub fn failure(&self) -> Option<&ShardingProducerError> {
         self.failure.as_ref()
