@@ -297,7 +297,10 @@ impl<P: Clone> Region<P> {
             Phase::Restarting(at) => Some(at),
             _ => None,
         });
-        let asks = (!self.buffered.is_empty())
+        // Asks repeat only while someone can answer them (otherwise the deadline would stay
+        // in the past and the driver would spin).
+        let can_ask = self.registered && self.coordinator.is_some();
+        let asks = (can_ask && !self.buffered.is_empty())
             .then(|| {
                 self.asked_at
                     .values()
@@ -410,6 +413,14 @@ impl<P: Clone> Region<P> {
                 self.next_register = Some(now);
             }
             FromCoordinator::ShardHome { shard, node } => {
+                // A coordinator whose view lags ours may name a node we already know is down:
+                // keep the messages and ask again later rather than send them to nowhere.
+                let dead =
+                    node != self.me && self.view.as_ref().is_some_and(|view| !view.is_alive(&node));
+                if dead {
+                    debug!(%shard, %node, "shard home is down here; asking again later");
+                    return;
+                }
                 if node == self.me {
                     if self.hosted.get(&shard) != Some(&Hosting::HandingOff) {
                         self.hosted.insert(shard, Hosting::Active);

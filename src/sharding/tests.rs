@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
 use super::coordinator::{Coordinator, CoordinatorSettings};
-use super::messages::ShardingMsg;
+use super::messages::{FromCoordinator, ShardingMsg, ToCoordinator};
 use super::region::{EntityCommand, Region, RegionSettings};
 use super::shard::shard_of;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
@@ -493,4 +493,109 @@ async fn faulty_links_never_give_an_entity_two_homes() {
             "seed {seed}"
         );
     }
+}
+
+/// A view of `members` as seen from `me`.
+fn view_of(me: &str, members: &[(&str, u64, MemberStatus)]) -> ClusterView {
+    ClusterView {
+        self_addr: addr(me),
+        members: members
+            .iter()
+            .map(|(id, age, status)| (NodeId::new(*id), member(id, *age, *status)))
+            .collect(),
+    }
+}
+
+/// The coordinator's view can lag the region's: a home it names on a node the region already
+/// knows is down must not swallow the messages.
+#[tokio::test(start_paused = true)]
+async fn a_region_does_not_send_to_a_home_it_knows_is_down() {
+    let now = Instant::now();
+    let mut region: Region<u64> = Region::new(Harness::settings(), ROLE, addr("b"));
+    region.handle_view(
+        view_of(
+            "b",
+            &[
+                ("a", 1, MemberStatus::Up),
+                ("b", 2, MemberStatus::Up),
+                ("x", 3, MemberStatus::Down),
+            ],
+        ),
+        now,
+    );
+    region.handle_message(
+        addr("a"),
+        ShardingMsg::FromCoordinator(FromCoordinator::RegisterAck),
+        now,
+    );
+    while region.poll_transmit().is_some() {}
+    region.deliver(entity(1), 7, now);
+    let shard = shard_of(&entity(1), Harness::settings().shards);
+    assert!(matches!(
+        region.poll_transmit(),
+        Some((
+            _,
+            ShardingMsg::ToCoordinator(ToCoordinator::GetShardHome { .. })
+        ))
+    ));
+    let stale = FromCoordinator::ShardHome {
+        shard,
+        node: addr("x"),
+    };
+    region.handle_message(addr("a"), ShardingMsg::FromCoordinator(stale), now);
+    assert_eq!(
+        region.poll_transmit(),
+        None,
+        "nothing goes to the dead node"
+    );
+    assert_eq!(region.buffered(), 1);
+    // It asks again after the retry interval, and delivers once the home is alive.
+    let later = now + Harness::settings().retry_interval;
+    region.handle_timeout(later);
+    assert!(matches!(
+        region.poll_transmit(),
+        Some((
+            _,
+            ShardingMsg::ToCoordinator(ToCoordinator::GetShardHome { .. })
+        ))
+    ));
+    let fresh = FromCoordinator::ShardHome {
+        shard,
+        node: addr("a"),
+    };
+    region.handle_message(addr("a"), ShardingMsg::FromCoordinator(fresh), later);
+    assert!(matches!(
+        region.poll_transmit(),
+        Some((to, ShardingMsg::Deliver(_))) if to == addr("a")
+    ));
+}
+
+/// With messages buffered and nobody to ask (the coordinator's node changed, or none is Up),
+/// the region's next deadline must not stay in the past: its driver would spin.
+#[tokio::test(start_paused = true)]
+async fn a_region_without_a_coordinator_to_ask_does_not_wake_constantly() {
+    let now = Instant::now();
+    let mut region: Region<u64> = Region::new(Harness::settings(), ROLE, addr("b"));
+    let both = [("a", 1, MemberStatus::Up), ("b", 2, MemberStatus::Up)];
+    region.handle_view(view_of("b", &both), now);
+    region.handle_message(
+        addr("a"),
+        ShardingMsg::FromCoordinator(FromCoordinator::RegisterAck),
+        now,
+    );
+    region.deliver(entity(1), 7, now);
+    while region.poll_transmit().is_some() {}
+    // The coordinator's node leaves: b re-registers with itself, unanswered so far.
+    let leaving = [
+        ("a", 1, MemberStatus::Down),
+        ("b", 2, MemberStatus::Leaving),
+    ];
+    region.handle_view(view_of("b", &leaving), now);
+    let later = now + Duration::from_secs(5);
+    region.handle_timeout(later);
+    let next = region.poll_timeout();
+    assert!(
+        next.is_none_or(|at| at > later),
+        "{next:?} is not after {later:?}"
+    );
 }
