@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -80,6 +80,27 @@ impl<M> Service<M> {
 struct Hub<M> {
     services: BTreeMap<String, Service<M>>,
     view: Option<ClusterView>,
+}
+
+impl<M: Send + 'static> Hub<M> {
+    /// Hands a producer's message to a worker here, noting where the producer lives.
+    fn deliver_to_local_worker(
+        &mut self,
+        service: &str,
+        worker: u64,
+        from: NodeAddr,
+        message: SequencedMessage<M>,
+    ) {
+        let Some(entry) = self.services.get_mut(service) else {
+            return;
+        };
+        entry
+            .producer_nodes
+            .insert(message.producer.id.clone(), from);
+        if let Some(link) = entry.local.get(&worker) {
+            link.send(message);
+        }
+    }
 }
 
 /// This node's part of the cluster-wide worker registry; cheap to clone.
@@ -248,17 +269,7 @@ impl<M: Clone + Send + Sync + 'static> ClusterWorkers<M> {
                 service,
                 worker,
                 message,
-            } => {
-                let Some(entry) = hub.services.get_mut(&service) else {
-                    return;
-                };
-                entry
-                    .producer_nodes
-                    .insert(message.producer.id.clone(), from);
-                if let Some(link) = entry.local.get(&worker) {
-                    link.send(message);
-                }
-            }
+            } => hub.deliver_to_local_worker(&service, worker, from, message),
             WorkMsg::ToProducer { service, to, frame } => {
                 if let Some(inbox) = hub
                     .services
@@ -279,7 +290,8 @@ impl<M: Clone + Send + Sync + 'static> ClusterWorkers<M> {
         let mut workers: Workers<M> = BTreeMap::new();
         for &local in service.local.keys() {
             let link = LocalWorker {
-                workers: self.clone(),
+                hub: Arc::downgrade(&self.hub),
+                me: self.me.clone(),
                 service: name.to_owned(),
                 worker: local,
             };
@@ -369,26 +381,20 @@ impl<M: Clone + Send + Sync + 'static> Drop for ClusterWorkerRegistration<M> {
 }
 
 /// A producer's way to a worker on this node: it notes that the producer is local, so the
-/// worker's answers stay on this node.
+/// worker's answers stay on this node. It holds the hub weakly: the hub's own published map
+/// holds it.
 struct LocalWorker<M> {
-    workers: ClusterWorkers<M>,
+    hub: Weak<Mutex<Hub<M>>>,
+    me: NodeAddr,
     service: String,
     worker: u64,
 }
 
-impl<M: Clone + Send + Sync + 'static> Link<SequencedMessage<M>> for LocalWorker<M> {
+impl<M: Send + Sync + 'static> Link<SequencedMessage<M>> for LocalWorker<M> {
     fn send(&self, message: SequencedMessage<M>) {
-        self.workers
-            .handle(self.workers.me.clone(), self.to_worker(message));
-    }
-}
-
-impl<M> LocalWorker<M> {
-    fn to_worker(&self, message: SequencedMessage<M>) -> WorkMsg<M> {
-        WorkMsg::ToWorker {
-            service: self.service.clone(),
-            worker: self.worker,
-            message,
+        if let Some(hub) = self.hub.upgrade() {
+            let mut hub = hub.lock().unwrap_or_else(PoisonError::into_inner);
+            hub.deliver_to_local_worker(&self.service, self.worker, self.me.clone(), message);
         }
     }
 }

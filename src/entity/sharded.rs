@@ -94,7 +94,7 @@ where
     E::Message: Clone,
     E::Snapshot: Serialize,
 {
-    metrics.active.inc();
+    let _active = ActiveGuard::new(&metrics.active);
     let mut consumer = ShardingConsumerController::new(settings.consumer.clone());
     // Where each producer's controller lives, and which incarnation of it spoke last.
     let mut producers: HashMap<ProducerId, (NodeAddr, ProducerRef)> = HashMap::new();
@@ -155,6 +155,21 @@ where
             _ = sleep_until(consumer.poll_timeout()) => consumer.handle_timeout(Instant::now()),
         }
     }
-    metrics.active.dec();
     Ok(())
+}
+
+/// Counts a running entity in `warren_entities_active`, however its task ends (a panic too).
+struct ActiveGuard(prometheus::IntGauge);
+
+impl ActiveGuard {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        ActiveGuard(gauge.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

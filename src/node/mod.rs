@@ -190,6 +190,15 @@ where
         settings.validate("cluster")?;
         delivery.validate("delivery")?;
         let security = settings.security()?;
+        // Everything that can refuse the settings comes before anything starts.
+        let sharding = &delivery.sharding.producer_controller;
+        let core = ShardingProducerController::new(
+            ProducerId::new(settings.node_id.as_str()),
+            delivery.producer_controller.clone(),
+            sharding.clone(),
+            rand::random(),
+        )?
+        .without_demand_reports();
         let started_at_ms = now_ms();
         let me = Member {
             addr: NodeAddr {
@@ -269,14 +278,6 @@ where
             shutdown.child_token(),
         );
 
-        let sharding = &delivery.sharding.producer_controller;
-        let core = ShardingProducerController::new(
-            ProducerId::new(settings.node_id.as_str()),
-            delivery.producer_controller.clone(),
-            sharding.clone(),
-            rand::random(),
-        )?
-        .without_demand_reports();
         let to_entity: EntitySender<M> = {
             let region = region.clone();
             let reply_to = addr.clone();
@@ -391,6 +392,11 @@ where
             let request = self.next_query.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             lock(&self.queries).insert(request, tx);
+            // Forgotten however this attempt ends, the caller giving up included.
+            let _pending = PendingQuery {
+                queries: &self.queries,
+                request,
+            };
             let envelope = EntityEnvelope::Query {
                 reply_to: self.me.clone(),
                 request,
@@ -400,7 +406,6 @@ where
             }
             let attempt_until = (Instant::now() + Duration::from_secs(1)).min(deadline);
             let answer = tokio::time::timeout_at(attempt_until, rx).await;
-            lock(&self.queries).remove(&request);
             match answer {
                 Ok(Ok(snapshot)) => {
                     return serde_json::from_slice(&snapshot)
@@ -459,8 +464,14 @@ where
                 break true;
             }
             tokio::select! {
-                _ = region.changed() => {}
-                _ = running.changed() => {}
+                changed = region.changed() => if changed.is_err() {
+                    warn!("the region stopped during the leave");
+                    break false;
+                },
+                changed = running.changed() => if changed.is_err() {
+                    warn!("the singleton manager stopped during the leave");
+                    break false;
+                },
                 _ = tokio::time::sleep_until(deadline) => {
                     warn!("leave timed out with shards or singletons still here");
                     break false;
@@ -514,6 +525,18 @@ async fn wake_on_down<M: Send + 'static>(
             producer.wake_idle(silent_for);
         }
         down = now_down;
+    }
+}
+
+/// Removes a query's entry when its attempt ends.
+struct PendingQuery<'a> {
+    queries: &'a PendingQueries,
+    request: u64,
+}
+
+impl Drop for PendingQuery<'_> {
+    fn drop(&mut self) {
+        lock(self.queries).remove(&self.request);
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! Pacing: the task takes the next message from its handles only once the controller is
 //! active (a durable one has loaded its state) and while the messages waiting for entities
-//! without demand stay below `buffer_size`, so a producer that asks faster than
+//! without demand (or for storage) stay below `buffer_size`, so a producer that asks faster than
 //! entities confirm waits in `ask` instead of growing memory or failing the controller.
 
 use std::future::Future;
@@ -81,7 +81,8 @@ struct Ask<M> {
     reply: Option<oneshot::Sender<AskOutcome>>,
 }
 
-/// Sends through one ShardingProducerController; cheap to clone.
+/// Sends through one ShardingProducerController; cheap to clone. When every clone is gone, the
+/// controller finishes what it took (until confirmed) and then stops.
 pub struct ShardingProducerHandle<M> {
     asks: mpsc::Sender<Ask<M>>,
     wake: mpsc::Sender<Duration>,
@@ -97,7 +98,8 @@ impl<M> Clone for ShardingProducerHandle<M> {
 }
 
 impl<M: Send + 'static> ShardingProducerHandle<M> {
-    /// Sends `message` to `entity` and waits until the entity confirmed or rejected it.
+    /// Sends `message` to `entity` and waits until the entity confirmed or rejected it (with a
+    /// durable queue: until the message is stored; a rejection is then not reported).
     pub async fn ask(&self, entity: EntityId, message: M) -> Result<AskOutcome, AskError> {
         self.submit(entity, message).await?.await
     }
@@ -228,6 +230,7 @@ async fn run<M: Clone + Send + 'static, Q: DurableProducerQueue<M>>(
 ) {
     core.start(Instant::now());
     let mut resent = 0;
+    let mut asks_open = true;
     loop {
         inputs.resends.inc_by(core.resent() - resent);
         resent = core.resent();
@@ -255,7 +258,10 @@ async fn run<M: Clone + Send + 'static, Q: DurableProducerQueue<M>>(
             warn!(%error, "sharding producer controller failed");
             break;
         }
-        let room = core.is_active() && core.buffered() < buffer_size;
+        if !asks_open && core.waiting() == 0 && core.unconfirmed() == 0 {
+            break;
+        }
+        let room = asks_open && core.is_active() && core.waiting() < buffer_size;
         let wake_at = [core.poll_timeout(), durable.cleanup.next()]
             .into_iter()
             .flatten()
@@ -263,7 +269,11 @@ async fn run<M: Clone + Send + 'static, Q: DurableProducerQueue<M>>(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             ask = inputs.asks.recv(), if room => {
-                let Some(ask) = ask else { break };
+                // Every handle is gone: finish what was taken, then stop.
+                let Some(ask) = ask else {
+                    asks_open = false;
+                    continue;
+                };
                 let now = Instant::now();
                 let sent = match ask.reply {
                     Some(reply) => core.send_with_confirmation(ask.entity, ask.message, reply, now),

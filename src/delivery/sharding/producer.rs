@@ -242,6 +242,12 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         self.buffered_total
     }
 
+    /// Messages taken and not yet handed to a child: waiting for demand, and (durable) for
+    /// storage. What a driver paces by.
+    pub fn waiting(&self) -> usize {
+        self.buffered() + self.storing.len()
+    }
+
     /// Messages its children sent again so far (see [`ProducerController::resent`]),
     /// children that were cleaned up included.
     pub fn resent(&self) -> u64 {

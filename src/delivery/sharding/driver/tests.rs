@@ -21,10 +21,23 @@ fn producer(
     incarnation: u64,
     shutdown: CancellationToken,
 ) -> (ShardingProducerHandle<u32>, Wire, mpsc::Sender<ToProducer>) {
+    producer_with_buffer(queue, incarnation, 100, shutdown)
+}
+
+fn producer_with_buffer(
+    queue: InMemoryQueue<u32>,
+    incarnation: u64,
+    buffer_size: usize,
+    shutdown: CancellationToken,
+) -> (ShardingProducerHandle<u32>, Wire, mpsc::Sender<ToProducer>) {
+    let sharding = ShardingProducerSettings {
+        buffer_size,
+        ..ShardingProducerSettings::default()
+    };
     let core = ShardingProducerController::with_durable_queue(
         ProducerId::new("p"),
         ProducerSettings::default(),
-        ShardingProducerSettings::default(),
+        sharding,
         incarnation,
     )
     .unwrap();
@@ -38,7 +51,7 @@ fn producer(
     let handle = spawn_durable_sharding_producer(
         core,
         Some(queue),
-        100,
+        buffer_size,
         to_entity,
         answers,
         resends,
@@ -131,4 +144,38 @@ async fn a_restarted_durable_sharding_producer_resends_what_was_not_confirmed() 
     })
     .await
     .expect("every confirmation is written to the queue");
+}
+
+/// Many messages submitted at once, more than the buffer holds and all waiting for storage,
+/// and then every handle dropped: the producer waits instead of failing, and finishes.
+#[tokio::test(start_paused = true)]
+async fn submitting_more_than_the_buffer_holds_waits_and_dropped_handles_still_finish() {
+    let queue = InMemoryQueue::default();
+    let (handle, wire, answers) =
+        producer_with_buffer(queue.clone(), 1, 10, CancellationToken::new());
+    let got = entities(wire, answers);
+    let mut outcomes = Vec::new();
+    for n in 0..200 {
+        let entity = EntityId::new(format!("e{}", n % 4));
+        let submitted = tokio::time::timeout(Duration::from_secs(30), handle.submit(entity, n))
+            .await
+            .expect("room again in time")
+            .unwrap();
+        outcomes.push(submitted);
+    }
+    drop(handle);
+    for outcome in outcomes {
+        let outcome = tokio::time::timeout(Duration::from_secs(30), outcome)
+            .await
+            .expect("answered in time")
+            .expect("the controller kept running");
+        assert_eq!(outcome, AskOutcome::Confirmed);
+    }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while got.lock().unwrap().len() < 200 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("every message delivered after the handles are gone");
 }
