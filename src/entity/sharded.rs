@@ -5,7 +5,6 @@
 //! queries with a JSON snapshot. When the region closes its inbox (passivation, hand-off) it
 //! finishes the messages its controllers hold, then returns.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -97,7 +96,7 @@ where
     let _active = ActiveGuard::new(&metrics.active);
     let mut consumer = ShardingConsumerController::new(settings.consumer.clone());
     // Where each producer's controller lives, and which incarnation of it spoke last.
-    let mut producers: HashMap<ProducerId, (NodeAddr, ProducerRef)> = HashMap::new();
+    let mut producers = Producers::default();
     let mut open = true;
     loop {
         while let Some((to, frame)) = consumer.poll_transmit() {
@@ -136,7 +135,7 @@ where
         tokio::select! {
             envelope = inbox.recv() => match envelope.map(|e| *e) {
                 Some(EntityEnvelope::Sequenced { reply_to, message }) => {
-                    producers.insert(message.producer.id.clone(), (reply_to, message.producer.clone()));
+                    producers.insert(reply_to, message.producer.clone());
                     consumer.handle_message(message, Instant::now());
                 }
                 Some(EntityEnvelope::Query { reply_to, request }) => {
@@ -156,6 +155,30 @@ where
         }
     }
     Ok(())
+}
+
+/// The producers an entity has heard from: usually one or two, so a Vec sized exactly
+/// (a map keeps room for several in every idle entity).
+#[derive(Default)]
+struct Producers(Vec<(NodeAddr, ProducerRef)>);
+
+impl Producers {
+    fn get(&self, id: &ProducerId) -> Option<(&NodeAddr, &ProducerRef)> {
+        self.0
+            .iter()
+            .find(|(_, producer)| producer.id == *id)
+            .map(|(node, producer)| (node, producer))
+    }
+
+    fn insert(&mut self, node: NodeAddr, producer: ProducerRef) {
+        match self.0.iter_mut().find(|(_, known)| known.id == producer.id) {
+            Some(entry) => *entry = (node, producer),
+            None => {
+                self.0.reserve_exact(1);
+                self.0.push((node, producer));
+            }
+        }
+    }
 }
 
 /// Counts a running entity in `warren_entities_active`, however its task ends (a panic too).

@@ -64,6 +64,8 @@ impl<M: Clone + 'static> ShardingConsumerController<M> {
                 controller = controller.with_codec(codec);
             }
             controller.start(now);
+            // Room for exactly one more: Vec would otherwise make room for four controllers.
+            self.controllers.reserve_exact(1);
             self.controllers.push((id.clone(), controller));
         }
         if let Some(controller) = self.controller(&id) {
