@@ -7,13 +7,13 @@
 //! `poll_timeout`. Buffering is bounded by the caller, which admits at most `max_in_flight`
 //! deliveries.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::time::Instant;
 use tracing::error;
 
+use crate::delivery::child_timers::ChildTimers;
 use crate::delivery::{
     ConsumerFrame, ProducerController, ProducerEvent, ProducerId, ProducerRef, ProducerSettings,
     SequencedMessage, ShardingProducerSettings,
@@ -42,7 +42,7 @@ pub struct Dispatcher<M> {
     next_incarnation: u64,
     producers: HashMap<EntityId, EntityProducer<M>>,
     /// Timer deadlines by entity; stale entries are skipped when they come due.
-    timers: BinaryHeap<Reverse<(Instant, EntityId)>>,
+    timers: ChildTimers<EntityId>,
     transmits: VecDeque<(EntityId, SequencedMessage<Message<M>>)>,
     confirmed: VecDeque<u64>,
 }
@@ -63,7 +63,7 @@ impl<M: 'static> Dispatcher<M> {
             producer_id,
             next_incarnation: first_incarnation,
             producers: HashMap::new(),
-            timers: BinaryHeap::new(),
+            timers: ChildTimers::new(),
             transmits: VecDeque::new(),
             confirmed: VecDeque::new(),
         }
@@ -150,13 +150,7 @@ impl<M: 'static> Dispatcher<M> {
         if self.next_idle_check.is_some_and(|at| at <= now) {
             self.check_idle(now);
         }
-        while let Some(Reverse((at, _))) = self.timers.peek() {
-            if *at > now {
-                break;
-            }
-            let Some(Reverse((at, entity))) = self.timers.pop() else {
-                break;
-            };
+        while let Some((at, entity)) = self.timers.pop_due(now) {
             let Some(producer) = self.producers.get_mut(&entity) else {
                 continue;
             };
@@ -181,8 +175,11 @@ impl<M: 'static> Dispatcher<M> {
 
     /// When [`Self::handle_timeout`] must be called next (possibly early, never late).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
-        timer.into_iter().chain(self.next_idle_check).min()
+        self.timers
+            .next()
+            .into_iter()
+            .chain(self.next_idle_check)
+            .min()
     }
 
     /// Wakes idle entities that hold unconfirmed messages (one that stopped, or whose task
@@ -243,12 +240,7 @@ impl<M: 'static> Dispatcher<M> {
             self.transmits.push_back((entity.clone(), message));
         }
         let deadline = producer.controller.poll_timeout();
-        if deadline != producer.armed {
-            producer.armed = deadline;
-            if let Some(at) = deadline {
-                self.timers.push(Reverse((at, entity.clone())));
-            }
-        }
+        self.timers.arm(entity, &mut producer.armed, deadline);
     }
 }
 

@@ -7,6 +7,7 @@
 //! the producer↔consumer link may lose, duplicate or reorder frames; a producer and its
 //! controller, and a consumer and its controller, are assumed to talk losslessly.
 
+pub(crate) mod child_timers;
 pub mod codec;
 pub mod consumer;
 pub mod driver;

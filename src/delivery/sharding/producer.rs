@@ -19,12 +19,12 @@
 //! durable queue's answers. Outputs: `poll_transmit` (entity, message), `poll_event`,
 //! `poll_store`, `poll_timeout`.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use tokio::time::Instant;
 use tracing::warn;
 
+use crate::delivery::child_timers::ChildTimers;
 use crate::delivery::durable::{DurableState, MessageSent};
 use crate::delivery::producer::{ProducerController, ProducerError, ProducerEvent, StoreRequest};
 use crate::delivery::protocol::{
@@ -136,7 +136,7 @@ pub struct ShardingProducerController<M, T> {
     current_seq_nr: SeqNr,
     storing: VecDeque<Storing<M, T>>,
     store_attempt: Option<u32>,
-    timers: BinaryHeap<Reverse<(Instant, EntityId)>>,
+    timers: ChildTimers<EntityId>,
     next_idle_check: Option<Instant>,
     transmits: VecDeque<(EntityId, SequencedMessage<M>)>,
     events: VecDeque<ShardingProducerEvent<T>>,
@@ -204,7 +204,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             current_seq_nr: SeqNr(1),
             storing: VecDeque::new(),
             store_attempt: None,
-            timers: BinaryHeap::new(),
+            timers: ChildTimers::new(),
             next_idle_check: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -351,13 +351,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         if self.next_idle_check.is_some_and(|at| at <= now) {
             self.check_idle(now);
         }
-        while let Some(Reverse((at, _))) = self.timers.peek() {
-            if *at > now {
-                break;
-            }
-            let Some(Reverse((at, entity))) = self.timers.pop() else {
-                break;
-            };
+        while let Some((at, entity)) = self.timers.pop_due(now) {
             let Some(out) = self.outs.get_mut(&entity) else {
                 continue;
             };
@@ -453,8 +447,11 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         if self.failure.is_some() {
             return None;
         }
-        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
-        timer.into_iter().chain(self.next_idle_check).min()
+        self.timers
+            .next()
+            .into_iter()
+            .chain(self.next_idle_check)
+            .min()
     }
 
     fn receive(
@@ -608,12 +605,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         self.resent += out.controller.resent() - out.resent_seen;
         out.resent_seen = out.controller.resent();
         let deadline = out.controller.poll_timeout();
-        if deadline != out.armed {
-            out.armed = deadline;
-            if let Some(at) = deadline {
-                self.timers.push(Reverse((at, entity.clone())));
-            }
-        }
+        self.timers.arm(entity, &mut out.armed, deadline);
         let demand_with_empty_buffer = out.controller.has_demand() && out.buffered.is_empty();
         for done in confirmed {
             if self.durable && done.total_seq_nr != SeqNr::ZERO {
