@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::delivery::codec::{Codec, CodecError};
+use crate::delivery::durable::store_line::retry_load;
 use crate::delivery::durable::{DurableState, MessageSent, NO_QUALIFIER, Qualifier};
 use crate::delivery::protocol::{
     Chunk, ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
@@ -455,12 +456,9 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         if self.failure.is_some() {
             return;
         }
-        if attempt >= self.settings.durable_queue.retry_attempts {
-            self.fail(ProducerError::LoadFailed { attempts: attempt });
-        } else {
-            self.store_requests.push_back(StoreRequest::LoadState {
-                attempt: attempt + 1,
-            });
+        let retries = self.settings.durable_queue.retry_attempts;
+        if let Err(error) = retry_load(attempt, retries, &mut self.store_requests) {
+            self.fail(error);
         }
     }
 

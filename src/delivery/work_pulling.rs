@@ -17,6 +17,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
+use crate::delivery::durable::store_line::{StoreLine, retry_load};
 use crate::delivery::durable::{DurableState, MessageSent, Qualifier};
 use crate::delivery::producer::{ProducerController, ProducerError, ProducerEvent, StoreRequest};
 use crate::delivery::protocol::{
@@ -92,9 +93,9 @@ struct Worker<M, T> {
 }
 
 /// A message chosen for a worker and being stored.
-struct Storing<M, T, W> {
+/// What a message being stored needs once it is.
+struct Storing<T, W> {
     worker: W,
-    sent: MessageSent<M>,
     reply: Option<T>,
     hand_over: Option<(Qualifier, SeqNr)>,
     fresh: bool,
@@ -129,8 +130,7 @@ pub struct WorkPullingProducerController<M, T, W> {
     buffer: VecDeque<Pending<M, T>>,
     current_seq_nr: SeqNr,
     /// Durable: messages chosen for a worker, stored one at a time in this order.
-    storing: VecDeque<Storing<M, T, W>>,
-    store_attempt: Option<u32>,
+    storing: StoreLine<M, Storing<T, W>>,
     transmits: VecDeque<(W, SequencedMessage<M>)>,
     events: VecDeque<WorkPullingEvent<T>>,
     store_requests: VecDeque<StoreRequest<M>>,
@@ -202,8 +202,7 @@ where
             next_incarnation,
             buffer: VecDeque::new(),
             current_seq_nr: SeqNr(1),
-            storing: VecDeque::new(),
-            store_attempt: None,
+            storing: StoreLine::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             store_requests: VecDeque::new(),
@@ -324,27 +323,16 @@ where
 
     /// Loading the durable state failed or timed out on `attempt`.
     pub fn handle_load_failed(&mut self, attempt: u32) {
-        if attempt >= self.settings.durable_queue.retry_attempts {
-            self.failure = Some(WorkPullingError::Store(ProducerError::LoadFailed {
-                attempts: attempt,
-            }));
-        } else {
-            self.store_requests.push_back(StoreRequest::LoadState {
-                attempt: attempt + 1,
-            });
+        let retries = self.settings.durable_queue.retry_attempts;
+        if let Err(error) = retry_load(attempt, retries, &mut self.store_requests) {
+            self.failure = Some(WorkPullingError::Store(error));
         }
     }
 
     /// The durable queue stored the message `seq_nr`: reply, complete a hand-over, and send it
     /// to its preselected worker.
     pub fn handle_message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
-        if self.storing.front().map(|s| s.sent.seq_nr) != Some(seq_nr)
-            || self.store_attempt.is_none()
-        {
-            return;
-        }
-        self.store_attempt = None;
-        let Some(stored) = self.storing.pop_front() else {
+        let Some((sent, stored)) = self.storing.stored(seq_nr) else {
             return;
         };
         if let Some(token) = stored.reply {
@@ -357,13 +345,13 @@ where
                     qualifier: old_qualifier,
                 });
         }
-        let Payload::Message(message) = stored.sent.payload else {
+        let Payload::Message(message) = sent.payload else {
             return;
         };
         // The same incarnation, not just the same address: a worker that left and came back
         // has a new qualifier, and the stored record names the old one.
         match self.workers.get_mut(&stored.worker) {
-            Some(out) if out.qualifier == stored.sent.qualifier && out.controller.has_demand() => {
+            Some(out) if out.qualifier == sent.qualifier && out.controller.has_demand() => {
                 out.reserved = false;
                 self.deliver(&stored.worker, message, None, seq_nr, now);
             }
@@ -374,34 +362,27 @@ where
                     message,
                     reply: None,
                     origin: Origin::HandOver {
-                        old_qualifier: stored.sent.qualifier,
+                        old_qualifier: sent.qualifier,
                         old_seq_nr: seq_nr,
                     },
                 },
                 now,
             ),
         }
-        self.store_next();
+        self.storing.resume(&mut self.store_requests);
         self.flush_buffer(now);
         self.request_if_free(now);
     }
 
     /// Storing the message `seq_nr` failed or timed out on `attempt`.
     pub fn handle_store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
-        if self.store_attempt != Some(attempt)
-            || self.storing.front().map(|s| s.sent.seq_nr) != Some(seq_nr)
+        let retries = self.settings.durable_queue.retry_attempts;
+        if let Err(error) = self
+            .storing
+            .failed(seq_nr, attempt, retries, &mut self.store_requests)
         {
-            return;
+            self.failure = Some(WorkPullingError::Store(error));
         }
-        if attempt >= self.settings.durable_queue.retry_attempts {
-            self.failure = Some(WorkPullingError::Store(ProducerError::StoreFailed {
-                seq_nr,
-                attempts: attempt,
-            }));
-            return;
-        }
-        self.store_attempt = None;
-        self.store_next_with(attempt + 1);
     }
 
     /// Fires the child controllers' timers that are due.
@@ -597,37 +578,20 @@ where
         out.reserved = true;
         let seq_nr = self.current_seq_nr;
         self.current_seq_nr = seq_nr.next();
-        self.storing.push_back(Storing {
-            sent: MessageSent {
-                seq_nr,
-                payload: Payload::Message(pending.message),
-                ack: pending.reply.is_some(),
-                qualifier: out.qualifier.clone(),
-                timestamp_millis: 0,
-            },
+        let sent = MessageSent {
+            seq_nr,
+            payload: Payload::Message(pending.message),
+            ack: pending.reply.is_some(),
+            qualifier: out.qualifier.clone(),
+            timestamp_millis: 0,
+        };
+        let storing = Storing {
             worker,
             reply: pending.reply,
             hand_over,
             fresh,
-        });
-        self.store_next();
-    }
-
-    fn store_next(&mut self) {
-        if self.store_attempt.is_none() {
-            self.store_next_with(1);
-        }
-    }
-
-    fn store_next_with(&mut self, attempt: u32) {
-        if let Some(next) = self.storing.front() {
-            self.store_attempt = Some(attempt);
-            self.store_requests
-                .push_back(StoreRequest::StoreMessageSent {
-                    sent: next.sent.clone(),
-                    attempt,
-                });
-        }
+        };
+        self.storing.push(sent, storing, &mut self.store_requests);
     }
 
     fn deliver(
@@ -730,7 +694,7 @@ where
     /// free demand: Akka's decision table in one rule, which also rules out the duplicate
     /// RequestNext of akka #29854.
     fn request_if_free(&mut self, _now: Instant) {
-        let storing_fresh = self.storing.iter().any(|s| s.fresh);
+        let storing_fresh = self.storing.extras().any(|s| s.fresh);
         let free = self.has_free_worker();
         if matches!(self.phase, Phase::Active)
             && self.failure.is_none()

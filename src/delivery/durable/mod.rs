@@ -11,6 +11,7 @@
 pub mod conformance;
 pub mod memory;
 pub mod redb_store;
+pub(crate) mod store_line;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::delivery::child_timers::ChildTimers;
+use crate::delivery::durable::store_line::{StoreLine, retry_load};
 use crate::delivery::durable::{DurableState, MessageSent};
 use crate::delivery::producer::{ProducerController, ProducerError, ProducerEvent, StoreRequest};
 use crate::delivery::protocol::{
@@ -110,12 +111,6 @@ enum Phase<M> {
 }
 
 /// A message being stored before it is routed.
-struct Storing<M, T> {
-    entity: EntityId,
-    sent: MessageSent<M>,
-    reply: Option<T>,
-}
-
 /// Sans-IO ShardingProducerController for messages `M` and confirmation tokens `T`.
 pub struct ShardingProducerController<M, T> {
     producer_id: ProducerId,
@@ -134,8 +129,8 @@ pub struct ShardingProducerController<M, T> {
     /// driver that paces by [`Self::buffered`] does not need per message.
     report_demand: bool,
     current_seq_nr: SeqNr,
-    storing: VecDeque<Storing<M, T>>,
-    store_attempt: Option<u32>,
+    /// Durable mode: messages being stored, with their entity and asker.
+    storing: StoreLine<M, (EntityId, Option<T>)>,
     timers: ChildTimers<EntityId>,
     next_idle_check: Option<Instant>,
     transmits: VecDeque<(EntityId, SequencedMessage<M>)>,
@@ -202,8 +197,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             resent: 0,
             report_demand: true,
             current_seq_nr: SeqNr(1),
-            storing: VecDeque::new(),
-            store_attempt: None,
+            storing: StoreLine::new(),
             timers: ChildTimers::new(),
             next_idle_check: None,
             transmits: VecDeque::new(),
@@ -377,54 +371,36 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
 
     /// Loading the durable state failed or timed out on `attempt`.
     pub fn handle_load_failed(&mut self, attempt: u32) {
-        if attempt >= self.settings.durable_queue.retry_attempts {
-            self.failure = Some(ShardingProducerError::Store(ProducerError::LoadFailed {
-                attempts: attempt,
-            }));
-        } else {
-            self.store_requests.push_back(StoreRequest::LoadState {
-                attempt: attempt + 1,
-            });
+        let retries = self.settings.durable_queue.retry_attempts;
+        if let Err(error) = retry_load(attempt, retries, &mut self.store_requests) {
+            self.failure = Some(ShardingProducerError::Store(error));
         }
     }
 
     /// The message `seq_nr` is stored: reply to an asker, then route it.
     pub fn handle_message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
-        if self.store_attempt.is_none()
-            || self.storing.front().map(|s| s.sent.seq_nr) != Some(seq_nr)
-        {
-            return;
-        }
-        self.store_attempt = None;
-        let Some(stored) = self.storing.pop_front() else {
+        let Some((sent, (entity, reply))) = self.storing.stored(seq_nr) else {
             return;
         };
-        if let Some(token) = stored.reply {
+        if let Some(token) = reply {
             self.events
                 .push_back(ShardingProducerEvent::Confirmed { token });
         }
-        if let Payload::Message(message) = stored.sent.payload {
-            self.route(stored.entity, seq_nr, message, None, now);
+        if let Payload::Message(message) = sent.payload {
+            self.route(entity, seq_nr, message, None, now);
         }
-        self.store_next(1);
+        self.storing.resume(&mut self.store_requests);
     }
 
     /// Storing the message `seq_nr` failed or timed out on `attempt`.
     pub fn handle_store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
-        if self.store_attempt != Some(attempt)
-            || self.storing.front().map(|s| s.sent.seq_nr) != Some(seq_nr)
+        let retries = self.settings.durable_queue.retry_attempts;
+        if let Err(error) = self
+            .storing
+            .failed(seq_nr, attempt, retries, &mut self.store_requests)
         {
-            return;
+            self.failure = Some(ShardingProducerError::Store(error));
         }
-        if attempt >= self.settings.durable_queue.retry_attempts {
-            self.failure = Some(ShardingProducerError::Store(ProducerError::StoreFailed {
-                seq_nr,
-                attempts: attempt,
-            }));
-            return;
-        }
-        self.store_attempt = None;
-        self.store_next(attempt + 1);
     }
 
     /// The next message for an entity.
@@ -467,20 +443,15 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         if self.durable {
             let seq_nr = self.current_seq_nr;
             self.current_seq_nr = seq_nr.next();
-            self.storing.push_back(Storing {
-                entity: entity.clone(),
-                sent: MessageSent {
-                    seq_nr,
-                    payload: Payload::Message(message),
-                    ack: reply.is_some(),
-                    qualifier: entity.as_str().to_owned(),
-                    timestamp_millis: 0,
-                },
-                reply,
-            });
-            if self.store_attempt.is_none() {
-                self.store_next(1);
-            }
+            let sent = MessageSent {
+                seq_nr,
+                payload: Payload::Message(message),
+                ack: reply.is_some(),
+                qualifier: entity.as_str().to_owned(),
+                timestamp_millis: 0,
+            };
+            self.storing
+                .push(sent, (entity, reply), &mut self.store_requests);
             return Ok(());
         }
         self.route(entity, SeqNr::ZERO, message, reply, now);
@@ -719,17 +690,6 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         }
         if nothing_unconfirmed {
             self.request_next();
-        }
-    }
-
-    fn store_next(&mut self, attempt: u32) {
-        if let Some(next) = self.storing.front() {
-            self.store_attempt = Some(attempt);
-            self.store_requests
-                .push_back(StoreRequest::StoreMessageSent {
-                    sent: next.sent.clone(),
-                    attempt,
-                });
         }
     }
 }
