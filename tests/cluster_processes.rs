@@ -17,9 +17,9 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use support::{binary, eventually};
+use warren::node::COORDINATOR;
 
 const SECRET: &str = "warren-test-secret-0123456789";
-const COORDINATOR: &str = "shard-coordinator";
 
 /// A port free for both TCP and UDP on `ip` (the cluster port carries both).
 fn free_port(ip: [u8; 4]) -> SocketAddr {

@@ -615,15 +615,18 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
                 requested_up_to: self.requested_seq_nr,
             }));
         }
-        let chunks = match self.chunk(message, token.is_some()) {
-            Ok(chunks) => chunks,
-            Err(error) => return Err(self.fail(error)),
-        };
-        let last_seq_nr = chunks.back().map_or(self.current_seq_nr, |m| m.seq_nr);
+        // With demand nothing remains from the previous message: the buffer's capacity is
+        // reused, so an unchunked send allocates nothing here.
+        if let Err(error) = self.chunk(message, token.is_some()) {
+            return Err(self.fail(error));
+        }
+        let last_seq_nr = self
+            .remaining_chunks
+            .back()
+            .map_or(self.current_seq_nr, |m| m.seq_nr);
         if let Some(token) = token {
             self.awaiting_confirmation.push_back((last_seq_nr, token));
         }
-        self.remaining_chunks = chunks;
         if self.durable {
             self.store_next_chunk();
         } else {
@@ -632,41 +635,40 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         Ok(last_seq_nr)
     }
 
-    /// The message as one or more sequenced messages on consecutive sequence numbers.
-    fn chunk(&self, message: M, ack: bool) -> Result<VecDeque<SequencedMessage<M>>, ProducerError> {
+    /// Appends the message to `remaining_chunks` as one or more sequenced messages on
+    /// consecutive sequence numbers.
+    fn chunk(&mut self, message: M, ack: bool) -> Result<(), ProducerError> {
+        let (producer, current, first) = (&self.me, self.current_seq_nr, self.first_seq_nr);
         let sequenced = |offset: u64, payload: Payload<M>, last: bool| {
-            let seq_nr = self.current_seq_nr.plus(offset);
+            let seq_nr = current.plus(offset);
             SequencedMessage {
-                producer: self.me.clone(),
+                producer: producer.clone(),
                 seq_nr,
                 payload,
-                first: seq_nr == self.first_seq_nr,
+                first: seq_nr == first,
                 ack: ack && last,
             }
         };
         let Some((size, codec)) = &self.chunking else {
-            return Ok(VecDeque::from([sequenced(
-                0,
-                Payload::Message(message),
-                true,
-            )]));
+            let whole = sequenced(0, Payload::Message(message), true);
+            self.remaining_chunks.push_back(whole);
+            return Ok(());
         };
         let bytes = Bytes::from(codec.encode(&message)?);
         // A message that serializes to nothing still travels, as one empty chunk.
         let pieces = bytes.len().div_ceil(*size).max(1);
-        Ok((0..pieces)
-            .map(|i| {
-                let start = (i * size).min(bytes.len());
-                let end = ((i + 1) * size).min(bytes.len());
-                let last = i + 1 == pieces;
-                let chunk = Chunk {
-                    bytes: bytes.slice(start..end),
-                    first_chunk: i == 0,
-                    last_chunk: last,
-                };
-                sequenced(i as u64, Payload::Chunk(chunk), last)
-            })
-            .collect())
+        self.remaining_chunks.extend((0..pieces).map(|i| {
+            let start = (i * size).min(bytes.len());
+            let end = ((i + 1) * size).min(bytes.len());
+            let last = i + 1 == pieces;
+            let chunk = Chunk {
+                bytes: bytes.slice(start..end),
+                first_chunk: i == 0,
+                last_chunk: last,
+            };
+            sequenced(i as u64, Payload::Chunk(chunk), last)
+        }));
+        Ok(())
     }
 
     /// Sends chunks while the consumer's window allows (no durable queue).

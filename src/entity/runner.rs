@@ -94,7 +94,7 @@ pub(crate) async fn run<E: Entity>(
     metrics: EntityMetrics,
     shutdown: CancellationToken,
 ) {
-    metrics.active.inc();
+    let _active = ActiveGuard::new(&metrics.active);
     let mut consumer: ConsumerController<Arc<Envelope<E::Message>>> =
         ConsumerController::new(settings.consumer.clone(), Instant::now());
     consumer.start(Instant::now());
@@ -151,7 +151,6 @@ pub(crate) async fn run<E: Entity>(
             _ = sleep_until(timeout) => consumer.handle_timeout(Instant::now()),
         }
     }
-    metrics.active.dec();
     debug!(entity = %id, "entity stopped");
 }
 
@@ -203,5 +202,21 @@ pub(crate) async fn process<E: Entity>(
                 ));
             }
         }
+    }
+}
+
+/// Counts a running entity in `warren_entities_active`, however its task ends (a panic too).
+pub(crate) struct ActiveGuard(prometheus::IntGauge);
+
+impl ActiveGuard {
+    pub(crate) fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        ActiveGuard(gauge.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

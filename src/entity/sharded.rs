@@ -17,7 +17,7 @@ use crate::cluster::transport::Outbox;
 use crate::delivery::protocol::{ProducerId, ProducerRef, SequencedMessage};
 use crate::delivery::sharding::ShardingConsumerController;
 use crate::delivery::sharding::driver::{EntityAnswer, ToProducer};
-use crate::entity::runner::{EntityMetrics, RunnerSettings, process};
+use crate::entity::runner::{ActiveGuard, EntityMetrics, RunnerSettings, process};
 use crate::entity::{Entity, EntityFactory, EntityId};
 use crate::sharding::driver::{EntitySpawner, EntityTask};
 use crate::timer::sleep_until;
@@ -178,21 +178,5 @@ impl Producers {
                 self.0.push((node, producer));
             }
         }
-    }
-}
-
-/// Counts a running entity in `warren_entities_active`, however its task ends (a panic too).
-struct ActiveGuard(prometheus::IntGauge);
-
-impl ActiveGuard {
-    fn new(gauge: &prometheus::IntGauge) -> Self {
-        gauge.inc();
-        ActiveGuard(gauge.clone())
-    }
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }

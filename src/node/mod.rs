@@ -12,7 +12,7 @@ pub mod settings;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,7 @@ use crate::cluster::singleton::driver::{self as singletons, SingletonHandle, Sin
 use crate::cluster::transport::{self, Inbound, TransportHandle};
 use crate::cluster::workers::{ClusterWorkers, WorkMsg};
 use crate::config::ConfigError;
+use crate::delivery::durable::wall_clock_millis;
 use crate::delivery::protocol::ProducerId;
 use crate::delivery::settings::DeliverySettings;
 use crate::delivery::sharding::driver::{
@@ -163,13 +164,6 @@ pub struct ClusterNode<M> {
     shutdown: CancellationToken,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 impl<M> ClusterNode<M>
 where
     M: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -199,7 +193,7 @@ where
             rand::random(),
         )?
         .without_demand_reports();
-        let started_at_ms = now_ms();
+        let started_at_ms = wall_clock_millis();
         let me = Member {
             addr: NodeAddr {
                 id: NodeId::new(settings.node_id.as_str()),
@@ -424,7 +418,7 @@ where
     pub fn status(&self) -> ClusterStatus {
         let view = self.membership.view().borrow().clone();
         let region = self.region.status().borrow().clone();
-        let now = now_ms();
+        let now = wall_clock_millis();
         let mut members: Vec<&Member> = view.members.values().collect();
         members.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
         ClusterStatus {

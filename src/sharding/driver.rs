@@ -191,7 +191,7 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
                 Some((entity, incarnation, ok)) = self.running.next(), if !self.running.is_empty() => {
                     self.on_entity_end(entity, incarnation, ok);
                 }
-                _ = sleep_until(wake_at), if wake_at.is_some() => {
+                _ = sleep_until(wake_at) => {
                     self.core.handle_timeout(Instant::now());
                 }
             }

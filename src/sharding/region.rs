@@ -462,15 +462,9 @@ impl<P: Clone> Region<P> {
     fn stop_entity(&mut self, entity: &EntityId) {
         if let Some(state) = self.entities.get_mut(entity) {
             match state.phase {
-                Phase::Running => {
-                    state.phase = Phase::Stopping;
-                    self.commands.push_back(EntityCommand::Stop {
-                        entity: entity.clone(),
-                    });
-                }
-                // Not running: the driver reports it stopped at once, and its waiting
-                // messages are routed again from there.
-                Phase::Restarting(_) => {
+                // Restarting (not running): the driver reports it stopped at once, and its
+                // waiting messages are routed again from there.
+                Phase::Running | Phase::Restarting(_) => {
                     state.phase = Phase::Stopping;
                     self.commands.push_back(EntityCommand::Stop {
                         entity: entity.clone(),
@@ -483,16 +477,15 @@ impl<P: Clone> Region<P> {
 
     /// A shard being handed off whose entities have all stopped is reported stopped.
     fn finish_handoff_if_done(&mut self, shard: ShardId) {
-        let handing_off = self.hosted.get(&shard) == Some(&Hosting::HandingOff);
-        let not_hosted = !self.hosted.contains_key(&shard);
-        let entities_left = self.entities.values().any(|e| e.shard == shard);
-        if entities_left {
+        // An active shard is not being handed off: skip the scan of every entity.
+        if self.hosted.get(&shard) == Some(&Hosting::Active) {
             return;
         }
-        if handing_off || not_hosted {
-            self.hosted.remove(&shard);
-            self.coordinator_message(ToCoordinator::ShardStopped { shard });
+        if self.entities.values().any(|e| e.shard == shard) {
+            return;
         }
+        self.hosted.remove(&shard);
+        self.coordinator_message(ToCoordinator::ShardStopped { shard });
     }
 
     fn coordinator_message(&mut self, message: ToCoordinator) {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, watch};
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -21,6 +21,7 @@ use crate::cluster::member::{ClusterView, NodeAddr};
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::singleton::core::{SingletonCore, SingletonEvent, SingletonMsg};
 use crate::cluster::transport::{Inbound, Outbox};
+use crate::timer::sleep_until;
 
 /// Starts one instance of a singleton; it must return soon after its token is cancelled.
 pub type SingletonFactory =
@@ -182,7 +183,7 @@ impl Manager {
                 Some((name, asked)) = self.instances.next(), if !self.instances.is_empty() => {
                     self.on_instance_end(&name, asked);
                 }
-                _ = sleep_until(wake_at.unwrap_or_else(far_future)), if wake_at.is_some() => {
+                _ = sleep_until(wake_at) => {
                     self.on_timeout();
                 }
             }
@@ -309,8 +310,4 @@ impl Manager {
         }
         moved
     }
-}
-
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86_400)
 }

@@ -54,24 +54,28 @@ impl<M: Clone + 'static> ShardingConsumerController<M> {
 
     /// A message from a producer; a producer seen for the first time gets its own controller.
     pub fn handle_message(&mut self, message: SequencedMessage<M>, now: Instant) {
-        let id = message.producer.id.clone();
-        let settings = self.settings.clone();
-        let codec = self.codec.clone();
-        if self.controller(&id).is_none() {
-            tracing::debug!(producer = %id, "starting a ConsumerController");
-            let mut controller = ConsumerController::new(settings, now);
-            if let Some(codec) = codec {
-                controller = controller.with_codec(codec);
+        let index = match self
+            .controllers
+            .iter()
+            .position(|(id, _)| *id == message.producer.id)
+        {
+            Some(index) => index,
+            None => {
+                tracing::debug!(producer = %message.producer.id, "starting a ConsumerController");
+                let mut controller = ConsumerController::new(self.settings.clone(), now);
+                if let Some(codec) = &self.codec {
+                    controller = controller.with_codec(Arc::clone(codec));
+                }
+                controller.start(now);
+                // Room for exactly one more: Vec would otherwise make room for four controllers.
+                self.controllers.reserve_exact(1);
+                self.controllers
+                    .push((message.producer.id.clone(), controller));
+                self.controllers.len() - 1
             }
-            controller.start(now);
-            // Room for exactly one more: Vec would otherwise make room for four controllers.
-            self.controllers.reserve_exact(1);
-            self.controllers.push((id.clone(), controller));
-        }
-        if let Some(controller) = self.controller(&id) {
-            controller.handle_message(message, now);
-        }
-        self.drain(&id);
+        };
+        self.controllers[index].1.handle_message(message, now);
+        self.drain_at(index);
     }
 
     /// The entity processed the delivery it got from `producer`.
@@ -128,10 +132,14 @@ impl<M: Clone + 'static> ShardingConsumerController<M> {
     }
 
     fn drain(&mut self, producer: &ProducerId) {
-        let Some((_, controller)) = self.controllers.iter_mut().find(|(id, _)| id == producer)
-        else {
-            return;
-        };
+        if let Some(index) = self.controllers.iter().position(|(id, _)| id == producer) {
+            self.drain_at(index);
+        }
+    }
+
+    /// Moves the outputs of the controller at `index`; removes it once it stopped.
+    fn drain_at(&mut self, index: usize) {
+        let (producer, controller) = &mut self.controllers[index];
         while let Some(frame) = controller.poll_transmit() {
             self.transmits.push_back(frame);
         }
@@ -144,7 +152,7 @@ impl<M: Clone + 'static> ShardingConsumerController<M> {
         }
         if stopped {
             tracing::debug!(%producer, "ConsumerController stopped");
-            self.controllers.retain(|(id, _)| id != producer);
+            self.controllers.remove(index);
         }
     }
 

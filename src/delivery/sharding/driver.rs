@@ -295,7 +295,7 @@ async fn run<M: Clone + Send + 'static, Q: DurableProducerQueue<M>>(
             Some(outcome) = durable.ops.next(), if !durable.ops.is_empty() => {
                 store::apply(&mut core, outcome);
             }
-            _ = sleep_until(wake_at), if wake_at.is_some() => {
+            _ = sleep_until(wake_at) => {
                 let now = Instant::now();
                 core.handle_timeout(now);
                 if let Some(cleanup) = durable.cleanup.due(durable.queue.as_ref(), now) {

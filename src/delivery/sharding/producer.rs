@@ -543,7 +543,6 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
     /// Drains one child's outputs; feeds it buffered messages while it has demand.
     fn after_child(&mut self, entity: &EntityId, now: Instant) {
         let mut gained_demand = false;
-        let mut confirmed = Vec::new();
         let Some(out) = self.outs.get_mut(entity) else {
             return;
         };
@@ -553,9 +552,22 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
                     // Every message goes with a confirmation request, and the child confirms
                     // them one by one, in order.
                     ProducerEvent::Confirmed { .. } => {
-                        if let Some(done) = out.unconfirmed.pop_front() {
-                            out.last_used = now;
-                            confirmed.push(done);
+                        let Some(done) = out.unconfirmed.pop_front() else {
+                            continue;
+                        };
+                        out.last_used = now;
+                        if self.durable && done.total_seq_nr != SeqNr::ZERO {
+                            self.store_requests
+                                .push_back(StoreRequest::StoreMessageConfirmed {
+                                    seq_nr: done.total_seq_nr,
+                                    qualifier: entity.as_str().to_owned(),
+                                });
+                        }
+                        if let Some(token) = done.reply {
+                            self.events.push_back(match done.rejected {
+                                Some(reason) => ShardingProducerEvent::Rejected { token, reason },
+                                None => ShardingProducerEvent::Confirmed { token },
+                            });
                         }
                     }
                     ProducerEvent::RequestNext { .. } => gained_demand = true,
@@ -578,21 +590,6 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         let deadline = out.controller.poll_timeout();
         self.timers.arm(entity, &mut out.armed, deadline);
         let demand_with_empty_buffer = out.controller.has_demand() && out.buffered.is_empty();
-        for done in confirmed {
-            if self.durable && done.total_seq_nr != SeqNr::ZERO {
-                self.store_requests
-                    .push_back(StoreRequest::StoreMessageConfirmed {
-                        seq_nr: done.total_seq_nr,
-                        qualifier: entity.as_str().to_owned(),
-                    });
-            }
-            if let Some(token) = done.reply {
-                self.events.push_back(match done.rejected {
-                    Some(reason) => ShardingProducerEvent::Rejected { token, reason },
-                    None => ShardingProducerEvent::Confirmed { token },
-                });
-            }
-        }
         if gained_demand && demand_with_empty_buffer {
             self.request_next();
         }
