@@ -29,11 +29,22 @@ pub mod outcome {
     pub const REQUEUED: &str = "requeued";
 }
 
+/// `warren_deliveries_total`, one counter per outcome.
+#[derive(Clone, Debug)]
+pub struct Outcomes {
+    /// `outcome="acked"`.
+    pub acked: IntCounter,
+    /// `outcome="dead_lettered"`.
+    pub dead_lettered: IntCounter,
+    /// `outcome="requeued"`.
+    pub requeued: IntCounter,
+}
+
 /// The bridge's series.
 #[derive(Clone, Debug)]
 pub struct BridgeMetrics {
     /// `warren_deliveries_total{outcome}`: deliveries settled, by outcome.
-    pub deliveries: IntCounterVec,
+    pub deliveries: Outcomes,
     /// `warren_in_flight`: deliveries taken from the broker and not yet settled.
     pub in_flight: IntGauge,
     /// `warren_redelivered_total`: deliveries the broker flagged as redelivered.
@@ -68,12 +79,21 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         let bridge = BridgeMetrics {
-            deliveries: counter_vec(
-                &registry,
-                "warren_deliveries_total",
-                "Deliveries settled, by outcome.",
-                &["outcome"],
-            )?,
+            deliveries: {
+                let by_outcome = counter_vec(
+                    &registry,
+                    "warren_deliveries_total",
+                    "Deliveries settled, by outcome.",
+                    &["outcome"],
+                )?;
+                // Resolved once (and exported from the start, so dashboards see zeros): a
+                // label lookup hashes and locks, and settling happens for every message.
+                Outcomes {
+                    acked: by_outcome.with_label_values(&[outcome::ACKED]),
+                    dead_lettered: by_outcome.with_label_values(&[outcome::DEAD_LETTERED]),
+                    requeued: by_outcome.with_label_values(&[outcome::REQUEUED]),
+                }
+            },
             in_flight: gauge(
                 &registry,
                 "warren_in_flight",
@@ -120,9 +140,6 @@ impl Metrics {
             },
         };
         // Export every label value from the start, so dashboards and alerts see zeros.
-        for label in [outcome::ACKED, outcome::DEAD_LETTERED, outcome::REQUEUED] {
-            bridge.deliveries.with_label_values(&[label]);
-        }
         for kind in InvalidMessage::KINDS {
             bridge.invalid_messages.with_label_values(&[kind]);
         }

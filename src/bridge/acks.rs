@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use crate::metrics::{BridgeMetrics, outcome};
+use crate::metrics::BridgeMetrics;
 
 /// One decision for the broker.
 enum Command {
@@ -105,11 +105,11 @@ async fn write(mut rx: mpsc::UnboundedReceiver<Command>, metrics: BridgeMetrics)
                     );
                     if sent {
                         metrics.acks_sent.inc();
-                        count(&metrics, outcome::ACKED, acked);
-                        count(&metrics, outcome::DEAD_LETTERED, dead_lettered);
+                        metrics.deliveries.acked.inc_by(acked);
+                        metrics.deliveries.dead_lettered.inc_by(dead_lettered);
                     } else {
                         debug!(generation, "ack not sent: the channel is gone");
-                        count(&metrics, outcome::REQUEUED, acked + dead_lettered);
+                        metrics.deliveries.requeued.inc_by(acked + dead_lettered);
                     }
                 }
                 Command::Nack { acker } => {
@@ -119,15 +119,9 @@ async fn write(mut rx: mpsc::UnboundedReceiver<Command>, metrics: BridgeMetrics)
                     };
                     // Requeued either way: by this nack, or by the broker when the channel died.
                     let _ = acker.nack(nack).await;
-                    count(&metrics, outcome::REQUEUED, 1);
+                    metrics.deliveries.requeued.inc();
                 }
             }
         }
-    }
-}
-
-fn count(metrics: &BridgeMetrics, label: &str, n: u64) {
-    if n > 0 {
-        metrics.deliveries.with_label_values(&[label]).inc_by(n);
     }
 }

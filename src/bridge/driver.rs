@@ -30,7 +30,7 @@ use crate::entity::{
     Entity, EntityFactory, EntityId, EntityMessage, EntityReply, Envelope, InvalidMessage,
     LocalEntityHost,
 };
-use crate::metrics::{BridgeMetrics, outcome};
+use crate::metrics::BridgeMetrics;
 use crate::timer::sleep_until;
 
 /// Longest wait for the broker to confirm a dead-letter copy.
@@ -397,10 +397,7 @@ impl<F: EntityFactory> Bridge<F> {
             None => false,
         });
         if lost > 0 {
-            self.metrics
-                .deliveries
-                .with_label_values(&[outcome::REQUEUED])
-                .inc_by(lost as u64);
+            self.metrics.deliveries.requeued.inc_by(lost as u64);
             warn!(
                 lost,
                 "channel lost; its unacked deliveries return to the queue"

@@ -156,17 +156,6 @@ impl ClusterView {
             .is_some_and(|m| m.status != MemberStatus::Down)
     }
 
-    /// Up members with `role`, oldest first.
-    pub fn up_with_role<'a>(&'a self, role: &'a str) -> impl Iterator<Item = &'a Member> + 'a {
-        let mut up: Vec<&Member> = self
-            .members
-            .values()
-            .filter(|m| m.status == MemberStatus::Up && m.has_role(role))
-            .collect();
-        up.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
-        up.into_iter()
-    }
-
     /// The oldest Up member with `role`: where a singleton for that role runs.
     pub fn oldest_up(&self, role: &str) -> Option<&Member> {
         self.members

@@ -270,7 +270,7 @@ where
             self.remove_worker(&worker, now);
         }
         self.flush_buffer(now);
-        self.request_if_free(now);
+        self.request_if_free();
     }
 
     /// Sends a message to some worker (Akka's `Msg`).
@@ -307,7 +307,7 @@ where
             self.after_child(&worker);
         }
         self.flush_buffer(now);
-        self.request_if_free(now);
+        self.request_if_free();
     }
 
     /// The durable queue's state arrived.
@@ -371,7 +371,7 @@ where
         }
         self.storing.resume(&mut self.store_requests);
         self.flush_buffer(now);
-        self.request_if_free(now);
+        self.request_if_free();
     }
 
     /// Storing the message `seq_nr` failed or timed out on `attempt`.
@@ -454,7 +454,7 @@ where
             }
         }
         self.flush_buffer(now);
-        self.request_if_free(now);
+        self.request_if_free();
     }
 
     fn add_worker(&mut self, worker: W, now: Instant) {
@@ -532,7 +532,7 @@ where
             },
             now,
         );
-        self.request_if_free(now);
+        self.request_if_free();
         match &self.failure {
             Some(failure) => Err(failure.clone()),
             None => Ok(()),
@@ -693,15 +693,14 @@ where
     /// Offers the producer a RequestNext when it has none, nothing waits, and some worker has
     /// free demand: Akka's decision table in one rule, which also rules out the duplicate
     /// RequestNext of akka #29854.
-    fn request_if_free(&mut self, _now: Instant) {
-        let storing_fresh = self.storing.extras().any(|s| s.fresh);
-        let free = self.has_free_worker();
+    fn request_if_free(&mut self) {
+        // The cheap checks first: usually the producer holds a RequestNext already.
         if matches!(self.phase, Phase::Active)
             && self.failure.is_none()
             && !self.requested
             && self.buffer.is_empty()
-            && !storing_fresh
-            && free
+            && !self.storing.extras().any(|s| s.fresh)
+            && self.has_free_worker()
         {
             self.requested = true;
             self.events.push_back(WorkPullingEvent::RequestNext);

@@ -108,16 +108,6 @@ impl Coordinator {
         }
     }
 
-    /// Where every allocated shard lives.
-    pub fn allocations(&self) -> &BTreeMap<ShardId, NodeAddr> {
-        &self.allocations
-    }
-
-    /// Shards being handed off now.
-    pub fn handoffs_in_progress(&self) -> usize {
-        self.handoffs.len()
-    }
-
     /// The membership view changed.
     pub fn handle_view(&mut self, view: ClusterView, now: Instant) {
         let gone: Vec<NodeAddr> = self

@@ -12,7 +12,7 @@
 //! `handle_entity_failed`, `handle_timeout`. Outputs: `poll_transmit`, `poll_command`,
 //! `poll_timeout`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -128,7 +128,6 @@ pub struct Region<P> {
     hosted: BTreeMap<ShardId, Hosting>,
     entities: HashMap<EntityId, Entity<P>>,
     next_passivation_scan: Option<Instant>,
-    dropped: u64,
     transmits: VecDeque<(NodeAddr, ShardingMsg<P>)>,
     commands: VecDeque<EntityCommand<P>>,
 }
@@ -151,7 +150,6 @@ impl<P: Clone> Region<P> {
             hosted: BTreeMap::new(),
             entities: HashMap::new(),
             next_passivation_scan: None,
-            dropped: 0,
             transmits: VecDeque::new(),
             commands: VecDeque::new(),
         }
@@ -170,11 +168,6 @@ impl<P: Clone> Region<P> {
     /// Messages waiting for a shard's home.
     pub fn buffered(&self) -> usize {
         self.buffered_total
-    }
-
-    /// Messages dropped: buffer full, or bounced between regions too often.
-    pub fn dropped(&self) -> u64 {
-        self.dropped
     }
 
     /// Where this region thinks the coordinator runs.
@@ -317,7 +310,6 @@ impl<P: Clone> Region<P> {
 
     fn route(&mut self, entity: EntityId, message: P, hops: u8, now: Instant) {
         if hops > MAX_HOPS {
-            self.dropped += 1;
             debug!(%entity, "message bounced between regions too often; dropped");
             return;
         }
@@ -343,7 +335,7 @@ impl<P: Clone> Region<P> {
             )),
             Route::Unknown => {
                 if self.buffered_total >= self.settings.buffer_size {
-                    self.dropped += 1;
+                    debug!(%entity, "region buffer full; message dropped (its sender resends)");
                     return;
                 }
                 self.buffered
@@ -543,14 +535,5 @@ impl<P: Clone> Region<P> {
                 self.ask_home(shard, now);
             }
         }
-    }
-
-    /// Shards with entities stopping, for tests and metrics.
-    pub fn shards_handing_off(&self) -> BTreeSet<ShardId> {
-        self.hosted
-            .iter()
-            .filter(|(_, h)| **h == Hosting::HandingOff)
-            .map(|(s, _)| *s)
-            .collect()
     }
 }

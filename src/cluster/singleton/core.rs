@@ -85,16 +85,6 @@ impl SingletonCore {
         }
     }
 
-    /// The singleton's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The instance runs here (started and not asked to stop).
-    pub fn is_running(&self) -> bool {
-        self.instance == Instance::Running
-    }
-
     /// This node is where the singleton belongs in its current view.
     pub fn is_candidate(&self) -> bool {
         self.view

@@ -120,12 +120,6 @@ impl<T> TransportHandle<T> {
         let handle = self.clone();
         Arc::new(move |to: &NodeAddr, message: M| handle.send(to, wrap(message)))
     }
-
-    /// Nodes this node has a route to now.
-    pub fn peers(&self) -> Vec<NodeAddr> {
-        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
-        routes.keys().cloned().collect()
-    }
 }
 
 /// Starts the transport of `me` on `listener`, following `view` for whom to link with. Runs

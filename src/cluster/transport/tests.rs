@@ -200,6 +200,22 @@ async fn garbage_and_oversize_frames_close_only_their_own_connection() {
         raw.write_all(garbage).await.unwrap();
         drop(raw);
     }
+    // b read each one and refused it (a stuck or dead acceptor would not count them).
+    let refused = || {
+        [refusal::HANDSHAKE, refusal::BAD_FRAME]
+            .iter()
+            .map(|reason| b.metrics.refused.with_label_values(&[reason]).get())
+            .sum::<u64>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while refused() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refused {}",
+            refused()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // An oversize message is dropped by its sender; the link stays up.
     a.handle.send(&b.member.addr, "x".repeat(10_000));
     a.handle.send(&b.member.addr, "after".to_owned());
