@@ -130,6 +130,7 @@ where
         entities: HashMap::new(),
         running: FuturesUnordered::new(),
         status: status_tx,
+        published: None,
         metrics,
     };
     tokio::spawn(driver.run(view, input_rx, shutdown));
@@ -152,6 +153,8 @@ struct RegionDriver<P> {
     entities: HashMap<EntityId, RunningEntity<P>>,
     running: FuturesUnordered<EntityEnd>,
     status: watch::Sender<RegionStatus>,
+    /// What the last published status was built from.
+    published: Option<(u64, usize, usize)>,
     metrics: ClusterMetrics,
 }
 
@@ -243,20 +246,31 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
                 break;
             }
         }
+        self.publish_status();
+    }
+
+    /// Republishes the status when it changed: a cheap comparison on every pass, the full
+    /// status (a Vec of shards, an address) only when the layout or the counts moved.
+    fn publish_status(&mut self) {
+        let seen = (
+            self.core.layout_version(),
+            self.core.entity_count(),
+            self.core.buffered(),
+        );
+        if self.published == Some(seen) {
+            return;
+        }
+        self.published = Some(seen);
         let status = RegionStatus {
             hosted: self.core.hosted_shards(),
-            entities: self.core.entity_count(),
-            buffered: self.core.buffered(),
+            entities: seen.1,
+            buffered: seen.2,
             coordinator: self.core.coordinator().cloned(),
         };
         self.metrics
             .shards_hosted
             .set(i64::try_from(status.hosted.len()).unwrap_or(i64::MAX));
-        self.status.send_if_modified(|current| {
-            let changed = *current != status;
-            *current = status;
-            changed
-        });
+        self.status.send_replace(status);
     }
 
     fn deliver(&mut self, entity: EntityId, message: P, incarnations: &mut u64) {

@@ -127,6 +127,11 @@ pub struct Region<P> {
     asked_at: HashMap<ShardId, Instant>,
     hosted: BTreeMap<ShardId, Hosting>,
     entities: HashMap<EntityId, Entity<P>>,
+    /// Entities waiting out a restart pause: while none does, timers need no entity scan.
+    restarting: usize,
+    /// Bumped whenever the hosted shards or the coordinator change, so a driver republishes
+    /// its status only then.
+    layout_version: u64,
     next_passivation_scan: Option<Instant>,
     transmits: VecDeque<(NodeAddr, ShardingMsg<P>)>,
     commands: VecDeque<EntityCommand<P>>,
@@ -149,10 +154,17 @@ impl<P: Clone> Region<P> {
             asked_at: HashMap::new(),
             hosted: BTreeMap::new(),
             entities: HashMap::new(),
+            restarting: 0,
+            layout_version: 0,
             next_passivation_scan: None,
             transmits: VecDeque::new(),
             commands: VecDeque::new(),
         }
+    }
+
+    /// Changes whenever [`Self::hosted_shards`] or [`Self::coordinator`] may have.
+    pub fn layout_version(&self) -> u64 {
+        self.layout_version
     }
 
     /// Shards hosted here now (including those being handed off).
@@ -187,6 +199,7 @@ impl<P: Clone> Region<P> {
         self.view = Some(view);
         if coordinator != self.coordinator {
             self.coordinator = coordinator;
+            self.layout_version += 1;
             self.registered = false;
             self.next_register = Some(now);
         }
@@ -215,6 +228,9 @@ impl<P: Clone> Region<P> {
         let Some(state) = self.entities.remove(entity) else {
             return;
         };
+        if matches!(state.phase, Phase::Restarting(_)) {
+            self.restarting -= 1;
+        }
         let shard = state.shard;
         if !state.waiting.is_empty() {
             // Messages came while it stopped: route them again (to a new home, after a
@@ -244,20 +260,27 @@ impl<P: Clone> Region<P> {
                 .saturating_mul(1 << state.failures.saturating_sub(1).min(10))
                 .min(max);
             warn!(%entity, ?pause, "entity failed; restarting after a pause");
+            if !matches!(state.phase, Phase::Restarting(_)) {
+                self.restarting += 1;
+            }
             state.phase = Phase::Restarting(now + pause);
         }
     }
 
     /// Time passed.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let restarts: Vec<EntityId> = self
-            .entities
-            .iter()
-            .filter(|(_, e)| matches!(e.phase, Phase::Restarting(at) if at <= now))
-            .map(|(id, _)| id.clone())
-            .collect();
+        let restarts: Vec<EntityId> = if self.restarting == 0 {
+            Vec::new()
+        } else {
+            self.entities
+                .iter()
+                .filter(|(_, e)| matches!(e.phase, Phase::Restarting(at) if at <= now))
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
         for entity in restarts {
             if let Some(state) = self.entities.get_mut(&entity) {
+                self.restarting -= 1;
                 state.phase = Phase::Running;
                 state.last_active = now;
                 for message in std::mem::take(&mut state.waiting) {
@@ -286,10 +309,24 @@ impl<P: Clone> Region<P> {
 
     /// When [`Self::handle_timeout`] is due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let restarts = self.entities.values().filter_map(|e| match e.phase {
-            Phase::Restarting(at) => Some(at),
-            _ => None,
-        });
+        debug_assert_eq!(
+            self.restarting,
+            self.entities
+                .values()
+                .filter(|e| matches!(e.phase, Phase::Restarting(_)))
+                .count()
+        );
+        let restart = (self.restarting > 0)
+            .then(|| {
+                self.entities
+                    .values()
+                    .filter_map(|e| match e.phase {
+                        Phase::Restarting(at) => Some(at),
+                        _ => None,
+                    })
+                    .min()
+            })
+            .flatten();
         // Asks repeat only while someone can answer them (otherwise the deadline would stay
         // in the past and the driver would spin).
         let can_ask = self.registered && self.coordinator.is_some();
@@ -301,11 +338,15 @@ impl<P: Clone> Region<P> {
                     .min()
             })
             .flatten();
-        [self.next_register, self.next_passivation_scan, asks]
-            .into_iter()
-            .flatten()
-            .chain(restarts)
-            .min()
+        [
+            self.next_register,
+            self.next_passivation_scan,
+            asks,
+            restart,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn route(&mut self, entity: EntityId, message: P, hops: u8, now: Instant) {
@@ -414,8 +455,10 @@ impl<P: Clone> Region<P> {
                     return;
                 }
                 if node == self.me {
-                    if self.hosted.get(&shard) != Some(&Hosting::HandingOff) {
-                        self.hosted.insert(shard, Hosting::Active);
+                    if self.hosted.get(&shard) != Some(&Hosting::HandingOff)
+                        && self.hosted.insert(shard, Hosting::Active).is_none()
+                    {
+                        self.layout_version += 1;
                     }
                     self.coordinator_message(ToCoordinator::ShardStarted { shard });
                 }
@@ -457,6 +500,9 @@ impl<P: Clone> Region<P> {
                 // Restarting (not running): the driver reports it stopped at once, and its
                 // waiting messages are routed again from there.
                 Phase::Running | Phase::Restarting(_) => {
+                    if matches!(state.phase, Phase::Restarting(_)) {
+                        self.restarting -= 1;
+                    }
                     state.phase = Phase::Stopping;
                     self.commands.push_back(EntityCommand::Stop {
                         entity: entity.clone(),
@@ -476,7 +522,9 @@ impl<P: Clone> Region<P> {
         if self.entities.values().any(|e| e.shard == shard) {
             return;
         }
-        self.hosted.remove(&shard);
+        if self.hosted.remove(&shard).is_some() {
+            self.layout_version += 1;
+        }
         self.coordinator_message(ToCoordinator::ShardStopped { shard });
     }
 

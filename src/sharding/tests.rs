@@ -599,3 +599,42 @@ async fn a_region_without_a_coordinator_to_ask_does_not_wake_constantly() {
         "{next:?} is not after {later:?}"
     );
 }
+
+/// A failed entity restarts after a pause that doubles with each failure; what arrives for it
+/// meanwhile waits and is delivered at the restart.
+#[tokio::test(start_paused = true)]
+async fn a_failed_entity_restarts_after_a_growing_pause_with_what_waited() {
+    let now = Instant::now();
+    let settings = Harness::settings();
+    let mut region: Region<u64> = Region::new(settings.clone(), ROLE, addr("b"));
+    region.handle_view(view_of("b", &[("b", 1, MemberStatus::Up)]), now);
+    let from_b = |message| ShardingMsg::FromCoordinator(message);
+    region.handle_message(addr("b"), from_b(FromCoordinator::RegisterAck), now);
+    let shard = shard_of(&entity(1), settings.shards);
+    let home = FromCoordinator::ShardHome {
+        shard,
+        node: addr("b"),
+    };
+    region.handle_message(addr("b"), from_b(home), now);
+    region.deliver(entity(1), 1, now);
+    let deliver = |n| EntityCommand::Deliver {
+        entity: entity(1),
+        message: n,
+    };
+    assert_eq!(region.poll_command(), Some(deliver(1)));
+
+    let mut pause = settings.restart_min;
+    let mut at = now;
+    for round in 0..2_u64 {
+        region.handle_entity_failed(&entity(1), at);
+        region.deliver(entity(1), 10 + round, at);
+        assert_eq!(region.poll_command(), None, "it waits while restarting");
+        assert_eq!(region.poll_timeout(), Some(at + pause));
+        region.handle_timeout(at + pause - Duration::from_millis(1));
+        assert_eq!(region.poll_command(), None);
+        at += pause;
+        region.handle_timeout(at);
+        assert_eq!(region.poll_command(), Some(deliver(10 + round)));
+        pause *= 2;
+    }
+}
