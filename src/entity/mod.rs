@@ -1,19 +1,18 @@
 //! Stateful entities and where they run. An application implements [`Entity`] (and
-//! [`EntityMessage`] for what it receives); the bridge reaches each entity through a
-//! reliable-delivery ConsumerController that [`runner`] drives, one task per entity. [`host`]
-//! keeps those tasks on this node, starting each on its first message; cluster sharding will
-//! take over that role.
+//! [`EntityMessage`] for what it receives); cluster sharding starts each entity on the node
+//! that owns its shard, in a task ([`sharded`]) that drives its ShardingConsumerController and
+//! retries failures ([`runner`]). What an entity must keep across restarts and moves goes to an
+//! [`store::EntityStore`].
 
-pub mod host;
 pub mod runner;
 pub mod sharded;
+pub mod store;
 
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 
-pub use host::{EntityQueries, LocalEntityHost};
-pub use runner::{EntityMetrics, EntityReply, Envelope, RunnerSettings};
+pub use runner::{EntityMetrics, RunnerSettings};
 
 /// Names one entity (for orders, the product id); shards and routes are derived from it.
 #[derive(
@@ -105,6 +104,12 @@ pub trait Entity: Send + 'static {
 
     /// The entity's current state, for queries.
     fn snapshot(&self) -> Self::Snapshot;
+
+    /// Loads what the entity stored before (on another node, or before a crash); runs before
+    /// its first message and is retried with backoff until it succeeds.
+    fn recover(&mut self) -> impl Future<Output = Result<(), EntityError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// Creates entities on their first message.

@@ -3,7 +3,8 @@
 //! [`EntityEnvelope`]s naming the node to answer; the entity processes them one at a time with
 //! the runner's retries, reports a message it gave up on before confirming it, and answers
 //! queries with a JSON snapshot. When the region closes its inbox (passivation, hand-off) it
-//! finishes the messages its controllers hold, then returns.
+//! finishes the messages its controllers hold, then returns. Before its first message it
+//! recovers its stored state.
 
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use crate::cluster::transport::Outbox;
 use crate::delivery::protocol::{ProducerId, ProducerRef, SequencedMessage};
 use crate::delivery::sharding::ShardingConsumerController;
 use crate::delivery::sharding::driver::{EntityAnswer, ToProducer};
-use crate::entity::runner::{ActiveGuard, EntityMetrics, RunnerSettings, process};
+use crate::entity::runner::{ActiveGuard, EntityMetrics, RunnerSettings, process, recover};
 use crate::entity::{Entity, EntityFactory, EntityId};
 use crate::sharding::driver::{EntitySpawner, EntityTask};
 use crate::timer::sleep_until;
@@ -94,11 +95,29 @@ where
     E::Snapshot: Serialize,
 {
     let _active = ActiveGuard::new(&metrics.active);
+    // Messages wait in the inbox (and unconfirmed at their producer) while this loads.
+    recover(&id, &mut entity, &settings).await;
     let mut consumer = ShardingConsumerController::new(settings.consumer.clone());
     // Where each producer's controller lives, and which incarnation of it spoke last.
     let mut producers = Producers::default();
     let mut open = true;
     loop {
+        // Taken before the next delivery, so a query is answered between two messages, not
+        // after everything the controllers hold.
+        while open {
+            match inbox.try_recv() {
+                Ok(envelope) => on_envelope(
+                    *envelope,
+                    &id,
+                    &entity,
+                    &mut consumer,
+                    &mut producers,
+                    &to_asker,
+                ),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
         while let Some((to, frame)) = consumer.poll_transmit() {
             if let Some((node, _)) = producers.get(&to.id) {
                 let answer = ToProducer {
@@ -133,21 +152,15 @@ where
             break;
         }
         tokio::select! {
-            envelope = inbox.recv() => match envelope.map(|e| *e) {
-                Some(EntityEnvelope::Sequenced { reply_to, message }) => {
-                    producers.insert(reply_to, message.producer.clone());
-                    consumer.handle_message(message, Instant::now());
-                }
-                Some(EntityEnvelope::Query { reply_to, request }) => {
-                    let snapshot = serde_json::to_vec(&entity.snapshot())
-                        .map_err(|e| format!("snapshot does not serialize: {e}"));
-                    match snapshot {
-                        Ok(snapshot) => {
-                            to_asker(&reply_to, QueryReply { request, snapshot });
-                        }
-                        Err(reason) => warn!(entity = %id, %reason, "query unanswered"),
-                    }
-                }
+            envelope = inbox.recv() => match envelope {
+                Some(envelope) => on_envelope(
+                    *envelope,
+                    &id,
+                    &entity,
+                    &mut consumer,
+                    &mut producers,
+                    &to_asker,
+                ),
                 // Asked to stop: finish what the controllers hold first.
                 None => open = false,
             },
@@ -155,6 +168,38 @@ where
         }
     }
     Ok(())
+}
+
+/// Hands a message to the controllers, or answers a query with the entity's snapshot.
+fn on_envelope<E>(
+    envelope: EntityEnvelope<E::Message>,
+    id: &EntityId,
+    entity: &E,
+    consumer: &mut ShardingConsumerController<E::Message>,
+    producers: &mut Producers,
+    to_asker: &Outbox<QueryReply>,
+) where
+    E: Entity,
+    E::Message: Clone,
+    E::Snapshot: Serialize,
+{
+    match envelope {
+        EntityEnvelope::Sequenced { reply_to, message } => {
+            producers.insert(reply_to, message.producer.clone());
+            consumer.handle_message(message, Instant::now());
+        }
+        EntityEnvelope::Query { reply_to, request } => {
+            match serde_json::to_vec(&entity.snapshot()) {
+                Ok(snapshot) => {
+                    tracing::debug!(entity = %id, request, "answering a query");
+                    to_asker(&reply_to, QueryReply { request, snapshot });
+                }
+                Err(error) => {
+                    warn!(entity = %id, %error, "query unanswered: snapshot does not serialize");
+                }
+            }
+        }
+    }
 }
 
 /// The producers an entity has heard from: usually one or two, so a Vec sized exactly

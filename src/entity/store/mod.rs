@@ -1,0 +1,101 @@
+//! Where entities keep what must survive a restart or a move to another node: an append-only
+//! list of records per entity, each under a key that makes appending it again a no-op. That is
+//! what deduplication needs across nodes and crashes: an order applied on a node that died is
+//! recognised by its key wherever its entity starts next.
+//!
+//! [`MemoryEntityStore`] keeps records in this process (one node, or tests);
+//! [`PostgresEntityStore`] keeps them in a shared database (what a multi-node cluster uses).
+
+mod memory;
+mod postgres;
+
+use async_trait::async_trait;
+
+pub use memory::MemoryEntityStore;
+pub use postgres::PostgresEntityStore;
+
+use crate::entity::EntityId;
+
+/// Whether [`EntityStore::append`] stored the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored now.
+    New,
+    /// The entity already had a record under this key; nothing changed.
+    Duplicate,
+}
+
+/// Why the store did not answer; the caller retries (nothing was half-written).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No connection to the database could be had.
+    #[error("entity store unreachable: {0}")]
+    Unavailable(String),
+    /// The database refused or failed the statement.
+    #[error("entity store query failed: {0}")]
+    Query(String),
+}
+
+/// Per-entity append-only records with idempotency keys.
+#[async_trait]
+pub trait EntityStore: Send + Sync + 'static {
+    /// Every record of `entity`, in the order they were appended.
+    async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError>;
+
+    /// Appends `record` under `key`, unless `entity` has a record under `key` already.
+    async fn append(
+        &self,
+        entity: &EntityId,
+        key: &str,
+        record: &[u8],
+    ) -> Result<Appended, StoreError>;
+}
+
+/// Which store to use: `memory` or a `postgres://` URL (the `--entity-store` value).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// In this process.
+    Memory,
+    /// A PostgreSQL database.
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// Parses `memory` or a `postgres://` / `postgresql://` URL.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text == "memory" {
+            Ok(StoreLocation::Memory)
+        } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            postgres::check_url(text)?;
+            Ok(StoreLocation::Postgres(text.to_owned()))
+        } else {
+            Err("must be \"memory\" or a postgres:// URL".to_owned())
+        }
+    }
+
+    /// Opens the store for entities of `kind` (records of other kinds are not seen).
+    pub fn open(&self, kind: &str) -> Result<std::sync::Arc<dyn EntityStore>, StoreError> {
+        Ok(match self {
+            StoreLocation::Memory => std::sync::Arc::new(MemoryEntityStore::default()),
+            StoreLocation::Postgres(url) => {
+                std::sync::Arc::new(PostgresEntityStore::new(url, kind)?)
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_location_is_memory_or_a_postgres_url() {
+        assert_eq!(StoreLocation::parse("memory"), Ok(StoreLocation::Memory));
+        assert!(matches!(
+            StoreLocation::parse("postgres://u:p@127.0.0.1:5432/db"),
+            Ok(StoreLocation::Postgres(_))
+        ));
+        assert!(StoreLocation::parse("redis://x").is_err());
+        assert!(StoreLocation::parse("postgres://u:p@127.0.0.1:notaport/db").is_err());
+    }
+}

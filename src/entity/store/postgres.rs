@@ -1,0 +1,153 @@
+//! Records in a PostgreSQL database shared by every node: one table,
+//! `warren_entity_records (kind, entity_id, key, seq, record)`, whose primary key
+//! `(kind, entity_id, key)` makes an append idempotent in one statement
+//! (`INSERT … ON CONFLICT DO NOTHING`), and whose `seq` keeps the append order. The table is
+//! created on first use, under an advisory lock so that nodes starting together do not race.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::OnceCell;
+use tokio_postgres::NoTls;
+
+use crate::entity::EntityId;
+use crate::entity::store::{Appended, EntityStore, StoreError};
+
+/// Connections per node; entities wait for one when all are busy.
+const POOL_SIZE: usize = 8;
+
+/// Longest wait for a connection, new or pooled.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Any constant shared by every node: the key of the schema lock.
+const SCHEMA_LOCK: i64 = 0x7761_7272_656e;
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS warren_entity_records (
+        kind text NOT NULL,
+        entity_id text NOT NULL,
+        key text NOT NULL,
+        seq bigserial NOT NULL,
+        record bytea NOT NULL,
+        stored_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (kind, entity_id, key)
+    );
+    CREATE INDEX IF NOT EXISTS warren_entity_records_by_seq
+        ON warren_entity_records (kind, entity_id, seq);";
+
+/// An [`EntityStore`] in PostgreSQL.
+pub struct PostgresEntityStore {
+    pool: Pool,
+    kind: String,
+    schema: OnceCell<()>,
+}
+
+/// Checks that `url` is a usable connection string, without connecting.
+pub(super) fn check_url(url: &str) -> Result<(), String> {
+    url.parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| format!("not a usable PostgreSQL URL: {e}"))
+}
+
+impl PostgresEntityStore {
+    /// A store for entities of `kind` in the database at `url`; connects on first use.
+    pub fn new(url: &str, kind: &str) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Unavailable(e.to_string()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("warren");
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(PostgresEntityStore {
+            pool,
+            kind: kind.to_owned(),
+            schema: OnceCell::new(),
+        })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        self.schema
+            .get_or_try_init(|| async {
+                let lock = format!("SELECT pg_advisory_xact_lock({SCHEMA_LOCK});");
+                client
+                    .batch_execute(&format!("BEGIN; {lock} {SCHEMA} COMMIT;"))
+                    .await
+                    .map_err(query_error)
+            })
+            .await?;
+        Ok(client)
+    }
+}
+
+fn query_error(error: tokio_postgres::Error) -> StoreError {
+    StoreError::Query(error.to_string())
+}
+
+#[async_trait]
+impl EntityStore for PostgresEntityStore {
+    async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT record FROM warren_entity_records \
+                 WHERE kind = $1 AND entity_id = $2 ORDER BY seq",
+            )
+            .await
+            .map_err(query_error)?;
+        let rows = client
+            .query(&statement, &[&self.kind, &entity.as_str()])
+            .await
+            .map_err(query_error)?;
+        rows.iter()
+            .map(|row| row.try_get::<_, Vec<u8>>(0).map_err(query_error))
+            .collect()
+    }
+
+    async fn append(
+        &self,
+        entity: &EntityId,
+        key: &str,
+        record: &[u8],
+    ) -> Result<Appended, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO warren_entity_records (kind, entity_id, key, record) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            )
+            .await
+            .map_err(query_error)?;
+        let inserted = client
+            .execute(&statement, &[&self.kind, &entity.as_str(), &key, &record])
+            .await
+            .map_err(query_error)?;
+        Ok(if inserted == 1 {
+            Appended::New
+        } else {
+            Appended::Duplicate
+        })
+    }
+}
