@@ -1,6 +1,8 @@
-//! `warren-consumer`: consumes the order queue and applies each order to its ProductActor
-//! through reliable delivery, acking RabbitMQ only after the product confirmed. Wiring only:
-//! the work happens in the `warren` library and in [`product`].
+//! `warren-consumer`: one node of a Warren cluster. The oldest Up node with the bridge role
+//! consumes the order queue (a singleton) and sends each order through sharded reliable
+//! delivery to its ProductActor, on whichever node hosts that product's shard, acking RabbitMQ
+//! only after the product confirmed. Alone (no seeds) it is a cluster of one. Wiring only: the
+//! work happens in the `warren` library and in [`product`].
 
 mod http;
 mod product;
@@ -8,6 +10,7 @@ mod settings;
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -16,12 +19,22 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use warren::amqp::{AmqpSource, SourceSettings};
 use warren::bridge::Bridge;
-use warren::entity::{LocalEntityHost, RunnerSettings};
+use warren::cluster::singleton::driver::SingletonSpec;
+use warren::delivery::sharding::driver::ShardingProducerHandle;
+use warren::entity::RunnerSettings;
 use warren::metrics::{self, Metrics};
+use warren::node::{BRIDGE_ROLE, ClusterNode};
+use warren::order::CreateOrder;
 use warren::shutdown::watch_signals;
 
 use crate::product::{ProductFactory, ProductMetrics};
 use crate::settings::{Cli, ConsumerConfig};
+
+/// The singleton name of the AMQP bridge.
+pub const BRIDGE_SINGLETON: &str = "amqp-bridge";
+
+/// How much longer than the bridge's own drain a leave may take (hand-offs, gossip).
+const LEAVE_MARGIN: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -58,10 +71,14 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: ConsumerConfig) -> anyhow::Result<()> {
+async fn run(mut config: ConsumerConfig) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("registering metrics")?;
     let product_metrics =
         ProductMetrics::register(metrics.registry()).context("registering metrics")?;
+    let store = config
+        .store_location()?
+        .open("product")
+        .context("opening the entity store")?;
 
     let listener = TcpListener::bind(config.http.addr)
         .await
@@ -76,55 +93,93 @@ async fn run(config: ConsumerConfig) -> anyhow::Result<()> {
         retry_backoff_min: config.bridge.retry_backoff_min,
         retry_backoff_max: config.bridge.retry_backoff_max,
     };
-    let factory = ProductFactory {
+    let factory = Arc::new(ProductFactory {
         settings: Arc::new(config.product.clone()),
         metrics: product_metrics,
-    };
-    let (host, replies) = LocalEntityHost::new(factory, runner, metrics.entities.clone());
-    let products = host.queries();
-
-    let source = AmqpSource::spawn(
-        SourceSettings {
-            amqp: config.amqp.clone(),
-            prefetch: config.bridge.effective_prefetch(),
-            connection_name: config.amqp.connection_name_or("warren-consumer"),
-        },
-        metrics.bridge.source.clone(),
-    );
-    let bridge = Bridge::new(
-        config.bridge.clone(),
-        config.delivery.clone(),
-        source,
-        host,
-        replies,
-        metrics.bridge.clone(),
-    );
+        store,
+    });
+    // A leaving node first lets its bridge finish in-flight work.
+    config.cluster.leave_timeout = config
+        .cluster
+        .leave_timeout
+        .max(config.bridge.shutdown_timeout + LEAVE_MARGIN);
+    let node = ClusterNode::start_with_singletons(
+        &config.cluster,
+        &config.delivery,
+        runner,
+        factory,
+        &metrics,
+        |producer| vec![bridge_singleton(&config, producer, &metrics)],
+    )
+    .await
+    .context("starting the cluster node")?;
+    let node = Arc::new(node);
 
     let http_stop = CancellationToken::new();
     let routes = http::router(
         metrics::router(metrics.registry().clone()),
-        products,
+        Arc::clone(&node),
         metrics.bridge.source.connected.clone(),
     );
     let server = tokio::spawn(metrics::serve(listener, routes, http_stop.clone()));
-    info!(%addr, queue = %config.amqp.queue, "serving /metrics, /health and /products/{{id}}");
+    info!(%addr, queue = %config.amqp.queue, "serving /metrics, /health, /cluster and /products/{{id}}");
 
-    let (shutdown, immediate) = (CancellationToken::new(), CancellationToken::new());
-    tokio::spawn(watch_signals(shutdown.clone(), immediate.clone()));
+    let (graceful, immediate) = (CancellationToken::new(), CancellationToken::new());
+    tokio::spawn(watch_signals(graceful.clone(), immediate.clone()));
     tokio::spawn(async move {
         immediate.cancelled().await;
         warn!("second signal: exiting without draining");
         std::process::exit(130);
     });
-    let result = bridge.run(shutdown).await;
+    graceful.cancelled().await;
 
+    // The node's last users go first, so it can leave.
     http_stop.cancel();
     match server.await {
         Ok(Err(error)) => warn!(%error, "http server failed"),
         Err(error) => warn!(%error, "http server task failed"),
         Ok(Ok(())) => {}
     }
-    result.context("bridge stopped")?;
-    info!("stopped");
+    let node = Arc::try_unwrap(node)
+        .map_err(|_| anyhow::anyhow!("the node is still in use; exiting without handing over"))?;
+    let report = node.leave().await;
+    info!(
+        shards = report.shards,
+        handed_over = report.handed_over,
+        took = ?report.took,
+        "stopped"
+    );
     Ok(())
+}
+
+/// The AMQP consumer as a cluster singleton: it runs on the oldest Up node with the bridge
+/// role, consumes the queue and sends each order through that node's sharding producer. Told
+/// to stop (handover, leave), it finishes and acks its in-flight work, then closes its channel.
+fn bridge_singleton(
+    config: &ConsumerConfig,
+    producer: ShardingProducerHandle<CreateOrder>,
+    metrics: &Metrics,
+) -> SingletonSpec {
+    let source = SourceSettings {
+        amqp: config.amqp.clone(),
+        prefetch: config.bridge.effective_prefetch(),
+        connection_name: config.amqp.connection_name_or("warren-consumer"),
+    };
+    let settings = config.bridge.clone();
+    let metrics = metrics.bridge.clone();
+    SingletonSpec {
+        name: BRIDGE_SINGLETON.to_owned(),
+        role: BRIDGE_ROLE.to_owned(),
+        factory: Arc::new(move |stop| {
+            let source = AmqpSource::spawn(source.clone(), metrics.source.clone());
+            let bridge = Bridge::new(settings.clone(), source, producer.clone(), metrics.clone());
+            Box::pin(async move {
+                info!("this node consumes the queue now");
+                match bridge.run(stop).await {
+                    Ok(()) => info!("this node stopped consuming the queue"),
+                    Err(error) => error!(%error, "the bridge stopped"),
+                }
+            })
+        }),
+    }
 }

@@ -1,7 +1,10 @@
 //! The ProductActor of the original sample: per product, the orders applied (in application
 //! order) and the total quantity. A redelivered order is recognised by its id and ignored, so
-//! at-least-once delivery has an exactly-once effect. Simulated transient failures and a
-//! processing delay make retries and backpressure visible.
+//! at-least-once delivery has an exactly-once effect. Each applied order is stored (an entity
+//! store record keyed by the order id) before it is confirmed, and a product loads its records
+//! when it starts, so its state and its deduplication survive a move to another node or a
+//! crash. Simulated transient failures and a processing delay make retries and backpressure
+//! visible.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -10,9 +13,10 @@ use std::time::Duration;
 use prometheus::{IntCounter, Registry};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use uuid::Uuid;
+use warren::entity::store::{Appended, EntityStore};
 use warren::entity::{Entity, EntityError, EntityFactory, EntityId};
 use warren::metrics::counter;
 use warren::order::CreateOrder;
@@ -57,8 +61,16 @@ pub struct ProductSnapshot {
     pub orders: Vec<Uuid>,
 }
 
+/// What a product stores per applied order.
+#[derive(Debug, Serialize, Deserialize)]
+struct AppliedOrder {
+    order_id: Uuid,
+    quantity: u32,
+}
+
 /// One product's state.
 pub struct ProductActor {
+    store: Arc<dyn EntityStore>,
     id: EntityId,
     orders: Vec<Uuid>,
     applied: HashSet<Uuid>,
@@ -99,9 +111,30 @@ impl Entity for ProductActor {
                 self.id
             );
         }
-        self.applied.insert(order.order_id);
-        self.orders.push(order.order_id);
-        self.total_quantity += u64::from(order.quantity);
+        let record = AppliedOrder {
+            order_id: order.order_id,
+            quantity: order.quantity,
+        };
+        let record = serde_json::to_vec(&record)
+            .map_err(|e| EntityError(format!("order does not serialize: {e}")))?;
+        let key = order.order_id.to_string();
+        let appended = self
+            .store
+            .append(&self.id, &key, &record)
+            .await
+            .map_err(|e| EntityError(e.to_string()))?;
+        if appended == Appended::Duplicate {
+            // Stored by another incarnation of this product since it loaded (a node that died
+            // after storing, before confirming): take the store's word for everything.
+            self.recover().await?;
+            self.metrics.duplicates.inc();
+            info!(
+                "Ignoring order {order} for product [{}]: already stored",
+                self.id
+            );
+            return Ok(());
+        }
+        self.apply(order.order_id, order.quantity);
         self.metrics.applied.inc();
         info!(
             "Added order {order} for product [{}] - {} total quantity ordered",
@@ -117,6 +150,32 @@ impl Entity for ProductActor {
             orders: self.orders.clone(),
         }
     }
+
+    async fn recover(&mut self) -> Result<(), EntityError> {
+        let records = self
+            .store
+            .load(&self.id)
+            .await
+            .map_err(|e| EntityError(e.to_string()))?;
+        self.orders.clear();
+        self.applied.clear();
+        self.total_quantity = 0;
+        for record in records {
+            let order: AppliedOrder = serde_json::from_slice(&record)
+                .map_err(|e| EntityError(format!("unreadable stored order: {e}")))?;
+            self.apply(order.order_id, order.quantity);
+        }
+        Ok(())
+    }
+}
+
+impl ProductActor {
+    fn apply(&mut self, order_id: Uuid, quantity: u32) {
+        if self.applied.insert(order_id) {
+            self.orders.push(order_id);
+            self.total_quantity += u64::from(quantity);
+        }
+    }
 }
 
 /// Creates a ProductActor for each product on its first order.
@@ -125,6 +184,8 @@ pub struct ProductFactory {
     pub settings: Arc<ProductSettings>,
     /// Domain counters.
     pub metrics: ProductMetrics,
+    /// Where products keep their applied orders.
+    pub store: Arc<dyn EntityStore>,
 }
 
 impl EntityFactory for ProductFactory {
@@ -132,6 +193,7 @@ impl EntityFactory for ProductFactory {
 
     fn create(&self, id: &EntityId) -> ProductActor {
         ProductActor {
+            store: Arc::clone(&self.store),
             id: id.clone(),
             orders: Vec::new(),
             applied: HashSet::new(),
@@ -146,6 +208,8 @@ impl EntityFactory for ProductFactory {
 
 #[cfg(test)]
 mod tests {
+    use warren::entity::store::MemoryEntityStore;
+
     use super::*;
 
     fn factory(failure_rate: f64) -> ProductFactory {
@@ -155,6 +219,7 @@ mod tests {
                 processing_delay_ms: 0,
             }),
             metrics: ProductMetrics::register(&Registry::new()).unwrap(),
+            store: Arc::new(MemoryEntityStore::default()),
         }
     }
 
@@ -181,6 +246,41 @@ mod tests {
         assert_eq!(snapshot.orders, vec![first.order_id, second.order_id]);
         assert_eq!(factory.metrics.duplicates.get(), 1);
         assert_eq!(factory.metrics.applied.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_product_started_again_loads_its_orders_and_still_ignores_them() {
+        let factory = factory(0.0);
+        let first = order("7", 3);
+        let second = order("7", 4);
+        let mut product = factory.create(&EntityId::new("7"));
+        product.handle(&first).await.unwrap();
+        product.handle(&second).await.unwrap();
+        // Elsewhere, later: the same product from the same store.
+        let mut again = factory.create(&EntityId::new("7"));
+        again.recover().await.unwrap();
+        assert_eq!(again.snapshot().total_quantity, 7);
+        assert_eq!(
+            again.snapshot().orders,
+            vec![first.order_id, second.order_id]
+        );
+        again.handle(&first).await.unwrap();
+        assert_eq!(again.snapshot().total_quantity, 7);
+        assert_eq!(factory.metrics.duplicates.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_order_stored_by_another_incarnation_is_not_applied_twice() {
+        let factory = factory(0.0);
+        let mut stale = factory.create(&EntityId::new("7"));
+        stale.recover().await.unwrap();
+        let order = order("7", 5);
+        // Another incarnation (a node that died before confirming) stored it meanwhile.
+        let mut other = factory.create(&EntityId::new("7"));
+        other.handle(&order).await.unwrap();
+        stale.handle(&order).await.unwrap();
+        assert_eq!(stale.snapshot().total_quantity, 5);
+        assert_eq!(stale.snapshot().orders, vec![order.order_id]);
     }
 
     #[tokio::test]

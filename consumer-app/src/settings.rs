@@ -10,9 +10,11 @@ use warren::bridge::BridgeSettings;
 use warren::config::cli::CommonArgs;
 use warren::config::{ConfigError, check};
 use warren::delivery::DeliverySettings;
+use warren::entity::store::StoreLocation;
+use warren::node::ClusterSettings;
 
 /// Everything the consumer can be configured with.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsumerConfig {
     /// `[amqp]`: broker and queue.
@@ -21,6 +23,11 @@ pub struct ConsumerConfig {
     pub bridge: BridgeSettings,
     /// `[delivery]`: the reliable-delivery protocol.
     pub delivery: DeliverySettings,
+    /// `[cluster]`: this node, whom it joins, and how the cluster behaves.
+    pub cluster: ClusterSettings,
+    /// Where products keep their state: `memory` (this node only) or a `postgres://` URL
+    /// (shared, so state survives a node's loss; what a multi-node cluster needs).
+    pub entity_store: String,
     /// `[product]`: the ProductActor's simulation knobs.
     pub product: ProductSettings,
     /// `[http]`: where `/metrics`, `/health` and `/products/{id}` are served.
@@ -29,6 +36,22 @@ pub struct ConsumerConfig {
     pub log: LogSettings,
     /// `[runtime]`: threads.
     pub runtime: RuntimeSettings,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            amqp: AmqpSettings::default(),
+            bridge: BridgeSettings::default(),
+            delivery: DeliverySettings::default(),
+            cluster: ClusterSettings::default(),
+            entity_store: "memory".to_owned(),
+            product: ProductSettings::default(),
+            http: HttpSettings::default(),
+            log: LogSettings::default(),
+            runtime: RuntimeSettings::default(),
+        }
+    }
 }
 
 /// The async runtime.
@@ -85,6 +108,15 @@ impl ConsumerConfig {
         self.amqp.validate("amqp")?;
         self.bridge.validate("bridge")?;
         self.delivery.validate("delivery")?;
+        self.cluster.validate("cluster")?;
+        self.store_location()?;
+        check(
+            usize::from(self.bridge.max_in_flight)
+                <= self.delivery.sharding.producer_controller.buffer_size,
+            "bridge",
+            "max_in_flight",
+            "must not exceed delivery.sharding.producer_controller.buffer_size",
+        )?;
         check(
             self.runtime.worker_threads >= 1,
             "runtime",
@@ -97,6 +129,16 @@ impl ConsumerConfig {
             "failure_rate",
             "must be between 0 and 1",
         )
+    }
+}
+
+impl ConsumerConfig {
+    /// The entity store, parsed.
+    pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
+        StoreLocation::parse(&self.entity_store).map_err(|reason| ConfigError::OutOfRange {
+            key: "entity_store".to_owned(),
+            reason,
+        })
     }
 }
 
@@ -145,6 +187,41 @@ pub struct Cli {
     /// Async runtime worker threads; 1 (the default) runs everything on one thread.
     #[arg(long, env = "WARREN_RUNTIME__WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// This node's name, unique in the cluster (default node-1).
+    #[arg(long, env = "WARREN_CLUSTER__NODE_ID", value_name = "NAME")]
+    pub node_id: Option<String>,
+    /// Cluster address, TCP and UDP on one port (default 127.0.0.1:0: a node nobody joins).
+    #[arg(long, env = "WARREN_CLUSTER__LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Cluster addresses to join through, comma-separated; none forms a new cluster.
+    #[arg(
+        long,
+        env = "WARREN_CLUSTER__SEEDS",
+        value_name = "ADDRS",
+        value_delimiter = ','
+    )]
+    pub seeds: Option<Vec<String>>,
+    /// Roles, comma-separated: shard-host hosts products, bridge may consume the queue
+    /// (default both).
+    #[arg(
+        long,
+        env = "WARREN_CLUSTER__ROLES",
+        value_name = "ROLES",
+        value_delimiter = ','
+    )]
+    pub roles: Option<Vec<String>>,
+    /// Shared secret of the cluster, 16 bytes or more (needed to join one).
+    #[arg(
+        long,
+        env = "WARREN_CLUSTER__SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub cluster_secret: Option<String>,
+    /// Where products keep their state: memory, or a postgres:// URL shared by all nodes
+    /// (default memory).
+    #[arg(long, env = "WARREN_ENTITY_STORE", value_name = "STORE")]
+    pub entity_store: Option<String>,
 }
 
 impl Cli {
@@ -167,6 +244,12 @@ impl Cli {
             .flag("product.failure_rate", self.failure_rate)
             .flag("product.processing_delay_ms", self.processing_delay_ms)
             .flag("runtime.worker_threads", self.worker_threads)
+            .flag("cluster.node_id", self.node_id.clone())
+            .flag("cluster.listen", self.listen.clone())
+            .flag("cluster.seeds", self.seeds.clone())
+            .flag("cluster.roles", self.roles.clone())
+            .flag("cluster.secret", self.cluster_secret.clone())
+            .flag("entity_store", self.entity_store.clone())
             .extract()?;
         config.validate()?;
         Ok(config)
@@ -180,6 +263,35 @@ mod tests {
     #[test]
     fn defaults_validate() {
         ConsumerConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn cluster_flags_land_on_their_keys() {
+        let cli = Cli::parse_from([
+            "warren-consumer",
+            "--node-id",
+            "n2",
+            "--listen",
+            "127.0.0.1:7352",
+            "--seeds",
+            "127.0.0.1:7351,127.0.0.1:7353",
+            "--roles",
+            "shard-host",
+            "--cluster-secret",
+            "0123456789abcdef0123",
+            "--entity-store",
+            "postgres://warren:warren@127.0.0.1:5432/warren",
+        ]);
+        let config = cli.load().unwrap();
+        assert_eq!(config.cluster.node_id, "n2");
+        assert_eq!(config.cluster.listen.port(), 7352);
+        assert_eq!(config.cluster.seeds.len(), 2);
+        assert_eq!(config.cluster.roles, vec!["shard-host".to_owned()]);
+        assert!(config.cluster.secret.is_some());
+        assert!(matches!(
+            config.store_location().unwrap(),
+            StoreLocation::Postgres(_)
+        ));
     }
 
     #[test]
@@ -214,5 +326,11 @@ mod tests {
         let cli = Cli::parse_from(["warren-consumer", "--processing-deadline", "soon"]);
         let err = cli.load().unwrap_err().to_string();
         assert!(err.contains("processing_deadline"), "{err}");
+        let cli = Cli::parse_from(["warren-consumer", "--entity-store", "redis://x"]);
+        let err = cli.load().unwrap_err().to_string();
+        assert!(err.contains("entity_store"), "{err}");
+        let cli = Cli::parse_from(["warren-consumer", "--seeds", "127.0.0.1:7351"]);
+        let err = cli.load().unwrap_err().to_string();
+        assert!(err.contains("cluster.listen"), "{err}");
     }
 }

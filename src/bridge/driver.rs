@@ -1,35 +1,28 @@
 //! The bridge task: takes deliveries from the AMQP source while fewer than `max_in_flight` are
-//! unsettled, decodes them, hands them to their entity through reliable delivery, and settles
-//! each with the broker once its entity confirmed: ack (batched over the contiguous settled
-//! prefix), dead-letter with a reason then ack, or nack back to the queue at the processing
-//! deadline. It owns the dispatcher, the in-flight table and the entity host; nothing else
-//! touches them.
+//! unsettled, decodes them, submits each to its entity through the node's
+//! ShardingProducerController (reliable delivery to wherever the entity's shard lives), and
+//! settles each with the broker once its entity confirmed: ack (batched over the contiguous
+//! settled prefix), dead-letter with a reason then ack, or nack back to the queue at the
+//! processing deadline. It owns the in-flight table; the controller and the entities belong to
+//! the cluster node and outlive the bridge (a singleton that may move to another node).
 
-use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
-use futures::{Future, StreamExt};
+use futures::{Future, FutureExt, StreamExt};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use rand::Rng;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::amqp::{AmqpError, AmqpSource, Session, SourceEvent};
 use crate::bridge::acks::AckWriter;
-use crate::bridge::dispatch::Dispatcher;
 use crate::bridge::inflight::{DeliveryKey, Entry, InFlight, Settlement};
 use crate::bridge::settings::BridgeSettings;
-use crate::delivery::{DeliverySettings, ProducerId};
-use crate::entity::{
-    Entity, EntityFactory, EntityId, EntityMessage, EntityReply, Envelope, InvalidMessage,
-    LocalEntityHost,
-};
+use crate::delivery::sharding::driver::{AskError, AskOutcome, ShardingProducerHandle};
+use crate::entity::{EntityMessage, InvalidMessage};
 use crate::metrics::BridgeMetrics;
 use crate::timer::sleep_until;
 
@@ -40,15 +33,17 @@ const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// under load while still batching.
 const BATCH: usize = 256;
 
-type MessageOf<F> = <<F as EntityFactory>::Entity as Entity>::Message;
 type DeadLetterFuture = Pin<Box<dyn Future<Output = (DeliveryKey, Result<(), AmqpError>)> + Send>>;
+type OutcomeFuture =
+    Pin<Box<dyn Future<Output = (DeliveryKey, Result<AskOutcome, AskError>)> + Send>>;
 
 /// What the bridge keeps of a delivery until it is settled.
 struct Held {
     acker: lapin::Acker,
     body: Vec<u8>,
     properties: BasicProperties,
-    entity: Option<EntityId>,
+    /// Submitted to an entity (false: dead-lettered before reaching one).
+    submitted: bool,
 }
 
 /// Why the bridge stopped other than by shutdown.
@@ -57,19 +52,20 @@ pub enum BridgeError {
     /// The AMQP source task ended on its own; nothing more can be consumed.
     #[error("the AMQP source stopped unexpectedly")]
     SourceStopped,
+    /// The node's sharding producer controller stopped; nothing can reach an entity.
+    #[error("the sharding producer controller stopped")]
+    ProducerStopped,
 }
 
 /// The stream stage between RabbitMQ and the entities.
-pub struct Bridge<F: EntityFactory> {
+pub struct Bridge<M> {
     settings: BridgeSettings,
     source: AmqpSource,
-    host: LocalEntityHost<F>,
-    replies: mpsc::Receiver<EntityReply>,
-    dispatcher: Dispatcher<MessageOf<F>>,
+    producer: ShardingProducerHandle<M>,
+    /// One per submitted delivery: its entity's confirmation or rejection.
+    outcomes: FuturesUnordered<OutcomeFuture>,
     in_flight: InFlight<Held>,
     session: Option<Session>,
-    /// Entities' verdicts that a delivery must be dead-lettered once confirmed.
-    rejections: HashMap<DeliveryKey, String>,
     dead_letters: FuturesUnordered<DeadLetterFuture>,
     acks: AckWriter,
     metrics: BridgeMetrics,
@@ -77,31 +73,21 @@ pub struct Bridge<F: EntityFactory> {
     expired: Vec<DeliveryKey>,
 }
 
-impl<F: EntityFactory> Bridge<F> {
-    /// A bridge over a running source and an entity host with its reply channel.
+impl<M: EntityMessage + Send + 'static> Bridge<M> {
+    /// A bridge from a running source to the entities `producer` reaches.
     pub fn new(
         settings: BridgeSettings,
-        delivery: DeliverySettings,
         source: AmqpSource,
-        host: LocalEntityHost<F>,
-        replies: mpsc::Receiver<EntityReply>,
+        producer: ShardingProducerHandle<M>,
         metrics: BridgeMetrics,
     ) -> Self {
-        let first_incarnation = rand::rng().random();
         Bridge {
             in_flight: InFlight::new(settings.processing_deadline),
             settings,
             source,
-            host,
-            replies,
-            dispatcher: Dispatcher::new(
-                ProducerId::new("bridge"),
-                first_incarnation,
-                delivery.producer_controller,
-                delivery.sharding.producer_controller,
-            ),
+            producer,
+            outcomes: FuturesUnordered::new(),
             session: None,
-            rejections: HashMap::new(),
             dead_letters: FuturesUnordered::new(),
             acks: AckWriter::spawn(metrics.clone()),
             metrics,
@@ -111,31 +97,37 @@ impl<F: EntityFactory> Bridge<F> {
     }
 
     /// Runs until `shutdown`, then stops taking deliveries, lets in-flight work finish and be
-    /// acked (up to `shutdown_timeout`), closes the channel and stops the entities.
+    /// acked (up to `shutdown_timeout`) and closes the channel. The entities are the node's:
+    /// they stay.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), BridgeError> {
         let mut drain_until: Option<Instant> = None;
         let result = loop {
             let can_take = drain_until.is_none()
                 && self.in_flight.len() < usize::from(self.settings.max_in_flight);
-            let wake_at = [
-                self.dispatcher.poll_timeout(),
-                self.in_flight.next_deadline(),
-                drain_until,
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let wake_at = [self.in_flight.next_deadline(), drain_until]
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if drain_until.is_none() => {
-                    info!(in_flight = self.in_flight.len(), "shutting down: finishing in-flight work");
+                    info!(in_flight = self.in_flight.len(), "stopping: finishing in-flight work");
                     drain_until = Some(Instant::now() + self.settings.shutdown_timeout);
                 }
-                Some(reply) = self.replies.recv() => {
-                    self.on_reply(reply);
+                Some((key, outcome)) = self.outcomes.next(), if !self.outcomes.is_empty() => {
+                    if let Err(error) = self.on_outcome(key, outcome) {
+                        break Err(error);
+                    }
+                    let mut stopped = None;
                     for _ in 1..BATCH {
-                        let Ok(reply) = self.replies.try_recv() else { break };
-                        self.on_reply(reply);
+                        let Some(Some((key, outcome))) = self.outcomes.next().now_or_never() else { break };
+                        if let Err(error) = self.on_outcome(key, outcome) {
+                            stopped = Some(error);
+                            break;
+                        }
+                    }
+                    if let Some(error) = stopped {
+                        break Err(error);
                     }
                 }
                 Some((key, result)) = self.dead_letters.next(), if !self.dead_letters.is_empty() => {
@@ -143,18 +135,24 @@ impl<F: EntityFactory> Bridge<F> {
                 }
                 event = self.source.next(), if can_take => {
                     let Some(event) = event else { break Err(BridgeError::SourceStopped) };
-                    self.on_source_event(event);
+                    if let Err(error) = self.on_source_event(event).await {
+                        break Err(error);
+                    }
+                    let mut stopped = None;
                     while self.in_flight.len() < usize::from(self.settings.max_in_flight) {
                         let Some(event) = self.source.try_next() else { break };
-                        self.on_source_event(event);
+                        if let Err(error) = self.on_source_event(event).await {
+                            stopped = Some(error);
+                            break;
+                        }
+                    }
+                    if let Some(error) = stopped {
+                        break Err(error);
                     }
                 }
                 _ = sleep_until(wake_at) => {}
             }
             let now = Instant::now();
-            self.dispatcher.handle_timeout(now);
-            // Confirmations first: a delivery confirmed in this pass is acked, not expired.
-            self.pump_dispatcher();
             self.expire(now);
             self.flush_acks(now);
             self.metrics.in_flight.set(self.in_flight.len() as i64);
@@ -175,14 +173,11 @@ impl<F: EntityFactory> Bridge<F> {
         // Every decided ack reaches the broker before the channel closes.
         self.acks.close().await;
         self.source.close().await;
-        // Nobody reads entity replies any more; dropping the receiver lets entities blocked on
-        // a full reply channel finish instead of hanging the shutdown.
-        drop(self.replies);
-        self.host.shutdown().await;
+        self.metrics.in_flight.set(0);
         result
     }
 
-    fn on_source_event(&mut self, event: SourceEvent) {
+    async fn on_source_event(&mut self, event: SourceEvent) -> Result<(), BridgeError> {
         match event {
             SourceEvent::Connected(session) => {
                 self.lose_channel();
@@ -194,14 +189,15 @@ impl<F: EntityFactory> Bridge<F> {
                     self.session = None;
                 }
             }
-            SourceEvent::Delivery(delivery) => self.on_delivery(*delivery),
+            SourceEvent::Delivery(delivery) => self.on_delivery(*delivery).await?,
         }
+        Ok(())
     }
 
-    fn on_delivery(&mut self, delivery: Delivery) {
+    async fn on_delivery(&mut self, delivery: Delivery) -> Result<(), BridgeError> {
         if self.session.is_none() || delivery.acker.poisoned() {
             // Its channel is gone: the broker has it back already.
-            return;
+            return Ok(());
         }
         if delivery.redelivered {
             self.metrics.redelivered.inc();
@@ -222,15 +218,20 @@ impl<F: EntityFactory> Bridge<F> {
                         acker,
                         body: data,
                         properties,
-                        entity: Some(entity.clone()),
+                        submitted: true,
                     },
                     now,
                 );
-                let envelope = Arc::new(Envelope {
-                    correlation: key.0,
-                    message,
-                });
-                self.dispatcher.offer(entity, envelope, now);
+                // Waits only when the controller's buffer is full, which `max_in_flight` (at
+                // most its buffer) prevents but for requeued messages still held there; the
+                // controller drains on its own, so this cannot deadlock.
+                let outcome = self
+                    .producer
+                    .submit(entity, message)
+                    .await
+                    .map_err(|_| BridgeError::ProducerStopped)?;
+                self.outcomes
+                    .push(Box::pin(outcome.map(move |outcome| (key, outcome))));
             }
             Err(invalid) => {
                 self.metrics
@@ -243,61 +244,47 @@ impl<F: EntityFactory> Bridge<F> {
                         acker,
                         body: data,
                         properties,
-                        entity: None,
+                        submitted: false,
                     },
                     now,
                 );
                 self.dead_letter(key, invalid.to_string());
             }
         }
+        Ok(())
     }
 
-    fn decode(&self, body: &[u8]) -> Result<MessageOf<F>, InvalidMessage> {
+    fn decode(&self, body: &[u8]) -> Result<M, InvalidMessage> {
         if body.len() > self.settings.max_message_bytes {
             return Err(InvalidMessage::Oversize {
                 size: body.len(),
                 limit: self.settings.max_message_bytes,
             });
         }
-        MessageOf::<F>::decode(body)
+        M::decode(body)
     }
 
-    fn on_reply(&mut self, reply: EntityReply) {
-        match reply {
-            EntityReply::Frame { entity, to, frame } => {
-                self.dispatcher
-                    .handle_frame(&entity, &to, frame, Instant::now());
+    /// Settles a delivery its entity confirmed (ack) or gave up on (dead-letter).
+    fn on_outcome(
+        &mut self,
+        key: DeliveryKey,
+        outcome: Result<AskOutcome, AskError>,
+    ) -> Result<(), BridgeError> {
+        match outcome {
+            Ok(AskOutcome::Confirmed) => {
+                self.in_flight.settle(key, Settlement::Acked);
             }
-            EntityReply::Rejected {
-                correlation,
-                reason,
-                ..
-            } => {
-                // Comes before the confirmation, on the same ordered channel.
-                let key = DeliveryKey(correlation);
+            Ok(AskOutcome::Rejected(reason)) => {
                 if self.in_flight.pending(key).is_some() {
-                    self.rejections.insert(key, reason);
-                }
-            }
-        }
-    }
-
-    /// Hands the dispatcher's messages to the entities and settles what they confirmed.
-    fn pump_dispatcher(&mut self) {
-        while let Some((entity, message)) = self.dispatcher.poll_transmit() {
-            self.host.deliver(&entity, message);
-        }
-        while let Some(correlation) = self.dispatcher.poll_confirmed() {
-            let key = DeliveryKey(correlation);
-            match self.rejections.remove(&key) {
-                Some(reason) if self.in_flight.pending(key).is_some() => {
                     self.dead_letter(key, reason);
-                }
-                _ => {
-                    self.in_flight.settle(key, Settlement::Acked);
+                } else {
+                    // An orphan (its copy is back in the queue) or already requeued.
+                    self.in_flight.settle(key, Settlement::Requeued);
                 }
             }
+            Err(AskError::Stopped) => return Err(BridgeError::ProducerStopped),
         }
+        Ok(())
     }
 
     /// Publishes a copy to the dead-letter exchange; the delivery is acked once it is confirmed.
@@ -334,16 +321,13 @@ impl<F: EntityFactory> Bridge<F> {
         }
     }
 
-    /// Nacks a pending delivery back to the queue and forgets it.
+    /// Nacks a pending delivery back to the queue and forgets it. Its message stays with the
+    /// controller until its entity confirms it; the outcome is then ignored.
     fn requeue(&mut self, key: DeliveryKey) {
         let Some(held) = self.in_flight.pending(key) else {
             return;
         };
         self.acks.nack(held.acker.clone());
-        if let Some(entity) = &held.entity {
-            self.dispatcher.cancel(entity, key.0);
-        }
-        self.rejections.remove(&key);
         self.in_flight.settle(key, Settlement::Requeued);
     }
 
@@ -389,13 +373,9 @@ impl<F: EntityFactory> Bridge<F> {
 
     /// The channel's deliveries can no longer be acked; the broker requeued them.
     fn lose_channel(&mut self) {
-        let dispatcher = &mut self.dispatcher;
-        // A message still waiting for its entity is cancelled: its redelivered copy takes its
-        // place. One already with its entity stays counted until the entity confirms it.
-        let lost = self.in_flight.orphan_all(|key, held| match &held.entity {
-            Some(entity) => !dispatcher.cancel(entity, key.0),
-            None => false,
-        });
+        // A message already submitted stays counted until its entity confirms it (its memory
+        // is still in use); its redelivered copy is processed afresh and deduplicated.
+        let lost = self.in_flight.orphan_all(|_, held| held.submitted);
         if lost > 0 {
             self.metrics.deliveries.requeued.inc_by(lost as u64);
             warn!(
@@ -403,7 +383,5 @@ impl<F: EntityFactory> Bridge<F> {
                 "channel lost; its unacked deliveries return to the queue"
             );
         }
-        // Their verdicts no longer matter: redelivered copies are processed afresh.
-        self.rejections.clear();
     }
 }

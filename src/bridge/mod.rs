@@ -1,10 +1,10 @@
-//! The stream stage between RabbitMQ and the entities: delivery → decode → entity id → reliable
-//! delivery to that entity → ack once it confirmed. Malformed input is dead-lettered at once
+//! The stream stage between RabbitMQ and the entities: delivery → decode → entity id → the
+//! node's ShardingProducerController (reliable delivery to wherever the entity lives) → ack
+//! once it confirmed. Malformed input is dead-lettered at once
 //! with a reason; messages an entity gives up on are dead-lettered with its error; work is
 //! bounded by `max_in_flight`, and acks are batched only over a contiguous confirmed prefix.
 
 pub mod acks;
-pub mod dispatch;
 pub mod driver;
 pub mod inflight;
 pub mod settings;

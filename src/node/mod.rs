@@ -9,7 +9,7 @@
 
 pub mod settings;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -25,7 +25,9 @@ use tracing::{debug, info, warn};
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
 use crate::cluster::membership::{Membership, MembershipError};
 use crate::cluster::singleton::SingletonMsg;
-use crate::cluster::singleton::driver::{self as singletons, SingletonHandle, SingletonSettings};
+use crate::cluster::singleton::driver::{
+    self as singletons, SingletonHandle, SingletonSettings, SingletonSpec,
+};
 use crate::cluster::transport::{self, Inbound, TransportHandle};
 use crate::cluster::workers::{ClusterWorkers, WorkMsg};
 use crate::config::ConfigError;
@@ -46,7 +48,7 @@ use crate::sharding::driver::{
 use crate::sharding::messages::ShardingMsg;
 use crate::sharding::shard::ShardId;
 
-pub use settings::{ClusterSettings, SHARD_HOST_ROLE};
+pub use settings::{BRIDGE_ROLE, ClusterSettings, SHARD_HOST_ROLE};
 
 /// The singleton name of the shard coordinator.
 pub const COORDINATOR: &str = "shard-coordinator";
@@ -111,6 +113,8 @@ pub struct ClusterStatus {
     pub members: Vec<MemberStatusReport>,
     /// Where the shard coordinator runs, as this node sees it.
     pub coordinator: Option<String>,
+    /// Every singleton and the node that should run it (the oldest Up member with its role).
+    pub singletons: BTreeMap<String, Option<String>>,
     /// Singletons running on this node.
     pub singletons_here: Vec<String>,
     /// Shards hosted on this node.
@@ -161,6 +165,8 @@ pub struct ClusterNode<M> {
     queries: PendingQueries,
     next_query: AtomicU64,
     leave_timeout: Duration,
+    /// Every singleton's name and role, to tell where each runs.
+    singleton_roles: Vec<(String, String)>,
     shutdown: CancellationToken,
 }
 
@@ -175,6 +181,26 @@ where
         runner: RunnerSettings,
         factory: Arc<F>,
         metrics: &Metrics,
+    ) -> Result<Self, NodeError>
+    where
+        F: EntityFactory,
+        F::Entity: Entity<Message = M>,
+        <F::Entity as Entity>::Snapshot: Serialize,
+    {
+        Self::start_with_singletons(settings, delivery, runner, factory, metrics, |_| Vec::new())
+            .await
+    }
+
+    /// Like [`Self::start`], and runs the singletons `singletons` returns besides the shard
+    /// coordinator; it gets this node's sending side, since a singleton that produces to
+    /// entities (the AMQP bridge) sends through the node it runs on.
+    pub async fn start_with_singletons<F>(
+        settings: &ClusterSettings,
+        delivery: &DeliverySettings,
+        runner: RunnerSettings,
+        factory: Arc<F>,
+        metrics: &Metrics,
+        singletons: impl FnOnce(ShardingProducerHandle<M>) -> Vec<SingletonSpec>,
     ) -> Result<Self, NodeError>
     where
         F: EntityFactory,
@@ -204,18 +230,20 @@ where
             status: MemberStatus::Joining,
             started_at_ms,
         };
+        let listener = bind_cluster_port(settings.listen).await?;
+        let listen = listener.local_addr().map_err(|source| NodeError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+        let me = Member {
+            rpc_addr: listen,
+            ..me
+        };
         let addr = me.addr.clone();
-        let listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| NodeError::Listen {
-                    addr: settings.listen,
-                    source,
-                })?;
         let cluster_metrics = metrics.cluster.clone();
         let membership = Membership::start(
             me,
-            settings.listen,
+            listen,
             settings.membership(),
             security.clone(),
             cluster_metrics.clone(),
@@ -242,18 +270,6 @@ where
             transport.outbox(|m| NodeMsg::Sharding(ShardingMsg::FromCoordinator(m))),
             slot.clone(),
         );
-        let (singleton_tx, singleton_rx) = mpsc::channel(256);
-        let singletons = singletons::spawn(
-            addr.clone(),
-            vec![coordinator],
-            view.clone(),
-            transport.outbox(NodeMsg::Singleton),
-            singleton_rx,
-            SingletonSettings::default(),
-            cluster_metrics.clone(),
-            shutdown.child_token(),
-        );
-
         let spawner = sharded_entities(
             factory,
             Arc::new(runner),
@@ -268,7 +284,7 @@ where
             view.clone(),
             transport.outbox(NodeMsg::Sharding),
             spawner,
-            cluster_metrics,
+            cluster_metrics.clone(),
             shutdown.child_token(),
         );
 
@@ -293,6 +309,24 @@ where
             to_entity,
             answers_rx,
             metrics.cluster.delivery_resends.clone(),
+            shutdown.child_token(),
+        );
+
+        let mut specs = vec![coordinator];
+        specs.extend(singletons(producer.clone()));
+        let singleton_roles = specs
+            .iter()
+            .map(|spec| (spec.name.clone(), spec.role.clone()))
+            .collect();
+        let (singleton_tx, singleton_rx) = mpsc::channel(256);
+        let singletons = singletons::spawn(
+            addr.clone(),
+            specs,
+            view.clone(),
+            transport.outbox(NodeMsg::Singleton),
+            singleton_rx,
+            SingletonSettings::default(),
+            cluster_metrics.clone(),
             shutdown.child_token(),
         );
 
@@ -323,7 +357,7 @@ where
             }
             .run(inbound, shutdown.child_token()),
         );
-        info!(node = %addr, listen = %settings.listen, "cluster node started");
+        info!(node = %addr, %listen, "cluster node started");
         Ok(ClusterNode {
             me: addr,
             membership,
@@ -335,6 +369,7 @@ where
             queries,
             next_query: AtomicU64::new(1),
             leave_timeout: settings.leave_timeout,
+            singleton_roles,
             shutdown,
         })
     }
@@ -435,6 +470,14 @@ where
                 })
                 .collect(),
             coordinator: region.coordinator.map(|c| c.id.to_string()),
+            singletons: self
+                .singleton_roles
+                .iter()
+                .map(|(name, role)| {
+                    let holder = view.oldest_up(role).map(|m| m.addr.id.to_string());
+                    (name.clone(), holder)
+                })
+                .collect(),
             singletons_here: self.singletons.running().borrow().iter().cloned().collect(),
             shards_here: region.hosted.iter().map(|ShardId(s)| *s).collect(),
             entities_here: region.entities,
@@ -451,8 +494,14 @@ where
         let deadline = started + self.leave_timeout;
         let mut region = self.region.status();
         let mut running = self.singletons.running();
+        let mut view = self.membership.view();
         let handed_over = loop {
-            let moved = region.borrow_and_update().hosted.is_empty()
+            // With no other shard host the shards have nowhere to go: they stop with the node
+            // (their entities keep what they stored), once the singletons have wound down.
+            let nowhere_to_go = !view.borrow_and_update().members.values().any(|m| {
+                m.addr != self.me && m.status == MemberStatus::Up && m.has_role(SHARD_HOST_ROLE)
+            });
+            let moved = (nowhere_to_go || region.borrow_and_update().hosted.is_empty())
                 && running.borrow_and_update().is_empty();
             if moved {
                 break true;
@@ -464,6 +513,10 @@ where
                 },
                 changed = running.changed() => if changed.is_err() {
                     warn!("the singleton manager stopped during the leave");
+                    break false;
+                },
+                changed = view.changed() => if changed.is_err() {
+                    warn!("membership stopped during the leave");
                     break false;
                 },
                 _ = tokio::time::sleep_until(deadline) => {
@@ -491,6 +544,29 @@ where
         self.singletons.stopped().await;
         self.membership.shutdown().await;
     }
+}
+
+/// Binds the cluster port. Port 0 (a node nobody joins) picks one free for both TCP and UDP,
+/// since gossip shares the number.
+async fn bind_cluster_port(listen: std::net::SocketAddr) -> Result<TcpListener, NodeError> {
+    let refused = |source| NodeError::Listen {
+        addr: listen,
+        source,
+    };
+    if listen.port() != 0 {
+        return TcpListener::bind(listen).await.map_err(refused);
+    }
+    for _ in 0..100 {
+        let listener = TcpListener::bind(listen).await.map_err(refused)?;
+        let picked = listener.local_addr().map_err(refused)?;
+        if std::net::UdpSocket::bind(picked).is_ok() {
+            return Ok(listener);
+        }
+    }
+    Err(refused(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no port free for both TCP and UDP",
+    )))
 }
 
 /// Wakes entities silent for `silent_for` whenever a member goes down: those that lived on
@@ -578,6 +654,7 @@ impl<M: Clone + Send + Sync + 'static> Router<M> {
                 }
                 NodeMsg::Work(message) => self.workers.handle(from, message),
                 NodeMsg::QueryReply(reply) => {
+                    debug!(request = reply.request, "query reply");
                     if let Some(asker) = lock(&self.queries).remove(&reply.request) {
                         let _ = asker.send(reply.snapshot);
                     }

@@ -16,6 +16,9 @@ use crate::sharding::{CoordinatorSettings, RegionSettings};
 /// The role of nodes that host shards (and may run the shard coordinator).
 pub const SHARD_HOST_ROLE: &str = "shard-host";
 
+/// The role of nodes that may run the AMQP bridge singleton (the queue's one consumer).
+pub const BRIDGE_ROLE: &str = "bridge";
+
 /// One node's cluster settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -23,7 +26,8 @@ pub struct ClusterSettings {
     /// This node's name, unique in the cluster and stable across restarts.
     pub node_id: String,
     /// Cluster address: TCP (links) and UDP (gossip) on the same port. Must be an address
-    /// the other nodes can reach, not 0.0.0.0.
+    /// the other nodes can reach, not 0.0.0.0; port 0 (a free port) suits only a node without
+    /// seeds that nobody joins.
     pub listen: SocketAddr,
     /// Cluster addresses of nodes to join through; empty forms a new cluster.
     pub seeds: Vec<String>,
@@ -62,9 +66,9 @@ impl Default for ClusterSettings {
         let membership = MembershipSettings::default();
         ClusterSettings {
             node_id: "node-1".to_owned(),
-            listen: SocketAddr::from(([127, 0, 0, 1], 7350)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             seeds: Vec::new(),
-            roles: vec![SHARD_HOST_ROLE.to_owned()],
+            roles: vec![SHARD_HOST_ROLE.to_owned(), BRIDGE_ROLE.to_owned()],
             cluster_name: membership.cluster_name,
             secret: None,
             insecure: false,
@@ -90,10 +94,11 @@ impl ClusterSettings {
             "must be a non-empty name without spaces",
         )?;
         check(
-            !self.listen.ip().is_unspecified() && self.listen.port() != 0,
+            !self.listen.ip().is_unspecified()
+                && (self.listen.port() != 0 || self.seeds.is_empty()),
             prefix,
             "listen",
-            "must be an address other nodes can reach, with a port",
+            "must be an address other nodes can reach, with a port (port 0 only for a node that joins nobody)",
         )?;
         check(
             self.region.shards > 0,
@@ -183,6 +188,7 @@ mod tests {
     #[test]
     fn joining_without_a_secret_needs_insecure() {
         let mut settings = ClusterSettings {
+            listen: "127.0.0.1:7350".parse().unwrap(),
             seeds: vec!["127.0.0.1:7351".to_owned()],
             ..ClusterSettings::default()
         };
@@ -200,10 +206,15 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Spoil = fn(&mut ClusterSettings);
-        let cases: [(&str, Spoil); 5] = [
+        let cases: [(&str, Spoil); 6] = [
             ("cluster.secret", |s| s.secret = Some("short".to_owned())),
             ("cluster.listen", |s| {
                 s.listen = "0.0.0.0:7350".parse().unwrap()
+            }),
+            // Nobody could join a node whose port is picked at random.
+            ("cluster.listen", |s| {
+                s.secret = Some("0123456789abcdef".to_owned());
+                s.seeds = vec!["127.0.0.1:7351".to_owned()];
             }),
             ("cluster.node_id", |s| s.node_id = "a b".to_owned()),
             ("cluster.region.shards", |s| s.region.shards = 0),

@@ -377,7 +377,10 @@ impl Consumer {
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return None;
         }
-        Some(response.json().await.expect("product json"))
+        let status = response.status();
+        let body = response.text().await.expect("product body");
+        let view = serde_json::from_str(&body);
+        Some(view.unwrap_or_else(|e| panic!("product {id}: {status} {body}: {e}")))
     }
 
     /// Resident memory of the process, in KiB.
