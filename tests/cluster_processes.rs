@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -16,21 +16,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use support::{binary, eventually};
+use support::{binary, eventually, free_port};
 use warren::node::COORDINATOR;
 
 const SECRET: &str = "warren-test-secret-0123456789";
-
-/// A port free for both TCP and UDP on `ip` (the cluster port carries both).
-fn free_port(ip: [u8; 4]) -> SocketAddr {
-    loop {
-        let tcp = TcpListener::bind(SocketAddr::from((ip, 0))).unwrap();
-        let addr = tcp.local_addr().unwrap();
-        if UdpSocket::bind(addr).is_ok() {
-            return addr;
-        }
-    }
-}
 
 struct Node {
     name: String,

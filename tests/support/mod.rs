@@ -24,6 +24,69 @@ use warren::order::CreateOrder;
 
 const MANAGEMENT: &str = "http://127.0.0.1:15672/api";
 
+/// The PostgreSQL server `scripts/test` starts, as the role it creates (allowed CREATEDB).
+pub const POSTGRES: &str = "postgres://warren:warren@127.0.0.1:5432";
+
+/// A database that exists for one test, dropped afterwards.
+pub struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    pub async fn create(test: &str) -> Self {
+        let suffix = Uuid::new_v4().simple().to_string();
+        let name = format!("warren_test_{test}_{}", &suffix[..8]);
+        admin(&format!("CREATE DATABASE {name}")).await;
+        TestDb { name }
+    }
+
+    /// The URL a node's `--entity-store` takes.
+    pub fn url(&self) -> String {
+        format!("{POSTGRES}/{}", self.name)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // A plain thread with its own runtime: Drop cannot await on the test's.
+        let cleanup = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(admin(&statement));
+            }
+        });
+        let _ = cleanup.join();
+    }
+}
+
+async fn admin(statement: &str) {
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{POSTGRES}/postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL reachable (scripts/test starts it)");
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute(statement)
+        .await
+        .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    drop(client);
+    let _ = driver.await;
+}
+
+/// A port free for both TCP and UDP on `ip` (a cluster port carries both).
+pub fn free_port(ip: [u8; 4]) -> std::net::SocketAddr {
+    loop {
+        let tcp = std::net::TcpListener::bind(std::net::SocketAddr::from((ip, 0))).unwrap();
+        let addr = tcp.local_addr().unwrap();
+        if std::net::UdpSocket::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+}
+
 /// Polls `check` every 100 ms until it yields a value; panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
@@ -366,6 +429,25 @@ impl Consumer {
             .sum()
     }
 
+    /// A JSON page of the node's HTTP endpoint, or `None` if it does not answer with 200.
+    pub async fn get(&self, path: &str) -> Option<serde_json::Value> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.json().await.ok()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     /// The product's state, or `None` for 404.
     pub async fn product(&self, id: &str) -> Option<ProductView> {
         let response = self
@@ -522,11 +604,18 @@ impl Orders {
     /// Asserts each product's total and its set of orders (order may differ after a republish
     /// or a redelivery across a reconnect).
     pub async fn assert_applied_exactly_once(&self, consumer: &Consumer) {
-        for (product, orders) in &self.published {
-            let view = consumer
+        self.assert_applied_exactly_once_through(&[consumer]).await;
+    }
+
+    /// Like [`Self::assert_applied_exactly_once`], asking each product through the next of
+    /// `nodes` in turn (a cluster answers from wherever the product lives).
+    pub async fn assert_applied_exactly_once_through(&self, nodes: &[&Consumer]) {
+        for (i, (product, orders)) in self.published.iter().enumerate() {
+            let node = nodes[i % nodes.len()];
+            let view = node
                 .product(product)
                 .await
-                .unwrap_or_else(|| panic!("product {product} unknown to the consumer"));
+                .unwrap_or_else(|| panic!("product {product} unknown to {}", node.base));
             let mut expected_ids: Vec<Uuid> = orders.iter().map(|(id, _)| *id).collect();
             let mut applied = view.orders.clone();
             expected_ids.sort();
