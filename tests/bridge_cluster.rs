@@ -211,6 +211,21 @@ async fn the_singleton_holder_sigkilled_mid_run_loses_nothing_and_applies_nothin
     assert_eq!(cluster.bridge_holder().await, new_holder);
     cluster.assert_everything_applied_once(&orders).await;
     assert_eq!(orders.total(), 30_000);
+
+    // Any node tells where every shard is: each on one node, the killed node's elsewhere now.
+    let spread = eventually("n2 to report three nodes' shards", DRAIN, || async {
+        let status = cluster.node(1).get("/cluster").await?;
+        let spread: BTreeMap<String, Vec<u64>> =
+            serde_json::from_value(status["shards"].clone()).ok()?;
+        (spread.len() == 3).then_some(spread)
+    })
+    .await;
+    let mut all: Vec<u64> = spread.values().flatten().copied().collect();
+    let hosted = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), hosted, "a shard on two nodes: {spread:?}");
+    assert!(hosted > 0, "{spread:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

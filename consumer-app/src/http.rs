@@ -1,6 +1,6 @@
 //! The consumer's HTTP endpoint: `/metrics` (Prometheus text), `/health`, `GET /products/{id}`
 //! (the product's state, answered by the product wherever its shard lives; 404 if it has no
-//! order) and `GET /cluster` (members, where each singleton runs, shards here).
+//! order) and `GET /cluster` (members, where each singleton runs, shards per node).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,6 +97,9 @@ async fn product(State(state): State<AppState>, Path(id): Path<String>) -> Respo
     }
 }
 
+/// Longest wait for the other nodes to say which shards they host.
+const SHARDS_TIMEOUT: Duration = Duration::from_secs(1);
+
 async fn cluster(State(state): State<AppState>) -> axum::Json<warren::node::ClusterStatus> {
-    axum::Json(state.node.status())
+    axum::Json(state.node.cluster_status(SHARDS_TIMEOUT).await)
 }

@@ -66,6 +66,20 @@ pub enum NodeMsg<M> {
     QueryReply(QueryReply),
     /// Work pulling across the cluster.
     Work(WorkMsg<M>),
+    /// "Which shards do you host?", answered with a [`QueryReply`] holding a [`HostedShards`].
+    ShardsRequest {
+        /// The asker's key for the answer.
+        request: u64,
+    },
+}
+
+/// What a node hosts, as it answers [`NodeMsg::ShardsRequest`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostedShards {
+    /// Shards hosted there.
+    pub shards: Vec<u32>,
+    /// Entities running there.
+    pub entities: usize,
 }
 
 /// Why a node did not start.
@@ -121,6 +135,10 @@ pub struct ClusterStatus {
     pub shards_here: Vec<u32>,
     /// Entities running on this node.
     pub entities_here: usize,
+    /// Shards per live node, as each answered (one that did not answer in time is missing);
+    /// filled by [`ClusterNode::cluster_status`] only.
+    #[serde(default)]
+    pub shards: BTreeMap<String, Vec<u32>>,
 }
 
 /// One member, for [`ClusterStatus`].
@@ -354,6 +372,7 @@ where
                 answers: answers_tx,
                 queries: Arc::clone(&queries),
                 workers: workers.clone(),
+                to_asker: transport.outbox(NodeMsg::QueryReply),
             }
             .run(inbound, shutdown.child_token()),
         );
@@ -481,7 +500,44 @@ where
             singletons_here: self.singletons.running().borrow().iter().cloned().collect(),
             shards_here: region.hosted.iter().map(|ShardId(s)| *s).collect(),
             entities_here: region.entities,
+            shards: BTreeMap::new(),
         }
+    }
+
+    /// [`Self::status`] plus the shards every live member hosts, asked over the cluster (up to
+    /// `timeout` for their answers).
+    pub async fn cluster_status(&self, timeout: Duration) -> ClusterStatus {
+        let mut status = self.status();
+        status
+            .shards
+            .insert(status.node.clone(), status.shards_here.clone());
+        let view = self.membership.view().borrow().clone();
+        let mut answers = Vec::new();
+        for member in view.members.values() {
+            let alive = matches!(member.status, MemberStatus::Up | MemberStatus::Leaving);
+            if member.addr == self.me || !alive {
+                continue;
+            }
+            let request = self.next_query.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            lock(&self.queries).insert(request, tx);
+            self.transport
+                .send(&member.addr, NodeMsg::ShardsRequest { request });
+            answers.push((member.addr.id.to_string(), request, rx));
+        }
+        let deadline = Instant::now() + timeout;
+        for (node, request, rx) in answers {
+            let _pending = PendingQuery {
+                queries: &self.queries,
+                request,
+            };
+            if let Ok(Ok(answer)) = tokio::time::timeout_at(deadline, rx).await {
+                if let Ok(hosted) = serde_json::from_slice::<HostedShards>(&answer) {
+                    status.shards.insert(node, hosted.shards);
+                }
+            }
+        }
+        status
     }
 
     /// Leaves gracefully: announces Leaving, waits (up to `leave_timeout`) until this node's
@@ -622,6 +678,7 @@ struct Router<M> {
     answers: mpsc::Sender<ToProducer>,
     queries: PendingQueries,
     workers: ClusterWorkers<M>,
+    to_asker: crate::cluster::transport::Outbox<QueryReply>,
 }
 
 impl<M: Clone + Send + Sync + 'static> Router<M> {
@@ -653,6 +710,16 @@ impl<M: Clone + Send + Sync + 'static> Router<M> {
                     let _ = self.answers.send(answer).await;
                 }
                 NodeMsg::Work(message) => self.workers.handle(from, message),
+                NodeMsg::ShardsRequest { request } => {
+                    let region = self.region.status().borrow().clone();
+                    let hosted = HostedShards {
+                        shards: region.hosted.iter().map(|ShardId(s)| *s).collect(),
+                        entities: region.entities,
+                    };
+                    if let Ok(snapshot) = serde_json::to_vec(&hosted) {
+                        (self.to_asker)(&from, QueryReply { request, snapshot });
+                    }
+                }
                 NodeMsg::QueryReply(reply) => {
                     debug!(request = reply.request, "query reply");
                     if let Some(asker) = lock(&self.queries).remove(&reply.request) {

@@ -338,7 +338,7 @@ fn settle(
 }
 
 async fn cluster(State(app): State<App>) -> Json<warren::node::ClusterStatus> {
-    Json(app.node.status())
+    Json(app.node.cluster_status(Duration::from_secs(1)).await)
 }
 
 async fn progress_page(State(app): State<App>) -> Json<serde_json::Value> {
