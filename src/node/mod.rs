@@ -531,10 +531,10 @@ where
                 queries: &self.queries,
                 request,
             };
-            if let Ok(Ok(answer)) = tokio::time::timeout_at(deadline, rx).await {
-                if let Ok(hosted) = serde_json::from_slice::<HostedShards>(&answer) {
-                    status.shards.insert(node, hosted.shards);
-                }
+            if let Ok(Ok(answer)) = tokio::time::timeout_at(deadline, rx).await
+                && let Ok(hosted) = serde_json::from_slice::<HostedShards>(&answer)
+            {
+                status.shards.insert(node, hosted.shards);
             }
         }
         status
