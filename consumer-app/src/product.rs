@@ -95,7 +95,7 @@ impl Entity for ProductActor {
                 self.id
             );
             self.previously_failed.insert(order.order_id);
-            return Err(EntityError("simulated transient failure".into()));
+            return Err(EntityError::new("simulated transient failure"));
         }
         if self.applied.contains(&order.order_id) {
             self.metrics.duplicates.inc();
@@ -116,13 +116,13 @@ impl Entity for ProductActor {
             quantity: order.quantity,
         };
         let record = serde_json::to_vec(&record)
-            .map_err(|e| EntityError(format!("order does not serialize: {e}")))?;
+            .map_err(|e| EntityError::new(format!("order does not serialize: {e}")))?;
         let key = order.order_id.to_string();
         let appended = self
             .store
             .append(&self.id, &key, &record)
             .await
-            .map_err(|e| EntityError(e.to_string()))?;
+            .map_err(|e| EntityError::unavailable(e.to_string()))?;
         if appended == Appended::Duplicate {
             // Stored by another incarnation of this product since it loaded (a node that died
             // after storing, before confirming): take the store's word for everything.
@@ -156,13 +156,13 @@ impl Entity for ProductActor {
             .store
             .load(&self.id)
             .await
-            .map_err(|e| EntityError(e.to_string()))?;
+            .map_err(|e| EntityError::unavailable(e.to_string()))?;
         self.orders.clear();
         self.applied.clear();
         self.total_quantity = 0;
         for record in records {
             let order: AppliedOrder = serde_json::from_slice(&record)
-                .map_err(|e| EntityError(format!("unreadable stored order: {e}")))?;
+                .map_err(|e| EntityError::new(format!("unreadable stored order: {e}")))?;
             self.apply(order.order_id, order.quantity);
         }
         Ok(())

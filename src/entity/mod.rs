@@ -83,10 +83,39 @@ pub trait EntityMessage: Send + Sync + Sized + 'static {
     fn entity_id(&self) -> EntityId;
 }
 
-/// A processing failure; the runner retries it with backoff, then dead-letters the message.
+/// A processing failure. The runner retries it with backoff; a failure of the message counts
+/// toward `max_attempts` (then it is dead-lettered), while [`EntityError::unavailable`] (a
+/// dependency such as the entity store is down, which is not the message's fault) is retried
+/// for as long as it lasts: the message waits unconfirmed, and its producer's deadline applies.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct EntityError(pub String);
+#[error("{reason}")]
+pub struct EntityError {
+    reason: String,
+    unavailable: bool,
+}
+
+impl EntityError {
+    /// The message could not be processed this time.
+    pub fn new(reason: impl Into<String>) -> Self {
+        EntityError {
+            reason: reason.into(),
+            unavailable: false,
+        }
+    }
+
+    /// Something the entity depends on is unavailable; retried without counting attempts.
+    pub fn unavailable(reason: impl Into<String>) -> Self {
+        EntityError {
+            reason: reason.into(),
+            unavailable: true,
+        }
+    }
+
+    /// True for [`Self::unavailable`].
+    pub fn is_unavailable(&self) -> bool {
+        self.unavailable
+    }
+}
 
 /// One stateful entity. It processes its messages one at a time, in order.
 pub trait Entity: Send + 'static {

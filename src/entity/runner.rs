@@ -73,6 +73,12 @@ pub(crate) async fn process<E: Entity>(
     loop {
         match entity.handle(message).await {
             Ok(()) => return Ok(()),
+            Err(error) if error.is_unavailable() => {
+                metrics.retries.inc();
+                let pause = pauses.next().unwrap_or(settings.retry_backoff_max);
+                warn!(%error, ?pause, "a dependency is unavailable; retrying the message");
+                tokio::time::sleep(pause).await;
+            }
             Err(error) if attempt < settings.max_attempts => {
                 metrics.retries.inc();
                 let pause = pauses.next().unwrap_or(settings.retry_backoff_max);
@@ -102,5 +108,90 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entity::{EntityError, EntityMessage, InvalidMessage};
+
+    struct Flaky {
+        unavailable_for: u32,
+        failures: u32,
+        calls: u32,
+    }
+
+    #[derive(Clone)]
+    struct Msg;
+
+    impl EntityMessage for Msg {
+        fn decode(_: &[u8]) -> Result<Self, InvalidMessage> {
+            Ok(Msg)
+        }
+        fn entity_id(&self) -> EntityId {
+            EntityId::new("e")
+        }
+    }
+
+    impl Entity for Flaky {
+        type Message = Msg;
+        type Snapshot = ();
+
+        async fn handle(&mut self, _: &Msg) -> Result<(), EntityError> {
+            self.calls += 1;
+            if self.calls <= self.unavailable_for {
+                return Err(EntityError::unavailable("store down"));
+            }
+            if self.calls <= self.unavailable_for + self.failures {
+                return Err(EntityError::new("bad luck"));
+            }
+            Ok(())
+        }
+
+        fn snapshot(&self) {}
+    }
+
+    fn settings() -> RunnerSettings {
+        RunnerSettings {
+            consumer: ConsumerSettings::default(),
+            max_attempts: 3,
+            retry_backoff_min: Duration::from_millis(10),
+            retry_backoff_max: Duration::from_secs(1),
+        }
+    }
+
+    fn metrics() -> EntityMetrics {
+        EntityMetrics {
+            retries: IntCounter::new("r", "r").unwrap(),
+            active: IntGauge::new("a", "a").unwrap(),
+            inbox_drops: IntCounter::new("d", "d").unwrap(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unavailable_dependency_is_waited_out_without_using_up_attempts() {
+        let mut entity = Flaky {
+            unavailable_for: 50,
+            failures: 2,
+            calls: 0,
+        };
+        let metrics = metrics();
+        let outcome = process(&mut entity, &Msg, &settings(), &metrics).await;
+        assert_eq!(outcome, Ok(()));
+        assert_eq!(entity.calls, 53);
+        assert_eq!(metrics.retries.get(), 52);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_of_the_message_run_out_after_max_attempts() {
+        let mut entity = Flaky {
+            unavailable_for: 0,
+            failures: 10,
+            calls: 0,
+        };
+        let outcome = process(&mut entity, &Msg, &settings(), &metrics()).await;
+        assert!(outcome.is_err());
+        assert_eq!(entity.calls, 3);
     }
 }

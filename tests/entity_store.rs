@@ -1,0 +1,188 @@
+//! The PostgreSQL entity store against the real server: appends are idempotent per key and
+//! load in order, across store instances (as across nodes); and a consumer whose database goes
+//! away mid-run waits for it instead of dead-lettering, losing nothing.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use support::{Consumer, Orders, TestDb, TestQueue, eventually, message_count};
+use warren::entity::EntityId;
+use warren::entity::store::{Appended, EntityStore, PostgresEntityStore};
+
+const DRAIN: Duration = Duration::from_secs(120);
+
+#[tokio::test]
+async fn postgres_appends_once_per_key_and_loads_in_order_for_every_store_instance() {
+    let db = TestDb::create("store").await;
+    let first = PostgresEntityStore::new(&db.url(), "product").unwrap();
+    let second = PostgresEntityStore::new(&db.url(), "product").unwrap();
+    let other_kind = PostgresEntityStore::new(&db.url(), "account").unwrap();
+    let (a, b) = (EntityId::new("a"), EntityId::new("b"));
+    assert_eq!(first.append(&a, "k1", b"one").await.unwrap(), Appended::New);
+    assert_eq!(
+        second.append(&a, "k2", b"two").await.unwrap(),
+        Appended::New
+    );
+    // Another node stored it already: a no-op there too.
+    assert_eq!(
+        second.append(&a, "k1", b"again").await.unwrap(),
+        Appended::Duplicate
+    );
+    assert_eq!(first.append(&b, "k1", b"b").await.unwrap(), Appended::New);
+    assert_eq!(
+        other_kind.append(&a, "k1", b"x").await.unwrap(),
+        Appended::New
+    );
+    assert_eq!(
+        second.load(&a).await.unwrap(),
+        vec![b"one".to_vec(), b"two".to_vec()]
+    );
+    assert_eq!(other_kind.load(&a).await.unwrap(), vec![b"x".to_vec()]);
+    assert!(first.load(&EntityId::new("c")).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_unreachable_store_is_an_error_not_a_hang() {
+    // Nothing listens there.
+    let url = format!("postgres://warren:warren@{}/x", closed_port().await);
+    let store = PostgresEntityStore::new(&url, "product").unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), store.load(&EntityId::new("a")))
+        .await
+        .expect("answers within the connect timeout");
+    assert!(outcome.is_err());
+}
+
+#[tokio::test]
+async fn a_database_outage_mid_run_holds_orders_back_instead_of_dead_lettering_them() {
+    let db = TestDb::create("outage").await;
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let url = format!("postgres://warren:warren@{}/{}", proxy.addr, db.name);
+    let queue = TestQueue::new("store-outage");
+    queue.declare().await;
+    let consumer = Consumer::start(
+        &queue,
+        &[
+            "--entity-store",
+            &url,
+            "--processing-delay-ms",
+            "2",
+            "--max-attempts",
+            "2",
+        ],
+    )
+    .await;
+    let mut orders = Orders::new(&queue, 20);
+    orders.publish(4_000).await;
+    eventually("some orders to be acked", DRAIN, || async {
+        let acked = consumer
+            .metric("warren_deliveries_total{outcome=\"acked\"}")
+            .await;
+        (acked >= 300.0).then_some(())
+    })
+    .await;
+
+    proxy.cut();
+    let retries_before = consumer.metric("warren_entity_retries_total").await;
+    let acked_at_cut = consumer
+        .metric("warren_deliveries_total{outcome=\"acked\"}")
+        .await;
+    // While the database is away, products retry without giving up (with 2 attempts allowed
+    // they would otherwise dead-letter at once), and nothing more is acked.
+    eventually(
+        "products to retry against the missing database",
+        DRAIN,
+        || async {
+            let retries = consumer.metric("warren_entity_retries_total").await;
+            (retries >= retries_before + 20.0).then_some(())
+        },
+    )
+    .await;
+    let acked_during = consumer
+        .metric("warren_deliveries_total{outcome=\"acked\"}")
+        .await;
+    assert!(
+        acked_during - acked_at_cut <= 100.0,
+        "{acked_at_cut} acked at the cut, {acked_during} during the outage"
+    );
+    assert!(acked_during < 4_000.0, "the outage must come mid-run");
+
+    proxy.restore();
+    queue.wait_drained(DRAIN).await;
+    assert_eq!(
+        message_count(&queue.dlq()).await,
+        0,
+        "nothing dead-lettered"
+    );
+    orders.assert_applied_exactly_once(&consumer).await;
+}
+
+/// A port nothing listens on.
+async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A TCP forwarder to PostgreSQL that the test can cut (every connection dropped, new ones
+/// refused) and restore: an outage of the database without touching the shared server.
+struct Proxy {
+    addr: SocketAddr,
+    cut: Arc<Mutex<Option<CancellationToken>>>,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(Mutex::new(Some(CancellationToken::new())));
+        let stop = CancellationToken::new();
+        let (state, stopping) = (Arc::clone(&cut), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stopping.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut client, _)) = accepted else {
+                    continue;
+                };
+                let Some(live) = state.lock().unwrap().clone() else {
+                    continue; // cut: refused
+                };
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = live.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, cut, stop }
+    }
+
+    fn cut(&self) {
+        if let Some(live) = self.cut.lock().unwrap().take() {
+            live.cancel();
+        }
+    }
+
+    fn restore(&self) {
+        *self.cut.lock().unwrap() = Some(CancellationToken::new());
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.stop.cancel();
+    }
+}
