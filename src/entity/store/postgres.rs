@@ -84,18 +84,35 @@ impl PostgresEntityStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        let client = self
+        let mut client = self
             .pool
             .get()
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         self.schema
             .get_or_try_init(|| async {
-                let lock = format!("SELECT pg_advisory_xact_lock({SCHEMA_LOCK});");
-                client
-                    .batch_execute(&format!("BEGIN; {lock} {SCHEMA} COMMIT;"))
+                // Usually another node made it already; asking first keeps the server from
+                // logging "already exists" notices on every start.
+                let exists = client
+                    .query_one(
+                        "SELECT to_regclass('warren_entity_records') IS NOT NULL",
+                        &[],
+                    )
                     .await
-                    .map_err(query_error)
+                    .and_then(|row| row.try_get::<_, bool>(0))
+                    .map_err(query_error)?;
+                if exists {
+                    return Ok(());
+                }
+                // A transaction, so that a failure rolls back (dropping it does) instead of
+                // leaving a pooled connection inside an aborted one.
+                let schema = client.transaction().await.map_err(query_error)?;
+                let lock = format!("SELECT pg_advisory_xact_lock({SCHEMA_LOCK});");
+                schema
+                    .batch_execute(&format!("{lock} {SCHEMA}"))
+                    .await
+                    .map_err(query_error)?;
+                schema.commit().await.map_err(query_error)
             })
             .await?;
         Ok(client)
