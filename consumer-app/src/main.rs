@@ -18,10 +18,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use warren::amqp::{AmqpSource, SourceSettings};
-use warren::bridge::Bridge;
+use warren::bridge::{Bridge, BridgeError};
 use warren::cluster::singleton::driver::SingletonSpec;
 use warren::delivery::sharding::driver::ShardingProducerHandle;
 use warren::entity::RunnerSettings;
+use warren::entity::store::StoreLocation;
 use warren::metrics::{self, Metrics};
 use warren::node::{BRIDGE_ROLE, ClusterNode};
 use warren::order::CreateOrder;
@@ -75,10 +76,12 @@ async fn run(mut config: ConsumerConfig) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("registering metrics")?;
     let product_metrics =
         ProductMetrics::register(metrics.registry()).context("registering metrics")?;
-    let store = config
-        .store_location()?
+    let store_location = config.store_location()?;
+    let store = store_location
         .open("product")
         .context("opening the entity store")?;
+    // Cancelled when this node can no longer do its part: it leaves, so another takes over.
+    let broken = CancellationToken::new();
 
     let listener = TcpListener::bind(config.http.addr)
         .await
@@ -109,10 +112,20 @@ async fn run(mut config: ConsumerConfig) -> anyhow::Result<()> {
         runner,
         factory,
         &metrics,
-        |producer| vec![bridge_singleton(&config, producer, &metrics)],
+        |producer| {
+            vec![bridge_singleton(
+                &config,
+                producer,
+                &metrics,
+                broken.clone(),
+            )]
+        },
     )
     .await
     .context("starting the cluster node")?;
+    if store_location == StoreLocation::Memory {
+        tokio::spawn(warn_when_joined_with_a_memory_store(node.view()));
+    }
     let node = Arc::new(node);
 
     let http_stop = CancellationToken::new();
@@ -131,7 +144,13 @@ async fn run(mut config: ConsumerConfig) -> anyhow::Result<()> {
         warn!("second signal: exiting without draining");
         std::process::exit(130);
     });
-    graceful.cancelled().await;
+    let failed = tokio::select! {
+        _ = graceful.cancelled() => false,
+        _ = broken.cancelled() => {
+            error!("this node cannot deliver to products any more; leaving the cluster");
+            true
+        }
+    };
 
     // The node's last users go first, so it can leave.
     http_stop.cancel();
@@ -149,7 +168,24 @@ async fn run(mut config: ConsumerConfig) -> anyhow::Result<()> {
         took = ?report.took,
         "stopped"
     );
+    if failed {
+        anyhow::bail!("the node's sharding producer controller stopped");
+    }
     Ok(())
+}
+
+/// Product state in memory is lost when a product moves to another node, which rebalancing
+/// does as soon as a node joins: say so loudly once.
+async fn warn_when_joined_with_a_memory_store(
+    mut view: tokio::sync::watch::Receiver<warren::cluster::ClusterView>,
+) {
+    if view.wait_for(|v| v.members.len() > 1).await.is_ok() {
+        warn!(
+            "this node has joined a cluster but keeps product state in memory: a product that \
+             moves to another node starts empty there; give every node the same \
+             --entity-store postgres://… URL"
+        );
+    }
 }
 
 /// The AMQP consumer as a cluster singleton: it runs on the oldest Up node with the bridge
@@ -159,6 +195,7 @@ fn bridge_singleton(
     config: &ConsumerConfig,
     producer: ShardingProducerHandle<CreateOrder>,
     metrics: &Metrics,
+    broken: CancellationToken,
 ) -> SingletonSpec {
     let source = SourceSettings {
         amqp: config.amqp.clone(),
@@ -173,10 +210,16 @@ fn bridge_singleton(
         factory: Arc::new(move |stop| {
             let source = AmqpSource::spawn(source.clone(), metrics.source.clone());
             let bridge = Bridge::new(settings.clone(), source, producer.clone(), metrics.clone());
+            let broken = broken.clone();
             Box::pin(async move {
                 info!("this node consumes the queue now");
                 match bridge.run(stop).await {
                     Ok(()) => info!("this node stopped consuming the queue"),
+                    Err(error @ BridgeError::ProducerStopped) => {
+                        error!(%error, "the bridge stopped");
+                        broken.cancel();
+                    }
+                    // Restarted by the singleton manager after a pause.
                     Err(error) => error!(%error, "the bridge stopped"),
                 }
             })

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use uuid::Uuid;
-use warren::entity::store::{Appended, EntityStore};
+use warren::entity::store::{Appended, EntityStore, StoreError};
 use warren::entity::{Entity, EntityError, EntityFactory, EntityId};
 use warren::metrics::counter;
 use warren::order::CreateOrder;
@@ -122,7 +122,7 @@ impl Entity for ProductActor {
             .store
             .append(&self.id, &key, &record)
             .await
-            .map_err(|e| EntityError::unavailable(e.to_string()))?;
+            .map_err(store_error)?;
         if appended == Appended::Duplicate {
             // Stored by another incarnation of this product since it loaded (a node that died
             // after storing, before confirming): take the store's word for everything.
@@ -152,11 +152,7 @@ impl Entity for ProductActor {
     }
 
     async fn recover(&mut self) -> Result<(), EntityError> {
-        let records = self
-            .store
-            .load(&self.id)
-            .await
-            .map_err(|e| EntityError::unavailable(e.to_string()))?;
+        let records = self.store.load(&self.id).await.map_err(store_error)?;
         self.orders.clear();
         self.applied.clear();
         self.total_quantity = 0;
@@ -166,6 +162,15 @@ impl Entity for ProductActor {
             self.apply(order.order_id, order.quantity);
         }
         Ok(())
+    }
+}
+
+/// A store that cannot answer now is waited out; one that refuses is the message's failure.
+fn store_error(error: StoreError) -> EntityError {
+    if error.is_unavailable() {
+        EntityError::unavailable(error.to_string())
+    } else {
+        EntityError::new(error.to_string())
     }
 }
 

@@ -22,7 +22,7 @@ use crate::bridge::acks::AckWriter;
 use crate::bridge::inflight::{DeliveryKey, Entry, InFlight, Settlement};
 use crate::bridge::settings::BridgeSettings;
 use crate::delivery::sharding::driver::{AskError, AskOutcome, ShardingProducerHandle};
-use crate::entity::{EntityMessage, InvalidMessage};
+use crate::entity::{EntityId, EntityMessage, InvalidMessage};
 use crate::metrics::BridgeMetrics;
 use crate::timer::sleep_until;
 
@@ -42,8 +42,8 @@ struct Held {
     acker: lapin::Acker,
     body: Vec<u8>,
     properties: BasicProperties,
-    /// Submitted to an entity (false: dead-lettered before reaching one).
-    submitted: bool,
+    /// Headed to an entity (false: dead-lettered before reaching one).
+    to_entity: bool,
 }
 
 /// Why the bridge stopped other than by shutdown.
@@ -64,6 +64,8 @@ pub struct Bridge<M> {
     producer: ShardingProducerHandle<M>,
     /// One per submitted delivery: its entity's confirmation or rejection.
     outcomes: FuturesUnordered<OutcomeFuture>,
+    /// A decoded delivery waiting for room at the controller; nothing more is taken meanwhile.
+    unsubmitted: Option<(DeliveryKey, EntityId, M)>,
     in_flight: InFlight<Held>,
     session: Option<Session>,
     dead_letters: FuturesUnordered<DeadLetterFuture>,
@@ -87,6 +89,7 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
             source,
             producer,
             outcomes: FuturesUnordered::new(),
+            unsubmitted: None,
             session: None,
             dead_letters: FuturesUnordered::new(),
             acks: AckWriter::spawn(metrics.clone()),
@@ -102,7 +105,9 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), BridgeError> {
         let mut drain_until: Option<Instant> = None;
         let result = loop {
+            let mut failure = None;
             let can_take = drain_until.is_none()
+                && self.unsubmitted.is_none()
                 && self.in_flight.len() < usize::from(self.settings.max_in_flight);
             let wake_at = [self.in_flight.next_deadline(), drain_until]
                 .into_iter()
@@ -115,47 +120,48 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
                     drain_until = Some(Instant::now() + self.settings.shutdown_timeout);
                 }
                 Some((key, outcome)) = self.outcomes.next(), if !self.outcomes.is_empty() => {
-                    if let Err(error) = self.on_outcome(key, outcome) {
-                        break Err(error);
-                    }
-                    let mut stopped = None;
+                    failure = self.on_outcome(key, outcome).err();
                     for _ in 1..BATCH {
-                        let Some(Some((key, outcome))) = self.outcomes.next().now_or_never() else { break };
-                        if let Err(error) = self.on_outcome(key, outcome) {
-                            stopped = Some(error);
+                        if failure.is_some() {
                             break;
                         }
-                    }
-                    if let Some(error) = stopped {
-                        break Err(error);
+                        let Some(Some((key, outcome))) = self.outcomes.next().now_or_never() else { break };
+                        failure = self.on_outcome(key, outcome).err();
                     }
                 }
                 Some((key, result)) = self.dead_letters.next(), if !self.dead_letters.is_empty() => {
                     self.on_dead_lettered(key, result);
                 }
+                // Only waits for room: the permit itself would borrow the handle past this arm.
+                room = self.producer.reserve().map(|permit| permit.map(drop)), if self.unsubmitted.is_some() => {
+                    failure = match room {
+                        Ok(()) => self.submit_waiting().err(),
+                        Err(_) => Some(BridgeError::ProducerStopped),
+                    };
+                }
                 event = self.source.next(), if can_take => {
-                    let Some(event) = event else { break Err(BridgeError::SourceStopped) };
-                    if let Err(error) = self.on_source_event(event).await {
-                        break Err(error);
+                    match event {
+                        Some(event) => failure = self.on_source_event(event).err(),
+                        None => failure = Some(BridgeError::SourceStopped),
                     }
-                    let mut stopped = None;
-                    while self.in_flight.len() < usize::from(self.settings.max_in_flight) {
+                    while failure.is_none()
+                        && self.unsubmitted.is_none()
+                        && self.in_flight.len() < usize::from(self.settings.max_in_flight)
+                    {
                         let Some(event) = self.source.try_next() else { break };
-                        if let Err(error) = self.on_source_event(event).await {
-                            stopped = Some(error);
-                            break;
-                        }
-                    }
-                    if let Some(error) = stopped {
-                        break Err(error);
+                        failure = self.on_source_event(event).err();
                     }
                 }
                 _ = sleep_until(wake_at) => {}
             }
             let now = Instant::now();
             self.expire(now);
+            // Whatever was settled is acked, a failure included.
             self.flush_acks(now);
             self.metrics.in_flight.set(self.in_flight.len() as i64);
+            if let Some(failure) = failure {
+                break Err(failure);
+            }
             if let Some(until) = drain_until {
                 if self.in_flight.is_empty() && self.dead_letters.is_empty() {
                     info!("in-flight work finished");
@@ -177,7 +183,7 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
         result
     }
 
-    async fn on_source_event(&mut self, event: SourceEvent) -> Result<(), BridgeError> {
+    fn on_source_event(&mut self, event: SourceEvent) -> Result<(), BridgeError> {
         match event {
             SourceEvent::Connected(session) => {
                 self.lose_channel();
@@ -189,12 +195,12 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
                     self.session = None;
                 }
             }
-            SourceEvent::Delivery(delivery) => self.on_delivery(*delivery).await?,
+            SourceEvent::Delivery(delivery) => self.on_delivery(*delivery)?,
         }
         Ok(())
     }
 
-    async fn on_delivery(&mut self, delivery: Delivery) -> Result<(), BridgeError> {
+    fn on_delivery(&mut self, delivery: Delivery) -> Result<(), BridgeError> {
         if self.session.is_none() || delivery.acker.poisoned() {
             // Its channel is gone: the broker has it back already.
             return Ok(());
@@ -218,20 +224,15 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
                         acker,
                         body: data,
                         properties,
-                        submitted: true,
+                        to_entity: true,
                     },
                     now,
                 );
-                // Waits only when the controller's buffer is full, which `max_in_flight` (at
-                // most its buffer) prevents but for requeued messages still held there; the
-                // controller drains on its own, so this cannot deadlock.
-                let outcome = self
-                    .producer
-                    .submit(entity, message)
-                    .await
-                    .map_err(|_| BridgeError::ProducerStopped)?;
-                self.outcomes
-                    .push(Box::pin(outcome.map(move |outcome| (key, outcome))));
+                // The controller has room unless its buffer is full (`max_in_flight` is at
+                // most its size, but an earlier bridge on this node may have left messages
+                // there): then this delivery waits, and nothing more is taken meanwhile.
+                self.unsubmitted = Some((key, entity, message));
+                self.submit_waiting()?;
             }
             Err(invalid) => {
                 self.metrics
@@ -244,12 +245,29 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
                         acker,
                         body: data,
                         properties,
-                        submitted: false,
+                        to_entity: false,
                     },
                     now,
                 );
                 self.dead_letter(key, invalid.to_string());
             }
+        }
+        Ok(())
+    }
+
+    /// Submits the delivery that waited for room, if there is room now.
+    fn submit_waiting(&mut self) -> Result<(), BridgeError> {
+        let Some(permit) = self
+            .producer
+            .try_reserve()
+            .map_err(|_| BridgeError::ProducerStopped)?
+        else {
+            return Ok(());
+        };
+        if let Some((key, entity, message)) = self.unsubmitted.take() {
+            let outcome = permit.submit(entity, message);
+            self.outcomes
+                .push(Box::pin(outcome.map(move |outcome| (key, outcome))));
         }
         Ok(())
     }
@@ -321,14 +339,23 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
         }
     }
 
-    /// Nacks a pending delivery back to the queue and forgets it. Its message stays with the
-    /// controller until its entity confirms it; the outcome is then ignored.
+    /// Nacks a pending delivery back to the queue. One still with the controller keeps its
+    /// place in the in-flight bound until its outcome arrives (then ignored), so copies cannot
+    /// pile up behind a stuck entity.
     fn requeue(&mut self, key: DeliveryKey) {
         let Some(held) = self.in_flight.pending(key) else {
             return;
         };
         self.acks.nack(held.acker.clone());
-        self.in_flight.settle(key, Settlement::Requeued);
+        let to_entity = held.to_entity;
+        if self.unsubmitted.as_ref().is_some_and(|(k, _, _)| *k == key) {
+            self.unsubmitted = None;
+            self.in_flight.settle(key, Settlement::Requeued);
+        } else if to_entity {
+            self.in_flight.requeue_held(key);
+        } else {
+            self.in_flight.settle(key, Settlement::Requeued);
+        }
     }
 
     fn expire(&mut self, now: Instant) {
@@ -374,8 +401,12 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
     /// The channel's deliveries can no longer be acked; the broker requeued them.
     fn lose_channel(&mut self) {
         // A message already submitted stays counted until its entity confirms it (its memory
-        // is still in use); its redelivered copy is processed afresh and deduplicated.
-        let lost = self.in_flight.orphan_all(|_, held| held.submitted);
+        // is still in use); its redelivered copy is processed afresh and deduplicated. One
+        // still waiting to be submitted is dropped: its copy takes its place.
+        let unsubmitted = self.unsubmitted.take().map(|(key, _, _)| key);
+        let lost = self
+            .in_flight
+            .orphan_all(|key, held| held.to_entity && Some(key) != unsubmitted);
         if lost > 0 {
             self.metrics.deliveries.requeued.inc_by(lost as u64);
             warn!(

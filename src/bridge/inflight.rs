@@ -3,13 +3,15 @@
 //! `multiple` only up to the end of a contiguous settled prefix, so no delivery is ever acked
 //! before its own entity confirmed it.
 //!
-//! Deliveries of a channel that died become *orphans*: the broker already requeued them, so
-//! they are never acked, but they still count toward the in-flight bound until their entity
-//! confirms them or their deadline passes, because their messages still occupy memory.
+//! Deliveries of a channel that died, and deliveries nacked back at their deadline while their
+//! message is still with the entities, become *orphans*: never acked again, but counted toward
+//! the in-flight bound until their outcome arrives (the controller reports on every message it
+//! took), because their messages still occupy memory there. A stuck entity therefore stops the
+//! bridge from taking more instead of letting redelivered copies pile up behind it.
 //!
 //! Sans-IO: the held value `T` (the acker and what dead-lettering needs) is opaque here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -68,7 +70,7 @@ pub enum Settled {
 #[derive(Debug)]
 pub struct InFlight<T> {
     entries: VecDeque<Entry<T>>,
-    orphans: HashMap<DeliveryKey, Instant>,
+    orphans: HashSet<DeliveryKey>,
     next_key: u64,
     deadline_after: Duration,
 }
@@ -78,7 +80,7 @@ impl<T> InFlight<T> {
     pub fn new(deadline_after: Duration) -> Self {
         InFlight {
             entries: VecDeque::new(),
-            orphans: HashMap::new(),
+            orphans: HashSet::new(),
             next_key: 0,
             deadline_after,
         }
@@ -125,7 +127,7 @@ impl<T> InFlight<T> {
 
     /// Marks a delivery settled.
     pub fn settle(&mut self, key: DeliveryKey, settlement: Settlement) -> Settled {
-        if self.orphans.remove(&key).is_some() {
+        if self.orphans.remove(&key) {
             return Settled::Orphan;
         }
         match self.entry_mut(key) {
@@ -148,26 +150,32 @@ impl<T> InFlight<T> {
     }
 
     /// Puts the keys of current deliveries past their deadline into `out` (the driver nacks
-    /// and settles them) and forgets orphans past theirs.
-    pub fn expire(&mut self, now: Instant, out: &mut Vec<DeliveryKey>) {
+    /// and settles them).
+    pub fn expire(&self, now: Instant, out: &mut Vec<DeliveryKey>) {
         // Deliveries arrive in time order, so deadlines increase along the queue.
         for entry in self.entries.iter().take_while(|e| e.deadline <= now) {
             if entry.settlement.is_none() && !entry.settling {
                 out.push(entry.key);
             }
         }
-        self.orphans.retain(|_, deadline| *deadline > now);
+    }
+
+    /// Settles a pending delivery as requeued (it was nacked) while its message is still being
+    /// worked on: it stays counted, as an orphan, until [`Self::settle`] reports its outcome.
+    /// Until it leaves the settled prefix it is counted twice, which only makes the bound
+    /// stricter for that moment.
+    pub fn requeue_held(&mut self, key: DeliveryKey) {
+        if self.settle(key, Settlement::Requeued) == Settled::Current {
+            self.orphans.insert(key);
+        }
     }
 
     /// The earliest deadline of anything unsettled.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let current = self
-            .entries
+        self.entries
             .iter()
             .find(|e| e.settlement.is_none() && !e.settling)
-            .map(|e| e.deadline);
-        let orphan = self.orphans.values().min().copied();
-        current.into_iter().chain(orphan).min()
+            .map(|e| e.deadline)
     }
 
     /// The channel was lost: the broker requeued all its deliveries. Settled ones are dropped;
@@ -180,7 +188,7 @@ impl<T> InFlight<T> {
             match entry.settlement {
                 None => {
                     if keep(entry.key, &entry.held) {
-                        self.orphans.insert(entry.key, entry.deadline);
+                        self.orphans.insert(entry.key);
                     }
                     returned += 1;
                 }
@@ -320,14 +328,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn orphans_are_forgotten_at_their_deadline() {
+    async fn orphans_stay_counted_past_any_deadline_until_their_outcome() {
         let mut t = table();
-        t.insert(1, Instant::now());
+        let key = t.insert(1, Instant::now());
         t.orphan_all(|_, _| true);
-        tokio::time::advance(Duration::from_secs(60)).await;
+        tokio::time::advance(Duration::from_secs(3600)).await;
         let mut expired = Vec::new();
         t.expire(Instant::now(), &mut expired);
         assert!(expired.is_empty());
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.settle(key, Settlement::Acked), Settled::Orphan);
+        assert!(t.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_requeued_delivery_still_held_keeps_its_place_until_its_outcome() {
+        let mut t = table();
+        let key = t.insert(1, Instant::now());
+        t.requeue_held(key);
+        assert_eq!(popped(&mut t), vec![(1, Settlement::Requeued)]);
+        assert_eq!(t.len(), 1, "its message is still with the entities");
+        assert!(t.pending(key).is_none(), "it cannot be acked any more");
+        assert_eq!(t.settle(key, Settlement::Acked), Settled::Orphan);
         assert!(t.is_empty());
     }
 }

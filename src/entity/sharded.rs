@@ -15,9 +15,10 @@ use tracing::warn;
 
 use crate::cluster::member::NodeAddr;
 use crate::cluster::transport::Outbox;
+use crate::delivery::protocol::SeqNr;
 use crate::delivery::protocol::{ProducerId, ProducerRef, SequencedMessage};
 use crate::delivery::sharding::ShardingConsumerController;
-use crate::delivery::sharding::driver::{EntityAnswer, ToProducer};
+use crate::delivery::sharding::driver::{Rejection, ToProducer};
 use crate::entity::runner::{ActiveGuard, EntityMetrics, RunnerSettings, process, recover};
 use crate::entity::{Entity, EntityFactory, EntityId};
 use crate::sharding::driver::{EntitySpawner, EntityTask};
@@ -100,6 +101,7 @@ where
     let mut consumer = ShardingConsumerController::new(settings.consumer.clone());
     // Where each producer's controller lives, and which incarnation of it spoke last.
     let mut producers = Producers::default();
+    let window = u64::from(settings.consumer.flow_control_window);
     let mut open = true;
     loop {
         // Taken before the next delivery, so a query is answered between two messages, not
@@ -113,36 +115,36 @@ where
                     &mut consumer,
                     &mut producers,
                     &to_asker,
+                    window,
                 ),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
         while let Some((to, frame)) = consumer.poll_transmit() {
-            if let Some((node, _)) = producers.get(&to.id) {
+            if let Some(producer) = producers.get(&to.id) {
                 let answer = ToProducer {
                     entity: id.clone(),
                     to,
-                    answer: EntityAnswer::Frame(frame),
+                    frame,
+                    rejected: producer.rejected.clone(),
                 };
-                to_producer(node, answer);
+                to_producer(&producer.node, answer);
             }
         }
         if let Some(delivery) = consumer.poll_event() {
             if let Err(reason) = process(&mut entity, &delivery.message, &settings, &metrics).await
             {
                 warn!(entity = %id, %reason, "giving up on a message");
-                if let Some((node, to)) = producers.get(&delivery.producer_id) {
-                    let answer = ToProducer {
-                        entity: id.clone(),
-                        to: to.clone(),
-                        answer: EntityAnswer::Rejected {
-                            seq_nr: delivery.seq_nr,
-                            reason,
-                        },
-                    };
-                    to_producer(node, answer);
-                }
+                // Sent with every frame to its producer from the confirmation on, until the
+                // producer has shown it got one.
+                producers.reject(
+                    &delivery.producer_id,
+                    Rejection {
+                        seq_nr: delivery.seq_nr,
+                        reason,
+                    },
+                );
             }
             // One delivery per producer is outstanding, and this is it.
             let _ = consumer.confirm(&delivery.producer_id, Instant::now());
@@ -160,6 +162,7 @@ where
                     &mut consumer,
                     &mut producers,
                     &to_asker,
+                    window,
                 ),
                 // Asked to stop: finish what the controllers hold first.
                 None => open = false,
@@ -178,6 +181,7 @@ fn on_envelope<E>(
     consumer: &mut ShardingConsumerController<E::Message>,
     producers: &mut Producers,
     to_asker: &Outbox<QueryReply>,
+    window: u64,
 ) where
     E: Entity,
     E::Message: Clone,
@@ -185,7 +189,7 @@ fn on_envelope<E>(
 {
     match envelope {
         EntityEnvelope::Sequenced { reply_to, message } => {
-            producers.insert(reply_to, message.producer.clone());
+            producers.heard_from(reply_to, &message.producer, message.seq_nr, window);
             consumer.handle_message(message, Instant::now());
         }
         EntityEnvelope::Query { reply_to, request } => {
@@ -205,23 +209,107 @@ fn on_envelope<E>(
 /// The producers an entity has heard from: usually one or two, so a Vec sized exactly
 /// (a map keeps room for several in every idle entity).
 #[derive(Default)]
-struct Producers(Vec<(NodeAddr, ProducerRef)>);
+struct Producers(Vec<Producer>);
+
+struct Producer {
+    /// Where its controller lives.
+    node: NodeAddr,
+    /// Which incarnation of it spoke last.
+    producer: ProducerRef,
+    /// Messages of it this entity gave up on, resent with every frame until it has shown it
+    /// has them.
+    rejected: Vec<Rejection>,
+}
 
 impl Producers {
-    fn get(&self, id: &ProducerId) -> Option<(&NodeAddr, &ProducerRef)> {
-        self.0
-            .iter()
-            .find(|(_, producer)| producer.id == *id)
-            .map(|(node, producer)| (node, producer))
+    fn get(&self, id: &ProducerId) -> Option<&Producer> {
+        self.0.iter().find(|p| p.producer.id == *id)
     }
 
-    fn insert(&mut self, node: NodeAddr, producer: ProducerRef) {
-        match self.0.iter_mut().find(|(_, known)| known.id == producer.id) {
-            Some(entry) => *entry = (node, producer),
+    /// A message `seq_nr` came from `producer` on `node`. A producer sends past
+    /// `confirmed + window` only after it got a frame confirming that much, and every frame
+    /// sent after a rejection carries it: a rejection `window` or more behind `seq_nr` has
+    /// arrived. (Twice the window, to stay clear of the edge.)
+    fn heard_from(&mut self, node: NodeAddr, producer: &ProducerRef, seq_nr: SeqNr, window: u64) {
+        match self.0.iter_mut().find(|p| p.producer.id == producer.id) {
+            Some(known) => {
+                if known.producer != *producer {
+                    // A new incarnation knows nothing of the old one's messages.
+                    known.rejected = Vec::new();
+                    known.producer = producer.clone();
+                }
+                known.node = node;
+                known
+                    .rejected
+                    .retain(|r| r.seq_nr.0.saturating_add(2 * window) > seq_nr.0);
+            }
             None => {
                 self.0.reserve_exact(1);
-                self.0.push((node, producer));
+                self.0.push(Producer {
+                    node,
+                    producer: producer.clone(),
+                    rejected: Vec::new(),
+                });
             }
         }
+    }
+
+    fn reject(&mut self, id: &ProducerId, rejection: Rejection) {
+        if let Some(producer) = self.0.iter_mut().find(|p| p.producer.id == *id) {
+            producer.rejected.push(rejection);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::member::NodeId;
+
+    fn node() -> NodeAddr {
+        NodeAddr {
+            id: NodeId::new("n1"),
+            generation: 1,
+        }
+    }
+
+    fn producer(incarnation: u64) -> ProducerRef {
+        ProducerRef {
+            id: ProducerId::new("p"),
+            incarnation,
+        }
+    }
+
+    fn rejected(producers: &Producers) -> Vec<u64> {
+        let producer = producers.get(&ProducerId::new("p")).unwrap();
+        producer.rejected.iter().map(|r| r.seq_nr.0).collect()
+    }
+
+    #[test]
+    fn a_rejection_rides_along_until_the_producer_is_two_windows_past_it() {
+        let mut producers = Producers::default();
+        producers.heard_from(node(), &producer(1), SeqNr(3), 10);
+        let rejection = Rejection {
+            seq_nr: SeqNr(3),
+            reason: "no".into(),
+        };
+        producers.reject(&ProducerId::new("p"), rejection);
+        producers.heard_from(node(), &producer(1), SeqNr(22), 10);
+        assert_eq!(rejected(&producers), vec![3]);
+        producers.heard_from(node(), &producer(1), SeqNr(23), 10);
+        assert!(rejected(&producers).is_empty());
+    }
+
+    #[test]
+    fn a_new_incarnation_of_the_producer_forgets_the_old_ones_rejections() {
+        let mut producers = Producers::default();
+        producers.heard_from(node(), &producer(1), SeqNr(1), 10);
+        let rejection = Rejection {
+            seq_nr: SeqNr(1),
+            reason: "no".into(),
+        };
+        producers.reject(&ProducerId::new("p"), rejection);
+        producers.heard_from(node(), &producer(2), SeqNr(1), 10);
+        assert!(rejected(&producers).is_empty());
     }
 }

@@ -512,7 +512,7 @@ where
             .shards
             .insert(status.node.clone(), status.shards_here.clone());
         let view = self.membership.view().borrow().clone();
-        let mut answers = Vec::new();
+        let (mut answers, mut pending) = (Vec::new(), Vec::new());
         for member in view.members.values() {
             let alive = matches!(member.status, MemberStatus::Up | MemberStatus::Leaving);
             if member.addr == self.me || !alive {
@@ -521,22 +521,24 @@ where
             let request = self.next_query.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             lock(&self.queries).insert(request, tx);
-            self.transport
-                .send(&member.addr, NodeMsg::ShardsRequest { request });
-            answers.push((member.addr.id.to_string(), request, rx));
-        }
-        let deadline = Instant::now() + timeout;
-        for (node, request, rx) in answers {
-            let _pending = PendingQuery {
+            // Forgotten however this ends, the caller giving up included.
+            pending.push(PendingQuery {
                 queries: &self.queries,
                 request,
-            };
+            });
+            self.transport
+                .send(&member.addr, NodeMsg::ShardsRequest { request });
+            answers.push((member.addr.id.to_string(), rx));
+        }
+        let deadline = Instant::now() + timeout;
+        for (node, rx) in answers {
             if let Ok(Ok(answer)) = tokio::time::timeout_at(deadline, rx).await
                 && let Ok(hosted) = serde_json::from_slice::<HostedShards>(&answer)
             {
                 status.shards.insert(node, hosted.shards);
             }
         }
+        drop(pending);
         status
     }
 

@@ -28,29 +28,29 @@ use crate::delivery::sharding::producer::{ShardingProducerController, ShardingPr
 use crate::entity::EntityId;
 use crate::timer::sleep_until;
 
-/// What an entity's consumer side says to a producer's controller.
+/// A message an entity gave up on, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum EntityAnswer {
-    /// A reliable-delivery frame.
-    Frame(ConsumerFrame),
-    /// The entity gave up on message `seq_nr`; its confirmation follows.
-    Rejected {
-        /// The message.
-        seq_nr: SeqNr,
-        /// Why.
-        reason: String,
-    },
+pub struct Rejection {
+    /// The message.
+    pub seq_nr: SeqNr,
+    /// Why.
+    pub reason: String,
 }
 
-/// An entity's answer on its way to the controller `to`.
+/// An entity's reliable-delivery frame on its way to the controller `to`, with the
+/// rejections of messages it may confirm: they travel in one message, so a confirmation never
+/// arrives without the verdict on what it confirms (a lost frame loses both, and the resent
+/// confirmation carries the rejections again).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ToProducer {
     /// The entity answering.
     pub entity: EntityId,
     /// The controller (child of a ShardingProducerController) it answers.
     pub to: ProducerRef,
-    /// The answer.
-    pub answer: EntityAnswer,
+    /// The frame.
+    pub frame: ConsumerFrame,
+    /// Messages of `to` the entity gave up on and may have confirmed.
+    pub rejected: Vec<Rejection>,
 }
 
 /// How a message sent with [`ShardingProducerHandle::ask`] ended.
@@ -121,6 +121,21 @@ impl<M: Send + 'static> ShardingProducerHandle<M> {
         Ok(async move { outcome.await.map_err(|_| AskError::Stopped) })
     }
 
+    /// Waits until the controller takes one more message; the permit then submits it at once.
+    pub async fn reserve(&self) -> Result<SubmitPermit<'_, M>, AskError> {
+        let permit = self.asks.reserve().await.map_err(|_| AskError::Stopped)?;
+        Ok(SubmitPermit { permit })
+    }
+
+    /// A permit if the controller takes one more message now, `None` if it is busy.
+    pub fn try_reserve(&self) -> Result<Option<SubmitPermit<'_, M>>, AskError> {
+        match self.asks.try_reserve() {
+            Ok(permit) => Ok(Some(SubmitPermit { permit })),
+            Err(mpsc::error::TrySendError::Full(())) => Ok(None),
+            Err(mpsc::error::TrySendError::Closed(())) => Err(AskError::Stopped),
+        }
+    }
+
     /// Resends the first unconfirmed message of every entity silent for `idle_for` now (see
     /// [`ShardingProducerController::wake_idle`]).
     pub fn wake_idle(&self, idle_for: Duration) {
@@ -135,6 +150,29 @@ impl<M: Send + 'static> ShardingProducerHandle<M> {
             reply: None,
         };
         self.asks.send(ask).await.map_err(|_| AskError::Stopped)
+    }
+}
+
+/// Room for one message at the controller, from [`ShardingProducerHandle::reserve`].
+pub struct SubmitPermit<'a, M> {
+    permit: mpsc::Permit<'a, Ask<M>>,
+}
+
+impl<M> SubmitPermit<'_, M> {
+    /// Queues `message` for `entity` and returns the future of its outcome (see
+    /// [`ShardingProducerHandle::submit`]).
+    pub fn submit(
+        self,
+        entity: EntityId,
+        message: M,
+    ) -> impl Future<Output = Result<AskOutcome, AskError>> + use<M> {
+        let (reply, outcome) = oneshot::channel();
+        self.permit.send(Ask {
+            entity,
+            message,
+            reply: Some(reply),
+        });
+        async move { outcome.await.map_err(|_| AskError::Stopped) }
     }
 }
 
@@ -286,11 +324,11 @@ async fn run<M: Clone + Send + 'static, Q: DurableProducerQueue<M>>(
             }
             Some(idle_for) = inputs.wake.recv() => core.wake_idle(idle_for, Instant::now()),
             Some(answer) = inputs.answers.recv() => {
-                let now = Instant::now();
-                match answer.answer {
-                    EntityAnswer::Frame(frame) => core.handle_frame(&answer.entity, &answer.to, frame, now),
-                    EntityAnswer::Rejected { seq_nr, reason } => core.reject(&answer.entity, &answer.to, seq_nr, reason),
+                // Verdicts first: the frame may confirm the messages they are about.
+                for Rejection { seq_nr, reason } in answer.rejected {
+                    core.reject(&answer.entity, &answer.to, seq_nr, reason);
                 }
+                core.handle_frame(&answer.entity, &answer.to, answer.frame, Instant::now());
             }
             Some(outcome) = durable.ops.next(), if !durable.ops.is_empty() => {
                 store::apply(&mut core, outcome);

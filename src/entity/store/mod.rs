@@ -25,15 +25,23 @@ pub enum Appended {
     Duplicate,
 }
 
-/// Why the store did not answer; the caller retries (nothing was half-written).
+/// Why the store did not answer; nothing was half-written either way.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// No connection to the database could be had.
-    #[error("entity store unreachable: {0}")]
+    /// The database cannot be reached or cannot serve now (connection lost, shutting down,
+    /// overloaded); worth retrying for as long as it lasts.
+    #[error("entity store unavailable: {0}")]
     Unavailable(String),
-    /// The database refused or failed the statement.
+    /// The database refused or failed the statement itself.
     #[error("entity store query failed: {0}")]
     Query(String),
+}
+
+impl StoreError {
+    /// True when waiting may help.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 /// Per-entity append-only records with idempotency keys.

@@ -119,8 +119,23 @@ impl PostgresEntityStore {
     }
 }
 
+/// A lost connection or a server that is starting, stopping, overloaded or resolving a
+/// conflict is unavailable (retry later); anything else is the statement's failure.
 fn query_error(error: tokio_postgres::Error) -> StoreError {
-    StoreError::Query(error.to_string())
+    let transient = match error.code() {
+        None => true,
+        Some(state) => {
+            // Classes 08 connection, 40 transaction rollback, 53 resources, 57 operator
+            // intervention (shutdown, cancel).
+            let class = &state.code()[..2];
+            matches!(class, "08" | "40" | "53" | "57")
+        }
+    };
+    if transient {
+        StoreError::Unavailable(error.to_string())
+    } else {
+        StoreError::Query(error.to_string())
+    }
 }
 
 #[async_trait]

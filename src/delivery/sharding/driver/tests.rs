@@ -76,7 +76,8 @@ fn entities(mut wire: Wire, answers: mpsc::Sender<ToProducer>) -> Arc<Mutex<Vec<
                         let answer = ToProducer {
                             entity: entity.clone(),
                             to,
-                            answer: EntityAnswer::Frame(frame),
+                            frame,
+                            rejected: Vec::new(),
                         };
                         let _ = answers.send(answer).await;
                     }
