@@ -117,10 +117,11 @@ impl Entity for ProductActor {
         };
         let record = serde_json::to_vec(&record)
             .map_err(|e| EntityError::new(format!("order does not serialize: {e}")))?;
-        let key = order.order_id.to_string();
+        let mut key = Uuid::encode_buffer();
+        let key = order.order_id.hyphenated().encode_lower(&mut key);
         let appended = self
             .store
-            .append(&self.id, &key, &record)
+            .append(&self.id, key, &record)
             .await
             .map_err(store_error)?;
         if appended == Appended::Duplicate {

@@ -7,6 +7,7 @@
 //! the cluster node and outlive the bridge (a singleton that may move to another node).
 
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
@@ -21,7 +22,7 @@ use crate::amqp::{AmqpError, AmqpSource, Session, SourceEvent};
 use crate::bridge::acks::AckWriter;
 use crate::bridge::inflight::{DeliveryKey, Entry, InFlight, Settlement};
 use crate::bridge::settings::BridgeSettings;
-use crate::delivery::sharding::driver::{AskError, AskOutcome, ShardingProducerHandle};
+use crate::delivery::sharding::driver::{AskError, AskOutcome, Outcome, ShardingProducerHandle};
 use crate::entity::{EntityId, EntityMessage, InvalidMessage};
 use crate::metrics::BridgeMetrics;
 use crate::timer::sleep_until;
@@ -34,8 +35,23 @@ const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(30);
 const BATCH: usize = 256;
 
 type DeadLetterFuture = Pin<Box<dyn Future<Output = (DeliveryKey, Result<(), AmqpError>)> + Send>>;
-type OutcomeFuture =
-    Pin<Box<dyn Future<Output = (DeliveryKey, Result<AskOutcome, AskError>)> + Send>>;
+
+/// A submitted delivery's outcome, with its key.
+struct KeyedOutcome {
+    key: DeliveryKey,
+    outcome: Outcome,
+}
+
+impl Future for KeyedOutcome {
+    type Output = (DeliveryKey, Result<AskOutcome, AskError>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let key = self.key;
+        Pin::new(&mut self.outcome)
+            .poll(cx)
+            .map(|outcome| (key, outcome))
+    }
+}
 
 /// What the bridge keeps of a delivery until it is settled.
 struct Held {
@@ -63,7 +79,7 @@ pub struct Bridge<M> {
     source: AmqpSource,
     producer: ShardingProducerHandle<M>,
     /// One per submitted delivery: its entity's confirmation or rejection.
-    outcomes: FuturesUnordered<OutcomeFuture>,
+    outcomes: FuturesUnordered<KeyedOutcome>,
     /// A decoded delivery waiting for room at the controller; nothing more is taken meanwhile.
     unsubmitted: Option<(DeliveryKey, EntityId, M)>,
     in_flight: InFlight<Held>,
@@ -106,9 +122,7 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
         let mut drain_until: Option<Instant> = None;
         let result = loop {
             let mut failure = None;
-            let can_take = drain_until.is_none()
-                && self.unsubmitted.is_none()
-                && self.in_flight.len() < usize::from(self.settings.max_in_flight);
+            let can_take = drain_until.is_none() && self.has_room();
             let wake_at = [self.in_flight.next_deadline(), drain_until]
                 .into_iter()
                 .flatten()
@@ -144,10 +158,7 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
                         Some(event) => failure = self.on_source_event(event).err(),
                         None => failure = Some(BridgeError::SourceStopped),
                     }
-                    while failure.is_none()
-                        && self.unsubmitted.is_none()
-                        && self.in_flight.len() < usize::from(self.settings.max_in_flight)
-                    {
+                    while failure.is_none() && self.has_room() {
                         let Some(event) = self.source.try_next() else { break };
                         failure = self.on_source_event(event).err();
                     }
@@ -255,6 +266,12 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
         Ok(())
     }
 
+    /// Another delivery may be taken: none waits for the controller and the bound has room.
+    fn has_room(&self) -> bool {
+        self.unsubmitted.is_none()
+            && self.in_flight.len() < usize::from(self.settings.max_in_flight)
+    }
+
     /// Submits the delivery that waited for room, if there is room now.
     fn submit_waiting(&mut self) -> Result<(), BridgeError> {
         let Some(permit) = self
@@ -266,8 +283,7 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
         };
         if let Some((key, entity, message)) = self.unsubmitted.take() {
             let outcome = permit.submit(entity, message);
-            self.outcomes
-                .push(Box::pin(outcome.map(move |outcome| (key, outcome))));
+            self.outcomes.push(KeyedOutcome { key, outcome });
         }
         Ok(())
     }

@@ -518,15 +518,12 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> PeerTask<T> {
                     _ = sleep_until(last_sent + settings.heartbeat_interval) => Frame::Ping,
                 };
                 // Whatever else is queued goes out in the same write: one syscall for a burst.
-                let mut frames = vec![frame];
-                while frames.len() < WRITE_BATCH {
-                    match queue.try_recv() {
-                        Ok(message) => frames.push(Frame::Message(message)),
-                        Err(_) => break,
+                let (mut next, mut taken, mut count, mut len) = (Some(frame), 1, 0, 0);
+                while let Some(frame) = next.take() {
+                    if taken < WRITE_BATCH {
+                        next = queue.try_recv().ok().map(Frame::Message);
+                        taken += 1;
                     }
-                }
-                let (mut count, mut len) = (0, 0);
-                for frame in frames {
                     let bytes = match encode(&frame) {
                         Ok(bytes) if bytes.len() <= settings.max_frame_bytes => bytes,
                         Ok(bytes) => {

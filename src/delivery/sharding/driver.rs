@@ -106,19 +106,8 @@ impl<M: Send + 'static> ShardingProducerHandle<M> {
 
     /// Queues `message` for `entity` (in order with earlier calls) and returns a future of
     /// its outcome, so a producer can keep many messages in flight while order holds.
-    pub async fn submit(
-        &self,
-        entity: EntityId,
-        message: M,
-    ) -> Result<impl Future<Output = Result<AskOutcome, AskError>> + use<M>, AskError> {
-        let (reply, outcome) = oneshot::channel();
-        let ask = Ask {
-            entity,
-            message,
-            reply: Some(reply),
-        };
-        self.asks.send(ask).await.map_err(|_| AskError::Stopped)?;
-        Ok(async move { outcome.await.map_err(|_| AskError::Stopped) })
+    pub async fn submit(&self, entity: EntityId, message: M) -> Result<Outcome, AskError> {
+        Ok(self.reserve().await?.submit(entity, message))
     }
 
     /// Waits until the controller takes one more message; the permit then submits it at once.
@@ -159,20 +148,32 @@ pub struct SubmitPermit<'a, M> {
 }
 
 impl<M> SubmitPermit<'_, M> {
-    /// Queues `message` for `entity` and returns the future of its outcome (see
-    /// [`ShardingProducerHandle::submit`]).
-    pub fn submit(
-        self,
-        entity: EntityId,
-        message: M,
-    ) -> impl Future<Output = Result<AskOutcome, AskError>> + use<M> {
+    /// Queues `message` for `entity` and returns its [`Outcome`].
+    pub fn submit(self, entity: EntityId, message: M) -> Outcome {
         let (reply, outcome) = oneshot::channel();
         self.permit.send(Ask {
             entity,
             message,
             reply: Some(reply),
         });
-        async move { outcome.await.map_err(|_| AskError::Stopped) }
+        Outcome(outcome)
+    }
+}
+
+/// How a submitted message ends, once its entity confirmed or rejected it. A named future
+/// (not a boxed one), so a caller keeping many in flight allocates nothing more per message.
+pub struct Outcome(oneshot::Receiver<AskOutcome>);
+
+impl Future for Outcome {
+    type Output = Result<AskOutcome, AskError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|outcome| outcome.map_err(|_| AskError::Stopped))
     }
 }
 
