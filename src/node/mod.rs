@@ -78,8 +78,6 @@ pub enum NodeMsg<M> {
 pub struct HostedShards {
     /// Shards hosted there.
     pub shards: Vec<u32>,
-    /// Entities running there.
-    pub entities: usize,
 }
 
 /// Why a node did not start.
@@ -471,7 +469,12 @@ where
     /// What this node knows about the cluster.
     pub fn status(&self) -> ClusterStatus {
         let view = self.membership.view().borrow().clone();
-        let region = self.region.status().borrow().clone();
+        self.status_in(&view)
+    }
+
+    fn status_in(&self, view: &ClusterView) -> ClusterStatus {
+        let region = self.region.status();
+        let region = region.borrow();
         let now = wall_clock_millis();
         let mut members: Vec<&Member> = view.members.values().collect();
         members.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
@@ -488,7 +491,7 @@ where
                     address: m.rpc_addr.to_string(),
                 })
                 .collect(),
-            coordinator: region.coordinator.map(|c| c.id.to_string()),
+            coordinator: region.coordinator.as_ref().map(|c| c.id.to_string()),
             singletons: self
                 .singleton_roles
                 .iter()
@@ -498,7 +501,7 @@ where
                 })
                 .collect(),
             singletons_here: self.singletons.running().borrow().iter().cloned().collect(),
-            shards_here: region.hosted.iter().map(|ShardId(s)| *s).collect(),
+            shards_here: shard_numbers(&region),
             entities_here: region.entities,
             shards: BTreeMap::new(),
         }
@@ -507,11 +510,11 @@ where
     /// [`Self::status`] plus the shards every live member hosts, asked over the cluster (up to
     /// `timeout` for their answers).
     pub async fn cluster_status(&self, timeout: Duration) -> ClusterStatus {
-        let mut status = self.status();
+        let view = self.membership.view().borrow().clone();
+        let mut status = self.status_in(&view);
         status
             .shards
             .insert(status.node.clone(), status.shards_here.clone());
-        let view = self.membership.view().borrow().clone();
         let (mut answers, mut pending) = (Vec::new(), Vec::new());
         for member in view.members.values() {
             let alive = matches!(member.status, MemberStatus::Up | MemberStatus::Leaving);
@@ -602,6 +605,10 @@ where
         self.singletons.stopped().await;
         self.membership.shutdown().await;
     }
+}
+
+fn shard_numbers(region: &RegionStatus) -> Vec<u32> {
+    region.hosted.iter().map(|ShardId(s)| *s).collect()
 }
 
 /// Binds the cluster port. Port 0 (a node nobody joins) picks one free for both TCP and UDP,
@@ -713,17 +720,14 @@ impl<M: Clone + Send + Sync + 'static> Router<M> {
                 }
                 NodeMsg::Work(message) => self.workers.handle(from, message),
                 NodeMsg::ShardsRequest { request } => {
-                    let region = self.region.status().borrow().clone();
                     let hosted = HostedShards {
-                        shards: region.hosted.iter().map(|ShardId(s)| *s).collect(),
-                        entities: region.entities,
+                        shards: shard_numbers(&self.region.status().borrow()),
                     };
                     if let Ok(snapshot) = serde_json::to_vec(&hosted) {
                         (self.to_asker)(&from, QueryReply { request, snapshot });
                     }
                 }
                 NodeMsg::QueryReply(reply) => {
-                    debug!(request = reply.request, "query reply");
                     if let Some(asker) = lock(&self.queries).remove(&reply.request) {
                         let _ = asker.send(reply.snapshot);
                     }
