@@ -150,11 +150,6 @@ impl Metrics {
                 "Processing attempts beyond the first.",
             )?,
             active: gauge(&registry, "warren_entities_active", "Entities running.")?,
-            inbox_drops: counter(
-                &registry,
-                "warren_entity_inbox_drops_total",
-                "Protocol messages dropped at a full entity inbox (they are resent).",
-            )?,
         };
         Ok(Metrics {
             cluster: ClusterMetrics::register(&registry)?,

@@ -32,8 +32,6 @@ pub struct EntityMetrics {
     pub retries: IntCounter,
     /// Entity tasks running.
     pub active: IntGauge,
-    /// Frames dropped because an entity's inbox was full (the protocol resends them).
-    pub inbox_drops: IntCounter,
 }
 
 /// Recovers `entity`'s stored state, retrying with backoff (up to `retry_backoff_max` apart)
@@ -165,7 +163,6 @@ mod tests {
         EntityMetrics {
             retries: IntCounter::new("r", "r").unwrap(),
             active: IntGauge::new("a", "a").unwrap(),
-            inbox_drops: IntCounter::new("d", "d").unwrap(),
         }
     }
 

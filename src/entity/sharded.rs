@@ -100,8 +100,7 @@ where
     recover(&id, &mut entity, &settings).await;
     let mut consumer = ShardingConsumerController::new(settings.consumer.clone());
     // Where each producer's controller lives, and which incarnation of it spoke last.
-    let mut producers = Producers::default();
-    let window = u64::from(settings.consumer.flow_control_window);
+    let mut producers = Producers::new(settings.consumer.flow_control_window);
     let mut open = true;
     loop {
         // Taken before the next delivery, so a query is answered between two messages, not
@@ -115,7 +114,6 @@ where
                     &mut consumer,
                     &mut producers,
                     &to_asker,
-                    window,
                 ),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => open = false,
@@ -162,7 +160,6 @@ where
                     &mut consumer,
                     &mut producers,
                     &to_asker,
-                    window,
                 ),
                 // Asked to stop: finish what the controllers hold first.
                 None => open = false,
@@ -181,7 +178,6 @@ fn on_envelope<E>(
     consumer: &mut ShardingConsumerController<E::Message>,
     producers: &mut Producers,
     to_asker: &Outbox<QueryReply>,
-    window: u64,
 ) where
     E: Entity,
     E::Message: Clone,
@@ -189,13 +185,12 @@ fn on_envelope<E>(
 {
     match envelope {
         EntityEnvelope::Sequenced { reply_to, message } => {
-            producers.heard_from(reply_to, &message.producer, message.seq_nr, window);
+            producers.heard_from(reply_to, &message.producer, message.seq_nr);
             consumer.handle_message(message, Instant::now());
         }
         EntityEnvelope::Query { reply_to, request } => {
             match serde_json::to_vec(&entity.snapshot()) {
                 Ok(snapshot) => {
-                    tracing::debug!(entity = %id, request, "answering a query");
                     to_asker(&reply_to, QueryReply { request, snapshot });
                 }
                 Err(error) => {
@@ -208,8 +203,11 @@ fn on_envelope<E>(
 
 /// The producers an entity has heard from: usually one or two, so a Vec sized exactly
 /// (a map keeps room for several in every idle entity).
-#[derive(Default)]
-struct Producers(Vec<Producer>);
+struct Producers {
+    known: Vec<Producer>,
+    /// The consumer side's flow-control window, which bounds how long a rejection rides along.
+    window: u64,
+}
 
 struct Producer {
     /// Where its controller lives.
@@ -222,16 +220,24 @@ struct Producer {
 }
 
 impl Producers {
+    fn new(window: u32) -> Self {
+        Producers {
+            known: Vec::new(),
+            window: u64::from(window),
+        }
+    }
+
     fn get(&self, id: &ProducerId) -> Option<&Producer> {
-        self.0.iter().find(|p| p.producer.id == *id)
+        self.known.iter().find(|p| p.producer.id == *id)
     }
 
     /// A message `seq_nr` came from `producer` on `node`. A producer sends past
     /// `confirmed + window` only after it got a frame confirming that much, and every frame
     /// sent after a rejection carries it: a rejection `window` or more behind `seq_nr` has
     /// arrived. (Twice the window, to stay clear of the edge.)
-    fn heard_from(&mut self, node: NodeAddr, producer: &ProducerRef, seq_nr: SeqNr, window: u64) {
-        match self.0.iter_mut().find(|p| p.producer.id == producer.id) {
+    fn heard_from(&mut self, node: NodeAddr, producer: &ProducerRef, seq_nr: SeqNr) {
+        let window = self.window;
+        match self.known.iter_mut().find(|p| p.producer.id == producer.id) {
             Some(known) => {
                 if known.producer != *producer {
                     // A new incarnation knows nothing of the old one's messages.
@@ -244,8 +250,8 @@ impl Producers {
                     .retain(|r| r.seq_nr.0.saturating_add(2 * window) > seq_nr.0);
             }
             None => {
-                self.0.reserve_exact(1);
-                self.0.push(Producer {
+                self.known.reserve_exact(1);
+                self.known.push(Producer {
                     node,
                     producer: producer.clone(),
                     rejected: Vec::new(),
@@ -255,7 +261,7 @@ impl Producers {
     }
 
     fn reject(&mut self, id: &ProducerId, rejection: Rejection) {
-        if let Some(producer) = self.0.iter_mut().find(|p| p.producer.id == *id) {
+        if let Some(producer) = self.known.iter_mut().find(|p| p.producer.id == *id) {
             producer.rejected.push(rejection);
         }
     }
@@ -285,31 +291,31 @@ mod tests {
         producer.rejected.iter().map(|r| r.seq_nr.0).collect()
     }
 
-    #[test]
-    fn a_rejection_rides_along_until_the_producer_is_two_windows_past_it() {
-        let mut producers = Producers::default();
-        producers.heard_from(node(), &producer(1), SeqNr(3), 10);
+    /// Window 10; incarnation 1 of producer "p" sent `seq_nr` and the entity gave up on it.
+    fn with_rejection(seq_nr: u64) -> Producers {
+        let mut producers = Producers::new(10);
+        producers.heard_from(node(), &producer(1), SeqNr(seq_nr));
         let rejection = Rejection {
-            seq_nr: SeqNr(3),
+            seq_nr: SeqNr(seq_nr),
             reason: "no".into(),
         };
         producers.reject(&ProducerId::new("p"), rejection);
-        producers.heard_from(node(), &producer(1), SeqNr(22), 10);
+        producers
+    }
+
+    #[test]
+    fn a_rejection_rides_along_until_the_producer_is_two_windows_past_it() {
+        let mut producers = with_rejection(3);
+        producers.heard_from(node(), &producer(1), SeqNr(22));
         assert_eq!(rejected(&producers), vec![3]);
-        producers.heard_from(node(), &producer(1), SeqNr(23), 10);
+        producers.heard_from(node(), &producer(1), SeqNr(23));
         assert!(rejected(&producers).is_empty());
     }
 
     #[test]
     fn a_new_incarnation_of_the_producer_forgets_the_old_ones_rejections() {
-        let mut producers = Producers::default();
-        producers.heard_from(node(), &producer(1), SeqNr(1), 10);
-        let rejection = Rejection {
-            seq_nr: SeqNr(1),
-            reason: "no".into(),
-        };
-        producers.reject(&ProducerId::new("p"), rejection);
-        producers.heard_from(node(), &producer(2), SeqNr(1), 10);
+        let mut producers = with_rejection(1);
+        producers.heard_from(node(), &producer(2), SeqNr(1));
         assert!(rejected(&producers).is_empty());
     }
 }
