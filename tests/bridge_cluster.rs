@@ -153,6 +153,27 @@ impl Cluster {
         }
     }
 
+    /// At most `bound` orders reached their product a second time (and were recognised).
+    async fn assert_duplicates_at_most(&self, bound: f64) {
+        let duplicates = self.metric("warren_entity_duplicates_total").await;
+        assert!(
+            duplicates <= bound,
+            "{duplicates} orders reached their product twice"
+        );
+    }
+
+    /// Only n1 consumed the queue; returns the acks per running node.
+    async fn assert_only_n1_acked(&self) -> BTreeMap<&'static str, f64> {
+        let acked = acked_by_node(self).await;
+        let elsewhere: f64 = acked
+            .iter()
+            .filter(|(n, _)| **n != "n1")
+            .map(|(_, a)| a)
+            .sum();
+        assert_eq!(elsewhere, 0.0, "only n1 consumes: {acked:?}");
+        acked
+    }
+
     /// Waits until the queue is empty, nothing was dead-lettered, and every product (asked
     /// through each node in turn) holds exactly the orders published for it.
     async fn assert_everything_applied_once(&self, orders: &Orders) {
@@ -231,11 +252,7 @@ async fn the_singleton_holder_sigkilled_mid_run_loses_nothing_and_applies_nothin
     cluster.assert_everything_applied_once(&orders).await;
     assert_eq!(orders.total(), 30_000);
     // Only what n1 had applied and not yet acked came back: at most a prefetch.
-    let duplicates = cluster.metric("warren_entity_duplicates_total").await;
-    assert!(
-        duplicates <= PREFETCH,
-        "{duplicates} orders reached their product twice"
-    );
+    cluster.assert_duplicates_at_most(PREFETCH).await;
 
     // Any node tells where every shard is: each on one node, the killed node's elsewhere now.
     // Shards may still move (n1 is back), so two answers in a row must agree.
@@ -276,17 +293,8 @@ async fn a_shard_host_sigkilled_mid_run_loses_nothing_and_applies_nothing_twice(
     cluster.assert_everything_applied_once(&orders).await;
     // n3's unconfirmed orders were resent to the products' new homes, which had loaded what
     // n3 stored: at most what was in flight came twice.
-    let duplicates = cluster.metric("warren_entity_duplicates_total").await;
-    assert!(
-        duplicates <= 100.0,
-        "{duplicates} orders reached their product twice"
-    );
-    let acked = acked_by_node(&cluster).await;
-    assert_eq!(
-        acked["n2"] + acked["n3"],
-        0.0,
-        "only n1 consumed: {acked:?}"
-    );
+    cluster.assert_duplicates_at_most(100.0).await;
+    let acked = cluster.assert_only_n1_acked().await;
     assert_eq!(acked["n1"], 30_000.0, "{acked:?}");
 }
 
@@ -343,10 +351,10 @@ async fn a_backlog_waits_in_the_broker_while_slow_products_on_three_nodes_work()
     while Instant::now() < until {
         every.tick().await;
         let counts = cluster.queue.counts().await;
+        max_unacked = max_unacked.max(counts.unacked);
         if counts.ready < 5_000 {
             break;
         }
-        max_unacked = max_unacked.max(counts.unacked);
         for (peak, node) in peak.iter_mut().zip(cluster.running()) {
             *peak = (*peak).max(node.rss_kib());
         }
@@ -390,15 +398,6 @@ async fn a_force_closed_broker_connection_on_the_cluster_resumes_and_loses_nothi
     })
     .await;
     cluster.assert_everything_applied_once(&orders).await;
-    let duplicates = cluster.metric("warren_entity_duplicates_total").await;
-    assert!(
-        duplicates <= PREFETCH,
-        "{duplicates} orders reached their product twice"
-    );
-    let acked = acked_by_node(&cluster).await;
-    assert_eq!(
-        acked["n2"] + acked["n3"],
-        0.0,
-        "only n1 consumes: {acked:?}"
-    );
+    cluster.assert_duplicates_at_most(PREFETCH).await;
+    cluster.assert_only_n1_acked().await;
 }

@@ -396,15 +396,7 @@ impl Consumer {
         eventually(
             "the consumer to be consuming",
             Duration::from_secs(30),
-            || async {
-                let response = consumer
-                    .http
-                    .get(format!("{}/health", consumer.base))
-                    .send()
-                    .await
-                    .ok()?;
-                response.status().is_success().then_some(())
-            },
+            || async { consumer.get("/health").await.map(drop) },
         )
         .await;
         consumer
