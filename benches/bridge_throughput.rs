@@ -11,7 +11,8 @@
 //!
 //! `BENCH_MESSAGES` (default 50000) and `BENCH_ROUNDS` (default 7) tune it;
 //! `BENCH_ENTITY_STORE` (default `memory`) is the nodes' `--entity-store`, e.g. a
-//! `postgres://` URL to include storing every applied order.
+//! `postgres://` URL to include storing every applied order; `BENCH_CONSUMER` runs another
+//! `warren-consumer` binary (an older build, to compare commits).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -229,6 +230,9 @@ struct Node {
 
 impl Node {
     fn binary() -> std::path::PathBuf {
+        if let Some(path) = std::env::var_os("BENCH_CONSUMER") {
+            return path.into();
+        }
         let exe = std::env::current_exe().expect("bench path");
         exe.parent()
             .and_then(|deps| deps.parent())
