@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use warren::amqp::{AmqpSource, SourceSettings};
 use warren::bridge::{Bridge, BridgeError};
+use warren::cluster::membership::join::JoinState;
 use warren::cluster::singleton::driver::SingletonSpec;
 use warren::delivery::sharding::driver::ShardingProducerHandle;
 use warren::entity::RunnerSettings;
@@ -37,13 +38,27 @@ pub const BRIDGE_SINGLETON: &str = "amqp-bridge";
 /// How much longer than the bridge's own drain a leave may take (hand-offs, gossip).
 const LEAVE_MARGIN: Duration = Duration::from_secs(10);
 
+/// Exit status of bad configuration (clap's own code for usage errors, too).
+const EXIT_BAD_CONFIG: u8 = 2;
+/// Exit status of a node that gave up joining its cluster (`cluster.give_up_joining_after`):
+/// a supervisor can tell "could not reach the cluster" from a crash.
+const EXIT_GAVE_UP_JOINING: u8 = 3;
+
+/// How a run ended, when it did not fail.
+enum Ended {
+    /// Stopped by a signal, after leaving.
+    Stopped,
+    /// Never joined the cluster; stopped without consuming anything.
+    GaveUpJoining,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match cli.load() {
         Ok(config) => config,
         Err(error) => {
             eprintln!("warren-consumer: {error}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
     warren::telemetry::init(config.log.json);
@@ -64,7 +79,8 @@ fn main() -> ExitCode {
         Err(error) => Err(anyhow::Error::new(error).context("starting the async runtime")),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Ended::Stopped) => ExitCode::SUCCESS,
+        Ok(Ended::GaveUpJoining) => ExitCode::from(EXIT_GAVE_UP_JOINING),
         Err(error) => {
             error!("{error:#}");
             ExitCode::FAILURE
@@ -72,7 +88,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(mut config: ConsumerConfig) -> anyhow::Result<()> {
+async fn run(mut config: ConsumerConfig) -> anyhow::Result<Ended> {
     let metrics = Metrics::new().context("registering metrics")?;
     let product_metrics =
         ProductMetrics::register(metrics.registry()).context("registering metrics")?;
@@ -144,11 +160,29 @@ async fn run(mut config: ConsumerConfig) -> anyhow::Result<()> {
         warn!("second signal: exiting without draining");
         std::process::exit(130);
     });
+    let mut join = node.join_state();
+    // A bool, not the watch's guard: that must not be held across the awaits below.
+    let gave_up = async {
+        join.wait_for(|state| matches!(state, JoinState::GaveUp(_)))
+            .await
+            .is_ok()
+    };
     let failed = tokio::select! {
         _ = graceful.cancelled() => false,
         _ = broken.cancelled() => {
             error!("this node cannot deliver to products any more; leaving the cluster");
             true
+        }
+        true = gave_up => {
+            error!(
+                "this node never joined the cluster; exiting with status {EXIT_GAVE_UP_JOINING}"
+            );
+            http_stop.cancel();
+            let _ = server.await;
+            if let Ok(node) = Arc::try_unwrap(node) {
+                node.stop().await;
+            }
+            return Ok(Ended::GaveUpJoining);
         }
     };
 
@@ -171,7 +205,7 @@ async fn run(mut config: ConsumerConfig) -> anyhow::Result<()> {
     if failed {
         anyhow::bail!("the node's sharding producer controller stopped");
     }
-    Ok(())
+    Ok(Ended::Stopped)
 }
 
 /// Product state in memory is lost when a product moves to another node, which rebalancing

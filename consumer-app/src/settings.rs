@@ -201,6 +201,14 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub seeds: Option<Vec<String>>,
+    /// A node that is not the first of its seeds and has not joined by then exits with
+    /// status 3: a duration such as 5m, or off to keep trying (default 5m).
+    #[arg(
+        long,
+        env = "WARREN_CLUSTER__GIVE_UP_JOINING_AFTER",
+        value_name = "DURATION"
+    )]
+    pub give_up_joining_after: Option<String>,
     /// Roles, comma-separated: shard-host hosts products, bridge may consume the queue
     /// (default both).
     #[arg(
@@ -248,6 +256,10 @@ impl Cli {
             .flag("cluster.listen", self.listen.clone())
             .flag("cluster.seeds", self.seeds.clone())
             .flag("cluster.roles", self.roles.clone())
+            .flag(
+                "cluster.give_up_joining_after",
+                self.give_up_joining_after.clone(),
+            )
             .flag("cluster.secret", self.cluster_secret.clone())
             .flag("entity_store", self.entity_store.clone())
             .extract()?;

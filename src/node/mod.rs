@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
+use crate::cluster::membership::join::JoinState;
 use crate::cluster::membership::{Membership, MembershipError};
 use crate::cluster::singleton::SingletonMsg;
 use crate::cluster::singleton::driver::{
@@ -137,6 +138,12 @@ pub struct ClusterStatus {
     /// filled by [`ClusterNode::cluster_status`] only.
     #[serde(default)]
     pub shards: BTreeMap<String, Vec<u32>>,
+    /// Whether this node has joined the cluster (`joined`, `joining`, `gave-up`).
+    #[serde(default)]
+    pub join: String,
+    /// Why it has not joined, while it has not.
+    #[serde(default)]
+    pub join_blocker: Option<String>,
 }
 
 /// One member, for [`ClusterStatus`].
@@ -401,6 +408,12 @@ where
         self.membership.view()
     }
 
+    /// Where this node's join stands; [`JoinState::GaveUp`] means it never will join and
+    /// should stop (see [`crate::cluster::membership::join`]).
+    pub fn join_state(&self) -> watch::Receiver<JoinState> {
+        self.membership.join_state()
+    }
+
     /// The region's status, updated as it changes.
     pub fn region_status(&self) -> watch::Receiver<RegionStatus> {
         self.region.status()
@@ -478,8 +491,15 @@ where
         let now = wall_clock_millis();
         let mut members: Vec<&Member> = view.members.values().collect();
         members.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+        let (join, join_blocker) = match &*self.membership.join_state().borrow() {
+            JoinState::Joined => ("joined", None),
+            JoinState::Joining(blocker) => ("joining", Some(blocker.to_string())),
+            JoinState::GaveUp(blocker) => ("gave-up", Some(blocker.to_string())),
+        };
         ClusterStatus {
             node: self.me.id.to_string(),
+            join: join.to_owned(),
+            join_blocker,
             members: members
                 .into_iter()
                 .map(|m| MemberStatusReport {

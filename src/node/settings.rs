@@ -29,7 +29,9 @@ pub struct ClusterSettings {
     /// the other nodes can reach, not 0.0.0.0; port 0 (a free port) suits only a node without
     /// seeds that nobody joins.
     pub listen: SocketAddr,
-    /// Cluster addresses of nodes to join through; empty forms a new cluster.
+    /// Cluster addresses of nodes to join through; empty forms a new cluster of one. Only the
+    /// node listed first (on every node, the same first) may form a cluster; the others only
+    /// join one.
     pub seeds: Vec<String>,
     /// What this node may run: `shard-host` hosts entities.
     pub roles: Vec<String>,
@@ -47,9 +49,12 @@ pub struct ClusterSettings {
     /// A silent member is declared down after this long unreachable.
     #[serde(with = "humantime_serde")]
     pub down_after: Duration,
-    /// A node with seeds that meets no Up member by then forms its own cluster.
+    /// The first seed forms the cluster if it meets no Up member by then.
     #[serde(with = "humantime_serde")]
     pub join_timeout: Duration,
+    /// Any other node that has not joined by then gives up and exits; `off` waits forever.
+    #[serde(with = "duration_or_off")]
+    pub give_up_joining_after: Option<Duration>,
     /// How long a leaving node waits for its shards and singletons to move.
     #[serde(with = "humantime_serde")]
     pub leave_timeout: Duration,
@@ -76,6 +81,7 @@ impl Default for ClusterSettings {
             phi_threshold: membership.phi_threshold,
             down_after: membership.down_after,
             join_timeout: membership.join_timeout,
+            give_up_joining_after: membership.give_up_after,
             leave_timeout: Duration::from_secs(30),
             transport: TransportSettings::default(),
             region: RegionSettings::default(),
@@ -125,6 +131,13 @@ impl ClusterSettings {
             "must be at least gossip_interval",
         )?;
         check(
+            self.give_up_joining_after
+                .is_none_or(|limit| limit > self.join_timeout),
+            prefix,
+            "give_up_joining_after",
+            "must be longer than join_timeout (or off)",
+        )?;
+        check(
             self.phi_threshold > 0.0,
             prefix,
             "phi_threshold",
@@ -169,8 +182,36 @@ impl ClusterSettings {
             phi_threshold: self.phi_threshold,
             down_after: self.down_after,
             join_timeout: self.join_timeout,
+            give_up_after: self.give_up_joining_after,
             ..MembershipSettings::default()
         }
+    }
+}
+
+/// `off`, or a duration such as `5m` or `90s`.
+mod duration_or_off {
+    use std::time::Duration;
+
+    use humantime_serde::re::humantime;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    const OFF: &str = "off";
+
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, out: S) -> Result<S::Ok, S::Error> {
+        match value {
+            None => out.serialize_str(OFF),
+            Some(duration) => out.serialize_str(&humantime::format_duration(*duration).to_string()),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(input)?;
+        if text.trim() == OFF {
+            return Ok(None);
+        }
+        humantime::parse_duration(text.trim())
+            .map(Some)
+            .map_err(|e| D::Error::custom(format!("{e}: expected `off` or a duration such as 5m")))
     }
 }
 
@@ -206,7 +247,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Spoil = fn(&mut ClusterSettings);
-        let cases: [(&str, Spoil); 6] = [
+        let cases: [(&str, Spoil); 7] = [
             ("cluster.secret", |s| s.secret = Some("short".to_owned())),
             ("cluster.listen", |s| {
                 s.listen = "0.0.0.0:7350".parse().unwrap()
@@ -219,6 +260,9 @@ mod tests {
             ("cluster.node_id", |s| s.node_id = "a b".to_owned()),
             ("cluster.region.shards", |s| s.region.shards = 0),
             ("cluster.down_after", |s| s.down_after = Duration::ZERO),
+            ("cluster.give_up_joining_after", |s| {
+                s.give_up_joining_after = Some(s.join_timeout)
+            }),
         ];
         for (key, spoil) in cases {
             let mut settings = ClusterSettings::default();
@@ -229,5 +273,38 @@ mod tests {
             ClusterSettings::default().security().unwrap(),
             Security::Standalone
         ));
+    }
+
+    #[test]
+    fn giving_up_joining_reads_off_or_a_duration() {
+        let read = |text: &str| {
+            figment::Figment::from(figment::providers::Serialized::defaults(
+                ClusterSettings::default(),
+            ))
+            .merge(<figment::providers::Toml as figment::providers::Format>::string(text))
+            .extract::<ClusterSettings>()
+        };
+        assert_eq!(
+            read("give_up_joining_after = \"off\"")
+                .unwrap()
+                .give_up_joining_after,
+            None
+        );
+        assert_eq!(
+            read("give_up_joining_after = \"90s\"")
+                .unwrap()
+                .give_up_joining_after,
+            Some(Duration::from_secs(90))
+        );
+        let error = read("give_up_joining_after = \"soon\"").unwrap_err();
+        assert!(
+            error.to_string().contains("give_up_joining_after"),
+            "{error}"
+        );
+        assert_eq!(
+            read("").unwrap().give_up_joining_after,
+            Some(Duration::from_secs(300)),
+            "a few minutes by default"
+        );
     }
 }

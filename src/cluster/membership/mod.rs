@@ -4,16 +4,18 @@
 //! member records are signed with it (see [`crate::cluster::auth`]): chitchat keeps its wire
 //! format private, so authentication lives in the records rather than in the datagrams.
 //!
-//! Each node announces its own status: `joining` at start, `up` once it has met an Up member
-//! (after one more gossip round, so it knows who else is there) or after `join_timeout` alone
-//! (it forms the cluster), `leaving` while it hands work over, `down` just before it stops. A
-//! node that stops gossiping becomes `Down` once the failure detector has called it
-//! unreachable for `down_after` without a break.
+//! Each node announces its own status: `joining` at start, `up` once the seed-join rule
+//! ([`join`]) says so, `leaving` while it hands work over, `down` just before it stops. A node
+//! that stops gossiping becomes `Down` once the failure detector has called it unreachable for
+//! `down_after` without a break.
 //!
-//! Nodes started together all wait `join_timeout` before forming a cluster, which lets their
-//! gossip meet first, so they agree on who is oldest. Two partitions that never met can each
-//! form a cluster: the broker's single-active-consumer is the fence for that case.
+//! The join rule is Akka's: only a node without seeds, or the node listed first in its own
+//! seeds, may form a cluster (the latter after `join_timeout` without meeting an Up member);
+//! every other node keeps joining, probing its seeds with backoff to say why it cannot, and
+//! gives up after `give_up_after`. Nodes started together all wait for the first seed, so they
+//! agree on who is oldest. A node cut off from its seeds never forms a second cluster.
 
+pub mod join;
 pub mod view;
 
 use std::collections::HashMap;
@@ -26,11 +28,13 @@ use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::cluster::auth::Security;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
 use crate::cluster::metrics::ClusterMetrics;
+use crate::cluster::transport::probe::{ProbeOutcome, probe};
+use join::{JoinDecision, JoinRule, JoinState, SeedRole};
 use view::{GossipNode, KnownMembers, own_keys, view_from_gossip};
 
 /// How membership gossips and decides.
@@ -48,8 +52,10 @@ pub struct MembershipSettings {
     /// failure detector alone reacts within a fraction of a second, which a busy machine's
     /// pauses would trip (Akka's downing waits for a stable unreachability the same way).
     pub down_after: Duration,
-    /// How long a node with seeds waits to meet an Up member before forming a cluster.
+    /// How long the first seed waits to meet an Up member before forming a cluster.
     pub join_timeout: Duration,
+    /// How long any other node keeps joining before it gives up; `None` waits forever.
+    pub give_up_after: Option<Duration>,
     /// How long a down node's state is kept before it is forgotten.
     pub dead_node_grace_period: Duration,
 }
@@ -63,6 +69,7 @@ impl Default for MembershipSettings {
             phi_threshold: 8.0,
             down_after: Duration::from_millis(1500),
             join_timeout: Duration::from_secs(3),
+            give_up_after: Some(Duration::from_secs(300)),
             dead_node_grace_period: Duration::from_secs(3600),
         }
     }
@@ -84,6 +91,7 @@ enum Change {
 pub struct Membership {
     chitchat: ChitchatHandle,
     view: watch::Receiver<ClusterView>,
+    join: watch::Receiver<JoinState>,
     changes: mpsc::Sender<Change>,
     task: JoinHandle<()>,
     gossip_interval: Duration,
@@ -121,11 +129,31 @@ impl Membership {
             extra_liveness_predicate: None,
             protocol_version: chitchat::ProtocolVersion::V0,
         };
+        let seeds = SeedList::resolve(&settings.seeds, gossip_addr).await;
         let chitchat = spawn_chitchat(config, own_keys(&me, &security), &UdpTransport)
             .await
             .map_err(|e| MembershipError::Gossip(format!("{e:#}")))?;
+        let rule = JoinRule::new(
+            seeds.role,
+            settings.join_timeout,
+            settings.give_up_after,
+            Instant::now(),
+        );
+        info!(role = ?rule.role(), seeds = ?settings.seeds, "joining");
         let (view_tx, view) = watch::channel(ClusterView::alone(me.clone()));
+        let (join_tx, join) = watch::channel(rule.state());
         let (changes, changes_rx) = mpsc::channel(8);
+        // Bounded by the number of seeds: the prober waits for room.
+        let (probes_tx, probes_rx) = mpsc::channel(8);
+        if rule.role() != SeedRole::Alone {
+            tokio::spawn(probe_seeds(
+                seeds.others,
+                me.addr.clone(),
+                security.clone(),
+                join.clone(),
+                probes_tx,
+            ));
+        }
         let task = tokio::spawn(
             Tracker {
                 chitchat: chitchat.chitchat(),
@@ -134,20 +162,28 @@ impl Membership {
                 security,
                 known: KnownMembers::new(),
                 unreachable_since: HashMap::new(),
-                started: Instant::now(),
-                met_up_member: false,
+                rule,
+                reported: None,
                 view: view_tx,
+                join: join_tx,
                 metrics,
             }
-            .run(changes_rx),
+            .run(changes_rx, probes_rx),
         );
         Ok(Membership {
             chitchat,
             view,
+            join,
             changes,
             task,
             gossip_interval: settings.gossip_interval,
         })
+    }
+
+    /// Where this node's join stands: joining (and why it has not joined), joined, or given up
+    /// (then the node should stop: it will never become a member).
+    pub fn join_state(&self) -> watch::Receiver<JoinState> {
+        self.join.clone()
     }
 
     /// The current view, updated after every gossip round that changed it.
@@ -192,6 +228,90 @@ impl Membership {
     }
 }
 
+/// This node's seeds, as the join rule needs them.
+struct SeedList {
+    role: SeedRole,
+    /// The seeds other than this node, as configured (`host:port`).
+    others: Vec<String>,
+}
+
+impl SeedList {
+    /// Finds out whether this node, listening on `me`, is the first of `seeds` (a seed given by
+    /// name is looked up once; one that does not resolve is not this node).
+    async fn resolve(seeds: &[String], me: SocketAddr) -> Self {
+        let mut others = Vec::new();
+        let mut first_is_me = false;
+        for (i, seed) in seeds.iter().enumerate() {
+            let is_me = match tokio::net::lookup_host(seed.as_str()).await {
+                Ok(mut addrs) => addrs.any(|addr| addr == me),
+                Err(error) => {
+                    warn!(%seed, %error, "seed address does not resolve");
+                    false
+                }
+            };
+            if is_me {
+                first_is_me |= i == 0;
+            } else {
+                others.push(seed.clone());
+            }
+        }
+        let role = match (seeds.is_empty(), first_is_me) {
+            (true, _) => SeedRole::Alone,
+            (false, true) => SeedRole::FirstSeed,
+            (false, false) => SeedRole::Joiner,
+        };
+        SeedList { role, others }
+    }
+}
+
+/// First pause between two rounds of seed probes; it doubles up to [`PROBE_PAUSE_MAX`].
+const PROBE_PAUSE_MIN: Duration = Duration::from_secs(1);
+/// Longest pause between two rounds of seed probes.
+const PROBE_PAUSE_MAX: Duration = Duration::from_secs(30);
+/// How long one probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Probes every other seed, round after round with backoff, while this node is joining, and
+/// hands each outcome to the tracker (gossip alone cannot tell a dead seed from one that refuses
+/// our secret: chitchat drops both silently).
+async fn probe_seeds(
+    seeds: Vec<String>,
+    me: NodeAddr,
+    security: Security,
+    mut join: watch::Receiver<JoinState>,
+    outcomes: mpsc::Sender<(String, ProbeOutcome)>,
+) {
+    use backon::BackoffBuilder;
+    let mut pauses = backon::ExponentialBuilder::default()
+        .with_min_delay(PROBE_PAUSE_MIN)
+        .with_max_delay(PROBE_PAUSE_MAX)
+        .with_factor(2.0)
+        .without_max_times()
+        .build();
+    while matches!(*join.borrow(), JoinState::Joining(_)) {
+        for seed in &seeds {
+            let outcome = match tokio::net::lookup_host(seed.as_str()).await {
+                Ok(mut addrs) => match addrs.next() {
+                    Some(addr) => probe(addr, &me, &security, PROBE_TIMEOUT).await,
+                    None => ProbeOutcome::Unreachable("resolves to no address".to_owned()),
+                },
+                Err(error) => ProbeOutcome::Unreachable(format!("does not resolve: {error}")),
+            };
+            if outcomes.send((seed.clone(), outcome)).await.is_err() {
+                return;
+            }
+        }
+        let pause = pauses.next().unwrap_or(PROBE_PAUSE_MAX);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            changed = join.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// How often a node that still cannot join says so again.
+const JOIN_REMINDER: Duration = Duration::from_secs(30);
+
 /// Reads chitchat's state every gossip interval and turns it into views; runs the join rule.
 struct Tracker {
     chitchat: Arc<Mutex<chitchat::Chitchat>>,
@@ -201,30 +321,46 @@ struct Tracker {
     known: KnownMembers,
     /// Runs seen reachable once, and since when they are unreachable (if they are).
     unreachable_since: HashMap<NodeAddr, Option<Instant>>,
-    started: Instant,
-    met_up_member: bool,
+    rule: JoinRule,
+    /// The join state last logged, and when.
+    reported: Option<(JoinState, Instant)>,
     view: watch::Sender<ClusterView>,
+    join: watch::Sender<JoinState>,
     metrics: ClusterMetrics,
 }
 
 impl Tracker {
-    async fn run(mut self, mut changes: mpsc::Receiver<Change>) {
+    async fn run(
+        mut self,
+        mut changes: mpsc::Receiver<Change>,
+        mut probes: mpsc::Receiver<(String, ProbeOutcome)>,
+    ) {
         let mut tick = tokio::time::interval(self.settings.gossip_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 Some(Change::Status(status)) = changes.recv() => self.set_status(status).await,
+                Some((seed, outcome)) = probes.recv() => {
+                    self.rule.handle_probe(&seed, outcome);
+                    continue;
+                }
             }
             let mut nodes = self.gossip_nodes().await;
             self.apply_down_after(&mut nodes);
             let (mut view, untrusted) =
                 view_from_gossip(&self.me, &nodes, &self.security, &mut self.known);
-            if self.me.status == MemberStatus::Joining && self.ready_to_be_up(&view) {
-                info!(node = %self.me.addr, "member is up");
-                self.set_status(MemberStatus::Up).await;
-                view.members
-                    .insert(self.me.addr.id.clone(), self.me.clone());
+            if self.me.status == MemberStatus::Joining {
+                match self.decide_join(&view) {
+                    JoinDecision::BecomeUp => {
+                        info!(node = %self.me.addr, "member is up");
+                        self.set_status(MemberStatus::Up).await;
+                        view.members
+                            .insert(self.me.addr.id.clone(), self.me.clone());
+                    }
+                    JoinDecision::GiveUp | JoinDecision::Wait => {}
+                }
+                self.publish_join_state();
             }
             self.metrics.observe_view(&view);
             self.metrics.gossip_untrusted.set(untrusted as i64);
@@ -238,20 +374,55 @@ impl Tracker {
         }
     }
 
-    /// Up once an Up member was seen one round ago (so this node has had a round to learn the
-    /// others), or alone after the join timeout, or at once without seeds.
-    fn ready_to_be_up(&mut self, view: &ClusterView) -> bool {
-        if self.settings.seeds.is_empty() {
-            return true;
-        }
-        if self.met_up_member {
-            return true;
-        }
-        self.met_up_member = view
+    /// Hands the join rule what this view shows of the other nodes.
+    fn decide_join(&mut self, view: &ClusterView) -> JoinDecision {
+        let others: Vec<&Member> = view
             .members
             .values()
-            .any(|m| m.addr != self.me.addr && m.status == MemberStatus::Up);
-        self.started.elapsed() >= self.settings.join_timeout
+            .filter(|m| m.addr != self.me.addr && m.status != MemberStatus::Down)
+            .collect();
+        let others_up = others.iter().any(|m| m.status == MemberStatus::Up);
+        let names: Vec<String> = others.iter().map(|m| m.addr.id.to_string()).collect();
+        self.rule.handle_view(Instant::now(), others_up, &names)
+    }
+
+    /// Publishes the join state, and logs why this node has not joined: when that changes once
+    /// the join timeout has passed (before it, waiting is normal), and again every
+    /// [`JOIN_REMINDER`].
+    fn publish_join_state(&mut self) {
+        let state = self.rule.state();
+        self.join.send_if_modified(|current| {
+            let changed = *current != state;
+            if changed {
+                *current = state.clone();
+            }
+            changed
+        });
+        let now = Instant::now();
+        let waited = self.rule.waited(now);
+        let due = match &self.reported {
+            Some((last, at)) => *last != state || now.duration_since(*at) >= JOIN_REMINDER,
+            // Waiting for the first seed's join timeout is normal: say nothing before twice it.
+            None => {
+                matches!(state, JoinState::GaveUp(_)) || waited >= self.settings.join_timeout * 2
+            }
+        };
+        if !due {
+            return;
+        }
+        match &state {
+            JoinState::Joining(blocker) => warn!(
+                ?waited,
+                give_up_after = ?self.settings.give_up_after,
+                "cannot join the cluster yet: {blocker}"
+            ),
+            JoinState::GaveUp(blocker) => error!(
+                ?waited,
+                "giving up joining the cluster (cluster.give_up_joining_after): {blocker}"
+            ),
+            JoinState::Joined => info!(?waited, "joined the cluster"),
+        }
+        self.reported = Some((state, now));
     }
 
     /// A run seen reachable counts as alive until it has been unreachable for `down_after`;

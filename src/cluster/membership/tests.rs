@@ -7,14 +7,16 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::cluster::auth::ClusterSecret;
+use crate::cluster::membership::join::JoinBlocker;
 use crate::testkit::free_port;
 
 const SECRET: &str = "a test cluster secret";
+const JOIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn settings(seeds: &[SocketAddr]) -> MembershipSettings {
     MembershipSettings {
         seeds: seeds.iter().map(ToString::to_string).collect(),
-        join_timeout: Duration::from_secs(1),
+        join_timeout: JOIN_TIMEOUT,
         ..MembershipSettings::default()
     }
 }
@@ -24,8 +26,25 @@ fn secret(text: &str) -> Security {
 }
 
 async fn node(id: &str, seeds: &[SocketAddr], security: Security) -> (Membership, SocketAddr) {
-    let port = free_port();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    node_at(id, addr, seeds, security).await
+}
+
+async fn node_at(
+    id: &str,
+    addr: SocketAddr,
+    seeds: &[SocketAddr],
+    security: Security,
+) -> (Membership, SocketAddr) {
+    start_node(id, addr, settings(seeds), security).await
+}
+
+async fn start_node(
+    id: &str,
+    addr: SocketAddr,
+    settings: MembershipSettings,
+    security: Security,
+) -> (Membership, SocketAddr) {
     let started_at_ms = crate::delivery::durable::wall_clock_millis();
     let me = Member {
         addr: NodeAddr {
@@ -37,15 +56,10 @@ async fn node(id: &str, seeds: &[SocketAddr], security: Security) -> (Membership
         status: MemberStatus::Joining,
         started_at_ms,
     };
-    let membership = Membership::start(
-        me,
-        addr,
-        settings(seeds),
-        security,
-        ClusterMetrics::unregistered(),
-    )
-    .await
-    .unwrap();
+    let membership =
+        Membership::start(me, addr, settings, security, ClusterMetrics::unregistered())
+            .await
+            .unwrap();
     (membership, addr)
 }
 
@@ -82,19 +96,137 @@ async fn nodes_with_the_secret_meet_and_a_node_without_it_is_never_a_member() {
     }
     let (intruder, _) = node("x", &[seed], secret("some other secret value")).await;
     let (open, _) = node("y", &[seed], Security::Insecure).await;
-    // Both gave up joining and formed clusters of their own, having gossiped with the seed.
-    until(&intruder, "the intruder alone and up", |v| {
-        all_up(v, &["x"]) && v.members.len() == 1
-    })
-    .await;
-    until(&open, "the insecure node alone and up", |v| {
-        all_up(v, &["y"]) && v.members.len() == 1
-    })
-    .await;
+    // Neither forms a cluster of its own, however long it waits past the join timeout.
+    for (m, id) in [(&intruder, "x"), (&open, "y")] {
+        never_up(m, id, JOIN_TIMEOUT * 3).await;
+    }
     for m in [&a, &b, &c] {
         let view = m.view().borrow().clone();
         assert_eq!(view.members.len(), 3, "{view:?}");
     }
+}
+
+/// Waits until `membership` (node `id`) is joining for a reason that `check` accepts; returns it.
+async fn joining_blocked(
+    membership: &Membership,
+    id: &str,
+    check: impl Fn(&JoinBlocker) -> bool,
+) -> JoinBlocker {
+    let mut join = membership.join_state();
+    let state = tokio::time::timeout(
+        Duration::from_secs(10),
+        join.wait_for(|s| matches!(s, JoinState::Joining(b) if check(b))),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{id}: join state stayed {:?}",
+            membership.join_state().borrow()
+        )
+    })
+    .unwrap()
+    .clone();
+    let JoinState::Joining(blocker) = state else {
+        unreachable!()
+    };
+    blocker
+}
+
+/// Asserts that node `id` does not become Up within `window`.
+async fn never_up(membership: &Membership, id: &str, window: Duration) {
+    let mut view = membership.view();
+    let up = tokio::time::timeout(
+        window,
+        view.wait_for(|v| status_of(v, id) == Some(MemberStatus::Up)),
+    )
+    .await;
+    assert!(
+        up.is_err(),
+        "{id} became Up: {:?}",
+        membership.view().borrow()
+    );
+    assert!(matches!(
+        *membership.join_state().borrow(),
+        JoinState::Joining(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_first_seed_forms_a_cluster_and_the_others_wait_for_it() {
+    let [a_addr, b_addr, c_addr] = [(); 3].map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let seeds = [a_addr, b_addr, c_addr];
+    let (b, _) = node_at("b", b_addr, &seeds, secret(SECRET)).await;
+    let (c, _) = node_at("c", c_addr, &seeds, secret(SECRET)).await;
+    // b and c meet each other, but neither may form the cluster: a is listed first.
+    let blocker = joining_blocked(&b, "b", |b| matches!(b, JoinBlocker::NoUpMember { .. })).await;
+    assert_eq!(
+        blocker,
+        JoinBlocker::NoUpMember {
+            met: vec!["c".to_owned()]
+        }
+    );
+    never_up(&b, "b", JOIN_TIMEOUT * 3).await;
+    never_up(&c, "c", Duration::ZERO).await;
+
+    let (a, _) = node_at("a", a_addr, &seeds, secret(SECRET)).await;
+    for m in [&a, &b, &c] {
+        until(m, "three up members", |v| all_up(v, &["a", "b", "c"])).await;
+        assert_eq!(*m.join_state().borrow(), JoinState::Joined);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_seed_alone_forms_the_cluster_after_the_join_timeout() {
+    let [a_addr, b_addr] = [(); 2].map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let started = Instant::now();
+    let (a, _) = node_at("a", a_addr, &[a_addr, b_addr], secret(SECRET)).await;
+    until(&a, "a up", |v| all_up(v, &["a"])).await;
+    assert!(
+        started.elapsed() >= JOIN_TIMEOUT,
+        "up after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(*a.join_state().borrow(), JoinState::Joined);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_seed_is_unreachable_says_so_and_gives_up() {
+    let nobody = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let me = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let give_up = Duration::from_secs(3);
+    let started = Instant::now();
+    let (lonely, _) = start_node(
+        "lonely",
+        me,
+        MembershipSettings {
+            give_up_after: Some(give_up),
+            ..settings(&[nobody])
+        },
+        secret(SECRET),
+    )
+    .await;
+    let blocker = joining_blocked(&lonely, "lonely", |b| {
+        matches!(b, JoinBlocker::Unreachable { .. })
+    })
+    .await;
+    assert!(
+        blocker.to_string().contains(&nobody.to_string()),
+        "{blocker}"
+    );
+    let mut join = lonely.join_state();
+    tokio::time::timeout(
+        give_up * 3,
+        join.wait_for(|s| matches!(s, JoinState::GaveUp(JoinBlocker::Unreachable { .. }))),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("did not give up: {:?}", lonely.join_state().borrow()))
+    .unwrap();
+    assert!(
+        started.elapsed() >= give_up,
+        "gave up after {:?}",
+        started.elapsed()
+    );
+    assert!(!all_up(&lonely.view().borrow(), &["lonely"]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

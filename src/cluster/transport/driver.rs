@@ -572,19 +572,22 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> PeerTask<T> {
     }
 }
 
-fn framed(stream: TcpStream, max_frame_bytes: usize) -> Link {
+pub(super) fn framed(stream: TcpStream, max_frame_bytes: usize) -> Link {
     LengthDelimitedCodec::builder()
         .max_frame_length(max_frame_bytes)
         .new_framed(stream)
 }
 
-async fn send_frame<T: Serialize>(link: &mut Link, frame: Frame<T>) -> Result<(), String> {
+pub(super) async fn send_frame<T: Serialize>(
+    link: &mut Link,
+    frame: Frame<T>,
+) -> Result<(), String> {
     let bytes = encode(&frame).map_err(|e| e.to_string())?;
     drop(frame);
     link.send(bytes).await.map_err(|e| e.to_string())
 }
 
-async fn next_frame<T: DeserializeOwned>(link: &mut Link) -> Result<Frame<T>, String> {
+pub(super) async fn next_frame<T: DeserializeOwned>(link: &mut Link) -> Result<Frame<T>, String> {
     match link.next().await {
         Some(Ok(bytes)) => decode(&bytes).map_err(|e| e.to_string()),
         Some(Err(error)) => Err(error.to_string()),
@@ -593,7 +596,7 @@ async fn next_frame<T: DeserializeOwned>(link: &mut Link) -> Result<Frame<T>, St
 }
 
 /// Tells the peer why, best effort, before the connection closes.
-async fn refuse(link: &mut Link, refusal: &Refusal) {
+pub(super) async fn refuse(link: &mut Link, refusal: &Refusal) {
     let frame: Frame<()> = Frame::Refused {
         reason: refusal.to_string(),
     };

@@ -1,6 +1,7 @@
 //! The node-to-node transport: one authenticated TCP link per pair of nodes, carrying
 //! length-delimited frames ([`frame`]) after a handshake that proves both ends hold the
-//! cluster secret ([`handshake`]). [`driver`] owns the sockets.
+//! cluster secret ([`handshake`]). [`driver`] owns the sockets; [`probe`] checks a seed for a
+//! node that is still joining.
 //!
 //! Delivery is at most once and in order per link: a frame queued while a link is down waits
 //! (bounded) for the next link, and a frame lost with a dying link is gone. Everything that
@@ -9,6 +10,7 @@
 pub mod driver;
 pub mod frame;
 pub mod handshake;
+pub mod probe;
 
 use std::sync::Arc;
 use std::time::Duration;
