@@ -1,6 +1,7 @@
 //! The cluster as separate processes on loopback: `warren-cluster-node` nodes form a cluster,
 //! survive SIGKILLs of the singleton holder and of a shard host (sharded delivery still
-//! completes), refuse a node with the wrong secret, and shrug off garbage on their port.
+//! completes), refuse a node with the wrong secret (which forms no cluster of its own), and
+//! shrug off garbage on their port.
 
 mod support;
 
@@ -308,14 +309,28 @@ async fn a_node_with_another_secret_is_refused_and_garbage_does_not_harm_a_node(
     let b = Node::start("b", [127, 0, 0, 1], options(vec![a.cluster], SECRET)).await;
     converged(&[&a, &b], &["a", "b"]).await;
 
-    // A node that knows the seed but not the secret ends up alone (after its join timeout).
+    // A node that knows the seed but not the secret is refused, says so, and never forms a
+    // cluster of its own (it is not the first of its seeds).
     let intruder = Node::start(
         "intruder",
         [127, 0, 0, 1],
         options(vec![a.cluster], "some-other-secret-0123456789"),
     )
     .await;
-    converged(&[&intruder], &["intruder"]).await;
+    let blocker = eventually(
+        "the intruder to know it was refused",
+        Duration::from_secs(20),
+        || async {
+            let status = intruder.status().await?;
+            let blocker = status["join_blocker"].as_str()?.to_owned();
+            blocker.contains("refused").then_some((status, blocker))
+        },
+    )
+    .await;
+    assert!(blocker.1.contains("cluster.secret"), "{}", blocker.0);
+    assert_eq!(blocker.0["join"], "joining", "{}", blocker.0);
+    assert!(up_members(&blocker.0).is_empty(), "{}", blocker.0);
+    assert!(!runs_coordinator(&blocker.0), "{}", blocker.0);
     for node in [&a, &b] {
         let status = node.status().await.unwrap();
         let names: BTreeSet<String> = status["members"]
@@ -326,6 +341,9 @@ async fn a_node_with_another_secret_is_refused_and_garbage_does_not_harm_a_node(
             .collect();
         assert!(!names.contains("intruder"), "{status}");
     }
+    // Its probes of a count as refused handshakes there: stop them before counting garbage.
+    intruder_stays_out(intruder).await;
+    let refused_before = refused_links(&a).await;
 
     // Garbage on both halves of the cluster port: random bytes, a frame claiming 4 GiB, a
     // Hello-sized frame of noise, and random datagrams.
@@ -349,15 +367,7 @@ async fn a_node_with_another_secret_is_refused_and_garbage_does_not_harm_a_node(
     eventually(
         "a to count the refused links",
         Duration::from_secs(20),
-        || async {
-            let metrics = a.metrics().await;
-            let refused: f64 = metrics
-                .lines()
-                .filter(|l| l.starts_with("warren_transport_refused_total"))
-                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-                .sum();
-            (refused >= 3.0).then_some(())
-        },
+        || async { (refused_links(&a).await >= refused_before + 3.0).then_some(()) },
     )
     .await;
     assert!(a.child.try_wait().unwrap().is_none(), "a crashed");
@@ -369,6 +379,31 @@ async fn a_node_with_another_secret_is_refused_and_garbage_does_not_harm_a_node(
     .await;
     assert_eq!(state["applied"], 0);
     a.kill();
+}
+
+/// Links `node` refused or closed, for any reason but a join probe.
+async fn refused_links(node: &Node) -> f64 {
+    node.metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("warren_transport_refused_total"))
+        .filter(|l| !l.contains("reason=\"probe\""))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Checks that a refused node is still joining, well past its join timeout, then kills it.
+async fn intruder_stays_out(mut intruder: Node) {
+    let joined_at = Instant::now();
+    // The default join timeout is 3 s: a node that formed its own cluster would be Up by now.
+    while joined_at.elapsed() < Duration::from_secs(5) {
+        let status = intruder.status().await.expect("the intruder answers");
+        assert_eq!(status["join"], "joining", "{status}");
+        assert!(up_members(&status).is_empty(), "{status}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    intruder.kill();
+    let _ = intruder.child.wait().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,8 +15,11 @@ pub mod refusal {
     pub const BAD_FRAME: &str = "bad_frame";
     /// Nothing was heard from the peer within the idle timeout.
     pub const IDLE: &str = "idle";
+    /// A joining node checked this node's proof of the secret and closed, as a probe does (not
+    /// a refusal: counted apart so that refusals stay meaningful).
+    pub const PROBE: &str = "probe";
     /// Every reason, for exporting zeros.
-    pub const ALL: [&str; 3] = [HANDSHAKE, BAD_FRAME, IDLE];
+    pub const ALL: [&str; 4] = [HANDSHAKE, BAD_FRAME, IDLE, PROBE];
 }
 
 /// Every cluster series of one node.

@@ -283,6 +283,7 @@ mod tests {
             ))
             .merge(<figment::providers::Toml as figment::providers::Format>::string(text))
             .extract::<ClusterSettings>()
+            .map_err(|e| e.to_string())
         };
         assert_eq!(
             read("give_up_joining_after = \"off\"")

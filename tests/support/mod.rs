@@ -352,6 +352,19 @@ pub struct Consumer {
 impl Consumer {
     /// Starts the real binary on `queue` with extra flags and waits until it consumes.
     pub async fn start(queue: &TestQueue, extra: &[&str]) -> Consumer {
+        let consumer = Self::launch(queue, extra, &[]).await;
+        eventually(
+            "the consumer to be consuming",
+            Duration::from_secs(30),
+            || async { consumer.get("/health").await.map(drop) },
+        )
+        .await;
+        consumer
+    }
+
+    /// Starts the real binary on `queue` with extra flags and environment variables, and
+    /// returns once it serves HTTP (it may not be consuming, nor ever be).
+    pub async fn launch(queue: &TestQueue, extra: &[&str], env: &[(&str, &str)]) -> Consumer {
         let connection_name = format!(
             "{}-{}",
             queue.name,
@@ -369,6 +382,7 @@ impl Consumer {
             .args(["--connection-name", &connection_name])
             .args(extra)
             .env("RUST_LOG", "info,lapin=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true)
@@ -386,20 +400,21 @@ impl Consumer {
             .next()
             .expect("address on the first line")
             .to_owned();
-        let consumer = Consumer {
+        Consumer {
             child,
             base,
             connection_name,
             log,
             http: reqwest::Client::new(),
-        };
-        eventually(
-            "the consumer to be consuming",
-            Duration::from_secs(30),
-            || async { consumer.get("/health").await.map(drop) },
-        )
-        .await;
-        consumer
+        }
+    }
+
+    /// Waits (up to `timeout`) for the process to exit by itself; returns its status.
+    pub async fn exited_within(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("still running after {timeout:?}:\n{}", self.log_tail()))
+            .expect("exit status")
     }
 
     /// A metric's value (summed over its label sets matching `name` exactly, labels included).

@@ -235,7 +235,11 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Driver<T> {
                             Ok((peer, link)) => {
                                 let _ = accepted_tx.send((peer, link)).await;
                             }
-                            Err(reason) => {
+                            Err(Refused { probe: true, .. }) => {
+                                shared.metrics.refused.with_label_values(&[refusal::PROBE]).inc();
+                                debug!(%from, "probed by a joining node");
+                            }
+                            Err(Refused { reason, .. }) => {
                                 shared.metrics.refused.with_label_values(&[refusal::HANDSHAKE]).inc();
                                 debug!(%from, %reason, "incoming link refused");
                             }
@@ -606,10 +610,26 @@ pub(super) async fn refuse(link: &mut Link, refusal: &Refusal) {
 }
 
 /// The acceptor's side of a handshake on a new connection.
+/// Why an incoming handshake did not make a link.
+struct Refused {
+    reason: String,
+    /// The dialer was a join probe ([`super::probe`]), which closes on purpose.
+    probe: bool,
+}
+
+impl From<String> for Refused {
+    fn from(reason: String) -> Self {
+        Refused {
+            reason,
+            probe: false,
+        }
+    }
+}
+
 async fn accept<T: Serialize + DeserializeOwned>(
     shared: &Shared<T>,
     stream: TcpStream,
-) -> Result<(NodeAddr, Link), String> {
+) -> Result<(NodeAddr, Link), Refused> {
     let _ = stream.set_nodelay(true);
     let mut link = framed(stream, shared.settings.max_frame_bytes);
     timeout(shared.settings.handshake_timeout, async {
@@ -620,19 +640,23 @@ async fn accept<T: Serialize + DeserializeOwned>(
                 Ok(answer) => answer,
                 Err(refusal) => {
                     refuse(&mut link, &refusal).await;
-                    return Err(refusal.to_string());
+                    return Err(refusal.to_string().into());
                 }
             };
         send_frame(&mut link, welcome).await?;
         let proof = next_frame::<T>(&mut link).await?;
         match handshake::verify(&shared.security, &shared.me, accepting, proof) {
             Ok(peer) => Ok((peer, link)),
+            Err(refusal) if refusal.is_probe() => Err(Refused {
+                reason: refusal.to_string(),
+                probe: true,
+            }),
             Err(refusal) => {
                 refuse(&mut link, &refusal).await;
-                Err(refusal.to_string())
+                Err(refusal.to_string().into())
             }
         }
     })
     .await
-    .map_err(|_| "handshake timed out".to_owned())?
+    .map_err(|_| Refused::from("handshake timed out".to_owned()))?
 }

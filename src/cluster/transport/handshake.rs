@@ -40,6 +40,16 @@ pub enum Refusal {
     ByPeer(String),
 }
 
+/// What a probe says when it closes a handshake it only made to check the peer's proof.
+pub const PROBE_CLOSE: &str = "a join probe, not a link";
+
+impl Refusal {
+    /// Whether the peer ended the handshake as a probe does, rather than refusing it.
+    pub fn is_probe(&self) -> bool {
+        matches!(self, Refusal::ByPeer(reason) if reason == PROBE_CLOSE)
+    }
+}
+
 fn mode(security: &Security) -> Result<AuthMode, Refusal> {
     match security {
         Security::Secret(_) => Ok(AuthMode::Secret),

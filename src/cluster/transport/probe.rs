@@ -15,7 +15,8 @@ use tokio::time::timeout;
 use crate::cluster::auth::Security;
 use crate::cluster::member::NodeAddr;
 use crate::cluster::transport::driver::{framed, next_frame, refuse, send_frame};
-use crate::cluster::transport::handshake::{self, Refusal};
+use crate::cluster::transport::frame::Frame;
+use crate::cluster::transport::handshake;
 
 /// Largest frame a probe reads: a Welcome is a few hundred bytes.
 const PROBE_MAX_FRAME: usize = 64 * 1024;
@@ -59,11 +60,11 @@ pub async fn probe(
         };
         match handshake::answer(security, me, nonce, None, welcome) {
             Ok(_) => {
-                refuse(
-                    &mut link,
-                    &Refusal::ByPeer("a join probe, not a link".to_owned()),
-                )
-                .await;
+                // Best effort: the seed learns this was a probe, not a refusal.
+                let close: Frame<()> = Frame::Refused {
+                    reason: handshake::PROBE_CLOSE.to_owned(),
+                };
+                let _ = send_frame(&mut link, close).await;
                 ProbeOutcome::Accepted
             }
             Err(refusal) => {
@@ -154,16 +155,19 @@ mod tests {
         )
         .await;
         assert_eq!(outcome, ProbeOutcome::Accepted);
-        // The seed saw the probe end its handshake: no link to a non-member was made.
-        let refused = metrics.refused.with_label_values(&[refusal::HANDSHAKE]);
+        // The seed saw the probe end its handshake: no link to a non-member was made, and it
+        // was not counted as a refusal.
+        let probes = metrics.refused.with_label_values(&[refusal::PROBE]);
         let deadline = tokio::time::Instant::now() + LIMIT;
-        while refused.get() == 0 {
+        while probes.get() == 0 {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the seed kept the probe as a link"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let refusals = metrics.refused.with_label_values(&[refusal::HANDSHAKE]);
+        assert_eq!(refusals.get(), 0);
         seed.stop.cancel();
     }
 
