@@ -126,6 +126,10 @@ async fn a_node_whose_only_seed_is_unreachable_never_consumes_and_gives_up() {
     );
 
     let status = lonely.exited_within(give_up * 3).await;
+    println!(
+        "exited {:?} after start (give_up_joining_after 8s)",
+        started.elapsed()
+    );
     assert_eq!(
         status.code(),
         Some(EXIT_GAVE_UP_JOINING),
@@ -198,6 +202,10 @@ async fn the_first_seed_alone_forms_the_cluster() {
     let started = Instant::now();
     let n1 = node(&queue, "n1", seeds[0], &seeds, SECRET, "memory", &[]).await;
     eventually("n1 to consume", DRAIN, || async { n1.get("/health").await }).await;
+    println!(
+        "first seed consuming {:?} after start (join_timeout 1s)",
+        started.elapsed()
+    );
     assert!(
         started.elapsed() >= Duration::from_secs(1),
         "formed before its join timeout: {:?}",
@@ -234,6 +242,7 @@ async fn a_cluster_whose_first_seed_starts_last_forms_when_it_comes_up() {
         assert!(blocker.contains("no member is Up"), "{status}");
     }
 
+    let n1_started = Instant::now();
     let n1 = node(&queue, "n1", seeds[0], &seeds, SECRET, &db.url(), &[]).await;
     for node in [&n1, &n2, &n3] {
         eventually("all three up", DRAIN, || async {
@@ -244,6 +253,10 @@ async fn a_cluster_whose_first_seed_starts_last_forms_when_it_comes_up() {
         })
         .await;
     }
+    println!(
+        "three nodes up {:?} after the first seed started",
+        n1_started.elapsed()
+    );
     queue.wait_drained(DRAIN).await;
     assert_eq!(queue.dlq_counts().await.ready, 0);
     orders

@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren::cluster::MemberStatus;
+use warren::cluster::membership::join::JoinState;
 use warren::delivery::settings::DeliverySettings;
 use warren::delivery::sharding::driver::AskOutcome;
 use warren::entity::{
@@ -248,9 +249,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let (graceful, immediate) = (CancellationToken::new(), CancellationToken::new());
     tokio::spawn(watch_signals(graceful.clone(), immediate.clone()));
+    let mut join = node.join_state();
+    // A bool, not the watch's guard, which must not outlive this select.
+    let gave_up = async {
+        join.wait_for(|state| matches!(state, JoinState::GaveUp(_)))
+            .await
+            .is_ok()
+    };
     tokio::select! {
         _ = graceful.cancelled() => {}
         _ = immediate.cancelled() => {}
+        true = gave_up => {
+            anyhow::bail!("gave up joining the cluster (cluster.give_up_joining_after)")
+        }
     }
     // Stop what shares the node, so it can leave.
     http_stop.cancel();
