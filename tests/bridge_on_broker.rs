@@ -7,7 +7,8 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    Consumer, Orders, TestQueue, close_connection, eventually, message_count, queue_description,
+    Consumer, Orders, TestQueue, broker_acks, close_connection, eventually, message_count,
+    queue_description,
 };
 
 const DRAIN: Duration = Duration::from_secs(180);
@@ -346,9 +347,11 @@ async fn sigterm_lets_in_flight_work_finish_and_be_acked_before_exiting() {
         (consumer.metric("warren_in_flight").await == 20.0).then_some(())
     })
     .await;
+    let stopping = tokio::time::Instant::now();
     let status = consumer.terminate().await;
     assert!(status.success(), "exit {status:?}");
-    // Acked, not requeued: the drained work is gone from the broker.
+    // Acked, not requeued and not dead-lettered: the drained work is gone from the broker,
+    // which counts an ack for each of the 20.
     assert_eq!(
         queue.counts().await,
         support::QueueCounts {
@@ -357,6 +360,16 @@ async fn sigterm_lets_in_flight_work_finish_and_be_acked_before_exiting() {
             consumers: 0
         }
     );
+    assert_eq!(message_count(&queue.dlq()).await, 0, "dead letters");
+    let acked = eventually("the broker to count the acks", DRAIN, || async {
+        broker_acks(&queue.name).await.filter(|&n| n >= 20)
+    })
+    .await;
+    eprintln!(
+        "broker counted {acked} acks {:?} after SIGTERM",
+        stopping.elapsed()
+    );
+    assert_eq!(acked, 20, "each order acked once");
 }
 
 #[tokio::test]

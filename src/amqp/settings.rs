@@ -152,11 +152,24 @@ mod tests {
     }
 
     #[test]
-    fn the_backoff_never_gives_up_and_stays_within_bounds() {
+    fn the_backoff_never_gives_up_grows_from_the_minimum_and_stays_within_bounds() {
         let settings = AmqpSettings::default();
         let delays: Vec<Duration> = settings.reconnect_backoff().take(50).collect();
         assert_eq!(delays.len(), 50);
-        // Jitter adds up to one more delay on top of the capped value.
-        assert!(delays.iter().all(|d| *d <= settings.reconnect_max * 2));
+        // Each pause is its step's delay (doubling from reconnect_min, capped at
+        // reconnect_max) plus up to as much again as jitter.
+        let mut step = settings.reconnect_min;
+        for (attempt, delay) in delays.iter().enumerate() {
+            assert!(
+                step <= *delay && *delay <= step * 2,
+                "pause {attempt} is {delay:?}, outside [{step:?}, {:?}]: {delays:?}",
+                step * 2
+            );
+            step = (step * 2).min(settings.reconnect_max);
+        }
+        assert!(
+            delays[0] < delays[49] && delays[49] >= settings.reconnect_max,
+            "the pause grows to reconnect_max: {delays:?}"
+        );
     }
 }

@@ -272,6 +272,8 @@ async fn counts_of(queue: &str) -> QueueCounts {
         "rabbitmqctl list_queues failed: {output:?}"
     );
     let rows: Vec<Row> = serde_json::from_slice(&output.stdout).expect("rabbitmqctl json");
+    // A queue that does not exist has no counts: zeros would make `wait_drained` on a wrong
+    // name pass at once.
     rows.into_iter()
         .find(|row| row.name == queue)
         .map(|row| QueueCounts {
@@ -279,7 +281,26 @@ async fn counts_of(queue: &str) -> QueueCounts {
             unacked: row.messages_unacknowledged,
             consumers: row.consumers,
         })
-        .unwrap_or_default()
+        .unwrap_or_else(|| panic!("queue {queue} does not exist"))
+}
+
+/// How many deliveries of `queue` consumers have acked, by the broker's statistics (the
+/// management plugin's `message_stats.ack`, which lags by its collection interval; `None` until
+/// the first ack is collected).
+pub async fn broker_acks(queue: &str) -> Option<u64> {
+    let response = reqwest::Client::new()
+        .get(format!("{MANAGEMENT}/queues/%2F/{queue}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .expect("management API reachable");
+    assert!(
+        response.status().is_success(),
+        "queue {queue}: {}",
+        response.status()
+    );
+    let body: serde_json::Value = response.json().await.expect("queue JSON");
+    body["message_stats"]["ack"].as_u64()
 }
 
 /// The queue's type and arguments as the broker reports them.
@@ -418,6 +439,9 @@ impl Consumer {
     }
 
     /// A metric's value (summed over its label sets matching `name` exactly, labels included).
+    /// Panics if no series matches: every series the tests read is exported from the start
+    /// (plain counters and gauges at 0, labelled outcomes pre-resolved), so a missing one means
+    /// a renamed metric or changed labels, which would otherwise read as 0.
     pub async fn metric(&self, name: &str) -> f64 {
         let text = self
             .http
@@ -428,12 +452,19 @@ impl Consumer {
             .text()
             .await
             .expect("metrics text");
-        text.lines()
+        let values: Vec<f64> = text
+            .lines()
             .filter(|line| !line.starts_with('#'))
             .filter_map(|line| line.rsplit_once(' '))
             .filter(|(series, _)| *series == name)
-            .filter_map(|(_, value)| value.parse::<f64>().ok())
-            .sum()
+            .map(|(series, value)| {
+                value
+                    .parse::<f64>()
+                    .unwrap_or_else(|e| panic!("{series} has value {value:?}: {e}"))
+            })
+            .collect();
+        assert!(!values.is_empty(), "{} exports no series {name}", self.base);
+        values.iter().sum()
     }
 
     /// A JSON page of the node's HTTP endpoint, or `None` if it does not answer with 200.

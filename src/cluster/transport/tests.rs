@@ -287,10 +287,15 @@ async fn a_restarted_peer_is_linked_again_and_the_queue_to_a_dead_one_is_bounded
             .count()
             <= 17
     );
-    // b comes back on the same address.
+    // b comes back on the same address (once the old socket has let go of it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let listener = loop {
-        if let Ok(listener) = TcpListener::bind(b_addr).await {
-            break listener;
+        match TcpListener::bind(b_addr).await {
+            Ok(listener) => break listener,
+            Err(error) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{b_addr} not free again within 5 s: {error}"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };

@@ -38,6 +38,26 @@ fn consumer_settings() -> ConsumerSettings {
     }
 }
 
+/// What the durable queue does with one store request: it stores at once.
+fn answer_store(
+    spc: &mut Spc,
+    store: &mut DurableState<u32>,
+    request: StoreRequest<u32>,
+    now: Instant,
+) {
+    match request {
+        StoreRequest::LoadState { .. } => spc.handle_state_loaded(store.clone(), now),
+        StoreRequest::StoreMessageSent { sent, .. } => {
+            let seq_nr = sent.seq_nr;
+            accept_message_sent(store, sent).unwrap();
+            spc.handle_message_stored(seq_nr, now);
+        }
+        StoreRequest::StoreMessageConfirmed { seq_nr, qualifier } => {
+            accept_confirmed(store, seq_nr, &qualifier, 0);
+        }
+    }
+}
+
 /// One or more producers, the entities, and what each entity got.
 struct Harness {
     producers: BTreeMap<String, Spc>,
@@ -51,6 +71,10 @@ struct Harness {
     store: Option<DurableState<u32>>,
     /// Messages the region drops (an entity that is not running).
     stopped: BTreeSet<EntityId>,
+    /// Store requests wait here instead of being answered, while set.
+    hold_stores: bool,
+    /// The held requests, with the producer that made each.
+    held: Vec<(String, StoreRequest<u32>)>,
 }
 
 impl Harness {
@@ -64,6 +88,8 @@ impl Harness {
             events: BTreeMap::new(),
             store: None,
             stopped: BTreeSet::new(),
+            hold_stores: false,
+            held: Vec::new(),
         }
     }
 
@@ -149,20 +175,12 @@ impl Harness {
                 }
                 while let Some(request) = spc.poll_store() {
                     moved = true;
-                    let store = self.store.as_mut().expect("a durable harness");
-                    match request {
-                        StoreRequest::LoadState { .. } => {
-                            spc.handle_state_loaded(store.clone(), now)
-                        }
-                        StoreRequest::StoreMessageSent { sent, .. } => {
-                            let seq_nr = sent.seq_nr;
-                            accept_message_sent(store, sent).unwrap();
-                            spc.handle_message_stored(seq_nr, now);
-                        }
-                        StoreRequest::StoreMessageConfirmed { seq_nr, qualifier } => {
-                            accept_confirmed(store, seq_nr, &qualifier, 0);
-                        }
+                    if self.hold_stores {
+                        self.held.push((id.clone(), request));
+                        continue;
                     }
+                    let store = self.store.as_mut().expect("a durable harness");
+                    answer_store(spc, store, request, now);
                 }
             }
             for (_, e, message) in wire {
@@ -201,6 +219,18 @@ impl Harness {
                 return;
             }
         }
+    }
+
+    /// Answers the held store requests, in order, and stops holding.
+    fn release_stores(&mut self) {
+        self.hold_stores = false;
+        let now = Instant::now();
+        let store = self.store.as_mut().expect("a durable harness");
+        for (id, request) in std::mem::take(&mut self.held) {
+            let spc = self.producers.get_mut(&id).unwrap();
+            answer_store(spc, store, request, now);
+        }
+        self.pump();
     }
 
     async fn advance(&mut self, by: Duration) {
@@ -572,10 +602,20 @@ async fn with_a_durable_queue_asks_are_answered_after_storage() {
     h.store = Some(DurableState::default());
     h.auto_confirm = false;
     h.add_durable_producer("p", 1);
+    h.hold_stores = true;
     h.ask("p", 1, 1);
     h.ask("p", 2, 2);
+    assert!(!h.held.is_empty(), "the first ask is being stored");
+    assert!(h.replies("p").is_empty(), "no answer before it is stored");
+    assert!(h.store.as_ref().unwrap().unconfirmed.is_empty());
+    h.release_stores();
     assert_eq!(h.replies("p"), vec![1, 2], "before any entity confirmed");
     assert_eq!(h.store.as_ref().unwrap().unconfirmed.len(), 2);
+    assert_eq!(
+        (h.got(1), h.got(2)),
+        (vec![1], vec![2]),
+        "delivered, not confirmed"
+    );
 }
 
 // An entity that gives up on a message reports it before confirming; the ask's answer says so.

@@ -407,7 +407,17 @@ fn a_durable_controller_resends_stored_messages_before_asking_for_more() {
 fn with_a_durable_queue_the_reply_comes_after_storage() {
     let mut h = Harness::durable(DurableState::default());
     h.join("w1", false, 20);
+    h.hold_stores = true;
     h.send(1);
+    assert_eq!(h.held.len(), 1, "message 1 is being stored");
+    assert!(h.replies.is_empty(), "no reply before it is stored");
+    assert!(
+        h.messages_for("w1").is_empty(),
+        "not sent before it is stored"
+    );
+    h.release_stores();
+    assert_eq!(h.store().current_seq_nr, SeqNr(2), "stored");
+    assert_eq!(h.messages_for("w1"), vec![1]);
     assert_eq!(h.replies, vec![1], "before the worker confirmed");
     assert!(h.wire_acks.iter().all(|ack| *ack));
     h.confirm("w1");
