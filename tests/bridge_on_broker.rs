@@ -7,8 +7,7 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    Consumer, Orders, TestQueue, broker_acks, close_connection, eventually, message_count,
-    queue_description,
+    Consumer, Orders, TestQueue, close_connection, eventually, message_count, queue_description,
 };
 
 const DRAIN: Duration = Duration::from_secs(180);
@@ -348,10 +347,11 @@ async fn sigterm_lets_in_flight_work_finish_and_be_acked_before_exiting() {
     })
     .await;
     let stopping = tokio::time::Instant::now();
+    let log = consumer.log.clone();
     let status = consumer.terminate().await;
     assert!(status.success(), "exit {status:?}");
-    // Acked, not requeued and not dead-lettered: the drained work is gone from the broker,
-    // which counts an ack for each of the 20.
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(log.contains("in-flight work finished"), "{log}");
     assert_eq!(
         queue.counts().await,
         support::QueueCounts {
@@ -360,16 +360,11 @@ async fn sigterm_lets_in_flight_work_finish_and_be_acked_before_exiting() {
             consumers: 0
         }
     );
+    // Nothing ready (none requeued) and nothing dead-lettered: each of the 20 left the queue
+    // by an ack. (The management API's ack count is no witness: its per-channel statistics
+    // are lost when the channel closes before the next collection, so it may never show.)
     assert_eq!(message_count(&queue.dlq()).await, 0, "dead letters");
-    let acked = eventually("the broker to count the acks", DRAIN, || async {
-        broker_acks(&queue.name).await.filter(|&n| n >= 20)
-    })
-    .await;
-    eprintln!(
-        "broker counted {acked} acks {:?} after SIGTERM",
-        stopping.elapsed()
-    );
-    assert_eq!(acked, 20, "each order acked once");
+    eprintln!("drained and exited {:?} after SIGTERM", stopping.elapsed());
 }
 
 #[tokio::test]

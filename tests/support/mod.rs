@@ -284,25 +284,6 @@ async fn counts_of(queue: &str) -> QueueCounts {
         .unwrap_or_else(|| panic!("queue {queue} does not exist"))
 }
 
-/// How many deliveries of `queue` consumers have acked, by the broker's statistics (the
-/// management plugin's `message_stats.ack`, which lags by its collection interval; `None` until
-/// the first ack is collected).
-pub async fn broker_acks(queue: &str) -> Option<u64> {
-    let response = reqwest::Client::new()
-        .get(format!("{MANAGEMENT}/queues/%2F/{queue}"))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await
-        .expect("management API reachable");
-    assert!(
-        response.status().is_success(),
-        "queue {queue}: {}",
-        response.status()
-    );
-    let body: serde_json::Value = response.json().await.expect("queue JSON");
-    body["message_stats"]["ack"].as_u64()
-}
-
 /// The queue's type and arguments as the broker reports them.
 pub async fn queue_description(queue: &str) -> String {
     let output = Command::new("rabbitmqctl")
