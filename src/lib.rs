@@ -8,6 +8,7 @@
 //! contract of the two binaries.
 
 pub mod amqp;
+pub mod backoff;
 pub mod bridge;
 pub mod cluster;
 pub mod config;

@@ -4,7 +4,6 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 use serde::{Deserialize, Serialize};
@@ -121,14 +120,10 @@ impl AmqpSettings {
         Ok(Connection::connect_uri(uri, properties).await?)
     }
 
-    /// Pauses between reconnection attempts: exponential with jitter, never giving up.
+    /// Pauses between reconnection attempts: exponential with jitter, never giving up, never
+    /// longer than `reconnect_max`.
     pub fn reconnect_backoff(&self) -> impl Iterator<Item = Duration> + Send + use<> {
-        ExponentialBuilder::default()
-            .with_min_delay(self.reconnect_min)
-            .with_max_delay(self.reconnect_max)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        crate::backoff::jittered(self.reconnect_min, self.reconnect_max)
     }
 }
 
@@ -156,20 +151,20 @@ mod tests {
         let settings = AmqpSettings::default();
         let delays: Vec<Duration> = settings.reconnect_backoff().take(50).collect();
         assert_eq!(delays.len(), 50);
-        // Each pause is its step's delay (doubling from reconnect_min, capped at
-        // reconnect_max) plus up to as much again as jitter.
+        // Each pause is its step's delay (doubling from reconnect_min, capped at half of
+        // reconnect_max) plus up to as much again as jitter, and never past reconnect_max.
         let mut step = settings.reconnect_min;
         for (attempt, delay) in delays.iter().enumerate() {
+            let most = (step * 2).min(settings.reconnect_max);
             assert!(
-                step <= *delay && *delay <= step * 2,
-                "pause {attempt} is {delay:?}, outside [{step:?}, {:?}]: {delays:?}",
-                step * 2
+                step <= *delay && *delay <= most,
+                "pause {attempt} is {delay:?}, outside [{step:?}, {most:?}]: {delays:?}",
             );
-            step = (step * 2).min(settings.reconnect_max);
+            step = (step * 2).min(settings.reconnect_max / 2);
         }
         assert!(
-            delays[0] < delays[49] && delays[49] >= settings.reconnect_max,
-            "the pause grows to reconnect_max: {delays:?}"
+            delays[0] < delays[49] && delays[49] >= settings.reconnect_max / 2,
+            "the pause grows to the upper half below reconnect_max: {delays:?}"
         );
     }
 }

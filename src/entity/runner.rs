@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use prometheus::{IntCounter, IntGauge};
 use tracing::{debug, warn};
 
@@ -52,12 +51,7 @@ pub(crate) async fn recover<E: Entity>(id: &EntityId, entity: &mut E, settings: 
 }
 
 fn backoff(settings: &RunnerSettings) -> impl Iterator<Item = Duration> + use<> {
-    ExponentialBuilder::default()
-        .with_min_delay(settings.retry_backoff_min)
-        .with_max_delay(settings.retry_backoff_max)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    crate::backoff::jittered(settings.retry_backoff_min, settings.retry_backoff_max)
 }
 
 pub(crate) async fn process<E: Entity>(

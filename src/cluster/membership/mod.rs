@@ -281,13 +281,7 @@ async fn probe_seeds(
     mut join: watch::Receiver<JoinState>,
     outcomes: mpsc::Sender<(String, ProbeOutcome)>,
 ) {
-    use backon::BackoffBuilder;
-    let mut pauses = backon::ExponentialBuilder::default()
-        .with_min_delay(PROBE_PAUSE_MIN)
-        .with_max_delay(PROBE_PAUSE_MAX)
-        .with_factor(2.0)
-        .without_max_times()
-        .build();
+    let mut pauses = crate::backoff::jittered(PROBE_PAUSE_MIN, PROBE_PAUSE_MAX);
     while matches!(*join.borrow(), JoinState::Joining(_)) {
         for seed in &seeds {
             let outcome = match tokio::net::lookup_host(seed.as_str()).await {

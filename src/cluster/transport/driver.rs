@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::{SinkExt, StreamExt};
 use prometheus::IntCounter;
 use rand::Rng;
@@ -356,14 +355,8 @@ struct PeerTask<T> {
 impl<T: Serialize + DeserializeOwned + Send + 'static> PeerTask<T> {
     async fn run(self, mut queue: mpsc::Receiver<T>, mut conns: mpsc::Receiver<Link>) {
         let settings = &self.shared.settings;
-        let fresh_backoff = || {
-            ExponentialBuilder::default()
-                .with_min_delay(settings.reconnect_min)
-                .with_max_delay(settings.reconnect_max)
-                .with_jitter()
-                .without_max_times()
-                .build()
-        };
+        let fresh_backoff =
+            || crate::backoff::jittered(settings.reconnect_min, settings.reconnect_max);
         let mut backoff = fresh_backoff();
         let mut linked_before = false;
         let mut next: Option<Link> = None;
