@@ -14,18 +14,17 @@
 //! `postgres://` URL to include storing every applied order; `BENCH_CONSUMER` runs another
 //! `warren-consumer` binary (an older build, to compare commits).
 
-use std::process::Stdio;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use uuid::Uuid;
-use warren::amqp::{
-    AmqpSettings, ConfirmedPublisher, OutgoingMessage, PublisherSettings, topology,
-};
-use warren::order::CreateOrder;
+use warren::amqp::AmqpSettings;
+
+use support::{Node, cpu_seconds, delete, fill, free_port, median};
 
 const PREFETCH: u16 = 200;
 const MAX_IN_FLIGHT: u16 = PREFETCH / 2;
@@ -96,25 +95,6 @@ struct Run {
     cpu_per_message: f64,
 }
 
-/// Consumer CPU (user + system) in seconds of process `pid`, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let after_name = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    // USER_HZ is 100 on Linux.
-    ticks / 100.0
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 /// Fills a fresh queue with `messages` orders and runs `consume` on it.
 async fn measure<F, Fut>(messages: usize, consume: F) -> Run
 where
@@ -125,7 +105,7 @@ where
         queue: format!("warren-bench-{}", &Uuid::new_v4().simple().to_string()[..8]),
         ..AmqpSettings::default()
     };
-    fill(&amqp, messages).await;
+    fill(&amqp, messages, PRODUCTS).await;
     // The broker keeps writing a fresh persistent backlog to disk for a while; measuring
     // during that would charge its background work to whichever consumer runs first.
     tokio::time::sleep(SETTLE).await;
@@ -135,52 +115,6 @@ where
         rate: messages as f64 / elapsed.as_secs_f64(),
         cpu_per_message: cpu * 1e6 / messages as f64,
     }
-}
-
-async fn fill(amqp: &AmqpSettings, messages: usize) {
-    let mut publisher = ConfirmedPublisher::new(PublisherSettings {
-        amqp: amqp.clone(),
-        max_outstanding: 2000,
-        connection_name: "warren-bench-fill".into(),
-    });
-    for i in 0..messages {
-        let order = CreateOrder {
-            order_id: Uuid::new_v4(),
-            customer_id: (i % 10_000).to_string(),
-            product_id: (i % PRODUCTS).to_string(),
-            quantity: (i % 9) as u32 + 1,
-        };
-        let body = serde_json::to_vec(&order).expect("order encodes");
-        publisher
-            .publish(OutgoingMessage {
-                body,
-                message_id: None,
-            })
-            .await;
-    }
-    publisher.flush().await;
-    assert_eq!(publisher.stats().confirmed as usize, messages);
-    publisher.close().await;
-}
-
-async fn delete(amqp: &AmqpSettings) {
-    let connection = amqp.connect("warren-bench-cleanup").await.expect("broker");
-    let channel = connection.create_channel().await.expect("channel");
-    for queue in [amqp.queue.clone(), topology::dead_letter_queue(&amqp.queue)] {
-        let _ = channel
-            .queue_delete(
-                ShortString::from(queue.as_str()),
-                QueueDeleteOptions::default(),
-            )
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(
-            ShortString::from(topology::dead_letter_exchange(&amqp.queue).as_str()),
-            Default::default(),
-        )
-        .await;
-    let _ = connection.close(200, "done".into()).await;
 }
 
 /// The ceiling: consume, and after each batch of ready deliveries ack the last with `multiple`.
@@ -222,97 +156,11 @@ async fn bare_consumer(amqp: AmqpSettings, messages: usize) -> (Duration, f64) {
     (elapsed, cpu)
 }
 
-/// A `warren-consumer` process of the benchmark; killed when dropped.
-struct Node {
-    child: tokio::process::Child,
-    base: String,
-}
-
-impl Node {
-    fn binary() -> std::path::PathBuf {
-        if let Some(path) = std::env::var_os("BENCH_CONSUMER") {
-            return path.into();
-        }
-        let exe = std::env::current_exe().expect("bench path");
-        exe.parent()
-            .and_then(|deps| deps.parent())
-            .map(|dir| dir.join("warren-consumer"))
-            .filter(|path| path.exists())
-            .expect("target/release/warren-consumer: run `cargo build --release` first (scripts/bench does)")
-    }
-
-    async fn start(amqp: &AmqpSettings, store: &str, args: &[&str]) -> Node {
-        let mut child = tokio::process::Command::new(Self::binary())
-            .args(["--queue", &amqp.queue, "--metrics-addr", "127.0.0.1:0"])
-            .args(["--max-in-flight", &MAX_IN_FLIGHT.to_string()])
-            .args(["--prefetch", &PREFETCH.to_string()])
-            .args(["--entity-store", store])
-            .args(args)
-            // Per-order INFO lines would measure the terminal, not the bridge.
-            .env("RUST_LOG", "warn")
-            .env("WARREN_CLUSTER__SECRET", "warren-bench-secret-0123456789")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("warren-consumer starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let line = BufReader::new(stdout)
-            .lines()
-            .next_line()
-            .await
-            .expect("stdout")
-            .expect("address line");
-        let base = line.rsplit(' ').next().expect("address").to_owned();
-        Node { child, base }
-    }
-
-    async fn get(&self, path: &str) -> String {
-        let response = reqwest::get(format!("{}{path}", self.base)).await;
-        match response {
-            Ok(response) => response.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
-    }
-
-    async fn acked(&self) -> usize {
-        let acked = "warren_deliveries_total{outcome=\"acked\"} ";
-        self.get("/metrics")
-            .await
-            .lines()
-            .find_map(|l| l.strip_prefix(acked))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0) as usize
-    }
-
-    /// Polls until `messages` are acked; returns the time since `start`.
-    async fn until_acked(&self, messages: usize, start: Instant) -> Duration {
-        loop {
-            if self.acked().await >= messages {
-                return start.elapsed();
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// The CPU the process spent so far; then SIGTERM and wait.
-    async fn stop(mut self) -> f64 {
-        let mut cpu = 0.0;
-        if let Some(pid) = self.child.id() {
-            cpu = cpu_seconds(pid);
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        let _ = self.child.wait().await;
-        cpu
-    }
-}
-
 /// The real binary alone, from process start until its metrics count every message acked.
 /// Returns the time and the CPU the consumer process spent.
 async fn warren_consumer(amqp: AmqpSettings, messages: usize, store: String) -> (Duration, f64) {
     let start = Instant::now();
-    let node = Node::start(&amqp, &store, &[]).await;
+    let node = Node::start(&amqp, &store, &refs(&with_bounds(Vec::new()))).await;
     let elapsed = node.until_acked(messages, start).await;
     (elapsed, node.stop().await)
 }
@@ -338,8 +186,8 @@ async fn warren_cluster(amqp: AmqpSettings, messages: usize, store: String) -> (
     };
     let args1 = host(1, "");
     let args2 = host(2, &ports[1]);
-    let first = Node::start(&amqp, &store, &refs(&args1)).await;
-    let second = Node::start(&amqp, &store, &refs(&args2)).await;
+    let first = Node::start(&amqp, &store, &refs(&with_bounds(args1))).await;
+    let second = Node::start(&amqp, &store, &refs(&with_bounds(args2))).await;
     while first
         .get("/cluster")
         .await
@@ -359,9 +207,11 @@ async fn warren_cluster(amqp: AmqpSettings, messages: usize, store: String) -> (
         &seeds,
         "--roles",
         "shard-host,bridge",
-    ];
+    ]
+    .map(str::to_owned)
+    .to_vec();
     let start = Instant::now();
-    let consumer = Node::start(&amqp, &store, &args0).await;
+    let consumer = Node::start(&amqp, &store, &refs(&with_bounds(args0))).await;
     let elapsed = consumer.until_acked(messages, start).await;
     let cpu = consumer.stop().await + first.stop().await + second.stop().await;
     (elapsed, cpu)
@@ -371,13 +221,13 @@ fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-/// A port free for both TCP and UDP (a cluster port carries both).
-fn free_port() -> std::net::SocketAddr {
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = tcp.local_addr().expect("address");
-        if std::net::UdpSocket::bind(addr).is_ok() {
-            return addr;
-        }
-    }
+/// `args` and the in-flight bound and prefetch every node of this benchmark runs with.
+fn with_bounds(mut args: Vec<String>) -> Vec<String> {
+    args.extend([
+        "--max-in-flight".to_owned(),
+        MAX_IN_FLIGHT.to_string(),
+        "--prefetch".to_owned(),
+        PREFETCH.to_string(),
+    ]);
+    args
 }

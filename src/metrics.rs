@@ -45,8 +45,12 @@ pub struct Outcomes {
 pub struct BridgeMetrics {
     /// `warren_deliveries_total{outcome}`: deliveries settled, by outcome.
     pub deliveries: Outcomes,
-    /// `warren_in_flight`: deliveries taken from the broker and not yet settled.
+    /// `warren_in_flight`: deliveries taken from the broker and still with the entities.
     pub in_flight: IntGauge,
+    /// `warren_entities_with_work`: entities the bridge has deliveries out to. Each handles one
+    /// at a time, so next to `warren_entities_processing` (summed over the nodes) it tells
+    /// whether the entities or the way to them hold throughput back.
+    pub entities_with_work: IntGauge,
     /// `warren_redelivered_total`: deliveries the broker flagged as redelivered.
     pub redelivered: IntCounter,
     /// `warren_invalid_messages_total{kind}`: messages rejected before reaching an entity.
@@ -97,7 +101,12 @@ impl Metrics {
             in_flight: gauge(
                 &registry,
                 "warren_in_flight",
-                "Deliveries taken from the broker and not yet settled.",
+                "Deliveries taken from the broker and still with the entities.",
+            )?,
+            entities_with_work: gauge(
+                &registry,
+                "warren_entities_with_work",
+                "Entities the bridge has deliveries out to.",
             )?,
             redelivered: counter(
                 &registry,
@@ -150,6 +159,23 @@ impl Metrics {
                 "Processing attempts beyond the first.",
             )?,
             active: gauge(&registry, "warren_entities_active", "Entities running.")?,
+            processing: gauge(
+                &registry,
+                "warren_entities_processing",
+                "Entities handling a message right now.",
+            )?,
+            handle_seconds: {
+                let opts = HistogramOpts::new(
+                    "warren_entity_handle_seconds",
+                    "Time an entity takes to handle one message, retries and storing included.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+                ]);
+                let histogram = Histogram::with_opts(opts)?;
+                registry.register(Box::new(histogram.clone()))?;
+                histogram
+            },
         };
         Ok(Metrics {
             cluster: ClusterMetrics::register(&registry)?,

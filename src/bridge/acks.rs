@@ -2,7 +2,7 @@
 //! Handing a frame to lapin's I/O thread costs a thread round trip; awaiting that inside the
 //! bridge loop would stall every delivery behind every ack. Order matters: a `multiple` ack
 //! must never overtake the nack of a tag it covers, and consecutive `multiple` acks on one
-//! channel collapse into the last one.
+//! channel collapse into the last one (never across a single ack, whose tag may be higher).
 //!
 //! The queue cannot grow without bound: each command settles at least one delivery, and the
 //! broker never has more than `prefetch` deliveries unacked.
@@ -23,6 +23,12 @@ enum Command {
         acker: Acker,
         acked: u64,
         dead_lettered: u64,
+    },
+    /// Ack this acker's delivery only.
+    AckOne {
+        generation: u64,
+        acker: Acker,
+        dead_lettered: bool,
     },
     /// Return one delivery to the queue.
     Nack { acker: Acker },
@@ -49,6 +55,15 @@ impl AckWriter {
             generation,
             acker,
             acked,
+            dead_lettered,
+        });
+    }
+
+    /// Acks `acker`'s delivery alone, without `multiple` (it sits behind an unsettled one).
+    pub fn ack_one(&self, generation: u64, acker: Acker, dead_lettered: bool) {
+        let _ = self.commands.send(Command::AckOne {
+            generation,
+            acker,
             dead_lettered,
         });
     }
@@ -110,6 +125,27 @@ async fn write(mut rx: mpsc::UnboundedReceiver<Command>, metrics: BridgeMetrics)
                     } else {
                         debug!(generation, "ack not sent: the channel is gone");
                         metrics.deliveries.requeued.inc_by(acked + dead_lettered);
+                    }
+                }
+                Command::AckOne {
+                    generation,
+                    acker,
+                    dead_lettered,
+                } => {
+                    let sent = matches!(
+                        acker.ack(BasicAckOptions { multiple: false }).await,
+                        Ok(true)
+                    );
+                    let outcome = match (sent, dead_lettered) {
+                        (false, _) => &metrics.deliveries.requeued,
+                        (true, false) => &metrics.deliveries.acked,
+                        (true, true) => &metrics.deliveries.dead_lettered,
+                    };
+                    outcome.inc();
+                    if sent {
+                        metrics.acks_sent.inc();
+                    } else {
+                        debug!(generation, "ack not sent: the channel is gone");
                     }
                 }
                 Command::Nack { acker } => {

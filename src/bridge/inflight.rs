@@ -1,12 +1,19 @@
 //! The in-flight table: every delivery taken from the current channel, in delivery-tag order,
-//! until it is settled and acked. Entities confirm out of order, but the broker is acked with
-//! `multiple` only up to the end of a contiguous settled prefix, so no delivery is ever acked
+//! until it is settled and acked. Entities confirm out of order, so the broker is acked with
+//! `multiple` up to the end of the contiguous settled prefix, and no delivery is ever acked
 //! before its own entity confirmed it.
 //!
+//! The bound on work (`max_in_flight`) counts only deliveries still with the entities
+//! ([`InFlight::working`]): one that is settled and waits for the prefix to reach it holds no
+//! entity busy, and counting it let one slow head delivery stall the bridge while most
+//! entities sat idle. What waits is bounded by the broker's prefetch instead; before it fills
+//! the window, settled deliveries behind the first unsettled one are acked one by one
+//! ([`InFlight::take_isolated`]), since a `multiple` ack would cover the unsettled head too.
+//!
 //! Deliveries of a channel that died, and deliveries nacked back at their deadline while their
-//! message is still with the entities, become *orphans*: never acked again, but counted toward
-//! the in-flight bound until their outcome arrives (the controller reports on every message it
-//! took), because their messages still occupy memory there. A stuck entity therefore stops the
+//! message is still with the entities, become *orphans*: never acked again, but counted as
+//! working until their outcome arrives (the controller reports on every message it took),
+//! because their messages still occupy memory there. A stuck entity therefore stops the
 //! bridge from taking more instead of letting redelivered copies pile up behind it.
 //!
 //! Sans-IO: the held value `T` (the acker and what dead-lettering needs) is opaque here.
@@ -51,6 +58,8 @@ pub struct Entry<T> {
     pub settlement: Option<Settlement>,
     /// Being dead-lettered: its deadline no longer applies (the publish has its own timeout).
     settling: bool,
+    /// Settled and acked on its own, ahead of the prefix: never acked again.
+    pub acked_alone: bool,
     /// The driver's data (acker, body, …).
     pub held: T,
 }
@@ -71,24 +80,37 @@ pub enum Settled {
 pub struct InFlight<T> {
     entries: VecDeque<Entry<T>>,
     orphans: HashSet<DeliveryKey>,
+    /// Entries not settled yet.
+    unsettled: usize,
     next_key: u64,
     deadline_after: Duration,
+    /// From this many entries on, settled ones behind an unsettled head are acked alone.
+    isolated_above: usize,
 }
 
 impl<T> InFlight<T> {
-    /// An empty table whose deliveries must settle within `deadline_after`.
-    pub fn new(deadline_after: Duration) -> Self {
+    /// An empty table whose deliveries must settle within `deadline_after`; once it holds
+    /// `isolated_above` entries, settled ones that cannot join the acked prefix are acked alone
+    /// (set it below the prefetch, so the broker's window never fills with finished work).
+    pub fn new(deadline_after: Duration, isolated_above: usize) -> Self {
         InFlight {
             entries: VecDeque::new(),
             orphans: HashSet::new(),
+            unsettled: 0,
             next_key: 0,
             deadline_after,
+            isolated_above,
         }
     }
 
-    /// Deliveries counted against the in-flight bound, orphans included.
+    /// Every delivery not finished: taken and unacked, or an orphan still being worked on.
     pub fn len(&self) -> usize {
         self.entries.len() + self.orphans.len()
+    }
+
+    /// Deliveries still with the entities, orphans included: what `max_in_flight` bounds.
+    pub fn working(&self) -> usize {
+        self.unsettled + self.orphans.len()
     }
 
     /// True when nothing is in flight.
@@ -106,8 +128,10 @@ impl<T> InFlight<T> {
             deadline: now + self.deadline_after,
             settlement: None,
             settling: false,
+            acked_alone: false,
             held,
         });
+        self.unsettled += 1;
         key
     }
 
@@ -133,6 +157,7 @@ impl<T> InFlight<T> {
         match self.entry_mut(key) {
             Some(entry) if entry.settlement.is_none() => {
                 entry.settlement = Some(settlement);
+                self.unsettled -= 1;
                 Settled::Current
             }
             _ => Settled::Ignored,
@@ -140,11 +165,28 @@ impl<T> InFlight<T> {
     }
 
     /// Moves the contiguous settled prefix into `out`, oldest first. The driver acks once,
-    /// with `multiple`, up to the last entry that needs an ack.
+    /// with `multiple`, up to the last entry that needs an ack and was not acked alone.
     pub fn pop_settled(&mut self, out: &mut Vec<Entry<T>>) {
         while self.entries.front().is_some_and(|e| e.settlement.is_some()) {
             if let Some(entry) = self.entries.pop_front() {
                 out.push(entry);
+            }
+        }
+    }
+
+    /// Once the table holds `isolated_above` entries: marks every settled entry that still
+    /// needs an ack and sits behind an unsettled one as acked alone, and hands each to `ack`
+    /// (the driver acks it without `multiple`). Call after [`Self::pop_settled`], so the prefix
+    /// is gone and what remains starts with an unsettled entry.
+    pub fn take_isolated(&mut self, mut ack: impl FnMut(&Entry<T>)) {
+        if self.entries.len() < self.isolated_above {
+            return;
+        }
+        for entry in self.entries.iter_mut() {
+            let needs_ack = entry.settlement.is_some_and(Settlement::needs_ack);
+            if needs_ack && !entry.acked_alone {
+                entry.acked_alone = true;
+                ack(entry);
             }
         }
     }
@@ -193,9 +235,11 @@ impl<T> InFlight<T> {
                     returned += 1;
                 }
                 Some(Settlement::Requeued) => {}
+                Some(_) if entry.acked_alone => {}
                 Some(_) => returned += 1,
             }
         }
+        self.unsettled = 0;
         returned
     }
 
@@ -219,7 +263,7 @@ mod tests {
     use super::*;
 
     fn table() -> InFlight<u64> {
-        InFlight::new(Duration::from_secs(60))
+        InFlight::new(Duration::from_secs(60), usize::MAX)
     }
 
     fn popped(table: &mut InFlight<u64>) -> Vec<(u64, Settlement)> {
@@ -351,5 +395,124 @@ mod tests {
         assert!(t.pending(key).is_none(), "it cannot be acked any more");
         assert_eq!(t.settle(key, Settlement::Acked), Settled::Orphan);
         assert!(t.is_empty());
+    }
+
+    /// One channel as the broker sees it: the tags delivered and not acked yet, with
+    /// RabbitMQ's rules (a single ack of a tag that is not outstanding closes the channel).
+    struct Broker {
+        outstanding: std::collections::BTreeSet<u64>,
+        confirmed: HashSet<u64>,
+        acked: u64,
+    }
+
+    impl Broker {
+        fn ack_multiple(&mut self, tag: u64) {
+            assert!(
+                self.outstanding.contains(&tag),
+                "multiple ack of a gone tag {tag}"
+            );
+            let covered: Vec<u64> = self.outstanding.range(..=tag).copied().collect();
+            for tag in covered {
+                assert!(
+                    self.confirmed.contains(&tag),
+                    "tag {tag} acked before its entity confirmed"
+                );
+                self.outstanding.remove(&tag);
+                self.acked += 1;
+            }
+        }
+
+        fn ack_one(&mut self, tag: u64) {
+            assert!(
+                self.outstanding.remove(&tag),
+                "PRECONDITION_FAILED: tag {tag} not outstanding"
+            );
+            assert!(
+                self.confirmed.contains(&tag),
+                "tag {tag} acked before its entity confirmed"
+            );
+            self.acked += 1;
+        }
+    }
+
+    /// Random schedules: entities of random speed settle in any order; the bridge takes while
+    /// fewer than `bound` are working and the broker's window has room, and acks as the driver
+    /// does. Never an ack before a confirmation, never a bad single ack, never the window full
+    /// of finished work, and everything acked in the end.
+    #[tokio::test(start_paused = true)]
+    async fn random_speeds_never_ack_early_and_never_fill_the_window_with_finished_work() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+        for seed in 0..200_u64 {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let bound = rng.random_range(1..40_usize);
+            let prefetch = rng.random_range(bound..=bound * 3);
+            let isolated_above = prefetch.saturating_sub(bound / 2).max(1);
+            let total = 1_000_u64;
+            let mut t: InFlight<u64> = InFlight::new(Duration::from_secs(60), isolated_above);
+            let mut broker = Broker {
+                outstanding: Default::default(),
+                confirmed: HashSet::new(),
+                acked: 0,
+            };
+            let mut keys: Vec<(DeliveryKey, u64)> = Vec::new();
+            let mut next_tag = 1;
+            // Each working delivery finishes in a step with its own entity's odds: some slow.
+            let mut speed: std::collections::HashMap<u64, f64> = Default::default();
+            let now = Instant::now();
+            let mut steps = 0;
+            while broker.acked < total {
+                steps += 1;
+                assert!(
+                    steps < 200_000,
+                    "seed {seed}: stalled at {} acked",
+                    broker.acked
+                );
+                while t.working() < bound
+                    && broker.outstanding.len() < prefetch
+                    && next_tag <= total
+                {
+                    let key = t.insert(next_tag, now);
+                    broker.outstanding.insert(next_tag);
+                    speed.insert(next_tag, [0.9, 0.5, 0.05][rng.random_range(0..3)]);
+                    keys.push((key, next_tag));
+                    next_tag += 1;
+                }
+                assert!(t.working() <= bound);
+                assert!(broker.outstanding.len() <= prefetch);
+                keys.retain(|&(key, tag)| {
+                    if !rng.random_bool(speed[&tag]) {
+                        return true;
+                    }
+                    broker.confirmed.insert(tag);
+                    let settlement = if rng.random_bool(0.05) {
+                        Settlement::DeadLettered
+                    } else {
+                        Settlement::Acked
+                    };
+                    assert_eq!(t.settle(key, settlement), Settled::Current);
+                    false
+                });
+                // The driver's flush: one multiple ack for the prefix, then the isolated ones.
+                let mut prefix = Vec::new();
+                t.pop_settled(&mut prefix);
+                let last = prefix
+                    .iter()
+                    .rev()
+                    .find(|e| !e.acked_alone && e.settlement.is_some_and(Settlement::needs_ack));
+                if let Some(entry) = last {
+                    broker.ack_multiple(entry.held);
+                }
+                t.take_isolated(|entry| broker.ack_one(entry.held));
+                let waiting = broker.outstanding.len();
+                assert!(
+                    waiting < isolated_above || waiting == t.working(),
+                    "seed {seed}: {waiting} unacked, {} working, threshold {isolated_above}",
+                    t.working()
+                );
+            }
+            assert!(t.is_empty(), "seed {seed}");
+            assert!(broker.outstanding.is_empty(), "seed {seed}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use prometheus::{IntCounter, IntGauge};
+use prometheus::{Histogram, IntCounter, IntGauge};
 use tracing::{debug, warn};
 
 use crate::delivery::ConsumerSettings;
@@ -31,6 +31,26 @@ pub struct EntityMetrics {
     pub retries: IntCounter,
     /// Entity tasks running.
     pub active: IntGauge,
+    /// Entities handling a message right now. Next to the bridge's count of entities it has
+    /// work out to, it tells whether the entities or the way to them hold throughput back.
+    pub processing: IntGauge,
+    /// Time to handle one message, retries and storing included.
+    pub handle_seconds: Histogram,
+}
+
+impl EntityMetrics {
+    /// Series for tests that do not serve them.
+    #[cfg(any(test, feature = "testkit"))]
+    pub fn unregistered() -> Self {
+        let gauge = |name: &str| IntGauge::new(name, name);
+        let handle = prometheus::HistogramOpts::new("h", "h");
+        EntityMetrics {
+            retries: IntCounter::new("r", "r").expect("a valid counter name"),
+            active: gauge("a").expect("a valid gauge name"),
+            processing: gauge("p").expect("a valid gauge name"),
+            handle_seconds: Histogram::with_opts(handle).expect("a valid histogram"),
+        }
+    }
 }
 
 /// Recovers `entity`'s stored state, retrying with backoff (up to `retry_backoff_max` apart)
@@ -89,6 +109,38 @@ pub(crate) async fn process<E: Entity>(
 
 /// Counts a running entity in `warren_entities_active`, however its task ends (a panic too).
 pub(crate) struct ActiveGuard(prometheus::IntGauge);
+
+/// Counts this entity in a gauge while it is set; uncounts it when dropped.
+pub(crate) struct GaugeFlag {
+    gauge: IntGauge,
+    on: bool,
+}
+
+impl GaugeFlag {
+    pub(crate) fn new(gauge: &IntGauge) -> Self {
+        GaugeFlag {
+            gauge: gauge.clone(),
+            on: false,
+        }
+    }
+
+    pub(crate) fn set(&mut self, on: bool) {
+        if on != self.on {
+            self.on = on;
+            if on {
+                self.gauge.inc();
+            } else {
+                self.gauge.dec();
+            }
+        }
+    }
+}
+
+impl Drop for GaugeFlag {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
 
 impl ActiveGuard {
     pub(crate) fn new(gauge: &prometheus::IntGauge) -> Self {
@@ -154,10 +206,7 @@ mod tests {
     }
 
     fn metrics() -> EntityMetrics {
-        EntityMetrics {
-            retries: IntCounter::new("r", "r").unwrap(),
-            active: IntGauge::new("a", "a").unwrap(),
-        }
+        EntityMetrics::unregistered()
     }
 
     #[tokio::test(start_paused = true)]

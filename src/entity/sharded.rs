@@ -19,7 +19,9 @@ use crate::delivery::protocol::SeqNr;
 use crate::delivery::protocol::{ProducerId, ProducerRef, SequencedMessage};
 use crate::delivery::sharding::ShardingConsumerController;
 use crate::delivery::sharding::driver::{Rejection, ToProducer};
-use crate::entity::runner::{ActiveGuard, EntityMetrics, RunnerSettings, process, recover};
+use crate::entity::runner::{
+    ActiveGuard, EntityMetrics, GaugeFlag, RunnerSettings, process, recover,
+};
 use crate::entity::{Entity, EntityFactory, EntityId};
 use crate::sharding::driver::{EntitySpawner, EntityTask};
 use crate::timer::sleep_until;
@@ -131,8 +133,15 @@ where
             }
         }
         if let Some(delivery) = consumer.poll_event() {
-            if let Err(reason) = process(&mut entity, &delivery.message, &settings, &metrics).await
-            {
+            let mut processing = GaugeFlag::new(&metrics.processing);
+            processing.set(true);
+            let started = Instant::now();
+            let processed = process(&mut entity, &delivery.message, &settings, &metrics).await;
+            metrics
+                .handle_seconds
+                .observe(started.elapsed().as_secs_f64());
+            drop(processing);
+            if let Err(reason) = processed {
                 warn!(entity = %id, %reason, "giving up on a message");
                 // Sent with every frame to its producer from the confirmation on, until the
                 // producer has shown it got one.

@@ -1,0 +1,203 @@
+//! What the benchmarks share: a queue filled with orders and deleted afterwards, the
+//! `warren-consumer` process with its metrics, CPU time from /proc, medians, a free cluster
+//! port.
+
+#![allow(dead_code)] // each benchmark uses a different part
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use lapin::options::QueueDeleteOptions;
+use lapin::types::ShortString;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use uuid::Uuid;
+use warren::amqp::{
+    AmqpSettings, ConfirmedPublisher, OutgoingMessage, PublisherSettings, topology,
+};
+use warren::order::CreateOrder;
+
+/// Consumer CPU (user + system) in seconds of process `pid`, from /proc.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Publishes `messages` persistent orders round-robin over `products` products, confirmed.
+pub async fn fill(amqp: &AmqpSettings, messages: usize, products: usize) {
+    fill_with(amqp, messages, |i| i % products).await;
+}
+
+/// Publishes `messages` persistent orders, order `i` for product `product(i)`, confirmed.
+pub async fn fill_with(
+    amqp: &AmqpSettings,
+    messages: usize,
+    mut product: impl FnMut(usize) -> usize,
+) {
+    let mut publisher = ConfirmedPublisher::new(PublisherSettings {
+        amqp: amqp.clone(),
+        max_outstanding: 2000,
+        connection_name: "warren-bench-fill".into(),
+    });
+    for i in 0..messages {
+        let order = CreateOrder {
+            order_id: Uuid::new_v4(),
+            customer_id: (i % 10_000).to_string(),
+            product_id: product(i).to_string(),
+            quantity: (i % 9) as u32 + 1,
+        };
+        let body = serde_json::to_vec(&order).expect("order encodes");
+        publisher
+            .publish(OutgoingMessage {
+                body,
+                message_id: None,
+            })
+            .await;
+    }
+    publisher.flush().await;
+    assert_eq!(publisher.stats().confirmed as usize, messages);
+    publisher.close().await;
+}
+
+/// Deletes the queue, its dead-letter queue and exchange.
+pub async fn delete(amqp: &AmqpSettings) {
+    let connection = amqp.connect("warren-bench-cleanup").await.expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    for queue in [amqp.queue.clone(), topology::dead_letter_queue(&amqp.queue)] {
+        let _ = channel
+            .queue_delete(
+                ShortString::from(queue.as_str()),
+                QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(
+            ShortString::from(topology::dead_letter_exchange(&amqp.queue).as_str()),
+            Default::default(),
+        )
+        .await;
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// A `warren-consumer` process of the benchmark; killed when dropped.
+pub struct Node {
+    child: tokio::process::Child,
+    /// `http://host:port` of its endpoint.
+    pub base: String,
+}
+
+impl Node {
+    fn binary() -> std::path::PathBuf {
+        if let Some(path) = std::env::var_os("BENCH_CONSUMER") {
+            return path.into();
+        }
+        let exe = std::env::current_exe().expect("bench path");
+        exe.parent()
+            .and_then(|deps| deps.parent())
+            .map(|dir| dir.join("warren-consumer"))
+            .filter(|path| path.exists())
+            .expect("target/release/warren-consumer: run `cargo build --release` first (scripts/bench does)")
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Starts the consumer on `amqp`'s queue with `store` and extra flags.
+    pub async fn start(amqp: &AmqpSettings, store: &str, args: &[&str]) -> Node {
+        let mut child = tokio::process::Command::new(Self::binary())
+            .args(["--queue", &amqp.queue, "--metrics-addr", "127.0.0.1:0"])
+            .args(["--entity-store", store])
+            .args(args)
+            // Per-order INFO lines would measure the terminal, not the bridge.
+            .env("RUST_LOG", "warn")
+            .env("WARREN_CLUSTER__SECRET", "warren-bench-secret-0123456789")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("warren-consumer starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let line = BufReader::new(stdout)
+            .lines()
+            .next_line()
+            .await
+            .expect("stdout")
+            .expect("address line");
+        let base = line.rsplit(' ').next().expect("address").to_owned();
+        Node { child, base }
+    }
+
+    /// A page of its endpoint, empty if it does not answer.
+    pub async fn get(&self, path: &str) -> String {
+        let response = reqwest::get(format!("{}{path}", self.base)).await;
+        match response {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// The value of one series (name with labels, exactly as exported), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let prefix = format!("{series} ");
+        self.get("/metrics")
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Deliveries acked so far.
+    pub async fn acked(&self) -> usize {
+        self.metric("warren_deliveries_total{outcome=\"acked\"}")
+            .await as usize
+    }
+
+    /// Polls until `messages` are acked; returns the time since `start`.
+    pub async fn until_acked(&self, messages: usize, start: Instant) -> Duration {
+        loop {
+            if self.acked().await >= messages {
+                return start.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The CPU the process spent so far; then SIGTERM and wait.
+    pub async fn stop(mut self) -> f64 {
+        let mut cpu = 0.0;
+        if let Some(pid) = self.child.id() {
+            cpu = cpu_seconds(pid);
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let _ = self.child.wait().await;
+        cpu
+    }
+}
+
+/// A port free for both TCP and UDP (a cluster port carries both).
+pub fn free_port() -> std::net::SocketAddr {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = tcp.local_addr().expect("address");
+        if std::net::UdpSocket::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+}
