@@ -10,7 +10,7 @@
 //! `warren_deliveries_total{outcome="acked"}` and the handle-time histogram over a steady-state
 //! window while the backlog lasts, and the node's CPU share (1.0 = its one runtime thread
 //! saturated). Rounds alternate the rows; medians are printed with their
-//! ratio to the bound. `BENCH_ROUNDS` (default 3) and `BENCH_PREFETCH_FACTOR` (default 2) tune it; `BENCH_CONSUMER` runs another
+//! ratio to the bound. `BENCH_ROUNDS` (default 3) and `BENCH_PREFETCH_FACTOR` (default 4, the consumer's default) tune it; `BENCH_CONSUMER` runs another
 //! `warren-consumer` binary (an older build, to compare commits). Run with `scripts/bench`.
 
 mod support;
@@ -204,13 +204,13 @@ async fn measure(row: Row) -> Measured {
     }
 }
 
-/// Prefetch as a multiple of the in-flight bound: `BENCH_PREFETCH_FACTOR`, default 2 (the
+/// Prefetch as a multiple of the in-flight bound: `BENCH_PREFETCH_FACTOR`, default 4 (the
 /// consumer's own default).
 fn prefetch_factor() -> usize {
     std::env::var("BENCH_PREFETCH_FACTOR")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
+        .unwrap_or(4)
 }
 
 /// The counters read at one moment.

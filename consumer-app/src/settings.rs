@@ -153,10 +153,10 @@ pub struct Cli {
     /// Quorum queues: deliveries after which the broker itself dead-letters a message.
     #[arg(long, env = "WARREN_AMQP__DELIVERY_LIMIT", value_name = "N")]
     pub delivery_limit: Option<u32>,
-    /// Unacked deliveries the broker may push (default: twice --max-in-flight).
+    /// Unacked deliveries the broker may push (default: four times --max-in-flight).
     #[arg(long, env = "WARREN_BRIDGE__PREFETCH", value_name = "N")]
     pub prefetch: Option<u16>,
-    /// Most deliveries in processing at once (default 100).
+    /// Most deliveries with the entities at once (default 100).
     #[arg(long, env = "WARREN_BRIDGE__MAX_IN_FLIGHT", value_name = "N")]
     pub max_in_flight: Option<u16>,
     /// Bodies above this many bytes are dead-lettered undecoded (default 65536).

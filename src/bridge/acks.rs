@@ -1,12 +1,16 @@
 //! Writes acks and nacks to the broker from one task, in the order the bridge decided them.
 //! Handing a frame to lapin's I/O thread costs a thread round trip; awaiting that inside the
-//! bridge loop would stall every delivery behind every ack. Order matters: a `multiple` ack
+//! bridge loop would stall every delivery behind every ack, and awaiting each in turn here
+//! capped single acks at one per round trip: frames are handed over in order, and their
+//! round trips overlap. Order matters: a `multiple` ack
 //! must never overtake the nack of a tag it covers, and consecutive `multiple` acks on one
 //! channel collapse into the last one (never across a single ack, whose tag may be higher).
 //!
 //! The queue cannot grow without bound: each command settles at least one delivery, and the
 //! broker never has more than `prefetch` deliveries unacked.
 
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use lapin::Acker;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::mpsc;
@@ -82,82 +86,111 @@ impl AckWriter {
 
 async fn write(mut rx: mpsc::UnboundedReceiver<Command>, metrics: BridgeMetrics) {
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 1024).await > 0 {
-        let mut commands = batch.drain(..).peekable();
-        while let Some(command) = commands.next() {
-            match command {
-                Command::Ack {
-                    mut generation,
-                    mut acker,
-                    mut acked,
-                    mut dead_lettered,
-                } => {
-                    // A later multiple ack on the same channel covers this one.
-                    while let Some(Command::Ack {
-                        generation: next_generation,
-                        ..
-                    }) = commands.peek()
-                    {
-                        if *next_generation != generation {
-                            break;
-                        }
-                        if let Some(Command::Ack {
-                            generation: g,
-                            acker: a,
-                            acked: n,
-                            dead_lettered: d,
-                        }) = commands.next()
-                        {
-                            generation = g;
-                            acker = a;
-                            acked += n;
-                            dead_lettered += d;
-                        }
-                    }
-                    let sent = matches!(
-                        acker.ack(BasicAckOptions { multiple: true }).await,
-                        Ok(true)
-                    );
-                    if sent {
-                        metrics.acks_sent.inc();
-                        metrics.deliveries.acked.inc_by(acked);
-                        metrics.deliveries.dead_lettered.inc_by(dead_lettered);
-                    } else {
-                        debug!(generation, "ack not sent: the channel is gone");
-                        metrics.deliveries.requeued.inc_by(acked + dead_lettered);
-                    }
+    let mut sending = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            received = rx.recv_many(&mut batch, 1024) => {
+                if received == 0 {
+                    break;
                 }
-                Command::AckOne {
-                    generation,
-                    acker,
-                    dead_lettered,
-                } => {
-                    let sent = matches!(
-                        acker.ack(BasicAckOptions { multiple: false }).await,
-                        Ok(true)
-                    );
-                    let outcome = match (sent, dead_lettered) {
-                        (false, _) => &metrics.deliveries.requeued,
-                        (true, false) => &metrics.deliveries.acked,
-                        (true, true) => &metrics.deliveries.dead_lettered,
-                    };
-                    outcome.inc();
-                    if sent {
-                        metrics.acks_sent.inc();
-                    } else {
-                        debug!(generation, "ack not sent: the channel is gone");
+                for command in coalesce(batch.drain(..)) {
+                    // The first poll hands the frame to lapin, in decision order; only the
+                    // wait for lapin's I/O thread to write it runs alongside the others.
+                    let mut send = Box::pin(send(command, metrics.clone()));
+                    if send.as_mut().now_or_never().is_none() {
+                        sending.push(send);
                     }
-                }
-                Command::Nack { acker } => {
-                    let nack = BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    };
-                    // Requeued either way: by this nack, or by the broker when the channel died.
-                    let _ = acker.nack(nack).await;
-                    metrics.deliveries.requeued.inc();
                 }
             }
+            Some(()) = sending.next(), if !sending.is_empty() => {}
+        }
+    }
+    while sending.next().await.is_some() {}
+}
+
+/// Merges each run of `multiple` acks on one channel into its last one.
+fn coalesce(commands: impl Iterator<Item = Command>) -> Vec<Command> {
+    let mut merged: Vec<Command> = Vec::new();
+    for command in commands {
+        if let (
+            Some(Command::Ack {
+                generation,
+                acker,
+                acked,
+                dead_lettered,
+            }),
+            Command::Ack {
+                generation: next_generation,
+                acker: next_acker,
+                acked: next_acked,
+                dead_lettered: next_dead_lettered,
+            },
+        ) = (merged.last_mut(), &command)
+            && *generation == *next_generation
+        {
+            // A later multiple ack on the same channel covers this one.
+            *acker = next_acker.clone();
+            *acked += next_acked;
+            *dead_lettered += next_dead_lettered;
+            continue;
+        }
+        merged.push(command);
+    }
+    merged
+}
+
+/// Hands one decision to lapin and counts it once written (an ack that could not be sent
+/// counts as requeued: the broker requeues it with the channel).
+async fn send(command: Command, metrics: BridgeMetrics) {
+    match command {
+        Command::Ack {
+            generation,
+            acker,
+            acked,
+            dead_lettered,
+        } => {
+            let sent = matches!(
+                acker.ack(BasicAckOptions { multiple: true }).await,
+                Ok(true)
+            );
+            if sent {
+                metrics.acks_sent.inc();
+                metrics.deliveries.acked.inc_by(acked);
+                metrics.deliveries.dead_lettered.inc_by(dead_lettered);
+            } else {
+                debug!(generation, "ack not sent: the channel is gone");
+                metrics.deliveries.requeued.inc_by(acked + dead_lettered);
+            }
+        }
+        Command::AckOne {
+            generation,
+            acker,
+            dead_lettered,
+        } => {
+            let sent = matches!(
+                acker.ack(BasicAckOptions { multiple: false }).await,
+                Ok(true)
+            );
+            let outcome = match (sent, dead_lettered) {
+                (false, _) => &metrics.deliveries.requeued,
+                (true, false) => &metrics.deliveries.acked,
+                (true, true) => &metrics.deliveries.dead_lettered,
+            };
+            outcome.inc();
+            if sent {
+                metrics.acks_sent.inc();
+            } else {
+                debug!(generation, "ack not sent: the channel is gone");
+            }
+        }
+        Command::Nack { acker } => {
+            let nack = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            // Requeued either way: by this nack, or by the broker when the channel died.
+            let _ = acker.nack(nack).await;
+            metrics.deliveries.requeued.inc();
         }
     }
 }
