@@ -1,17 +1,18 @@
 //! How busy `warren-consumer` keeps slow entities, next to the best any bridge could do. With F
 //! deliveries in flight spread at random over P products (the backlog names products at
-//! random) that each handle one order at a time
-//! in D, a product has work with probability F/(F+P−1) (a closed queueing network of identical
-//! servers), so no bridge can beat P·F/(F+P−1)/D. D is the products' handle time as the node
+//! random) that each handle one order at a time in D, a product has work with probability
+//! F/(F+P−1) (a closed queueing network of identical servers), so no bridge can beat
+//! P·F/(F+P−1)/D (exact, not random, handle times allow a little more). D is the products' handle time as the node
 //! itself measures it (`warren_entity_handle_seconds`: the simulated delay plus the timer's
 //! granularity plus storing), in the same window as the rate.
 //!
 //! Each row fills a queue, starts one node (memory store), lets it warm up, then reads
 //! `warren_deliveries_total{outcome="acked"}` and the handle-time histogram over a steady-state
 //! window while the backlog lasts, and the node's CPU share (1.0 = its one runtime thread
-//! saturated). Rounds alternate the rows; medians are printed with their
-//! ratio to the bound. `BENCH_ROUNDS` (default 3) and `BENCH_PREFETCH_FACTOR` (default 4, the consumer's default) tune it; `BENCH_CONSUMER` runs another
-//! `warren-consumer` binary (an older build, to compare commits). Run with `scripts/bench`.
+//! saturated). Rounds alternate the rows; medians are printed with their ratio to the bound.
+//! `BENCH_ROUNDS` (default 3) and `BENCH_PREFETCH_FACTOR` (default 4, the consumer's default)
+//! tune it; `BENCH_CONSUMER` runs another `warren-consumer` binary (an older build, to compare
+//! commits). Run after `cargo build --release`: `cargo bench --bench slow_entities`.
 
 mod support;
 

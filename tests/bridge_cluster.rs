@@ -327,7 +327,9 @@ async fn a_shard_host_sigkilled_mid_run_loses_nothing_and_applies_nothing_twice(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_of_the_singleton_holder_hands_over_without_a_second_redelivery() {
-    let mut cluster = Cluster::start("stop-singleton", &["--processing-delay-ms", "1"]).await;
+    // 5 ms products: with settled deliveries no longer holding in-flight slots, 1 ms products
+    // finished all 10,000 between the mid-run check and the SIGTERM.
+    let mut cluster = Cluster::start("stop-singleton", &["--processing-delay-ms", "5"]).await;
     assert_eq!(cluster.bridge_holder().await, 0);
     let mut orders = Orders::new(&cluster.queue, 100);
     orders.publish(10_000).await;

@@ -322,7 +322,7 @@ mod tests {
         let config = cli.load().unwrap();
         assert_eq!(config.amqp.queue, "q1");
         assert_eq!(config.bridge.max_in_flight, 7);
-        assert_eq!(config.bridge.effective_prefetch(), 14);
+        assert_eq!(config.bridge.effective_prefetch(), 28);
         assert_eq!(
             config.bridge.processing_deadline,
             std::time::Duration::from_secs(5)

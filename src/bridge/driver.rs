@@ -2,9 +2,10 @@
 //! with the entities, decodes them, submits each to its entity through the node's
 //! ShardingProducerController (reliable delivery to wherever the entity's shard lives), and
 //! settles each with the broker once its entity confirmed: ack (batched over the contiguous
-//! settled prefix, or alone when the prefix is held up), dead-letter with a reason then ack, or nack back to the queue at the
-//! processing deadline. It owns the in-flight table; the controller and the entities belong to
-//! the cluster node and outlive the bridge (a singleton that may move to another node).
+//! settled prefix, or alone when the prefix is held up), dead-letter with a reason then ack,
+//! or nack back to the queue at the processing deadline. It owns the in-flight table; the
+//! controller and the entities belong to the cluster node and outlive the bridge (a singleton
+//! that may move to another node).
 
 use std::collections::HashMap;
 use std::pin::Pin;
