@@ -9,18 +9,23 @@ use crate::delivery::{ConsumerFrame, SeqNr};
 
 pub use simulation::{Outcome, RandomRun, simulate};
 
-/// A loopback port free for both TCP and UDP right now (a cluster node listens on both).
-/// Another process may take it before it is used; tests that cannot afford that bind port 0.
+/// A loopback port free for both TCP and UDP right now (a cluster node listens on both),
+/// picked below the kernel's ephemeral range: a port from that range (what binding port 0
+/// gives) can be taken by any outgoing connection, such as one node dialing or probing
+/// another, before the node meant to listen on it binds it.
 pub fn free_port() -> u16 {
+    use rand::Rng;
+    let below = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let mut rng = rand::rng();
     loop {
-        let Ok(tcp) = std::net::TcpListener::bind("127.0.0.1:0") else {
-            continue;
-        };
-        let Ok(addr) = tcp.local_addr() else {
-            continue;
-        };
-        if std::net::UdpSocket::bind(addr).is_ok() {
-            return addr.port();
+        let port = rng.random_range(10_000..below.max(10_001));
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let tcp = std::net::TcpListener::bind(addr);
+        if tcp.is_ok() && std::net::UdpSocket::bind(addr).is_ok() {
+            return port;
         }
     }
 }

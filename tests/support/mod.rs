@@ -76,12 +76,21 @@ async fn admin(statement: &str) {
     let _ = driver.await;
 }
 
-/// A port free for both TCP and UDP on `ip` (a cluster port carries both).
+/// A port free for both TCP and UDP on `ip` (a cluster port carries both), below the kernel's
+/// ephemeral range: one from that range (what binding port 0 gives) can be taken by a node's
+/// outgoing connection, dialing or probing another, before the node meant to listen on it
+/// starts.
 pub fn free_port(ip: [u8; 4]) -> std::net::SocketAddr {
+    use rand::Rng;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let mut rng = rand::rng();
     loop {
-        let tcp = std::net::TcpListener::bind(std::net::SocketAddr::from((ip, 0))).unwrap();
-        let addr = tcp.local_addr().unwrap();
-        if std::net::UdpSocket::bind(addr).is_ok() {
+        let addr = std::net::SocketAddr::from((ip, rng.random_range(10_000..ephemeral)));
+        let bound = std::net::TcpListener::bind(addr).map(drop);
+        if bound.is_ok() && std::net::UdpSocket::bind(addr).is_ok() {
             return addr;
         }
     }
