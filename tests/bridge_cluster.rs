@@ -329,15 +329,17 @@ async fn a_shard_host_sigkilled_mid_run_loses_nothing_and_applies_nothing_twice(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_of_the_singleton_holder_hands_over_without_a_second_redelivery() {
-    // 5 ms products: with settled deliveries no longer holding in-flight slots, 1 ms products
-    // finished all 10,000 between the mid-run check and the SIGTERM.
-    let mut cluster = Cluster::start("stop-singleton", &["--processing-delay-ms", "5"]).await;
+    // A SIGTERM stops the bridge only once the node has announced it is leaving (about a
+    // second): 20 ms products and 20,000 orders keep work in the queue past that (1 and 5 ms
+    // products finished everything in between once settled deliveries stopped holding
+    // in-flight slots).
+    let mut cluster = Cluster::start("stop-singleton", &["--processing-delay-ms", "20"]).await;
     assert_eq!(cluster.bridge_holder().await, 0);
     let mut orders = Orders::new(&cluster.queue, 100);
-    orders.publish(10_000).await;
+    orders.publish(20_000).await;
     cluster.acked_at_least(0, 1_000.0).await;
     assert!(
-        cluster.node(0).metric(ACKED).await < 10_000.0,
+        cluster.node(0).metric(ACKED).await < 20_000.0,
         "the stop must come mid-run"
     );
 
