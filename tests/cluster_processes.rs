@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use support::{binary, eventually, free_port};
+use support::{binary, eventually, free_port, up_members};
 use warren::node::COORDINATOR;
 
 const SECRET: &str = "warren-test-secret-0123456789";
@@ -97,16 +97,6 @@ impl Node {
     fn kill(&mut self) {
         self.child.start_kill().expect("SIGKILL");
     }
-}
-
-fn up_members(status: &Value) -> BTreeSet<String> {
-    status["members"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["status"] == "up")
-        .filter_map(|m| m["node"].as_str().map(str::to_owned))
-        .collect()
 }
 
 fn runs_coordinator(status: &Value) -> bool {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use support::{Consumer, Orders, TestDb, TestQueue, eventually, free_port};
+use support::{Consumer, Orders, TestDb, TestQueue, eventually, free_port, up_members};
 
 const SECRET: &str = "warren-test-secret-0123456789";
 const JOIN_TIMEOUT: &str = "1s";
@@ -55,14 +55,8 @@ async fn node(
     Consumer::launch(queue, &args, &env).await
 }
 
-fn up_members(status: &Value) -> Vec<String> {
-    status["members"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|m| m["status"] == "up")
-        .filter_map(|m| m["node"].as_str().map(str::to_owned))
-        .collect()
+fn names(names: &[&str]) -> std::collections::BTreeSet<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
 }
 
 /// Watches `nodes` for [`WATCH`]: none joins, consumes or hosts a shard, and the broker sees no
@@ -185,7 +179,7 @@ async fn a_node_with_a_wrong_secret_is_refused_and_neither_forms_a_cluster_nor_c
     queue.wait_drained(DRAIN).await;
     assert_eq!(queue.dlq_counts().await.ready, 0);
     let status = n1.get("/cluster").await.expect("n1 answers");
-    assert_eq!(up_members(&status), ["n1"], "{status}");
+    assert_eq!(up_members(&status), names(&["n1"]), "{status}");
     let acked = "warren_deliveries_total{outcome=\"acked\"}";
     assert_eq!(n1.metric(acked).await, ORDERS as f64);
     assert_eq!(intruder.metric(acked).await, 0.0);
@@ -213,7 +207,7 @@ async fn the_first_seed_alone_forms_the_cluster() {
     );
     let status = n1.get("/cluster").await.expect("n1 answers");
     assert_eq!(status["join"], "joined", "{status}");
-    assert_eq!(up_members(&status), ["n1"], "{status}");
+    assert_eq!(up_members(&status), names(&["n1"]), "{status}");
     queue.wait_drained(DRAIN).await;
     orders.assert_applied_exactly_once_in_order(&n1).await;
 }
@@ -247,9 +241,8 @@ async fn a_cluster_whose_first_seed_starts_last_forms_when_it_comes_up() {
     for node in [&n1, &n2, &n3] {
         eventually("all three up", DRAIN, || async {
             let status = node.get("/cluster").await?;
-            let mut up = up_members(&status);
-            up.sort();
-            (up == ["n1", "n2", "n3"] && status["join"] == "joined").then_some(())
+            let up = up_members(&status) == names(&["n1", "n2", "n3"]);
+            (up && status["join"] == "joined").then_some(())
         })
         .await;
     }

@@ -96,6 +96,17 @@ pub fn free_port(ip: [u8; 4]) -> std::net::SocketAddr {
     }
 }
 
+/// The members a node's `GET /cluster` page lists as Up.
+pub fn up_members(status: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    status["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["status"] == "up")
+        .filter_map(|m| m["node"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// Polls `check` every 100 ms until it yields a value; panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
