@@ -43,6 +43,10 @@ const EXIT_BAD_CONFIG: u8 = 2;
 /// Exit status of a node that gave up joining its cluster (`cluster.give_up_joining_after`):
 /// a supervisor can tell "could not reach the cluster" from a crash.
 const EXIT_GAVE_UP_JOINING: u8 = 3;
+/// Exit status of a node that downed itself (`cluster.downing`: it was on the losing side of a
+/// partition, or the cluster declared it down). A supervisor may start it again: the new run
+/// joins as a new member with no entities.
+const EXIT_DOWNED: u8 = 4;
 
 /// How a run ended, when it did not fail.
 enum Ended {
@@ -167,11 +171,26 @@ async fn run(mut config: ConsumerConfig) -> anyhow::Result<Ended> {
             .await
             .is_ok()
     };
+    let mut downed = node.downed_self();
+    let downed = async {
+        downed
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|reason| reason.as_ref().map(ToString::to_string))
+    };
     let failed = tokio::select! {
         _ = graceful.cancelled() => false,
         _ = broken.cancelled() => {
             error!("this node cannot deliver to products any more; leaving the cluster");
             true
+        }
+        Some(reason) = downed => {
+            // No drain and no hand-over: the surviving side takes this node's products and the
+            // queue over once its margin has passed, so everything here stops now. Unacked
+            // deliveries return to the queue when the broker sees the connection close.
+            error!("this node downed itself ({reason}); exiting with status {EXIT_DOWNED}");
+            std::process::exit(i32::from(EXIT_DOWNED));
         }
         true = gave_up => {
             error!(

@@ -209,6 +209,34 @@ pub struct Cli {
         value_name = "DURATION"
     )]
     pub give_up_joining_after: Option<String>,
+    /// Which side of a network partition survives: keep-majority (the default),
+    /// static-quorum (with --quorum-size), keep-oldest, or off (unsafe). The losing side exits
+    /// with status 4.
+    #[arg(
+        long,
+        env = "WARREN_CLUSTER__DOWNING__STRATEGY",
+        value_name = "STRATEGY"
+    )]
+    pub downing: Option<String>,
+    /// Members a side needs to survive under static-quorum (more than half the cluster).
+    #[arg(long, env = "WARREN_CLUSTER__DOWNING__QUORUM_SIZE", value_name = "N")]
+    pub quorum_size: Option<usize>,
+    /// How long the set of unreachable members must stay the same before the downing
+    /// strategy decides (default 5s).
+    #[arg(
+        long,
+        env = "WARREN_CLUSTER__DOWNING__STABLE_AFTER",
+        value_name = "DURATION"
+    )]
+    pub stable_after: Option<String>,
+    /// How much longer the surviving side waits before it takes over the losing side's
+    /// products and queue, so the losers have stopped (default 3s).
+    #[arg(
+        long,
+        env = "WARREN_CLUSTER__DOWNING__DOWN_REMOVAL_MARGIN",
+        value_name = "DURATION"
+    )]
+    pub down_removal_margin: Option<String>,
     /// Roles, comma-separated: shard-host hosts products, bridge may consume the queue
     /// (default both).
     #[arg(
@@ -260,6 +288,13 @@ impl Cli {
                 "cluster.give_up_joining_after",
                 self.give_up_joining_after.clone(),
             )
+            .flag("cluster.downing.strategy", self.downing.clone())
+            .flag("cluster.downing.quorum_size", self.quorum_size)
+            .flag("cluster.downing.stable_after", self.stable_after.clone())
+            .flag(
+                "cluster.downing.down_removal_margin",
+                self.down_removal_margin.clone(),
+            )
             .flag("cluster.secret", self.cluster_secret.clone())
             .flag("entity_store", self.entity_store.clone())
             .extract()?;
@@ -293,8 +328,26 @@ mod tests {
             "0123456789abcdef0123",
             "--entity-store",
             "postgres://warren:warren@127.0.0.1:5432/warren",
+            "--downing",
+            "static-quorum",
+            "--quorum-size",
+            "2",
+            "--stable-after",
+            "7s",
+            "--down-removal-margin",
+            "2s",
         ]);
         let config = cli.load().unwrap();
+        let downing = config.cluster.downing.settings();
+        assert_eq!(
+            downing.strategy,
+            warren::cluster::membership::downing::Strategy::StaticQuorum { quorum_size: 2 }
+        );
+        assert_eq!(downing.stable_after, std::time::Duration::from_secs(7));
+        assert_eq!(
+            downing.down_removal_margin,
+            std::time::Duration::from_secs(2)
+        );
         assert_eq!(config.cluster.node_id, "n2");
         assert_eq!(config.cluster.listen.port(), 7352);
         assert_eq!(config.cluster.seeds.len(), 2);

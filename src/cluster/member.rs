@@ -123,6 +123,10 @@ pub struct ClusterView {
     pub self_addr: NodeAddr,
     /// Members by name; only the newest run of each name is kept.
     pub members: BTreeMap<NodeId, Member>,
+    /// Members this node cannot reach and the downing strategy has not (yet) declared down:
+    /// they keep their status (and their shards and singletons) until it does.
+    #[serde(default)]
+    pub unreachable: BTreeSet<NodeAddr>,
 }
 
 impl ClusterView {
@@ -131,6 +135,7 @@ impl ClusterView {
         ClusterView {
             self_addr: me.addr.clone(),
             members: BTreeMap::from([(me.addr.id.clone(), me)]),
+            unreachable: BTreeSet::new(),
         }
     }
 

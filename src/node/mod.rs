@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
+use crate::cluster::membership::downing::DownReason;
 use crate::cluster::membership::join::JoinState;
 use crate::cluster::membership::{Membership, MembershipError};
 use crate::cluster::singleton::SingletonMsg;
@@ -144,6 +145,15 @@ pub struct ClusterStatus {
     /// Why it has not joined, while it has not.
     #[serde(default)]
     pub join_blocker: Option<String>,
+    /// The downing strategy: which side of a partition survives.
+    #[serde(default)]
+    pub downing: String,
+    /// Members this node cannot reach and the strategy has not declared down yet.
+    #[serde(default)]
+    pub unreachable: Vec<String>,
+    /// Why this node downed itself, once it has (it stops everything it ran).
+    #[serde(default)]
+    pub downed_self: Option<String>,
 }
 
 /// One member, for [`ClusterStatus`].
@@ -190,6 +200,7 @@ pub struct ClusterNode<M> {
     leave_timeout: Duration,
     /// Every singleton's name and role, to tell where each runs.
     singleton_roles: Vec<(String, String)>,
+    downing: &'static str,
     shutdown: CancellationToken,
 }
 
@@ -353,6 +364,7 @@ where
             shutdown.child_token(),
         );
 
+        tokio::spawn(stop_when_downed(membership.downed_self(), shutdown.clone()));
         tokio::spawn(wake_on_down(
             view.clone(),
             producer.clone(),
@@ -394,6 +406,7 @@ where
             next_query: AtomicU64::new(1),
             leave_timeout: settings.leave_timeout,
             singleton_roles,
+            downing: settings.downing.settings().strategy.name(),
             shutdown,
         })
     }
@@ -412,6 +425,13 @@ where
     /// should stop (see [`crate::cluster::membership::join`]).
     pub fn join_state(&self) -> watch::Receiver<JoinState> {
         self.membership.join_state()
+    }
+
+    /// Why this node downed itself, once it has: it lost a partition, or the cluster declared
+    /// it down. Its region, entities and singletons stop at once, without handing anything
+    /// over; the process should exit (a new run may join again).
+    pub fn downed_self(&self) -> watch::Receiver<Option<DownReason>> {
+        self.membership.downed_self()
     }
 
     /// The region's status, updated as it changes.
@@ -500,6 +520,14 @@ where
             node: self.me.id.to_string(),
             join: join.to_owned(),
             join_blocker,
+            downing: self.downing.to_owned(),
+            unreachable: view.unreachable.iter().map(|a| a.id.to_string()).collect(),
+            downed_self: self
+                .membership
+                .downed_self()
+                .borrow()
+                .as_ref()
+                .map(ToString::to_string),
             members: members
                 .into_iter()
                 .map(|m| MemberStatusReport {
@@ -652,6 +680,20 @@ async fn bind_cluster_port(listen: std::net::SocketAddr) -> Result<TcpListener, 
         std::io::ErrorKind::AddrInUse,
         "no port free for both TCP and UDP",
     )))
+}
+
+/// Stops the node's parts the moment it downs itself: its entities must not run on while the
+/// surviving side starts them anew (the surviving side waits a margin for this).
+async fn stop_when_downed(
+    mut downed: watch::Receiver<Option<DownReason>>,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        result = downed.wait_for(Option::is_some) => if result.is_ok() {
+            shutdown.cancel();
+        },
+    }
 }
 
 /// Wakes entities silent for `silent_for` whenever a member goes down: those that lived on

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::auth::{ClusterSecret, Security};
 use crate::cluster::membership::MembershipSettings;
+use crate::cluster::membership::downing::{DowningSettings, Strategy};
 use crate::cluster::transport::TransportSettings;
 use crate::config::{ConfigError, check};
 use crate::sharding::{CoordinatorSettings, RegionSettings};
@@ -46,9 +47,11 @@ pub struct ClusterSettings {
     pub gossip_interval: Duration,
     /// Failure-detector threshold.
     pub phi_threshold: f64,
-    /// A silent member is declared down after this long unreachable.
+    /// A silent member counts as unreachable after this long; `downing` decides when it is down.
     #[serde(with = "humantime_serde")]
     pub down_after: Duration,
+    /// Which side of a network partition survives (`[cluster.downing]`).
+    pub downing: DowningConfig,
     /// The first seed forms the cluster if it meets no Up member by then.
     #[serde(with = "humantime_serde")]
     pub join_timeout: Duration,
@@ -80,6 +83,7 @@ impl Default for ClusterSettings {
             gossip_interval: membership.gossip_interval,
             phi_threshold: membership.phi_threshold,
             down_after: membership.down_after,
+            downing: DowningConfig::default(),
             join_timeout: membership.join_timeout,
             give_up_joining_after: membership.give_up_after,
             leave_timeout: Duration::from_secs(30),
@@ -130,6 +134,7 @@ impl ClusterSettings {
             "down_after",
             "must be at least gossip_interval",
         )?;
+        self.downing.validate(prefix, self.gossip_interval)?;
         check(
             self.give_up_joining_after
                 .is_none_or(|limit| limit > self.join_timeout),
@@ -181,9 +186,101 @@ impl ClusterSettings {
             gossip_interval: self.gossip_interval,
             phi_threshold: self.phi_threshold,
             down_after: self.down_after,
+            downing: self.downing.settings(),
             join_timeout: self.join_timeout,
             give_up_after: self.give_up_joining_after,
             ..MembershipSettings::default()
+        }
+    }
+}
+
+/// `[cluster.downing]`: the split-brain resolver's rule and timing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DowningConfig {
+    /// `keep-majority`, `static-quorum` (with `quorum_size`), `keep-oldest`, or `off`.
+    pub strategy: StrategyName,
+    /// Members a side needs to stay, for `static-quorum`: more than half the cluster's size.
+    pub quorum_size: Option<usize>,
+    /// For `keep-oldest`: an oldest member cut off alone from two or more others goes.
+    pub down_if_alone: bool,
+    /// How long the unreachable set must not change before the strategy decides.
+    #[serde(with = "humantime_serde")]
+    pub stable_after: Duration,
+    /// How much longer the surviving side waits before it takes the other side's work over
+    /// (the other side has downed itself by then).
+    #[serde(with = "humantime_serde")]
+    pub down_removal_margin: Duration,
+}
+
+/// The downing strategies by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyName {
+    /// The side with more than half the members stays.
+    KeepMajority,
+    /// A side with `quorum_size` members or more stays.
+    StaticQuorum,
+    /// The side with the oldest member stays.
+    KeepOldest,
+    /// No resolver (both sides of a partition go on: unsafe).
+    Off,
+}
+
+impl Default for DowningConfig {
+    fn default() -> Self {
+        let settings = DowningSettings::default();
+        DowningConfig {
+            strategy: StrategyName::KeepMajority,
+            quorum_size: None,
+            down_if_alone: true,
+            stable_after: settings.stable_after,
+            down_removal_margin: settings.down_removal_margin,
+        }
+    }
+}
+
+impl DowningConfig {
+    fn validate(&self, prefix: &str, gossip_interval: Duration) -> Result<(), ConfigError> {
+        let quorum = self.quorum_size.unwrap_or(0);
+        match self.strategy {
+            StrategyName::StaticQuorum => check(
+                quorum >= 1,
+                prefix,
+                "downing.quorum_size",
+                "must be set (at least 1, and more than half the cluster) for static-quorum",
+            )?,
+            _ => check(
+                self.quorum_size.is_none(),
+                prefix,
+                "downing.quorum_size",
+                "is only used by the static-quorum strategy",
+            )?,
+        }
+        check(
+            self.stable_after >= gossip_interval,
+            prefix,
+            "downing.stable_after",
+            "must be at least gossip_interval",
+        )
+    }
+
+    /// The resolver's settings; call after validation.
+    pub fn settings(&self) -> DowningSettings {
+        let strategy = match self.strategy {
+            StrategyName::KeepMajority => Strategy::KeepMajority,
+            StrategyName::StaticQuorum => Strategy::StaticQuorum {
+                quorum_size: self.quorum_size.unwrap_or(1),
+            },
+            StrategyName::KeepOldest => Strategy::KeepOldest {
+                down_if_alone: self.down_if_alone,
+            },
+            StrategyName::Off => Strategy::Off,
+        };
+        DowningSettings {
+            strategy,
+            stable_after: self.stable_after,
+            down_removal_margin: self.down_removal_margin,
         }
     }
 }
@@ -247,7 +344,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Spoil = fn(&mut ClusterSettings);
-        let cases: [(&str, Spoil); 7] = [
+        let cases: [(&str, Spoil); 10] = [
             ("cluster.secret", |s| s.secret = Some("short".to_owned())),
             ("cluster.listen", |s| {
                 s.listen = "0.0.0.0:7350".parse().unwrap()
@@ -262,6 +359,15 @@ mod tests {
             ("cluster.down_after", |s| s.down_after = Duration::ZERO),
             ("cluster.give_up_joining_after", |s| {
                 s.give_up_joining_after = Some(s.join_timeout)
+            }),
+            ("cluster.downing.quorum_size", |s| {
+                s.downing.strategy = StrategyName::StaticQuorum
+            }),
+            ("cluster.downing.quorum_size", |s| {
+                s.downing.quorum_size = Some(2)
+            }),
+            ("cluster.downing.stable_after", |s| {
+                s.downing.stable_after = Duration::ZERO
             }),
         ];
         for (key, spoil) in cases {

@@ -503,6 +503,7 @@ fn view_of(me: &str, members: &[(&str, u64, MemberStatus)]) -> ClusterView {
             .iter()
             .map(|(id, age, status)| (NodeId::new(*id), member(id, *age, *status)))
             .collect(),
+        unreachable: Default::default(),
     }
 }
 

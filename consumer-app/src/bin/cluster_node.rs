@@ -256,12 +256,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
             .is_ok()
     };
+    let mut downed = node.downed_self();
+    let downed = async {
+        downed
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|reason| reason.as_ref().map(ToString::to_string))
+    };
     tokio::select! {
         _ = graceful.cancelled() => {}
         _ = immediate.cancelled() => {}
         true = gave_up => {
             anyhow::bail!("gave up joining the cluster (cluster.give_up_joining_after)")
         }
+        // The node has stopped its parts already; nothing is handed over.
+        Some(reason) = downed => anyhow::bail!("this node downed itself: {reason}"),
     }
     // Stop what shares the node, so it can leave.
     http_stop.cancel();

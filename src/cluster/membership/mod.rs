@@ -15,10 +15,11 @@
 //! gives up after `give_up_after`. Nodes started together all wait for the first seed, so they
 //! agree on who is oldest. A node cut off from its seeds never forms a second cluster.
 
+pub mod downing;
 pub mod join;
 pub mod view;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,8 +35,9 @@ use crate::cluster::auth::Security;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::transport::probe::{ProbeOutcome, probe};
+use downing::{DownReason, DowningSettings, Resolver, Strategy};
 use join::{JoinDecision, JoinRule, JoinState, SeedRole};
-use view::{GossipNode, KnownMembers, own_keys, view_from_gossip};
+use view::{GossipNode, KnownMembers, downed_by, own_keys, view_from_gossip};
 
 /// How membership gossips and decides.
 #[derive(Clone, Debug)]
@@ -48,10 +50,12 @@ pub struct MembershipSettings {
     pub gossip_interval: Duration,
     /// Phi above which the failure detector considers a silent node unreachable.
     pub phi_threshold: f64,
-    /// How long a member that was reachable must stay unreachable before it is `Down`: the
-    /// failure detector alone reacts within a fraction of a second, which a busy machine's
-    /// pauses would trip (Akka's downing waits for a stable unreachability the same way).
+    /// How long a member that was reachable must stay silent before it counts as unreachable:
+    /// the failure detector alone reacts within a fraction of a second, which a busy machine's
+    /// pauses would trip. The downing strategy then decides whether it is `Down`.
     pub down_after: Duration,
+    /// Which side of a partition survives, and when it decides.
+    pub downing: DowningSettings,
     /// How long the first seed waits to meet an Up member before forming a cluster.
     pub join_timeout: Duration,
     /// How long any other node keeps joining before it gives up; `None` waits forever.
@@ -68,6 +72,7 @@ impl Default for MembershipSettings {
             gossip_interval: Duration::from_millis(200),
             phi_threshold: 8.0,
             down_after: Duration::from_millis(1500),
+            downing: DowningSettings::default(),
             join_timeout: Duration::from_secs(3),
             give_up_after: Some(Duration::from_secs(300)),
             dead_node_grace_period: Duration::from_secs(3600),
@@ -92,6 +97,7 @@ pub struct Membership {
     chitchat: ChitchatHandle,
     view: watch::Receiver<ClusterView>,
     join: watch::Receiver<JoinState>,
+    downed_self: watch::Receiver<Option<DownReason>>,
     changes: mpsc::Sender<Change>,
     task: JoinHandle<()>,
     gossip_interval: Duration,
@@ -130,9 +136,13 @@ impl Membership {
             protocol_version: chitchat::ProtocolVersion::V0,
         };
         let seeds = SeedList::resolve(&settings.seeds, gossip_addr).await;
-        let chitchat = spawn_chitchat(config, own_keys(&me, &security), &UdpTransport)
-            .await
-            .map_err(|e| MembershipError::Gossip(format!("{e:#}")))?;
+        let chitchat = spawn_chitchat(
+            config,
+            own_keys(&me, &BTreeSet::new(), &security),
+            &UdpTransport,
+        )
+        .await
+        .map_err(|e| MembershipError::Gossip(format!("{e:#}")))?;
         let rule = JoinRule::new(
             seeds.role,
             settings.join_timeout,
@@ -140,8 +150,17 @@ impl Membership {
             Instant::now(),
         );
         info!(role = ?rule.role(), seeds = ?settings.seeds, "joining");
+        let strategy = settings.downing.strategy;
+        if strategy == Strategy::Off {
+            warn!(
+                "cluster.downing.strategy = \"off\": both sides of a network partition will run \
+                 the same entities, and a healed node keeps its stale copies; use it only where \
+                 something else guarantees one owner"
+            );
+        }
         let (view_tx, view) = watch::channel(ClusterView::alone(me.clone()));
         let (join_tx, join) = watch::channel(rule.state());
+        let (downed_self_tx, downed_self) = watch::channel(None);
         let (changes, changes_rx) = mpsc::channel(8);
         // Bounded by the number of seeds: the prober waits for room.
         let (probes_tx, probes_rx) = mpsc::channel(8);
@@ -162,10 +181,13 @@ impl Membership {
                 security,
                 known: KnownMembers::new(),
                 unreachable_since: HashMap::new(),
+                resolver: Resolver::new(settings.downing, Instant::now()),
+                published_downed: BTreeSet::new(),
                 rule,
                 reported: None,
                 view: view_tx,
                 join: join_tx,
+                downed_self: downed_self_tx,
                 metrics,
             }
             .run(changes_rx, probes_rx),
@@ -174,6 +196,7 @@ impl Membership {
             chitchat,
             view,
             join,
+            downed_self,
             changes,
             task,
             gossip_interval: settings.gossip_interval,
@@ -184,6 +207,13 @@ impl Membership {
     /// (then the node should stop: it will never become a member).
     pub fn join_state(&self) -> watch::Receiver<JoinState> {
         self.join.clone()
+    }
+
+    /// Why this node downed itself, once it has (it lost a partition, or the cluster declared
+    /// it down): it must stop everything it runs at once, without handing anything over, and
+    /// never come back as this run.
+    pub fn downed_self(&self) -> watch::Receiver<Option<DownReason>> {
+        self.downed_self.clone()
     }
 
     /// The current view, updated after every gossip round that changed it.
@@ -315,11 +345,15 @@ struct Tracker {
     known: KnownMembers,
     /// Runs seen reachable once, and since when they are unreachable (if they are).
     unreachable_since: HashMap<NodeAddr, Option<Instant>>,
+    resolver: Resolver,
+    /// The runs this node last announced as down (its own decisions), in its gossip keys.
+    published_downed: BTreeSet<NodeAddr>,
     rule: JoinRule,
     /// The join state last logged, and when.
     reported: Option<(JoinState, Instant)>,
     view: watch::Sender<ClusterView>,
     join: watch::Sender<JoinState>,
+    downed_self: watch::Sender<Option<DownReason>>,
     metrics: ClusterMetrics,
 }
 
@@ -334,16 +368,22 @@ impl Tracker {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                Some(Change::Status(status)) = changes.recv() => self.set_status(status).await,
+                Some(Change::Status(status)) = changes.recv() => {
+                    // A downed node stays down, whatever it is told next.
+                    if self.resolver.downed_self().is_none() || status == MemberStatus::Down {
+                        self.set_status(status).await;
+                    }
+                }
                 Some((seed, outcome)) = probes.recv() => {
                     self.rule.handle_probe(&seed, outcome);
                     continue;
                 }
             }
             let mut nodes = self.gossip_nodes().await;
-            self.apply_down_after(&mut nodes);
+            let unreachable = self.apply_down_after(&mut nodes);
             let (mut view, untrusted) =
                 view_from_gossip(&self.me, &nodes, &self.security, &mut self.known);
+            self.apply_downing(&mut view, unreachable, &nodes).await;
             if self.me.status == MemberStatus::Joining {
                 match self.decide_join(&view) {
                     JoinDecision::BecomeUp => {
@@ -419,36 +459,98 @@ impl Tracker {
         self.reported = Some((state, now));
     }
 
-    /// A run seen reachable counts as alive until it has been unreachable for `down_after`;
-    /// a run never seen reachable is down at once (it may be a stale record of a past run).
-    fn apply_down_after(&mut self, nodes: &mut [GossipNode]) {
+    /// Reachability, debounced: a run seen reachable counts as reachable until it has been
+    /// silent for `down_after`, then as unreachable (returned; the downing strategy decides
+    /// whether it is down, and until then it keeps the status it announced). A run never seen
+    /// reachable is down at once (it may be a stale record of a past run). Without a strategy
+    /// an unreachable run is down.
+    fn apply_down_after(&mut self, nodes: &mut [GossipNode]) -> BTreeSet<NodeAddr> {
         let now = Instant::now();
+        let resolve = self.resolver.strategy() != Strategy::Off;
+        let mut unreachable = BTreeSet::new();
         for node in nodes.iter_mut() {
             if node.alive {
                 self.unreachable_since.insert(node.addr.clone(), None);
             } else if let Some(since) = self.unreachable_since.get_mut(&node.addr) {
                 let since = *since.get_or_insert(now);
-                node.alive = now.duration_since(since) < self.settings.down_after;
+                let silent_long = now.duration_since(since) >= self.settings.down_after;
+                if silent_long {
+                    unreachable.insert(node.addr.clone());
+                }
+                node.alive = !silent_long || resolve;
             }
         }
-        let present: std::collections::HashSet<&NodeAddr> = nodes.iter().map(|n| &n.addr).collect();
+        let present: HashSet<&NodeAddr> = nodes.iter().map(|n| &n.addr).collect();
         self.unreachable_since
             .retain(|addr, _| present.contains(addr));
+        unreachable
     }
 
+    /// Runs the downing strategy on `view`: marks the runs this node or any other member
+    /// declared down as `Down`, downs this node when it must, and announces its own decisions.
+    async fn apply_downing(
+        &mut self,
+        view: &mut ClusterView,
+        unreachable: BTreeSet<NodeAddr>,
+        nodes: &[GossipNode],
+    ) {
+        let by_others = downed_by(nodes, &self.me.addr, &self.security);
+        if by_others.contains(&self.me.addr) {
+            self.resolver.handle_downed_by_others();
+        }
+        let downed: BTreeSet<&NodeAddr> = self.resolver.downed().iter().chain(&by_others).collect();
+        for member in view.members.values_mut() {
+            if member.addr != self.me.addr && downed.contains(&member.addr) {
+                member.status = MemberStatus::Down;
+            }
+        }
+        view.unreachable = view
+            .members
+            .values()
+            .filter(|m| m.status != MemberStatus::Down && unreachable.contains(&m.addr))
+            .map(|m| m.addr.clone())
+            .collect();
+        let was_down = self.resolver.downed_self().is_some();
+        let members: Vec<&Member> = view.members.values().collect();
+        self.resolver
+            .handle_view(Instant::now(), &self.me.addr, &members, &view.unreachable);
+        let present: HashSet<&NodeAddr> = nodes.iter().map(|n| &n.addr).collect();
+        self.resolver.retain(|addr| present.contains(addr));
+        if let Some(reason) = self.resolver.downed_self().cloned()
+            && !was_down
+        {
+            error!(
+                node = %self.me.addr,
+                strategy = self.resolver.strategy().name(),
+                unreachable = ?view.unreachable,
+                "downing this node: {reason}"
+            );
+            self.downed_self.send_replace(Some(reason));
+            self.set_status(MemberStatus::Down).await;
+            if let Some(me) = view.members.get_mut(&self.me.addr.id) {
+                me.status = MemberStatus::Down;
+            }
+        } else if *self.resolver.downed() != self.published_downed {
+            // The status is unchanged; the keys carry the new list.
+            self.set_status(self.me.status).await;
+        }
+    }
+
+    /// Publishes this node's status, and the runs it declared down, under a new signature.
     async fn set_status(&mut self, status: MemberStatus) {
         self.me.status = status;
+        self.published_downed = self.resolver.downed().clone();
         let mut chitchat = self.chitchat.lock().await;
         let state = chitchat.self_node_state();
         // The status and its new signature go out together.
-        for (key, value) in own_keys(&self.me, &self.security) {
+        for (key, value) in own_keys(&self.me, &self.published_downed, &self.security) {
             state.set(key, value);
         }
     }
 
     async fn gossip_nodes(&self) -> Vec<GossipNode> {
         let chitchat = self.chitchat.lock().await;
-        let live: std::collections::HashSet<&ChitchatId> = chitchat.live_nodes().collect();
+        let live: HashSet<&ChitchatId> = chitchat.live_nodes().collect();
         chitchat
             .node_states()
             .iter()

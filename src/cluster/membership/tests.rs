@@ -7,6 +7,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::cluster::auth::ClusterSecret;
+use crate::cluster::membership::downing::DownReason;
 use crate::cluster::membership::join::JoinBlocker;
 use crate::testkit::free_port;
 
@@ -229,28 +230,59 @@ async fn a_node_whose_seed_is_unreachable_says_so_and_gives_up() {
     assert!(!all_up(&lonely.view().borrow(), &["lonely"]));
 }
 
+/// Settings with a short downing wait, so a crash is resolved within the tests' 10 s.
+fn quick_downing(seeds: &[SocketAddr]) -> MembershipSettings {
+    MembershipSettings {
+        downing: DowningSettings {
+            stable_after: Duration::from_secs(2),
+            down_removal_margin: Duration::from_secs(1),
+            ..DowningSettings::default()
+        },
+        ..settings(seeds)
+    }
+}
+
+async fn quick_node(id: &str, seeds: &[SocketAddr]) -> (Membership, SocketAddr) {
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    start_node(id, addr, quick_downing(seeds), secret(SECRET)).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashed_node_is_down_within_seconds_and_a_leaving_one_at_once() {
-    let (a, seed) = node("a", &[], secret(SECRET)).await;
-    let (b, _) = node("b", &[seed], secret(SECRET)).await;
-    let (c, _) = node("c", &[seed], secret(SECRET)).await;
+async fn a_crashed_node_is_down_once_the_majority_has_waited_and_a_leaving_one_at_once() {
+    let (a, seed) = quick_node("a", &[]).await;
+    let (b, _) = quick_node("b", &[seed]).await;
+    let (c, _) = quick_node("c", &[seed]).await;
     until(&a, "three up members", |v| all_up(v, &["a", "b", "c"])).await;
     until(&b, "three up members", |v| all_up(v, &["a", "b", "c"])).await;
 
     let crashed_at = Instant::now();
     c.crash();
+    until(&a, "c unreachable", |v| {
+        v.unreachable.iter().any(|n| n.id.as_str() == "c")
+    })
+    .await;
+    let unreachable_after = crashed_at.elapsed();
+    assert_eq!(status_of(&a.view().borrow(), "c"), Some(MemberStatus::Up));
     until(&a, "c down", |v| {
         status_of(v, "c") == Some(MemberStatus::Down)
     })
     .await;
     let detection = crashed_at.elapsed();
-    println!("crash detected after {detection:?}");
-    // The default settings aim at about 3 s: the failure detector, then `down_after`.
+    println!("crash: unreachable after {unreachable_after:?}, down after {detection:?}");
+    // Never before the failure detector, `down_after`, `stable_after` and the margin.
+    let settings = quick_downing(&[]);
+    let earliest =
+        settings.down_after + settings.downing.stable_after + settings.downing.down_removal_margin;
+    assert!(detection >= earliest, "took {detection:?}");
     assert!(
-        detection >= Duration::from_millis(1500),
+        detection < earliest + Duration::from_secs(4),
         "took {detection:?}"
     );
-    assert!(detection < Duration::from_secs(5), "took {detection:?}");
+    assert!(a.downed_self().borrow().is_none());
+    assert!(
+        a.view().borrow().unreachable.is_empty(),
+        "a down member is not unreachable"
+    );
 
     let leaving_at = Instant::now();
     let leaving = tokio::spawn(async move {
@@ -270,4 +302,38 @@ async fn a_crashed_node_is_down_within_seconds_and_a_leaving_one_at_once() {
     let left = leaving_at.elapsed();
     println!("graceful leave seen as down after {left:?}");
     assert!(left < Duration::from_secs(2), "took {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_majority_downs_itself_and_never_downs_them() {
+    let (a, seed) = quick_node("a", &[]).await;
+    let (b, _) = quick_node("b", &[seed]).await;
+    let (c, _) = quick_node("c", &[seed]).await;
+    until(&a, "three up members", |v| all_up(v, &["a", "b", "c"])).await;
+    // From a's side, two crashes look exactly like a partition with a alone.
+    let cut_at = Instant::now();
+    b.crash();
+    c.crash();
+    let mut downed = a.downed_self();
+    tokio::time::timeout(Duration::from_secs(10), downed.wait_for(Option::is_some))
+        .await
+        .expect("a downs itself")
+        .unwrap();
+    let took = cut_at.elapsed();
+    println!("alone: downed itself after {took:?}");
+    assert_eq!(
+        *a.downed_self().borrow(),
+        Some(DownReason::LosingSide {
+            strategy: "keep-majority",
+            reachable: 1,
+            unreachable: 2
+        })
+    );
+    let settings = quick_downing(&[]);
+    assert!(took >= settings.down_after + settings.downing.stable_after);
+    let view = a.view().borrow().clone();
+    assert_eq!(status_of(&view, "a"), Some(MemberStatus::Down));
+    for other in ["b", "c"] {
+        assert_eq!(status_of(&view, other), Some(MemberStatus::Up), "{view:?}");
+    }
 }

@@ -5,7 +5,9 @@
 //! whatever it last said; a record whose keys are missing, malformed or not signed with the
 //! cluster secret is not trusted. An untrusted update of a member already known keeps the
 //! member as last known (gossip may carry a new status a moment before its signature), so a
-//! member never vanishes from the view for that alone.
+//! member never vanishes from the view for that alone. Each node also publishes the runs its
+//! downing strategy declared down ([`downed_by`] reads them back), so a decision reaches the
+//! runs that could not hear it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -21,6 +23,8 @@ pub const KEY_ROLES: &str = "roles";
 pub const KEY_STATUS: &str = "status";
 /// Key: start time in milliseconds since the epoch.
 pub const KEY_STARTED_AT: &str = "started_at";
+/// Key: the runs this node declared down, space-separated `name#generation`.
+pub const KEY_DOWNED: &str = "downed";
 /// Key: the record's signature with the cluster secret (hex).
 pub const KEY_SIGNATURE: &str = "sig";
 
@@ -35,8 +39,14 @@ pub struct GossipNode {
     pub keys: BTreeMap<String, String>,
 }
 
-/// The keys a node publishes about itself, signed when the cluster has a secret.
-pub fn own_keys(member: &Member, security: &Security) -> Vec<(String, String)> {
+/// The keys a node publishes about itself and the runs it declared `downed`, signed when the
+/// cluster has a secret.
+pub fn own_keys(
+    member: &Member,
+    downed: &BTreeSet<NodeAddr>,
+    security: &Security,
+) -> Vec<(String, String)> {
+    let downed: Vec<String> = downed.iter().map(ToString::to_string).collect();
     let mut keys = vec![
         (KEY_RPC_ADDR.to_owned(), member.rpc_addr.to_string()),
         (
@@ -45,6 +55,7 @@ pub fn own_keys(member: &Member, security: &Security) -> Vec<(String, String)> {
         ),
         (KEY_STATUS.to_owned(), member.status.as_str().to_owned()),
         (KEY_STARTED_AT.to_owned(), member.started_at_ms.to_string()),
+        (KEY_DOWNED.to_owned(), downed.join(" ")),
     ];
     if let Some(secret) = security.secret() {
         let signed = signed_text(&member.addr, |key| {
@@ -59,7 +70,13 @@ pub fn own_keys(member: &Member, security: &Security) -> Vec<(String, String)> {
 /// What a signature covers: the node's name and run, and every key it publishes.
 fn signed_text<'a>(addr: &NodeAddr, value: impl Fn(&str) -> Option<&'a str>) -> String {
     let mut text = format!("{}\n{}", addr.id, addr.generation);
-    for key in [KEY_RPC_ADDR, KEY_ROLES, KEY_STATUS, KEY_STARTED_AT] {
+    for key in [
+        KEY_RPC_ADDR,
+        KEY_ROLES,
+        KEY_STATUS,
+        KEY_STARTED_AT,
+        KEY_DOWNED,
+    ] {
         text.push('\n');
         text.push_str(value(key).unwrap_or(""));
     }
@@ -106,6 +123,26 @@ pub fn member_from_keys(node: &GossipNode, security: &Security) -> Option<Member
         roles,
         status,
         started_at_ms,
+    })
+}
+
+/// The runs that other nodes (trusted records only, `me` excluded) declared down.
+pub fn downed_by(nodes: &[GossipNode], me: &NodeAddr, security: &Security) -> BTreeSet<NodeAddr> {
+    nodes
+        .iter()
+        .filter(|node| node.addr != *me && member_from_keys(node, security).is_some())
+        .filter_map(|node| node.keys.get(KEY_DOWNED))
+        .flat_map(|list| list.split_whitespace())
+        .filter_map(parse_run)
+        .collect()
+}
+
+/// Reads a run as [`NodeAddr`]'s `Display` writes it.
+fn parse_run(text: &str) -> Option<NodeAddr> {
+    let (id, generation) = text.rsplit_once('#')?;
+    Some(NodeAddr {
+        id: NodeId::new(id),
+        generation: generation.parse().ok()?,
     })
 }
 
@@ -183,8 +220,9 @@ mod tests {
         };
         member.started_at_ms = generation;
         member.status = MemberStatus::parse(status).unwrap_or(MemberStatus::Up);
-        let mut keys: BTreeMap<String, String> =
-            own_keys(&member, &secured()).into_iter().collect();
+        let mut keys: BTreeMap<String, String> = own_keys(&member, &BTreeSet::new(), &secured())
+            .into_iter()
+            .collect();
         keys.insert(KEY_STATUS.to_owned(), status.to_owned());
         GossipNode {
             addr: member.addr,
@@ -203,7 +241,9 @@ mod tests {
             let node = GossipNode {
                 addr: me().addr,
                 alive: true,
-                keys: own_keys(&me(), &security).into_iter().collect(),
+                keys: own_keys(&me(), &BTreeSet::new(), &security)
+                    .into_iter()
+                    .collect(),
             };
             assert_eq!(member_from_keys(&node, &security), Some(me()));
         }
@@ -248,6 +288,7 @@ mod tests {
         let mut forged = gossip("b", 10, true, "up");
         let insecure: BTreeMap<String, String> = own_keys(
             &member_from_keys(&forged, &secured()).unwrap(),
+            &BTreeSet::new(),
             &Security::Insecure,
         )
         .into_iter()
@@ -269,6 +310,32 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn downed_runs_are_read_back_from_trusted_records_only() {
+        let b = gossip("b", 10, true, "up");
+        let c = gossip("c", 20, true, "up");
+        let b_member = member_from_keys(&b, &secured()).unwrap();
+        let declared = BTreeSet::from([c.addr.clone(), me().addr]);
+        let mut b_says = b.clone();
+        b_says.keys = own_keys(&b_member, &declared, &secured())
+            .into_iter()
+            .collect();
+        assert_eq!(
+            downed_by(&[b_says.clone()], &me().addr, &secured()),
+            declared
+        );
+        // Unsigned, or signed over another list: ignored.
+        let mut forged = b_says.clone();
+        forged
+            .keys
+            .insert(KEY_DOWNED.to_owned(), "c#20 d#1".to_owned());
+        assert!(downed_by(&[forged], &me().addr, &secured()).is_empty());
+        // What this node says about others is not news to it.
+        let mut mine = b_says;
+        mine.addr = me().addr;
+        assert!(downed_by(&[mine], &me().addr, &secured()).is_empty());
     }
 
     #[test]

@@ -38,6 +38,7 @@ fn view(me: &str, members: &[(&str, MemberStatus)]) -> ClusterView {
                 (NodeId::new(*id), member)
             })
             .collect(),
+        unreachable: Default::default(),
     }
 }
 

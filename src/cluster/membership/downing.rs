@@ -1,0 +1,296 @@
+//! Downing: which side of a split survives (Akka's split-brain resolver). Pure: the membership
+//! tracker feeds it what this node sees (the members that count, and which of them it cannot
+//! reach) with the time, and reads back which runs are down and whether this node must down
+//! itself. No clock, no I/O.
+//!
+//! The rule is the same on every node, so the sides of a partition reach opposite answers
+//! without talking: each node waits until its unreachable set has not changed for
+//! `stable_after`, then applies the strategy to "my side" (itself and every member it reaches)
+//! against "the other side" (the unreachable ones). A losing side downs itself at once; a
+//! winning side downs the others only `down_removal_margin` later, so the losers have stopped
+//! before anyone takes their shards and singletons over. A decision is final for those runs:
+//! a healed partition does not bring a downed run back (it must restart as a new run).
+//!
+//! Only Up and Leaving members count (Akka counts the same); a node that is still joining
+//! takes no decision.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::cluster::member::{Member, MemberStatus, NodeAddr};
+
+/// Which side of a partition stays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// The side with more than half of the members stays; on equal halves, the side holding
+    /// the lowest address (Akka's tie rule).
+    KeepMajority,
+    /// The side with at least `quorum_size` members stays; a side below it downs itself (with
+    /// a quorum above half the cluster, at most one side can stay).
+    StaticQuorum {
+        /// Members a side needs to stay.
+        quorum_size: usize,
+    },
+    /// The side with the oldest member stays. With `down_if_alone`, an oldest member cut off
+    /// alone from two or more others downs itself and they stay.
+    KeepOldest {
+        /// The oldest alone on its side goes instead of the rest.
+        down_if_alone: bool,
+    },
+    /// No resolver: a member unreachable for `down_after` is down at once, on both sides of a
+    /// partition, and comes back if it heals. Both sides then run the same shards.
+    Off,
+}
+
+impl Strategy {
+    /// The strategy's name, as configured.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::KeepMajority => "keep-majority",
+            Strategy::StaticQuorum { .. } => "static-quorum",
+            Strategy::KeepOldest { .. } => "keep-oldest",
+            Strategy::Off => "off",
+        }
+    }
+}
+
+/// What the strategy says about this node's side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Decision {
+    /// This side stays; the unreachable members are to be downed.
+    KeepMySide,
+    /// This side goes: this node downs itself.
+    DownMySide,
+}
+
+/// The strategy applied to one view: `members` are the members that count (Up or Leaving,
+/// this node included), `unreachable` those of them this node cannot reach (`me` is always
+/// on its own side).
+pub fn decide(
+    strategy: Strategy,
+    me: &NodeAddr,
+    members: &[&Member],
+    unreachable: &BTreeSet<NodeAddr>,
+) -> Decision {
+    let mine = |m: &&&Member| m.addr == *me || !unreachable.contains(&m.addr);
+    let my_side: Vec<&Member> = members.iter().filter(mine).copied().collect();
+    let other_side = members.len() - my_side.len();
+    let keep = match strategy {
+        Strategy::Off => true,
+        Strategy::KeepMajority => {
+            if my_side.len() != other_side {
+                my_side.len() > other_side
+            } else {
+                let lowest = members.iter().map(|m| &m.addr).min();
+                lowest.is_some_and(|low| my_side.iter().any(|m| &m.addr == low))
+            }
+        }
+        Strategy::StaticQuorum { quorum_size } => my_side.len() >= quorum_size,
+        Strategy::KeepOldest { down_if_alone } => {
+            let oldest = members.iter().min_by(|a, b| a.age_key().cmp(&b.age_key()));
+            match oldest {
+                None => true,
+                Some(oldest) if my_side.iter().any(|m| m.addr == oldest.addr) => {
+                    !(down_if_alone && my_side.len() == 1 && other_side >= 2)
+                }
+                // The oldest is on the other side: stay only when it is alone there and this
+                // side has two or more (it downs itself by the rule above).
+                Some(_) => down_if_alone && other_side == 1 && my_side.len() >= 2,
+            }
+        }
+    };
+    if keep {
+        Decision::KeepMySide
+    } else {
+        Decision::DownMySide
+    }
+}
+
+/// Why this node downed itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DownReason {
+    /// The strategy put this node on the losing side of a partition.
+    LosingSide {
+        /// The strategy.
+        strategy: &'static str,
+        /// Members this node could reach, itself included.
+        reachable: usize,
+        /// Members it could not.
+        unreachable: usize,
+    },
+    /// Another member declared this run down (it decided while this node could not hear it,
+    /// or before a partition healed): this run never comes back.
+    DownedByOthers,
+}
+
+impl fmt::Display for DownReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DownReason::LosingSide {
+                strategy,
+                reachable,
+                unreachable,
+            } => write!(
+                f,
+                "on the losing side of a partition ({strategy}: {reachable} reachable, \
+                 {unreachable} unreachable)"
+            ),
+            DownReason::DownedByOthers => write!(f, "the cluster declared this node down"),
+        }
+    }
+}
+
+/// How the resolver waits and decides.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DowningSettings {
+    /// The rule.
+    pub strategy: Strategy,
+    /// How long the unreachable set must stay the same before the rule is applied.
+    pub stable_after: Duration,
+    /// How much longer a winning side waits before it downs the others (and takes over their
+    /// shards), so that they have downed themselves by then.
+    pub down_removal_margin: Duration,
+}
+
+impl Default for DowningSettings {
+    fn default() -> Self {
+        DowningSettings {
+            strategy: Strategy::KeepMajority,
+            stable_after: Duration::from_secs(5),
+            down_removal_margin: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A split-brain resolver for one node.
+///
+/// Input: [`Self::handle_view`] after every membership round, with the time. Output:
+/// [`Self::downed`] (runs this node decided are down; they never come back) and
+/// [`Self::downed_self`] (this node must stop). Deadlines need no timer: the tracker calls
+/// in every gossip round.
+#[derive(Debug)]
+pub struct Resolver {
+    settings: DowningSettings,
+    /// The members that counted and the unreachable ones among them, when last seen.
+    observed: (BTreeSet<NodeAddr>, BTreeSet<NodeAddr>),
+    /// Since when [`Self::observed`] has not changed.
+    stable_since: Instant,
+    /// Runs decided down, due at the instant (the removal margin) given.
+    pending: Option<(BTreeSet<NodeAddr>, Instant)>,
+    downed: BTreeSet<NodeAddr>,
+    downed_self: Option<DownReason>,
+}
+
+impl Resolver {
+    /// A resolver with nothing seen yet, at `now`.
+    pub fn new(settings: DowningSettings, now: Instant) -> Self {
+        Resolver {
+            settings,
+            observed: (BTreeSet::new(), BTreeSet::new()),
+            stable_since: now,
+            pending: None,
+            downed: BTreeSet::new(),
+            downed_self: None,
+        }
+    }
+
+    /// The rule in use.
+    pub fn strategy(&self) -> Strategy {
+        self.settings.strategy
+    }
+
+    /// What `me` sees at `now`: `members` (every member this node knows, with their status)
+    /// and the runs among them it cannot reach.
+    pub fn handle_view(
+        &mut self,
+        now: Instant,
+        me: &NodeAddr,
+        members: &[&Member],
+        unreachable: &BTreeSet<NodeAddr>,
+    ) {
+        if self.downed_self.is_some() || self.settings.strategy == Strategy::Off {
+            return;
+        }
+        if let Some((runs, due)) = &self.pending
+            && now >= *due
+        {
+            self.downed.extend(runs.iter().cloned());
+            self.pending = None;
+        }
+        let counted: Vec<&Member> = members
+            .iter()
+            .copied()
+            .filter(|m| matches!(m.status, MemberStatus::Up | MemberStatus::Leaving))
+            .filter(|m| !self.downed.contains(&m.addr))
+            .collect();
+        let is_member = counted.iter().any(|m| m.addr == *me);
+        let unreachable: BTreeSet<NodeAddr> = counted
+            .iter()
+            .filter(|m| m.addr != *me && unreachable.contains(&m.addr))
+            .map(|m| m.addr.clone())
+            .collect();
+        let observed = (
+            counted.iter().map(|m| m.addr.clone()).collect(),
+            unreachable,
+        );
+        if observed != self.observed {
+            self.observed = observed;
+            self.stable_since = now;
+        }
+        let settled = now.duration_since(self.stable_since) >= self.settings.stable_after;
+        let (_, unreachable) = &self.observed;
+        if !is_member || unreachable.is_empty() || !settled || self.pending.is_some() {
+            return;
+        }
+        match decide(self.settings.strategy, me, &counted, unreachable) {
+            Decision::KeepMySide => {
+                let due = self.stable_since
+                    + self.settings.stable_after
+                    + self.settings.down_removal_margin;
+                self.pending = Some((unreachable.clone(), due.max(now)));
+            }
+            Decision::DownMySide => {
+                self.downed_self = Some(DownReason::LosingSide {
+                    strategy: self.settings.strategy.name(),
+                    reachable: counted.len() - unreachable.len(),
+                    unreachable: unreachable.len(),
+                });
+            }
+        }
+    }
+
+    /// Another member declared this run down.
+    pub fn handle_downed_by_others(&mut self) {
+        if self.downed_self.is_none() {
+            self.downed_self = Some(DownReason::DownedByOthers);
+        }
+    }
+
+    /// Runs this node decided are down; final.
+    pub fn downed(&self) -> &BTreeSet<NodeAddr> {
+        &self.downed
+    }
+
+    /// Forgets decisions about runs gossip no longer knows (kept bounded).
+    pub fn retain(&mut self, known: impl Fn(&NodeAddr) -> bool) {
+        self.downed.retain(known);
+    }
+
+    /// Runs this node will down once the removal margin has passed, and when.
+    pub fn pending(&self) -> Option<(&BTreeSet<NodeAddr>, Instant)> {
+        self.pending.as_ref().map(|(runs, due)| (runs, *due))
+    }
+
+    /// Why this node must down itself, once it must.
+    pub fn downed_self(&self) -> Option<&DownReason> {
+        self.downed_self.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests;
