@@ -129,3 +129,15 @@ ensure_postgres() {
   fi
   echo "==> PostgreSQL ${out#*$'\n'} answers on 127.0.0.1:5432 (role warren)"
 }
+
+# The fault suite cuts the network between test nodes with iptables rules on loopback
+# addresses (it needs root, as CI has). Installs iptables with apt when it is missing.
+ensure_iptables() {
+  if ! command -v iptables >/dev/null 2>&1; then
+    echo "==> installing iptables"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables >/dev/null
+  fi
+  as_root iptables -w -L INPUT -n >/dev/null
+  echo "==> $(iptables -V) can cut loopback links"
+}

@@ -565,7 +565,9 @@ where
             .insert(status.node.clone(), status.shards_here.clone());
         let (mut answers, mut pending) = (Vec::new(), Vec::new());
         for member in view.members.values() {
-            let alive = matches!(member.status, MemberStatus::Up | MemberStatus::Leaving);
+            // An unreachable member would only make the whole answer wait for the timeout.
+            let alive = matches!(member.status, MemberStatus::Up | MemberStatus::Leaving)
+                && !view.unreachable.contains(&member.addr);
             if member.addr == self.me || !alive {
                 continue;
             }

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod cluster;
+pub mod partition;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;

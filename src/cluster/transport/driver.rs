@@ -146,8 +146,10 @@ where
         local: inbound.clone(),
         dropped: metrics.dropped.clone(),
     };
+    let local_ip = listener.local_addr().ok().map(|a| a.ip());
     let shared = Arc::new(Shared {
         me,
+        local_ip,
         security,
         counters: Counters::new(&metrics),
         metrics,
@@ -169,6 +171,8 @@ where
 /// What every task of one transport shares.
 struct Shared<T> {
     me: NodeAddr,
+    /// The address this node listens on; links are dialled from it too.
+    local_ip: Option<std::net::IpAddr>,
     security: Security,
     settings: TransportSettings,
     metrics: ClusterMetrics,
@@ -415,7 +419,7 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> PeerTask<T> {
         };
         let settings = &self.shared.settings;
         timeout(settings.handshake_timeout, async {
-            let stream = TcpStream::connect(addr)
+            let stream = connect_from(self.shared.local_ip, addr)
                 .await
                 .map_err(|e| format!("connect {addr}: {e}"))?;
             let _ = stream.set_nodelay(true);
@@ -590,6 +594,26 @@ pub(super) async fn next_frame<T: DeserializeOwned>(link: &mut Link) -> Result<F
         Some(Err(error)) => Err(error.to_string()),
         None => Err("closed during the handshake".to_owned()),
     }
+}
+
+/// Connects to `addr` from `local` (port chosen by the kernel): a node speaks from the address
+/// it listens on, so on a host with several addresses its peers, and any firewall between
+/// them, see one address per node.
+async fn connect_from(
+    local: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let Some(local) = local.filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == addr.is_ipv4())
+    else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if local.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    socket.connect(addr).await
 }
 
 /// Tells the peer why, best effort, before the connection closes.

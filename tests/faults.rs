@@ -1,0 +1,247 @@
+//! The fault suite: three `warren-consumer` processes on their own loopback addresses, one
+//! RabbitMQ queue, products in PostgreSQL, and real network partitions between the nodes
+//! (iptables rules, removed however a test ends). Each scenario ends with the queue drained,
+//! nothing dead-lettered, and every product's total and order list, read through every node,
+//! equal to what was published; while the network is cut, no shard may be hosted by two nodes
+//! at once. Run alone with `scripts/chaos`.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use support::cluster::{ACKED, Cluster, DRAIN, NODES, node_addr};
+use support::partition::Partition;
+use support::{Consumer, Orders, close_connection, eventually};
+
+/// The exit status of a node that downed itself.
+const EXIT_DOWNED: i32 = 4;
+
+/// Orders per scenario, and the products they go to.
+const ORDERS: usize = 20_000;
+const PRODUCTS: usize = 100;
+
+/// How one partition scenario went.
+#[derive(Debug)]
+struct Figures {
+    /// From the cut until the isolated node exited.
+    downed_after: Duration,
+    /// From the cut until the other side hosted every shard the isolated node had, and (when
+    /// it held the queue) acked orders itself.
+    resumed_after: Duration,
+    /// `/cluster` samples taken while the network was cut.
+    samples: usize,
+}
+
+impl Figures {
+    /// The isolated node went within the downing deadline, and the others took its work over
+    /// only after it had gone.
+    fn check(&self) {
+        // Defaults: about 3 s to call a node unreachable, then stable_after (5 s).
+        assert!(self.downed_after < Duration::from_secs(20), "{self:?}");
+        assert!(self.resumed_after > self.downed_after, "{self:?}");
+        assert!(self.samples > 0, "{self:?}");
+    }
+}
+
+/// Samples `/cluster` on every node until stopped; returns how many samples it took, or the
+/// first shard it saw hosted by two nodes at once.
+fn sample_shard_owners(
+    bases: Vec<(String, String)>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Result<usize, String>> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut samples = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let mut owners: BTreeMap<u64, String> = BTreeMap::new();
+            for (name, base) in &bases {
+                let Ok(response) = http
+                    .get(format!("{base}/cluster"))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                let Ok(status) = response.json::<serde_json::Value>().await else {
+                    continue;
+                };
+                let shards = status["shards_here"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                for shard in shards.iter().filter_map(serde_json::Value::as_u64) {
+                    if let Some(other) = owners.insert(shard, name.clone()) {
+                        return Err(format!("shard {shard} hosted by {other} and {name}"));
+                    }
+                }
+            }
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(samples)
+    })
+}
+
+/// Cuts node `isolated` off from the other two while orders flow (and, with
+/// `drop_broker_connection`, force-closes its AMQP connection a moment later), checks that it
+/// downs itself and the others carry on, heals, restarts it as a supervisor would, and checks
+/// every product through every node.
+async fn partition_scenario(test: &str, isolated: usize, drop_broker_connection: bool) -> Figures {
+    let mut cluster = Cluster::start(test, &["--processing-delay-ms", "5"]).await;
+    let mut orders = Orders::new(&cluster.queue, PRODUCTS);
+    orders.publish(ORDERS / 2).await;
+    let publishing = tokio::spawn(async move {
+        orders.publish(ORDERS / 2).await;
+        orders
+    });
+    cluster.acked_at_least(0, 1_000.0).await;
+    eventually("every node to host products", DRAIN, || async {
+        for node in cluster.running() {
+            node.get("/cluster").await?["entities_here"]
+                .as_u64()
+                .filter(|n| *n > 0)?;
+        }
+        Some(())
+    })
+    .await;
+    let others: Vec<usize> = (0..NODES.len()).filter(|i| *i != isolated).collect();
+    let held_queue = cluster.bridge_holder().await == isolated;
+    let acked_before = acked_by(&cluster, &others).await;
+
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let bases = NODES
+        .iter()
+        .zip(cluster.running())
+        .map(|(name, node)| ((*name).to_owned(), node.base.clone()))
+        .collect();
+    let sampler = sample_shard_owners(bases, Arc::clone(&stop_sampling));
+    let partition = Partition::isolate(
+        &[node_addr(isolated)],
+        &others.iter().map(|i| node_addr(*i)).collect::<Vec<_>>(),
+    );
+    let cut = Instant::now();
+    let held_shards = shards_here(cluster.node(isolated)).await;
+    assert!(!held_shards.is_empty(), "the isolated node hosts products");
+    if drop_broker_connection {
+        // The case the broker's single-active-consumer alone does not cover: the isolated
+        // holder's consumer goes away, so another one may become active.
+        let node = cluster.node(isolated);
+        eventually(
+            "the isolated node to see the others unreachable",
+            DRAIN,
+            || async {
+                let status = node.get("/cluster").await?;
+                (status["unreachable"].as_array()?.len() == 2).then_some(())
+            },
+        )
+        .await;
+        close_connection(&node.connection_name).await;
+    }
+    let mut gone = cluster.nodes[isolated]
+        .take()
+        .expect("the isolated node runs");
+    let status = gone.exited_within(Duration::from_secs(60)).await;
+    let downed_after = cut.elapsed();
+    assert_eq!(status.code(), Some(EXIT_DOWNED), "{}", gone.log_tail());
+    assert!(
+        gone.log_tail().contains("downing this node"),
+        "{}",
+        gone.log_tail()
+    );
+    // The majority carries on: hosts what the isolated node hosted, and consumes the queue.
+    let resumed_after = eventually("the other side to take over", DRAIN, || async {
+        let mut hosted = BTreeSet::new();
+        for i in &others {
+            hosted.extend(shards_here(cluster.node(*i)).await);
+        }
+        let consuming = !held_queue || acked_by(&cluster, &others).await > acked_before;
+        (hosted.is_superset(&held_shards) && consuming).then(|| cut.elapsed())
+    })
+    .await;
+    cluster
+        .converged(&others.iter().map(|i| NODES[*i]).collect::<Vec<_>>())
+        .await;
+    stop_sampling.store(true, Ordering::Relaxed);
+    let samples = sampler
+        .await
+        .expect("sampler ran")
+        .unwrap_or_else(|two_owners| panic!("while cut: {two_owners}"));
+    partition.heal();
+
+    // A supervisor starts it again: a new run, with no entities, joins the survivors.
+    cluster.nodes[isolated] = Some(cluster.launch(isolated).await);
+    cluster.converged(&NODES).await;
+    let orders = publishing.await.expect("publishing finished");
+    cluster.queue.wait_drained(DRAIN).await;
+    assert_every_product_through_every_node(&cluster, &orders).await;
+    Figures {
+        downed_after,
+        resumed_after,
+        samples,
+    }
+}
+
+/// Deliveries nodes `nodes` acked so far.
+async fn acked_by(cluster: &Cluster, nodes: &[usize]) -> f64 {
+    let mut acked = 0.0;
+    for i in nodes {
+        acked += cluster.node(*i).metric(ACKED).await;
+    }
+    acked
+}
+
+/// The shards `node` hosts (none if it does not answer).
+async fn shards_here(node: &Consumer) -> BTreeSet<u64> {
+    node.get("/cluster")
+        .await
+        .and_then(|status| {
+            status["shards_here"].as_array().map(|shards| {
+                shards
+                    .iter()
+                    .filter_map(serde_json::Value::as_u64)
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Nothing dead-lettered, and every product, asked through each node, holds exactly the
+/// orders published for it (no stale copy answers anywhere).
+async fn assert_every_product_through_every_node(cluster: &Cluster, orders: &Orders) {
+    assert_eq!(
+        support::message_count(&cluster.queue.dlq()).await,
+        0,
+        "dead letters"
+    );
+    for node in cluster.running() {
+        orders.assert_applied_exactly_once_through(&[node]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_holder_cut_off_and_losing_its_broker_connection_downs_itself_and_nothing_is_stale()
+ {
+    let figures = partition_scenario("fault-partition-holder-amqp", 0, true).await;
+    eprintln!("partition of the bridge holder + broker connection loss: {figures:?}");
+    figures.check();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_holder_cut_off_downs_itself_and_the_majority_takes_the_queue_over() {
+    let figures = partition_scenario("fault-partition-holder", 0, false).await;
+    eprintln!("partition of the bridge holder: {figures:?}");
+    figures.check();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_host_cut_off_downs_itself_and_its_products_move() {
+    let figures = partition_scenario("fault-partition-host", 2, false).await;
+    eprintln!("partition of a shard host: {figures:?}");
+    figures.check();
+}
