@@ -196,7 +196,9 @@ async fn three_nodes_form_a_cluster_and_the_singleton_survives_a_sigkill_of_its_
     let killed_at = Instant::now();
     let holder = eventually(
         "another node to run the coordinator",
-        Duration::from_secs(20),
+        // The majority downs the killed node after it has been unreachable for stable_after
+        // (5 s) and the removal margin (3 s): about 11 s in all.
+        Duration::from_secs(60),
         || async {
             for node in [&b, &c] {
                 if runs_coordinator(&node.status().await?) {
