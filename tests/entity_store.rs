@@ -24,27 +24,127 @@ async fn postgres_appends_once_per_key_and_loads_in_order_for_every_store_instan
     let second = PostgresEntityStore::new(&db.url(), "product").unwrap();
     let other_kind = PostgresEntityStore::new(&db.url(), "account").unwrap();
     let (a, b) = (EntityId::new("a"), EntityId::new("b"));
-    assert_eq!(first.append(&a, "k1", b"one").await.unwrap(), Appended::New);
+    let a_here = first.claim(&a).await.unwrap();
     assert_eq!(
-        second.append(&a, "k2", b"two").await.unwrap(),
+        first.append(&a_here, "k1", b"one").await.unwrap(),
         Appended::New
     );
-    // Another node stored it already: a no-op there too.
+    // The entity moves to another node, which claims it.
+    let a_there = second.claim(&a).await.unwrap();
+    assert_eq!(a_there.epoch(), a_here.epoch() + 1);
     assert_eq!(
-        second.append(&a, "k1", b"again").await.unwrap(),
+        second.append(&a_there, "k2", b"two").await.unwrap(),
+        Appended::New
+    );
+    // The first node stored it already: a no-op there too.
+    assert_eq!(
+        second.append(&a_there, "k1", b"again").await.unwrap(),
         Appended::Duplicate
     );
-    assert_eq!(first.append(&b, "k1", b"b").await.unwrap(), Appended::New);
+    let b_here = first.claim(&b).await.unwrap();
     assert_eq!(
-        other_kind.append(&a, "k1", b"x").await.unwrap(),
+        first.append(&b_here, "k1", b"b").await.unwrap(),
+        Appended::New
+    );
+    let a_other_kind = other_kind.claim(&a).await.unwrap();
+    assert_eq!(a_other_kind.epoch(), 1, "kinds are claimed apart");
+    assert_eq!(
+        other_kind.append(&a_other_kind, "k1", b"x").await.unwrap(),
         Appended::New
     );
     assert_eq!(
-        second.load(&a).await.unwrap(),
+        first.load(&a).await.unwrap(),
         vec![b"one".to_vec(), b"two".to_vec()]
     );
     assert_eq!(other_kind.load(&a).await.unwrap(), vec![b"x".to_vec()]);
     assert!(first.load(&EntityId::new("c")).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn postgres_lets_no_stale_append_land_after_a_new_claim_even_one_in_flight() {
+    let db = TestDb::create("fencing").await;
+    let old_node = Arc::new(PostgresEntityStore::new(&db.url(), "product").unwrap());
+    let new_node = Arc::new(PostgresEntityStore::new(&db.url(), "product").unwrap());
+    let entity = EntityId::new("p");
+    let stale = old_node.claim(&entity).await.unwrap();
+    assert_eq!(
+        old_node.append(&stale, "before", b"before").await.unwrap(),
+        Appended::New
+    );
+    // A transaction of the test's holds the key the old incarnation appends next, so that
+    // append is in flight (waiting) when the new owner claims.
+    let (blocker, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    // Another session watches: statistics views read in a transaction stay as first read.
+    let (watcher, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    blocker
+        .batch_execute(
+            "BEGIN; INSERT INTO warren_entity_records (kind, entity_id, key, record) \
+             VALUES ('product', 'p', 'in-flight', 'x')",
+        )
+        .await
+        .unwrap();
+    let in_flight = {
+        let (store, claim) = (Arc::clone(&old_node), stale.clone());
+        tokio::spawn(async move { store.append(&claim, "in-flight", b"in-flight").await })
+    };
+    eventually("the old incarnation's append to wait", DRAIN, || async {
+        (waiting_locks(&watcher).await >= 1).then_some(())
+    })
+    .await;
+    let claimed = {
+        let (store, entity) = (Arc::clone(&new_node), entity.clone());
+        tokio::spawn(async move {
+            let claim = store.claim(&entity).await.unwrap();
+            let loaded = store.load(&entity).await.unwrap();
+            (claim, loaded)
+        })
+    };
+    // Either the claim waits behind the append in flight (what fencing needs) or it went
+    // ahead; then the blocker goes and the append finishes.
+    eventually("the claim to wait or to finish", DRAIN, || async {
+        (claimed.is_finished() || waiting_locks(&watcher).await >= 2).then_some(())
+    })
+    .await;
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    let appended = in_flight.await.unwrap();
+    let (newer, loaded) = claimed.await.unwrap();
+    // Whatever the old incarnation was told it stored, the new owner loaded.
+    if let Ok(Appended::New) = appended {
+        assert!(
+            loaded.contains(&b"in-flight".to_vec()),
+            "an append under the old claim landed after the new owner loaded: {loaded:?}"
+        );
+    }
+    let late = old_node.append(&stale, "late", b"late").await.unwrap_err();
+    assert!(late.is_fenced(), "{late}");
+    assert_eq!(
+        new_node.append(&newer, "after", b"after").await.unwrap(),
+        Appended::New
+    );
+    assert_eq!(
+        new_node.load(&entity).await.unwrap().len(),
+        loaded.len() + 1,
+        "nothing but the new owner's append came after its load"
+    );
+}
+
+/// Sessions of this test's database waiting for a lock.
+async fn waiting_locks(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 #[tokio::test]

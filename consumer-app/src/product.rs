@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use uuid::Uuid;
-use warren::entity::store::{Appended, EntityStore, StoreError};
+use warren::entity::store::{Appended, Claim, EntityStore, StoreError};
 use warren::entity::{Entity, EntityError, EntityFactory, EntityId};
 use warren::metrics::counter;
 use warren::order::CreateOrder;
@@ -72,6 +72,8 @@ struct AppliedOrder {
 pub struct ProductActor {
     store: Arc<dyn EntityStore>,
     id: EntityId,
+    /// This incarnation's claim on the product, taken when it recovers.
+    claim: Option<Claim>,
     orders: Vec<Uuid>,
     applied: HashSet<Uuid>,
     previously_failed: HashSet<Uuid>,
@@ -119,15 +121,19 @@ impl Entity for ProductActor {
             .map_err(|e| EntityError::new(format!("order does not serialize: {e}")))?;
         let mut key = Uuid::encode_buffer();
         let key = order.order_id.hyphenated().encode_lower(&mut key);
+        let Some(claim) = &self.claim else {
+            return Err(EntityError::unavailable(
+                "the product has not loaded its state",
+            ));
+        };
         let appended = self
             .store
-            .append(&self.id, key, &record)
+            .append(claim, key, &record)
             .await
             .map_err(store_error)?;
         if appended == Appended::Duplicate {
-            // Stored by another incarnation of this product since it loaded (a node that died
-            // after storing, before confirming): take the store's word for everything.
-            self.recover().await?;
+            // Stored under this claim, then forgotten? Take the store's word for everything.
+            self.load().await?;
             self.metrics.duplicates.inc();
             info!(
                 "Ignoring order {order} for product [{}]: already stored",
@@ -152,7 +158,28 @@ impl Entity for ProductActor {
         }
     }
 
+    /// Claims the product (older incarnations can no longer store anything), then loads
+    /// what was stored before.
     async fn recover(&mut self) -> Result<(), EntityError> {
+        self.claim = Some(self.store.claim(&self.id).await.map_err(store_error)?);
+        self.load().await
+    }
+}
+
+/// A store that cannot answer now is waited out; a stale claim stops the product; one that
+/// refuses is the message's failure.
+fn store_error(error: StoreError) -> EntityError {
+    if error.is_unavailable() {
+        EntityError::unavailable(error.to_string())
+    } else if error.is_fenced() {
+        EntityError::fenced(error.to_string())
+    } else {
+        EntityError::new(error.to_string())
+    }
+}
+
+impl ProductActor {
+    async fn load(&mut self) -> Result<(), EntityError> {
         let records = self.store.load(&self.id).await.map_err(store_error)?;
         self.orders.clear();
         self.applied.clear();
@@ -164,18 +191,7 @@ impl Entity for ProductActor {
         }
         Ok(())
     }
-}
 
-/// A store that cannot answer now is waited out; one that refuses is the message's failure.
-fn store_error(error: StoreError) -> EntityError {
-    if error.is_unavailable() {
-        EntityError::unavailable(error.to_string())
-    } else {
-        EntityError::new(error.to_string())
-    }
-}
-
-impl ProductActor {
     fn apply(&mut self, order_id: Uuid, quantity: u32) {
         if self.applied.insert(order_id) {
             self.orders.push(order_id);
@@ -201,6 +217,7 @@ impl EntityFactory for ProductFactory {
         ProductActor {
             store: Arc::clone(&self.store),
             id: id.clone(),
+            claim: None,
             orders: Vec::new(),
             applied: HashSet::new(),
             previously_failed: HashSet::new(),
@@ -229,6 +246,13 @@ mod tests {
         }
     }
 
+    /// A product as the runner starts it: recovered before its first message.
+    async fn started(factory: &ProductFactory, id: &str) -> ProductActor {
+        let mut product = factory.create(&EntityId::new(id));
+        product.recover().await.unwrap();
+        product
+    }
+
     fn order(product: &str, quantity: u32) -> CreateOrder {
         CreateOrder {
             order_id: Uuid::new_v4(),
@@ -241,7 +265,7 @@ mod tests {
     #[tokio::test]
     async fn applies_orders_in_order_and_ignores_a_redelivered_one() {
         let factory = factory(0.0);
-        let mut product = factory.create(&EntityId::new("7"));
+        let mut product = started(&factory, "7").await;
         let first = order("7", 3);
         let second = order("7", 4);
         product.handle(&first).await.unwrap();
@@ -259,12 +283,11 @@ mod tests {
         let factory = factory(0.0);
         let first = order("7", 3);
         let second = order("7", 4);
-        let mut product = factory.create(&EntityId::new("7"));
+        let mut product = started(&factory, "7").await;
         product.handle(&first).await.unwrap();
         product.handle(&second).await.unwrap();
         // Elsewhere, later: the same product from the same store.
-        let mut again = factory.create(&EntityId::new("7"));
-        again.recover().await.unwrap();
+        let mut again = started(&factory, "7").await;
         assert_eq!(again.snapshot().total_quantity, 7);
         assert_eq!(
             again.snapshot().orders,
@@ -276,23 +299,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_order_stored_by_another_incarnation_is_not_applied_twice() {
+    async fn a_stale_incarnation_cannot_store_and_is_told_to_stop() {
         let factory = factory(0.0);
-        let mut stale = factory.create(&EntityId::new("7"));
-        stale.recover().await.unwrap();
-        let order = order("7", 5);
-        // Another incarnation (a node that died before confirming) stored it meanwhile.
-        let mut other = factory.create(&EntityId::new("7"));
-        other.handle(&order).await.unwrap();
-        stale.handle(&order).await.unwrap();
-        assert_eq!(stale.snapshot().total_quantity, 5);
-        assert_eq!(stale.snapshot().orders, vec![order.order_id]);
+        let mut stale = started(&factory, "7").await;
+        stale.handle(&order("7", 1)).await.unwrap();
+        // The product starts elsewhere (its shard moved while the old node still runs).
+        let mut newer = started(&factory, "7").await;
+        let late = order("7", 5);
+        let refused = stale.handle(&late).await.unwrap_err();
+        assert!(refused.is_fenced(), "{refused}");
+        assert_eq!(stale.snapshot().total_quantity, 1, "nothing applied");
+        newer.handle(&late).await.unwrap();
+        assert_eq!(newer.snapshot().total_quantity, 6);
+        assert_eq!(factory.metrics.applied.get(), 2);
     }
 
     #[tokio::test]
     async fn a_simulated_failure_applies_nothing() {
         let factory = factory(1.0 - f64::EPSILON);
-        let mut product = factory.create(&EntityId::new("7"));
+        let mut product = started(&factory, "7").await;
         let failing = order("7", 3);
         assert!(product.handle(&failing).await.is_err());
         assert_eq!(product.snapshot().total_quantity, 0);

@@ -87,11 +87,19 @@ pub trait EntityMessage: Send + Sync + Sized + 'static {
 /// toward `max_attempts` (then it is dead-lettered), while [`EntityError::unavailable`] (a
 /// dependency such as the entity store is down, which is not the message's fault) is retried
 /// for as long as it lasts: the message waits unconfirmed, and its producer's deadline applies.
+/// [`EntityError::fenced`] stops the incarnation at once, the message unconfirmed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
 pub struct EntityError {
     reason: String,
-    unavailable: bool,
+    kind: ErrorKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ErrorKind {
+    Failed,
+    Unavailable,
+    Fenced,
 }
 
 impl EntityError {
@@ -99,7 +107,7 @@ impl EntityError {
     pub fn new(reason: impl Into<String>) -> Self {
         EntityError {
             reason: reason.into(),
-            unavailable: false,
+            kind: ErrorKind::Failed,
         }
     }
 
@@ -107,13 +115,27 @@ impl EntityError {
     pub fn unavailable(reason: impl Into<String>) -> Self {
         EntityError {
             reason: reason.into(),
-            unavailable: true,
+            kind: ErrorKind::Unavailable,
+        }
+    }
+
+    /// A newer incarnation of this entity owns it now (the store refused a stale claim): this
+    /// incarnation stops without confirming the message, which goes to the new owner.
+    pub fn fenced(reason: impl Into<String>) -> Self {
+        EntityError {
+            reason: reason.into(),
+            kind: ErrorKind::Fenced,
         }
     }
 
     /// True for [`Self::unavailable`].
     pub fn is_unavailable(&self) -> bool {
-        self.unavailable
+        self.kind == ErrorKind::Unavailable
+    }
+
+    /// True for [`Self::fenced`].
+    pub fn is_fenced(&self) -> bool {
+        self.kind == ErrorKind::Fenced
     }
 }
 

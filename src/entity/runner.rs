@@ -74,17 +74,27 @@ fn backoff(settings: &RunnerSettings) -> impl Iterator<Item = Duration> + use<> 
     crate::backoff::jittered(settings.retry_backoff_min, settings.retry_backoff_max)
 }
 
+/// Why a message was not processed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum NotProcessed {
+    /// Its attempts ran out: reject it, then confirm it.
+    GaveUp(String),
+    /// A newer incarnation owns the entity: stop, leaving the message unconfirmed.
+    Fenced(String),
+}
+
 pub(crate) async fn process<E: Entity>(
     entity: &mut E,
     message: &E::Message,
     settings: &RunnerSettings,
     metrics: &EntityMetrics,
-) -> Result<(), String> {
+) -> Result<(), NotProcessed> {
     let mut pauses = backoff(settings);
     let mut attempt = 1;
     loop {
         match entity.handle(message).await {
             Ok(()) => return Ok(()),
+            Err(error) if error.is_fenced() => return Err(NotProcessed::Fenced(error.to_string())),
             Err(error) if error.is_unavailable() => {
                 metrics.retries.inc();
                 let pause = pauses.next().unwrap_or(settings.retry_backoff_max);
@@ -99,9 +109,9 @@ pub(crate) async fn process<E: Entity>(
                 debug!(attempt, %error, "retrying");
             }
             Err(error) => {
-                return Err(format!(
+                return Err(NotProcessed::GaveUp(format!(
                     "processing failed after {attempt} attempts: {error}"
-                ));
+                )));
             }
         }
     }
@@ -231,7 +241,37 @@ mod tests {
             calls: 0,
         };
         let outcome = process(&mut entity, &Msg, &settings(), &metrics()).await;
-        assert!(outcome.is_err());
+        assert!(
+            matches!(outcome, Err(NotProcessed::GaveUp(_))),
+            "{outcome:?}"
+        );
         assert_eq!(entity.calls, 3);
+    }
+
+    struct Stale {
+        calls: u32,
+    }
+
+    impl Entity for Stale {
+        type Message = Msg;
+        type Snapshot = ();
+        async fn handle(&mut self, _: &Msg) -> Result<(), EntityError> {
+            self.calls += 1;
+            Err(EntityError::fenced("claimed by a newer incarnation"))
+        }
+        fn snapshot(&self) {}
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fenced_entity_is_not_retried() {
+        let mut entity = Stale { calls: 0 };
+        let metrics = metrics();
+        let outcome = process(&mut entity, &Msg, &settings(), &metrics).await;
+        assert!(
+            matches!(outcome, Err(NotProcessed::Fenced(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(entity.calls, 1);
+        assert_eq!(metrics.retries.get(), 0);
     }
 }

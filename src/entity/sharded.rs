@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::cluster::member::NodeAddr;
 use crate::cluster::transport::Outbox;
@@ -20,7 +20,7 @@ use crate::delivery::protocol::{ProducerId, ProducerRef, SequencedMessage};
 use crate::delivery::sharding::ShardingConsumerController;
 use crate::delivery::sharding::driver::{Rejection, ToProducer};
 use crate::entity::runner::{
-    ActiveGuard, EntityMetrics, GaugeFlag, RunnerSettings, process, recover,
+    ActiveGuard, EntityMetrics, GaugeFlag, NotProcessed, RunnerSettings, process, recover,
 };
 use crate::entity::{Entity, EntityFactory, EntityId};
 use crate::sharding::driver::{EntitySpawner, EntityTask};
@@ -141,7 +141,12 @@ where
                 .handle_seconds
                 .observe(started.elapsed().as_secs_f64());
             drop(processing);
-            if let Err(reason) = processed {
+            if let Err(NotProcessed::Fenced(reason)) = processed {
+                // Its state may be stale; the message goes to the incarnation that fenced it.
+                error!(entity = %id, %reason, "a newer incarnation owns this entity; stopping");
+                return Err(reason);
+            }
+            if let Err(NotProcessed::GaveUp(reason)) = processed {
                 warn!(entity = %id, %reason, "giving up on a message");
                 // Sent with every frame to its producer from the confirmation on, until the
                 // producer has shown it got one.

@@ -7,10 +7,11 @@ use std::sync::{Mutex, PoisonError};
 use async_trait::async_trait;
 
 use crate::entity::EntityId;
-use crate::entity::store::{Appended, EntityStore, StoreError};
+use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
 
 #[derive(Default)]
 struct Records {
+    epoch: u64,
     keys: HashSet<String>,
     records: Vec<Vec<u8>>,
 }
@@ -23,6 +24,13 @@ pub struct MemoryEntityStore {
 
 #[async_trait]
 impl EntityStore for MemoryEntityStore {
+    async fn claim(&self, entity: &EntityId) -> Result<Claim, StoreError> {
+        let mut entities = self.entities.lock().unwrap_or_else(PoisonError::into_inner);
+        let records = entities.entry(entity.clone()).or_default();
+        records.epoch += 1;
+        Ok(Claim::new(entity.clone(), records.epoch))
+    }
+
     async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError> {
         let entities = self.entities.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(entities
@@ -33,12 +41,18 @@ impl EntityStore for MemoryEntityStore {
 
     async fn append(
         &self,
-        entity: &EntityId,
+        claim: &Claim,
         key: &str,
         record: &[u8],
     ) -> Result<Appended, StoreError> {
         let mut entities = self.entities.lock().unwrap_or_else(PoisonError::into_inner);
-        let records = entities.entry(entity.clone()).or_default();
+        let records = entities.entry(claim.entity().clone()).or_default();
+        if records.epoch != claim.epoch() {
+            return Err(StoreError::Fenced {
+                entity: claim.entity().clone(),
+                epoch: claim.epoch(),
+            });
+        }
         if !records.keys.insert(key.to_owned()) {
             return Ok(Appended::Duplicate);
         }
@@ -54,7 +68,8 @@ mod tests {
     #[tokio::test]
     async fn appends_once_per_key_and_loads_in_order() {
         let store = MemoryEntityStore::default();
-        let (a, b) = (EntityId::new("a"), EntityId::new("b"));
+        let a = store.claim(&EntityId::new("a")).await.unwrap();
+        let b = store.claim(&EntityId::new("b")).await.unwrap();
         assert_eq!(store.append(&a, "k1", b"one").await.unwrap(), Appended::New);
         assert_eq!(store.append(&a, "k2", b"two").await.unwrap(), Appended::New);
         assert_eq!(
@@ -63,9 +78,27 @@ mod tests {
         );
         assert_eq!(store.append(&b, "k1", b"b").await.unwrap(), Appended::New);
         assert_eq!(
-            store.load(&a).await.unwrap(),
+            store.load(a.entity()).await.unwrap(),
             vec![b"one".to_vec(), b"two".to_vec()]
         );
         assert!(store.load(&EntityId::new("c")).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stale_claim_cannot_append() {
+        let store = MemoryEntityStore::default();
+        let old = store.claim(&EntityId::new("a")).await.unwrap();
+        let new = store.claim(&EntityId::new("a")).await.unwrap();
+        assert!(new.epoch() > old.epoch());
+        let refused = store.append(&old, "k1", b"stale").await.unwrap_err();
+        assert!(refused.is_fenced(), "{refused}");
+        assert_eq!(
+            store.append(&new, "k1", b"one").await.unwrap(),
+            Appended::New
+        );
+        assert_eq!(
+            store.load(new.entity()).await.unwrap(),
+            vec![b"one".to_vec()]
+        );
     }
 }

@@ -3,6 +3,13 @@
 //! what deduplication needs across nodes and crashes: an order applied on a node that died is
 //! recognised by its key wherever its entity starts next.
 //!
+//! **Fencing.** An incarnation [`EntityStore::claim`]s its entity before it loads, which bumps
+//! the entity's epoch, and every append goes through that [`Claim`]: an append whose epoch is
+//! no longer the entity's newest is refused ([`StoreError::Fenced`]) in the same statement that
+//! would store it. So the newest incarnation, which loaded everything stored before it
+//! claimed, is the only one that can write: a stale copy left running on the far side of a
+//! partition cannot add to an entity's history behind the back of its new owner.
+//!
 //! [`MemoryEntityStore`] keeps records in this process (one node, or tests);
 //! [`PostgresEntityStore`] keeps them in a shared database (what a multi-node cluster uses).
 
@@ -25,6 +32,30 @@ pub enum Appended {
     Duplicate,
 }
 
+/// One incarnation's right to append to one entity, until a newer incarnation claims it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    entity: EntityId,
+    epoch: u64,
+}
+
+impl Claim {
+    /// The claim on `entity` at `epoch` (stores hand these out).
+    pub fn new(entity: EntityId, epoch: u64) -> Self {
+        Claim { entity, epoch }
+    }
+
+    /// The entity claimed.
+    pub fn entity(&self) -> &EntityId {
+        &self.entity
+    }
+
+    /// Its epoch: how many claims the entity has seen, this one included.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
 /// Why the store did not answer; nothing was half-written either way.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -35,6 +66,15 @@ pub enum StoreError {
     /// The database refused or failed the statement itself.
     #[error("entity store query failed: {0}")]
     Query(String),
+    /// A newer incarnation of the entity has claimed it since this claim: nothing was stored,
+    /// and the incarnation holding this claim must stop (its state may be stale).
+    #[error("entity {entity} was claimed by a newer incarnation; epoch {epoch} may not write")]
+    Fenced {
+        /// The entity.
+        entity: EntityId,
+        /// The stale claim's epoch.
+        epoch: u64,
+    },
 }
 
 impl StoreError {
@@ -42,21 +82,27 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
     }
+
+    /// True for [`StoreError::Fenced`].
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, StoreError::Fenced { .. })
+    }
 }
 
-/// Per-entity append-only records with idempotency keys.
+/// Per-entity append-only records with idempotency keys, fenced by claims.
 #[async_trait]
 pub trait EntityStore: Send + Sync + 'static {
+    /// Claims `entity` for a new incarnation: every older claim can no longer append. Call it
+    /// before [`Self::load`], so the load sees everything older claims stored.
+    async fn claim(&self, entity: &EntityId) -> Result<Claim, StoreError>;
+
     /// Every record of `entity`, in the order they were appended.
     async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError>;
 
-    /// Appends `record` under `key`, unless `entity` has a record under `key` already.
-    async fn append(
-        &self,
-        entity: &EntityId,
-        key: &str,
-        record: &[u8],
-    ) -> Result<Appended, StoreError>;
+    /// Appends `record` under `key` to the claimed entity, unless it has a record under `key`
+    /// already; refused with [`StoreError::Fenced`] once a newer claim exists.
+    async fn append(&self, claim: &Claim, key: &str, record: &[u8])
+    -> Result<Appended, StoreError>;
 }
 
 /// Which store to use: `memory` or a `postgres://` URL (the `--entity-store` value).

@@ -1,8 +1,12 @@
 //! Records in a PostgreSQL database shared by every node: one table,
 //! `warren_entity_records (kind, entity_id, key, seq, record)`, whose primary key
 //! `(kind, entity_id, key)` makes an append idempotent in one statement
-//! (`INSERT … ON CONFLICT DO NOTHING`), and whose `seq` keeps the append order. The table is
-//! created on first use, under an advisory lock so that nodes starting together do not race.
+//! (`INSERT … ON CONFLICT DO NOTHING`), and whose `seq` keeps the append order. A second table,
+//! `warren_entity_owners (kind, entity_id, epoch)`, fences appends: a claim bumps the epoch,
+//! and an append stores only while its epoch is the row's, checked in the same statement under
+//! a share lock on the row — so a claim waits for appends in flight and every later stale
+//! append sees the new epoch. The tables are created on first use, under an advisory lock so
+//! that nodes starting together do not race.
 
 use std::time::Duration;
 
@@ -12,7 +16,7 @@ use tokio::sync::OnceCell;
 use tokio_postgres::NoTls;
 
 use crate::entity::EntityId;
-use crate::entity::store::{Appended, EntityStore, StoreError};
+use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
 
 /// Connections per node; entities wait for one when all are busy.
 const POOL_SIZE: usize = 8;
@@ -34,7 +38,37 @@ const SCHEMA: &str = "
         PRIMARY KEY (kind, entity_id, key)
     );
     CREATE INDEX IF NOT EXISTS warren_entity_records_by_seq
-        ON warren_entity_records (kind, entity_id, seq);";
+        ON warren_entity_records (kind, entity_id, seq);
+    CREATE TABLE IF NOT EXISTS warren_entity_owners (
+        kind text NOT NULL,
+        entity_id text NOT NULL,
+        epoch bigint NOT NULL,
+        claimed_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (kind, entity_id)
+    );";
+
+/// A new incarnation's claim: the entity's epoch, one higher than any before.
+const CLAIM: &str = "
+    INSERT INTO warren_entity_owners (kind, entity_id, epoch) VALUES ($1, $2, 1)
+    ON CONFLICT (kind, entity_id)
+    DO UPDATE SET epoch = warren_entity_owners.epoch + 1, claimed_at = now()
+    RETURNING epoch";
+
+/// An append under a claim: whether the claim still holds, and whether the record is new.
+/// `FOR SHARE` makes a concurrent claim wait for this statement, and makes this statement,
+/// if it comes second, re-read the row and see the newer epoch.
+const APPEND: &str = "
+    WITH owner AS (
+        SELECT 1 FROM warren_entity_owners
+        WHERE kind = $1 AND entity_id = $2 AND epoch = $5
+        FOR SHARE
+    ), stored AS (
+        INSERT INTO warren_entity_records (kind, entity_id, key, record)
+        SELECT $1, $2, $3, $4 FROM owner
+        ON CONFLICT DO NOTHING
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM owner), (SELECT count(*) FROM stored)";
 
 /// An [`EntityStore`] in PostgreSQL.
 pub struct PostgresEntityStore {
@@ -95,7 +129,8 @@ impl PostgresEntityStore {
                 // logging "already exists" notices on every start.
                 let exists = client
                     .query_one(
-                        "SELECT to_regclass('warren_entity_records') IS NOT NULL",
+                        "SELECT to_regclass('warren_entity_records') IS NOT NULL \
+                         AND to_regclass('warren_entity_owners') IS NOT NULL",
                         &[],
                     )
                     .await
@@ -140,6 +175,17 @@ fn query_error(error: tokio_postgres::Error) -> StoreError {
 
 #[async_trait]
 impl EntityStore for PostgresEntityStore {
+    async fn claim(&self, entity: &EntityId) -> Result<Claim, StoreError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(CLAIM).await.map_err(query_error)?;
+        let row = client
+            .query_one(&statement, &[&self.kind, &entity.as_str()])
+            .await
+            .map_err(query_error)?;
+        let epoch: i64 = row.try_get(0).map_err(query_error)?;
+        Ok(Claim::new(entity.clone(), epoch.unsigned_abs()))
+    }
+
     async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError> {
         let client = self.client().await?;
         let statement = client
@@ -160,26 +206,29 @@ impl EntityStore for PostgresEntityStore {
 
     async fn append(
         &self,
-        entity: &EntityId,
+        claim: &Claim,
         key: &str,
         record: &[u8],
     ) -> Result<Appended, StoreError> {
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached(
-                "INSERT INTO warren_entity_records (kind, entity_id, key, record) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        let statement = client.prepare_cached(APPEND).await.map_err(query_error)?;
+        let epoch = i64::try_from(claim.epoch()).unwrap_or(i64::MAX);
+        let row = client
+            .query_one(
+                &statement,
+                &[&self.kind, &claim.entity().as_str(), &key, &record, &epoch],
             )
             .await
             .map_err(query_error)?;
-        let inserted = client
-            .execute(&statement, &[&self.kind, &entity.as_str(), &key, &record])
-            .await
-            .map_err(query_error)?;
-        Ok(if inserted == 1 {
-            Appended::New
-        } else {
-            Appended::Duplicate
-        })
+        let owned: i64 = row.try_get(0).map_err(query_error)?;
+        let stored: i64 = row.try_get(1).map_err(query_error)?;
+        match (owned, stored) {
+            (0, _) => Err(StoreError::Fenced {
+                entity: claim.entity().clone(),
+                epoch: claim.epoch(),
+            }),
+            (_, 1) => Ok(Appended::New),
+            _ => Ok(Appended::Duplicate),
+        }
     }
 }
