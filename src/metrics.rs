@@ -82,6 +82,7 @@ impl Metrics {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        registry.register(Box::new(crate::telemetry::invalid_gossip_datagrams()))?;
         let bridge = BridgeMetrics {
             deliveries: {
                 let by_outcome = counter_vec(
@@ -272,6 +273,7 @@ mod tests {
             "warren_amqp_reconnects_total",
             "warren_amqp_connected",
             "warren_entities_active",
+            "warren_gossip_invalid_datagrams_total",
         ] {
             assert!(text.contains(name), "missing {name}");
         }

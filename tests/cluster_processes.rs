@@ -367,6 +367,22 @@ async fn a_node_with_another_secret_is_refused_and_garbage_does_not_harm_a_node(
         || async { (refused_links(&a).await >= refused_before + 3.0).then_some(()) },
     )
     .await;
+    // Every random datagram counted (and logged once per 10 s, not once each).
+    eventually(
+        "a to count the random datagrams",
+        Duration::from_secs(20),
+        || async {
+            let counted: f64 = a
+                .metrics()
+                .await
+                .lines()
+                .filter(|l| l.starts_with("warren_gossip_invalid_datagrams_total"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum();
+            (counted >= 40.0).then_some(())
+        },
+    )
+    .await;
     assert!(a.child.try_wait().unwrap().is_none(), "a crashed");
     converged(&[&a, &b], &["a", "b"]).await;
     // And it still works: b's query reaches an entity wherever it lives.
