@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
 use support::cluster::{ACKED, Cluster, DRAIN, NODES, node_addr};
@@ -88,28 +89,55 @@ fn sample_shard_owners(
     })
 }
 
-/// Cuts node `isolated` off from the other two while orders flow (and, with
-/// `drop_broker_connection`, force-closes its AMQP connection a moment later), checks that it
-/// downs itself and the others carry on, heals, restarts it as a supervisor would, and checks
-/// every product through every node.
-async fn partition_scenario(test: &str, isolated: usize, drop_broker_connection: bool) -> Figures {
+/// What a partition scenario cuts, and when.
+#[derive(Clone, Copy)]
+struct Cut {
+    /// The node cut off from the other two.
+    isolated: usize,
+    /// Force-close its AMQP connection once it sees the others unreachable.
+    drop_broker_connection: bool,
+    /// Cut as soon as the last node to join hosts a first shard, while more still move to it
+    /// (otherwise once every node hosts products and orders flow).
+    during_rebalance: bool,
+}
+
+/// Cuts a node off from the other two while orders flow, checks that it downs itself and the
+/// others carry on, heals, restarts it as a supervisor would, and checks every product through
+/// every node.
+async fn partition_scenario(test: &str, cut_off: Cut) -> Figures {
+    let Cut {
+        isolated,
+        drop_broker_connection,
+        during_rebalance,
+    } = cut_off;
     let mut cluster = Cluster::start(test, &["--processing-delay-ms", "5"]).await;
     let mut orders = Orders::new(&cluster.queue, PRODUCTS);
-    orders.publish(ORDERS / 2).await;
-    let publishing = tokio::spawn(async move {
+    if !during_rebalance {
         orders.publish(ORDERS / 2).await;
+    }
+    let rest = if during_rebalance { ORDERS } else { ORDERS / 2 };
+    let publishing = tokio::spawn(async move {
+        orders.publish(rest).await;
         orders
     });
-    cluster.acked_at_least(0, 1_000.0).await;
-    eventually("every node to host products", DRAIN, || async {
-        for node in cluster.running() {
-            node.get("/cluster").await?["entities_here"]
-                .as_u64()
-                .filter(|n| *n > 0)?;
-        }
-        Some(())
-    })
-    .await;
+    if !during_rebalance {
+        cluster.acked_at_least(0, 1_000.0).await;
+        eventually("every node to host products", DRAIN, || async {
+            for node in cluster.running() {
+                node.get("/cluster").await?["entities_here"]
+                    .as_u64()
+                    .filter(|n| *n > 0)?;
+            }
+            Some(())
+        })
+        .await;
+    } else {
+        // Shards move to the newest node a few at a time (every 2 s, 3 at most).
+        eventually("the newest node to get a first shard", DRAIN, || async {
+            (!shards_here(cluster.node(isolated)).await.is_empty()).then_some(())
+        })
+        .await;
+    }
     let others: Vec<usize> = (0..NODES.len()).filter(|i| *i != isolated).collect();
     let held_queue = cluster.bridge_holder().await == isolated;
     let acked_before = acked_by(&cluster, &others).await;
@@ -128,6 +156,7 @@ async fn partition_scenario(test: &str, isolated: usize, drop_broker_connection:
     let cut = Instant::now();
     let held_shards = shards_here(cluster.node(isolated)).await;
     assert!(!held_shards.is_empty(), "the isolated node hosts products");
+    eprintln!("cut off while hosting {} shards", held_shards.len());
     if drop_broker_connection {
         // The case the broker's single-active-consumer alone does not cover: the isolated
         // holder's consumer goes away, so another one may become active.
@@ -227,21 +256,82 @@ async fn assert_every_product_through_every_node(cluster: &Cluster, orders: &Ord
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bridge_holder_cut_off_and_losing_its_broker_connection_downs_itself_and_nothing_is_stale()
  {
-    let figures = partition_scenario("fault-partition-holder-amqp", 0, true).await;
+    let cut = Cut {
+        isolated: 0,
+        drop_broker_connection: true,
+        during_rebalance: false,
+    };
+    let figures = partition_scenario("fault-partition-holder-amqp", cut).await;
     eprintln!("partition of the bridge holder + broker connection loss: {figures:?}");
     figures.check();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bridge_holder_cut_off_downs_itself_and_the_majority_takes_the_queue_over() {
-    let figures = partition_scenario("fault-partition-holder", 0, false).await;
+    let cut = Cut {
+        isolated: 0,
+        drop_broker_connection: false,
+        during_rebalance: false,
+    };
+    let figures = partition_scenario("fault-partition-holder", cut).await;
     eprintln!("partition of the bridge holder: {figures:?}");
     figures.check();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_host_cut_off_downs_itself_and_its_products_move() {
-    let figures = partition_scenario("fault-partition-host", 2, false).await;
+    let cut = Cut {
+        isolated: 2,
+        drop_broker_connection: false,
+        during_rebalance: false,
+    };
+    let figures = partition_scenario("fault-partition-host", cut).await;
     eprintln!("partition of a shard host: {figures:?}");
     figures.check();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_to_one_split_while_shards_move_to_the_newest_node_keeps_one_owner() {
+    let cut = Cut {
+        isolated: 2,
+        drop_broker_connection: false,
+        during_rebalance: true,
+    };
+    let figures = partition_scenario("fault-partition-rebalance", cut).await;
+    eprintln!("2-vs-1 split during rebalancing: {figures:?}");
+    figures.check();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_sigkills_of_random_nodes_lose_nothing_and_leave_nothing_stale() {
+    let mut cluster = Cluster::start("fault-kills", &["--processing-delay-ms", "5"]).await;
+    let mut orders = Orders::new(&cluster.queue, PRODUCTS);
+    let publishing = tokio::spawn(async move {
+        orders.publish(ORDERS).await;
+        orders
+    });
+    let seed: u64 = rand::random();
+    eprintln!("victims drawn with seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for round in 0..3 {
+        let victim = rng.random_range(0..NODES.len());
+        let killed = Instant::now();
+        cluster.kill(victim).await;
+        let others: Vec<&str> = (0..NODES.len())
+            .filter(|i| *i != victim)
+            .map(|i| NODES[i])
+            .collect();
+        // The majority downs it (and only then takes its products and singletons over).
+        cluster.converged(&others).await;
+        eprintln!(
+            "round {round}: {} killed, downed by the others after {:?}",
+            NODES[victim],
+            killed.elapsed()
+        );
+        cluster.nodes[victim] = Some(cluster.launch(victim).await);
+        cluster.converged(&NODES).await;
+    }
+    let orders = publishing.await.expect("publishing finished");
+    cluster.queue.wait_drained(DRAIN).await;
+    assert_every_product_through_every_node(&cluster, &orders).await;
 }
