@@ -1,6 +1,7 @@
 //! The PostgreSQL entity store against the real server: appends are idempotent per key and
-//! load in order, across store instances (as across nodes); and a consumer whose database goes
-//! away mid-run waits for it instead of dead-lettering, losing nothing.
+//! load in order, across store instances (as across nodes), and fenced by claims; a consumer
+//! whose database goes away mid-run waits for it instead of dead-lettering, losing nothing; and
+//! the downing strategy's lease goes to one holder at a time.
 
 mod support;
 
@@ -132,6 +133,38 @@ async fn postgres_lets_no_stale_append_land_after_a_new_claim_even_one_in_flight
         loaded.len() + 1,
         "nothing but the new owner's append came after its load"
     );
+}
+
+#[tokio::test]
+async fn the_cluster_lease_goes_to_one_holder_until_released_or_expired() {
+    use warren::cluster::lease::{Lease, PostgresLease};
+    let db = TestDb::create("lease").await;
+    let side_a = PostgresLease::new(&db.url(), "cluster").unwrap();
+    let side_b = PostgresLease::new(&db.url(), "cluster").unwrap();
+    let other_cluster = PostgresLease::new(&db.url(), "another").unwrap();
+    let long = Duration::from_secs(60);
+    assert!(side_a.acquire("n1#1", long).await.unwrap());
+    // The other side of the partition asks: refused; the same holder again (another node of
+    // side a): granted; another cluster's lease is its own.
+    assert!(!side_b.acquire("n2#1", long).await.unwrap());
+    assert!(side_b.acquire("n1#1", long).await.unwrap());
+    assert!(other_cluster.acquire("n2#1", long).await.unwrap());
+    // Released: free for the next split.
+    side_a.release("n1#1").await.unwrap();
+    assert!(
+        side_b
+            .acquire("n2#1", Duration::from_millis(1))
+            .await
+            .unwrap()
+    );
+    // Expired: free too.
+    eventually("the short lease to expire", DRAIN, || async {
+        side_a.acquire("n1#1", long).await.unwrap().then_some(())
+    })
+    .await;
+    // A holder that does not have it releases nothing.
+    side_b.release("n2#1").await.unwrap();
+    assert!(!side_b.acquire("n2#1", long).await.unwrap());
 }
 
 /// Sessions of this test's database waiting for a lock.

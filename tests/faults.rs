@@ -99,6 +99,9 @@ struct Cut {
     /// Cut as soon as the last node to join hosts a first shard, while more still move to it
     /// (otherwise once every node hosts products and orders flow).
     during_rebalance: bool,
+    /// Decide with `lease-majority` (the lease in the products' database) instead of the
+    /// default keep-majority.
+    lease: bool,
 }
 
 /// Cuts a node off from the other two while orders flow, checks that it downs itself and the
@@ -109,8 +112,13 @@ async fn partition_scenario(test: &str, cut_off: Cut) -> Figures {
         isolated,
         drop_broker_connection,
         during_rebalance,
+        lease,
     } = cut_off;
-    let mut cluster = Cluster::start(test, &["--processing-delay-ms", "5"]).await;
+    let mut flags = vec!["--processing-delay-ms", "5"];
+    if lease {
+        flags.extend(["--downing", "lease-majority"]);
+    }
+    let mut cluster = Cluster::start(test, &flags).await;
     let mut orders = Orders::new(&cluster.queue, PRODUCTS);
     if !during_rebalance {
         orders.publish(ORDERS / 2).await;
@@ -178,11 +186,12 @@ async fn partition_scenario(test: &str, cut_off: Cut) -> Figures {
     let status = gone.exited_within(Duration::from_secs(60)).await;
     let downed_after = cut.elapsed();
     assert_eq!(status.code(), Some(EXIT_DOWNED), "{}", gone.log_tail());
-    assert!(
-        gone.log_tail().contains("downing this node"),
-        "{}",
-        gone.log_tail()
-    );
+    let why = if lease {
+        "did not get the lease"
+    } else {
+        "on the losing side of a partition"
+    };
+    assert!(gone.log_tail().contains(why), "{}", gone.log_tail());
     // The majority carries on: hosts what the isolated node hosted, and consumes the queue.
     let resumed_after = eventually("the other side to take over", DRAIN, || async {
         let mut hosted = BTreeSet::new();
@@ -260,6 +269,7 @@ async fn the_bridge_holder_cut_off_and_losing_its_broker_connection_downs_itself
         isolated: 0,
         drop_broker_connection: true,
         during_rebalance: false,
+        lease: false,
     };
     let figures = partition_scenario("fault-partition-holder-amqp", cut).await;
     eprintln!("partition of the bridge holder + broker connection loss: {figures:?}");
@@ -272,9 +282,25 @@ async fn the_bridge_holder_cut_off_downs_itself_and_the_majority_takes_the_queue
         isolated: 0,
         drop_broker_connection: false,
         during_rebalance: false,
+        lease: false,
     };
     let figures = partition_scenario("fault-partition-holder", cut).await;
     eprintln!("partition of the bridge holder: {figures:?}");
+    figures.check();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_lease_the_bridge_holder_cut_off_loses_the_lease_and_downs_itself() {
+    let cut = Cut {
+        isolated: 0,
+        drop_broker_connection: true,
+        during_rebalance: false,
+        lease: true,
+    };
+    let figures = partition_scenario("fault-partition-lease", cut).await;
+    eprintln!(
+        "lease-majority, partition of the bridge holder + broker connection loss: {figures:?}"
+    );
     figures.check();
 }
 
@@ -284,6 +310,7 @@ async fn a_shard_host_cut_off_downs_itself_and_its_products_move() {
         isolated: 2,
         drop_broker_connection: false,
         during_rebalance: false,
+        lease: false,
     };
     let figures = partition_scenario("fault-partition-host", cut).await;
     eprintln!("partition of a shard host: {figures:?}");
@@ -296,6 +323,7 @@ async fn a_two_to_one_split_while_shards_move_to_the_newest_node_keeps_one_owner
         isolated: 2,
         drop_broker_connection: false,
         during_rebalance: true,
+        lease: false,
     };
     let figures = partition_scenario("fault-partition-rebalance", cut).await;
     eprintln!("2-vs-1 split during rebalancing: {figures:?}");

@@ -12,6 +12,7 @@ use warren::config::{ConfigError, check};
 use warren::delivery::DeliverySettings;
 use warren::entity::store::StoreLocation;
 use warren::node::ClusterSettings;
+use warren::node::settings::StrategyName;
 
 /// Everything the consumer can be configured with.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -210,8 +211,8 @@ pub struct Cli {
     )]
     pub give_up_joining_after: Option<String>,
     /// Which side of a network partition survives: keep-majority (the default),
-    /// static-quorum (with --quorum-size), keep-oldest, or off (unsafe). The losing side exits
-    /// with status 4.
+    /// static-quorum (with --quorum-size), keep-oldest, lease-majority (a lease in the
+    /// PostgreSQL entity store), or off (unsafe). The losing side exits with status 4.
     #[arg(
         long,
         env = "WARREN_CLUSTER__DOWNING__STRATEGY",
@@ -263,7 +264,7 @@ pub struct Cli {
 impl Cli {
     /// All layers merged and validated.
     pub fn load(&self) -> Result<ConsumerConfig, ConfigError> {
-        let config: ConsumerConfig = self
+        let mut config: ConsumerConfig = self
             .common
             .loader::<ConsumerConfig>()?
             .flag("amqp.delivery_limit", self.delivery_limit)
@@ -298,6 +299,14 @@ impl Cli {
             .flag("cluster.secret", self.cluster_secret.clone())
             .flag("entity_store", self.entity_store.clone())
             .extract()?;
+        // The lease lives in the database the products live in, unless told otherwise.
+        let downing = &mut config.cluster.downing;
+        if downing.strategy == StrategyName::LeaseMajority
+            && downing.lease_url.is_none()
+            && let Ok(StoreLocation::Postgres(url)) = StoreLocation::parse(&config.entity_store)
+        {
+            downing.lease_url = Some(url);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -357,6 +366,24 @@ mod tests {
             config.store_location().unwrap(),
             StoreLocation::Postgres(_)
         ));
+    }
+
+    #[test]
+    fn the_lease_lives_in_the_postgres_entity_store_unless_told_otherwise() {
+        let store = "postgres://warren:warren@127.0.0.1:5432/warren";
+        let cli = Cli::parse_from([
+            "warren-consumer",
+            "--downing",
+            "lease-majority",
+            "--entity-store",
+            store,
+        ]);
+        let config = cli.load().unwrap();
+        assert_eq!(config.cluster.downing.lease_url.as_deref(), Some(store));
+        let without_a_database =
+            Cli::parse_from(["warren-consumer", "--downing", "lease-majority"]);
+        let error = without_a_database.load().unwrap_err().to_string();
+        assert!(error.contains("cluster.downing.lease_url"), "{error}");
     }
 
     #[test]

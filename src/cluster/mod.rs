@@ -4,6 +4,7 @@
 //! Sharding builds on these three; [`member`] holds the vocabulary they share.
 
 pub mod auth;
+pub mod lease;
 pub mod member;
 pub mod membership;
 pub mod metrics;

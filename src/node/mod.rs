@@ -280,6 +280,7 @@ where
             listen,
             settings.membership(),
             security.clone(),
+            settings.downing.lease(&settings.cluster_name)?,
             cluster_metrics.clone(),
         )
         .await?;

@@ -3,11 +3,13 @@
 //! peers without being told to (`insecure`) does not start.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::auth::{ClusterSecret, Security};
+use crate::cluster::lease::{Lease, PostgresLease};
 use crate::cluster::membership::MembershipSettings;
 use crate::cluster::membership::downing::{DowningSettings, Strategy};
 use crate::cluster::transport::TransportSettings;
@@ -198,7 +200,8 @@ impl ClusterSettings {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DowningConfig {
-    /// `keep-majority`, `static-quorum` (with `quorum_size`), `keep-oldest`, or `off`.
+    /// `keep-majority`, `static-quorum` (with `quorum_size`), `keep-oldest`,
+    /// `lease-majority` (with `lease_url`), or `off`.
     pub strategy: StrategyName,
     /// Members a side needs to stay, for `static-quorum`: more than half the cluster's size.
     pub quorum_size: Option<usize>,
@@ -211,6 +214,13 @@ pub struct DowningConfig {
     /// (the other side has downed itself by then).
     #[serde(with = "humantime_serde")]
     pub down_removal_margin: Duration,
+    /// For `lease-majority`: the PostgreSQL database holding the lease (`warren-consumer`
+    /// uses its `entity_store` when that is one).
+    pub lease_url: Option<String>,
+    /// For `lease-majority`: how long the side keep-majority would not keep waits before it
+    /// asks for the lease.
+    #[serde(with = "humantime_serde")]
+    pub acquire_lease_delay_for_minority: Duration,
 }
 
 /// The downing strategies by name.
@@ -223,6 +233,8 @@ pub enum StrategyName {
     StaticQuorum,
     /// The side with the oldest member stays.
     KeepOldest,
+    /// The side that gets a lease in PostgreSQL stays.
+    LeaseMajority,
     /// No resolver (both sides of a partition go on: unsafe).
     Off,
 }
@@ -236,6 +248,8 @@ impl Default for DowningConfig {
             down_if_alone: true,
             stable_after: settings.stable_after,
             down_removal_margin: settings.down_removal_margin,
+            lease_url: None,
+            acquire_lease_delay_for_minority: Duration::from_secs(2),
         }
     }
 }
@@ -257,12 +271,35 @@ impl DowningConfig {
                 "is only used by the static-quorum strategy",
             )?,
         }
+        if self.strategy == StrategyName::LeaseMajority {
+            let url = self.lease_url.as_deref().unwrap_or("");
+            check(
+                (url.starts_with("postgres://") || url.starts_with("postgresql://"))
+                    && url.parse::<tokio_postgres::Config>().is_ok(),
+                prefix,
+                "downing.lease_url",
+                "must be a postgres:// URL for lease-majority (warren-consumer uses a postgres entity_store)",
+            )?;
+        }
         check(
             self.stable_after >= gossip_interval,
             prefix,
             "downing.stable_after",
             "must be at least gossip_interval",
         )
+    }
+
+    /// The lease `lease-majority` asks for, named after the cluster; call after validation.
+    pub fn lease(&self, cluster_name: &str) -> Result<Option<Arc<dyn Lease>>, ConfigError> {
+        if self.strategy != StrategyName::LeaseMajority {
+            return Ok(None);
+        }
+        let url = self.lease_url.as_deref().unwrap_or("");
+        let lease = PostgresLease::new(url, cluster_name).map_err(|e| ConfigError::OutOfRange {
+            key: "cluster.downing.lease_url".to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(Some(Arc::new(lease)))
     }
 
     /// The resolver's settings; call after validation.
@@ -274,6 +311,9 @@ impl DowningConfig {
             },
             StrategyName::KeepOldest => Strategy::KeepOldest {
                 down_if_alone: self.down_if_alone,
+            },
+            StrategyName::LeaseMajority => Strategy::LeaseMajority {
+                delay_for_minority: self.acquire_lease_delay_for_minority,
             },
             StrategyName::Off => Strategy::Off,
         };
@@ -344,7 +384,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Spoil = fn(&mut ClusterSettings);
-        let cases: [(&str, Spoil); 10] = [
+        let cases: [(&str, Spoil); 11] = [
             ("cluster.secret", |s| s.secret = Some("short".to_owned())),
             ("cluster.listen", |s| {
                 s.listen = "0.0.0.0:7350".parse().unwrap()
@@ -368,6 +408,9 @@ mod tests {
             }),
             ("cluster.downing.stable_after", |s| {
                 s.downing.stable_after = Duration::ZERO
+            }),
+            ("cluster.downing.lease_url", |s| {
+                s.downing.strategy = StrategyName::LeaseMajority
             }),
         ];
         for (key, spoil) in cases {

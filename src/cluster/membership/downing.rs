@@ -13,6 +13,12 @@
 //!
 //! Only Up and Leaving members count (Akka counts the same); a node that is still joining
 //! takes no decision.
+//!
+//! With [`Strategy::LeaseMajority`] the rule asks a lease (a row in the shared database) instead
+//! of trusting the count alone: the side that keep-majority would keep asks at once, the other
+//! after a delay, and only the side that gets the lease stays. The resolver says when to ask
+//! ([`Resolver::lease_request`]); the tracker asks and hands back the answer
+//! ([`Resolver::handle_lease`]).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -42,6 +48,12 @@ pub enum Strategy {
         /// The oldest alone on its side goes instead of the rest.
         down_if_alone: bool,
     },
+    /// Both sides ask for a lease; the one that gets it stays, the other goes (a side that
+    /// cannot reach the lease goes too). The side keep-majority would keep asks first.
+    LeaseMajority {
+        /// How long the other side waits before it asks.
+        delay_for_minority: Duration,
+    },
     /// No resolver: a member unreachable for `down_after` is down at once, on both sides of a
     /// partition, and comes back if it heals. Both sides then run the same shards.
     Off,
@@ -54,6 +66,7 @@ impl Strategy {
             Strategy::KeepMajority => "keep-majority",
             Strategy::StaticQuorum { .. } => "static-quorum",
             Strategy::KeepOldest { .. } => "keep-oldest",
+            Strategy::LeaseMajority { .. } => "lease-majority",
             Strategy::Off => "off",
         }
     }
@@ -82,7 +95,8 @@ pub fn decide(
     let other_side = members.len() - my_side.len();
     let keep = match strategy {
         Strategy::Off => true,
-        Strategy::KeepMajority => {
+        // Who asks for the lease first; the lease decides.
+        Strategy::KeepMajority | Strategy::LeaseMajority { .. } => {
             if my_side.len() != other_side {
                 my_side.len() > other_side
             } else {
@@ -126,6 +140,11 @@ pub enum DownReason {
     /// Another member declared this run down (it decided while this node could not hear it,
     /// or before a partition healed): this run never comes back.
     DownedByOthers,
+    /// The lease went to the other side, or could not be asked for.
+    LeaseNotAcquired {
+        /// What the lease said.
+        why: String,
+    },
 }
 
 impl fmt::Display for DownReason {
@@ -141,6 +160,9 @@ impl fmt::Display for DownReason {
                  {unreachable} unreachable)"
             ),
             DownReason::DownedByOthers => write!(f, "the cluster declared this node down"),
+            DownReason::LeaseNotAcquired { why } => {
+                write!(f, "its side of a partition did not get the lease: {why}")
+            }
         }
     }
 }
@@ -167,6 +189,16 @@ impl Default for DowningSettings {
     }
 }
 
+/// A lease the resolver wants asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRequest {
+    /// Who asks: the lowest address of this node's side, the same on every node of it, so the
+    /// nodes of one side share the lease.
+    pub holder: String,
+    /// Not before then.
+    pub at: Instant,
+}
+
 /// A split-brain resolver for one node.
 ///
 /// Input: [`Self::handle_view`] after every membership round, with the time. Output:
@@ -182,6 +214,8 @@ pub struct Resolver {
     stable_since: Instant,
     /// Runs decided down, due at the instant (the removal margin) given.
     pending: Option<(BTreeSet<NodeAddr>, Instant)>,
+    /// The lease to ask for before deciding, and the runs it would decide on.
+    lease: Option<(LeaseRequest, BTreeSet<NodeAddr>)>,
     downed: BTreeSet<NodeAddr>,
     downed_self: Option<DownReason>,
 }
@@ -194,6 +228,7 @@ impl Resolver {
             observed: (BTreeSet::new(), BTreeSet::new()),
             stable_since: now,
             pending: None,
+            lease: None,
             downed: BTreeSet::new(),
             downed_self: None,
         }
@@ -241,13 +276,36 @@ impl Resolver {
         if observed != self.observed {
             self.observed = observed;
             self.stable_since = now;
+            // The question asked for another split.
+            self.lease = None;
         }
         let settled = now.duration_since(self.stable_since) >= self.settings.stable_after;
         let (_, unreachable) = &self.observed;
-        if !is_member || unreachable.is_empty() || !settled || self.pending.is_some() {
+        let deciding = self.pending.is_some() || self.lease.is_some();
+        if !is_member || unreachable.is_empty() || !settled || deciding {
             return;
         }
-        match decide(self.settings.strategy, me, &counted, unreachable) {
+        let decision = decide(self.settings.strategy, me, &counted, unreachable);
+        if let Strategy::LeaseMajority { delay_for_minority } = self.settings.strategy {
+            let holder = counted
+                .iter()
+                .map(|m| &m.addr)
+                .filter(|addr| !unreachable.contains(addr))
+                .min()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let delay = match decision {
+                Decision::KeepMySide => Duration::ZERO,
+                Decision::DownMySide => delay_for_minority,
+            };
+            let request = LeaseRequest {
+                holder,
+                at: now + delay,
+            };
+            self.lease = Some((request, unreachable.clone()));
+            return;
+        }
+        match decision {
             Decision::KeepMySide => {
                 let due = self.stable_since
                     + self.settings.stable_after
@@ -260,6 +318,39 @@ impl Resolver {
                     reachable: counted.len() - unreachable.len(),
                     unreachable: unreachable.len(),
                 });
+            }
+        }
+    }
+
+    /// The lease to ask for now, if one is due (asked again until answered).
+    pub fn lease_request(&self, now: Instant) -> Option<&LeaseRequest> {
+        match &self.lease {
+            Some((request, _)) if request.at <= now && self.downed_self.is_none() => Some(request),
+            _ => None,
+        }
+    }
+
+    /// The lease's answer at `now`: `Ok` when this side got it (the others are downed a
+    /// removal margin later), otherwise why not (this node downs itself).
+    pub fn handle_lease(&mut self, now: Instant, answer: Result<(), String>) {
+        let Some((_, unreachable)) = self.lease.take() else {
+            return;
+        };
+        match answer {
+            Ok(()) => {
+                // The other side asks `delay_for_minority` after it settled, then goes.
+                let delay = match self.settings.strategy {
+                    Strategy::LeaseMajority { delay_for_minority } => delay_for_minority,
+                    _ => Duration::ZERO,
+                };
+                let due = self.stable_since
+                    + self.settings.stable_after
+                    + delay
+                    + self.settings.down_removal_margin;
+                self.pending = Some((unreachable, due.max(now)));
+            }
+            Err(why) => {
+                self.downed_self = Some(DownReason::LeaseNotAcquired { why });
             }
         }
     }

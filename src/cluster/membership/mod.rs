@@ -32,10 +32,11 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::cluster::auth::Security;
+use crate::cluster::lease::Lease;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::transport::probe::{ProbeOutcome, probe};
-use downing::{DownReason, DowningSettings, Resolver, Strategy};
+use downing::{DownReason, DowningSettings, LeaseRequest, Resolver, Strategy};
 use join::{JoinDecision, JoinRule, JoinState, SeedRole};
 use view::{GossipNode, KnownMembers, downed_by, own_keys, view_from_gossip};
 
@@ -104,12 +105,14 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Starts gossiping as `me` (whose status should be `Joining`) on `gossip_addr`.
+    /// Starts gossiping as `me` (whose status should be `Joining`) on `gossip_addr`; `lease`
+    /// is what the `lease-majority` downing strategy asks for.
     pub async fn start(
         me: Member,
         gossip_addr: SocketAddr,
         settings: MembershipSettings,
         security: Security,
+        lease: Option<Arc<dyn Lease>>,
         metrics: ClusterMetrics,
     ) -> Result<Self, MembershipError> {
         let chitchat_id = ChitchatId::new(
@@ -182,6 +185,8 @@ impl Membership {
                 known: KnownMembers::new(),
                 unreachable_since: HashMap::new(),
                 resolver: Resolver::new(settings.downing, Instant::now()),
+                lease,
+                held_lease: None,
                 published_downed: BTreeSet::new(),
                 rule,
                 reported: None,
@@ -333,6 +338,9 @@ async fn probe_seeds(
     }
 }
 
+/// How long a lease holds if it is not released (its side crashed after getting it).
+const LEASE_TTL: Duration = Duration::from_secs(60);
+
 /// How often a node that still cannot join says so again.
 const JOIN_REMINDER: Duration = Duration::from_secs(30);
 
@@ -346,6 +354,9 @@ struct Tracker {
     /// Runs seen reachable once, and since when they are unreachable (if they are).
     unreachable_since: HashMap<NodeAddr, Option<Instant>>,
     resolver: Resolver,
+    lease: Option<Arc<dyn Lease>>,
+    /// The lease this node's side got, as which holder, until when it keeps it.
+    held_lease: Option<(String, Instant)>,
     /// The runs this node last announced as down (its own decisions), in its gossip keys.
     published_downed: BTreeSet<NodeAddr>,
     rule: JoinRule,
@@ -514,6 +525,14 @@ impl Tracker {
         let members: Vec<&Member> = view.members.values().collect();
         self.resolver
             .handle_view(Instant::now(), &self.me.addr, &members, &view.unreachable);
+        if let Some(request) = self.resolver.lease_request(Instant::now()).cloned() {
+            let answer = self.ask_lease(&request).await;
+            self.resolver.handle_lease(Instant::now(), answer);
+            if let Some((_, due)) = self.resolver.pending() {
+                self.held_lease = Some((request.holder, due));
+            }
+        }
+        self.release_lease_when_done().await;
         let present: HashSet<&NodeAddr> = nodes.iter().map(|n| &n.addr).collect();
         self.resolver.retain(|addr| present.contains(addr));
         if let Some(reason) = self.resolver.downed_self().cloned()
@@ -534,6 +553,45 @@ impl Tracker {
             // The status is unchanged; the keys carry the new list.
             self.set_status(self.me.status).await;
         }
+    }
+
+    /// Asks for the lease as `request.holder`: `Ok` if this side has it. A store that does not
+    /// answer is asked three times, a second apart, before this side gives up (and goes).
+    async fn ask_lease(&self, request: &LeaseRequest) -> Result<(), String> {
+        let Some(lease) = &self.lease else {
+            return Err("no lease is configured".to_owned());
+        };
+        let mut last_error = String::new();
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            match lease.acquire(&request.holder, LEASE_TTL).await {
+                Ok(true) => {
+                    info!(holder = %request.holder, "this side of the partition got the lease");
+                    return Ok(());
+                }
+                Ok(false) => return Err("another side holds it".to_owned()),
+                Err(error) => last_error = error.to_string(),
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Gives the lease back once the other side is down, so that the next split starts free.
+    async fn release_lease_when_done(&mut self) {
+        let Some((holder, due)) = &self.held_lease else {
+            return;
+        };
+        if Instant::now() < *due || self.resolver.pending().is_some() {
+            return;
+        }
+        if let Some(lease) = &self.lease
+            && let Err(error) = lease.release(holder).await
+        {
+            warn!(%error, "could not release the lease; it expires by itself");
+        }
+        self.held_lease = None;
     }
 
     /// Publishes this node's status, and the runs it declared down, under a new signature.

@@ -57,10 +57,16 @@ async fn start_node(
         status: MemberStatus::Joining,
         started_at_ms,
     };
-    let membership =
-        Membership::start(me, addr, settings, security, ClusterMetrics::unregistered())
-            .await
-            .unwrap();
+    let membership = Membership::start(
+        me,
+        addr,
+        settings,
+        security,
+        None,
+        ClusterMetrics::unregistered(),
+    )
+    .await
+    .unwrap();
     (membership, addr)
 }
 

@@ -333,3 +333,70 @@ fn being_declared_down_by_others_is_final() {
     resolver.handle_downed_by_others();
     assert_eq!(resolver.downed_self(), Some(&DownReason::DownedByOthers));
 }
+
+const DELAY: Duration = Duration::from_secs(2);
+
+#[test]
+fn with_a_lease_the_majority_asks_at_once_the_minority_later_and_the_answer_decides() {
+    let t0 = Instant::now();
+    let (a, b, c) = (member("a", 1), member("b", 2), member("c", 3));
+    let all = [&a, &b, &c];
+    let lease = Strategy::LeaseMajority {
+        delay_for_minority: DELAY,
+    };
+    let mut alone = resolver(lease, t0);
+    let mut majority = resolver(lease, t0);
+    for now in [t0, t0 + STABLE] {
+        alone.handle_view(now, &a.addr, &all, &runs(&[&b, &c]));
+        majority.handle_view(now, &b.addr, &all, &runs(&[&a]));
+    }
+    let settled = t0 + STABLE;
+    // The majority asks at once, as its lowest member (so b and c ask as one holder).
+    let request = majority
+        .lease_request(settled)
+        .expect("asks at once")
+        .clone();
+    assert_eq!(request.holder, b.addr.to_string());
+    assert_eq!(request.at, settled);
+    // The minority waits before it asks.
+    assert!(alone.lease_request(settled).is_none());
+    let asks_at = alone.lease_request(settled + DELAY).expect("asks later").at;
+    assert_eq!(asks_at, settled + DELAY);
+    assert!(
+        alone.downed_self().is_none(),
+        "nothing decided before the answer"
+    );
+
+    majority.handle_lease(settled, Ok(()));
+    let (downing, due) = majority.pending().expect("the others are downed later");
+    assert_eq!(downing, &runs(&[&a]));
+    // After the minority has asked and gone, and the margin.
+    assert_eq!(due, settled + DELAY + MARGIN);
+    alone.handle_lease(settled + DELAY, Err("held by b#2".to_owned()));
+    assert!(matches!(
+        alone.downed_self(),
+        Some(DownReason::LeaseNotAcquired { .. })
+    ));
+    assert!(alone.lease_request(settled + DELAY * 2).is_none());
+}
+
+#[test]
+fn a_lease_asked_for_one_split_is_forgotten_when_the_split_changes() {
+    let t0 = Instant::now();
+    let (a, b, c) = (member("a", 1), member("b", 2), member("c", 3));
+    let all = [&a, &b, &c];
+    let mut resolver = resolver(
+        Strategy::LeaseMajority {
+            delay_for_minority: DELAY,
+        },
+        t0,
+    );
+    resolver.handle_view(t0, &b.addr, &all, &runs(&[&a]));
+    resolver.handle_view(t0 + STABLE, &b.addr, &all, &runs(&[&a]));
+    assert!(resolver.lease_request(t0 + STABLE).is_some());
+    // c goes too before the answer: the question no longer stands.
+    resolver.handle_view(t0 + STABLE, &b.addr, &all, &runs(&[&a, &c]));
+    assert!(resolver.lease_request(t0 + STABLE).is_none());
+    resolver.handle_lease(t0 + STABLE, Ok(()));
+    assert!(resolver.pending().is_none(), "an answer nobody waits for");
+}
