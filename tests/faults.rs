@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use support::cluster::{ACKED, Cluster, DRAIN, NODES, node_addr};
 use support::partition::Partition;
+use support::private_postgres::{PrivatePostgres, Stop};
 use support::{Consumer, Orders, close_connection, eventually};
 
 /// The exit status of a node that downed itself.
@@ -362,4 +363,62 @@ async fn repeated_sigkills_of_random_nodes_lose_nothing_and_leave_nothing_stale(
     let orders = publishing.await.expect("publishing finished");
     cluster.queue.wait_drained(DRAIN).await;
     assert_every_product_through_every_node(&cluster, &orders).await;
+}
+
+/// Stops the products' database (a private server) mid-run, then starts it again: the products
+/// wait and retry, nothing is dead-lettered, no node exits, and everything is applied once.
+async fn database_outage_scenario(test: &str, how: Stop) {
+    let postgres = PrivatePostgres::start();
+    let flags = ["--processing-delay-ms", "5"];
+    let cluster = Cluster::start_with_store(test, &flags, None, postgres.url()).await;
+    let mut orders = Orders::new(&cluster.queue, PRODUCTS);
+    let publishing = tokio::spawn(async move {
+        orders.publish(ORDERS).await;
+        orders
+    });
+    cluster.acked_at_least(0, 1_000.0).await;
+    let retries_before = cluster.metric(RETRIES).await;
+    postgres.stop(how);
+    // The fault lasts OUTAGE (its length, not a wait for something to happen). By its middle,
+    // whatever was stored before the stop has been confirmed and acked.
+    tokio::time::sleep(OUTAGE / 2).await;
+    let acked_midway = cluster.metric(ACKED).await;
+    tokio::time::sleep(OUTAGE / 2).await;
+    let acked_while_down = cluster.metric(ACKED).await - acked_midway;
+    let retries = cluster.metric(RETRIES).await - retries_before;
+    postgres.start_again();
+    eprintln!(
+        "database stopped ({how:?}) for {OUTAGE:?}: {retries} retries, {acked_while_down} acked in its second half"
+    );
+    assert!(retries > 0.0, "the products never noticed");
+    assert_eq!(acked_while_down, 0.0, "acked without a database");
+    let orders = publishing.await.expect("publishing finished");
+    cluster.queue.wait_drained(DRAIN).await;
+    for node in cluster.running() {
+        assert!(
+            node.get("/health").await.is_some(),
+            "a node stopped serving"
+        );
+    }
+    assert!(
+        cluster.metric(ACKED).await > acked_while_down,
+        "delivery resumed"
+    );
+    assert_every_product_through_every_node(&cluster, &orders).await;
+}
+
+/// How long the database stays down.
+const OUTAGE: Duration = Duration::from_secs(5);
+
+/// Entity attempts beyond the first, over the nodes.
+const RETRIES: &str = "warren_entity_retries_total";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_stopped_mid_run_holds_orders_back_and_loses_nothing() {
+    database_outage_scenario("fault-db-stop", Stop::Fast).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_killed_mid_run_holds_orders_back_and_loses_nothing() {
+    database_outage_scenario("fault-db-kill", Stop::Immediate).await;
 }

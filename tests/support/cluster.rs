@@ -43,7 +43,10 @@ pub fn prefetch() -> f64 {
 /// down.
 pub struct Cluster {
     pub queue: TestQueue,
-    pub db: TestDb,
+    /// The database in the shared server, unless the test brought its own.
+    pub db: Option<TestDb>,
+    /// The nodes' `--entity-store`.
+    pub store: String,
     pub listen: Vec<SocketAddr>,
     pub nodes: Vec<Option<Consumer>>,
     pub extra: Vec<String>,
@@ -53,12 +56,24 @@ impl Cluster {
     /// Starts n1 (the seed, so the oldest: it consumes), then n2 and n3, and waits until every
     /// node sees all three Up.
     pub async fn start(test: &str, extra: &[&str]) -> Cluster {
+        let db = TestDb::create(&test.replace('-', "_")).await;
+        let store = db.url();
+        Self::start_with_store(test, extra, Some(db), store).await
+    }
+
+    /// Like [`Self::start`], with the products in the database at `store`.
+    pub async fn start_with_store(
+        test: &str,
+        extra: &[&str],
+        db: Option<TestDb>,
+        store: String,
+    ) -> Cluster {
         let queue = TestQueue::new(test);
         queue.declare().await;
-        let db = TestDb::create(&test.replace('-', "_")).await;
         let mut cluster = Cluster {
             queue,
             db,
+            store,
             // Each node on its own loopback address, which it also dials from, so a test can cut
             // the network between nodes (see `partition`) and leave the broker reachable.
             listen: (0..NODES.len()).map(|i| free_port(node_ip(i))).collect(),
@@ -84,7 +99,7 @@ impl Cluster {
             self.listen[seed].to_string()
         };
         let listen = self.listen[i].to_string();
-        let url = self.db.url();
+        let url = self.store.clone();
         let mut args = vec![
             "--node-id",
             NODES[i],

@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod partition;
+pub mod private_postgres;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -1,0 +1,144 @@
+//! A PostgreSQL server of one test's own, on its own port and data folder, that the test may
+//! stop, kill and start again (never the shared server `scripts/test` runs). Built with the
+//! server binaries of the installed PostgreSQL, run as the `postgres` user (the server refuses
+//! root); removed when dropped.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use uuid::Uuid;
+
+/// How a test stops the server.
+#[derive(Clone, Copy, Debug)]
+pub enum Stop {
+    /// A clean shutdown that does not wait for clients (`pg_ctl -m fast`).
+    Fast,
+    /// No shutdown at all (`pg_ctl -m immediate`): like a crash, recovered at the next start.
+    Immediate,
+}
+
+/// A running private server.
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    /// Creates a cluster (superuser `warren`, trust on loopback) and starts it.
+    pub fn start() -> PrivatePostgres {
+        let bin = server_bin();
+        let data = std::env::temp_dir().join(format!(
+            "warren-pg-{}",
+            &Uuid::new_v4().simple().to_string()[..8]
+        ));
+        std::fs::create_dir_all(&data).expect("data folder");
+        run("chown", &["postgres:postgres", path(&data)]);
+        as_postgres(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                path(&data),
+                "-U",
+                "warren",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+        );
+        let port = super::free_port([127, 0, 0, 1]).port();
+        let server = PrivatePostgres { bin, data, port };
+        server.start_again();
+        server
+    }
+
+    /// A URL for database `postgres` (tests create what they need in it).
+    pub fn url(&self) -> String {
+        format!("postgres://warren:warren@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server (again), waiting until it accepts connections.
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
+            self.port,
+            path(&self.data)
+        );
+        as_postgres(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D",
+                path(&self.data),
+                "-o",
+                &options,
+                "-w",
+                "-l",
+                &self.log(),
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server.
+    pub fn stop(&self, how: Stop) {
+        let mode = match how {
+            Stop::Fast => "fast",
+            Stop::Immediate => "immediate",
+        };
+        as_postgres(
+            &self.bin.join("pg_ctl"),
+            &["-D", path(&self.data), "-m", mode, "-w", "stop"],
+        );
+    }
+
+    fn log(&self) -> String {
+        format!("{}.log", self.data.display())
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", path(&self.data), "-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.data);
+        let _ = std::fs::remove_file(self.log());
+    }
+}
+
+/// The newest installed server's binaries.
+fn server_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed (scripts/test installs it)")
+        .filter_map(|entry| Some(entry.ok()?.path().join("bin")))
+        .filter(|bin| bin.join("pg_ctl").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("a PostgreSQL server version")
+}
+
+fn path(path: &std::path::Path) -> &str {
+    path.to_str().expect("a UTF-8 temporary path")
+}
+
+fn as_postgres(program: &std::path::Path, args: &[&str]) {
+    let mut all = vec!["-u", "postgres", "--", path(program)];
+    all.extend_from_slice(args);
+    run("runuser", &all);
+}
+
+fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .current_dir("/")
+        .output()
+        .unwrap_or_else(|e| panic!("{program} does not run: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
