@@ -4,7 +4,8 @@
 //! Gossip runs on UDP, where anyone can send a datagram: chitchat logs a warning for every one
 //! it cannot decode, so a stray scanner (or an attacker) could fill the logs. Those warnings are
 //! counted in `warren_gossip_invalid_datagrams_total` and logged at most once per
-//! [`NOISY_LOG_INTERVAL`].
+//! [`NOISY_LOG_INTERVAL`]. They are counted as log events, so only while `RUST_LOG` lets
+//! chitchat's warnings through (the default does).
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;

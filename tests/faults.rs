@@ -32,6 +32,8 @@ const PRODUCTS: usize = 100;
 struct Figures {
     /// From the cut until the isolated node exited.
     downed_after: Duration,
+    /// From the cut until a shard of the isolated node was first seen on another node.
+    first_takeover: Duration,
     /// From the cut until the other side hosted every shard the isolated node had, and (when
     /// it held the queue) acked orders itself.
     resumed_after: Duration,
@@ -45,20 +47,31 @@ impl Figures {
     fn check(&self) {
         // Defaults: about 3 s to call a node unreachable, then stable_after (5 s).
         assert!(self.downed_after < Duration::from_secs(20), "{self:?}");
-        assert!(self.resumed_after > self.downed_after, "{self:?}");
+        assert!(self.first_takeover > self.downed_after, "{self:?}");
+        assert!(self.resumed_after < Duration::from_secs(60), "{self:?}");
         assert!(self.samples > 0, "{self:?}");
     }
 }
 
-/// Samples `/cluster` on every node until stopped; returns how many samples it took, or the
-/// first shard it saw hosted by two nodes at once.
+/// What the sampler saw.
+struct Sampled {
+    samples: usize,
+    /// When a shard of the isolated node was first seen hosted by another node.
+    first_takeover: Option<Instant>,
+}
+
+/// Samples `/cluster` on every node until stopped; returns what it saw, or the first shard it
+/// saw hosted by two nodes at once.
 fn sample_shard_owners(
     bases: Vec<(String, String)>,
+    isolated: &'static str,
+    held: BTreeSet<u64>,
     stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Result<usize, String>> {
+) -> tokio::task::JoinHandle<Result<Sampled, String>> {
     tokio::spawn(async move {
         let http = reqwest::Client::new();
         let mut samples = 0;
+        let mut first_takeover = None;
         while !stop.load(Ordering::Relaxed) {
             let mut owners: BTreeMap<u64, String> = BTreeMap::new();
             for (name, base) in &bases {
@@ -81,12 +94,18 @@ fn sample_shard_owners(
                     if let Some(other) = owners.insert(shard, name.clone()) {
                         return Err(format!("shard {shard} hosted by {other} and {name}"));
                     }
+                    if name != isolated && held.contains(&shard) && first_takeover.is_none() {
+                        first_takeover = Some(Instant::now());
+                    }
                 }
             }
             samples += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(samples)
+        Ok(Sampled {
+            samples,
+            first_takeover,
+        })
     })
 }
 
@@ -151,21 +170,26 @@ async fn partition_scenario(test: &str, cut_off: Cut) -> Figures {
     let held_queue = cluster.bridge_holder().await == isolated;
     let acked_before = acked_by(&cluster, &others).await;
 
+    let held_shards = shards_here(cluster.node(isolated)).await;
+    assert!(!held_shards.is_empty(), "the isolated node hosts products");
+    eprintln!("cut off while hosting {} shards", held_shards.len());
     let stop_sampling = Arc::new(AtomicBool::new(false));
     let bases = NODES
         .iter()
         .zip(cluster.running())
         .map(|(name, node)| ((*name).to_owned(), node.base.clone()))
         .collect();
-    let sampler = sample_shard_owners(bases, Arc::clone(&stop_sampling));
+    let sampler = sample_shard_owners(
+        bases,
+        NODES[isolated],
+        held_shards.clone(),
+        Arc::clone(&stop_sampling),
+    );
     let partition = Partition::isolate(
         &[node_addr(isolated)],
         &others.iter().map(|i| node_addr(*i)).collect::<Vec<_>>(),
     );
     let cut = Instant::now();
-    let held_shards = shards_here(cluster.node(isolated)).await;
-    assert!(!held_shards.is_empty(), "the isolated node hosts products");
-    eprintln!("cut off while hosting {} shards", held_shards.len());
     if drop_broker_connection {
         // The case the broker's single-active-consumer alone does not cover: the isolated
         // holder's consumer goes away, so another one may become active.
@@ -207,10 +231,14 @@ async fn partition_scenario(test: &str, cut_off: Cut) -> Figures {
         .converged(&others.iter().map(|i| NODES[*i]).collect::<Vec<_>>())
         .await;
     stop_sampling.store(true, Ordering::Relaxed);
-    let samples = sampler
+    let sampled = sampler
         .await
         .expect("sampler ran")
         .unwrap_or_else(|two_owners| panic!("while cut: {two_owners}"));
+    let first_takeover = sampled
+        .first_takeover
+        .expect("the sampler saw the isolated node's shards move")
+        .duration_since(cut);
     partition.heal();
 
     // A supervisor starts it again: a new run, with no entities, joins the survivors.
@@ -221,8 +249,9 @@ async fn partition_scenario(test: &str, cut_off: Cut) -> Figures {
     assert_every_product_through_every_node(&cluster, &orders).await;
     Figures {
         downed_after,
+        first_takeover,
         resumed_after,
-        samples,
+        samples: sampled.samples,
     }
 }
 

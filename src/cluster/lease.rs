@@ -78,10 +78,20 @@ impl PostgresLease {
             .await
             .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
         tokio::spawn(connection);
-        client
-            .batch_execute(SCHEMA)
+        let exists = client
+            .query_one(
+                "SELECT to_regclass('warren_cluster_leases') IS NOT NULL",
+                &[],
+            )
             .await
+            .and_then(|row| row.try_get::<_, bool>(0))
             .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
+        if !exists {
+            client
+                .batch_execute(SCHEMA)
+                .await
+                .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
+        }
         Ok(client)
     }
 }

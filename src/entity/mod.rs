@@ -120,7 +120,8 @@ impl EntityError {
     }
 
     /// A newer incarnation of this entity owns it now (the store refused a stale claim): this
-    /// incarnation stops without confirming the message, which goes to the new owner.
+    /// incarnation stops without confirming the message; its producer sends it again, to
+    /// wherever the entity then runs (it starts there with a new claim).
     pub fn fenced(reason: impl Into<String>) -> Self {
         EntityError {
             reason: reason.into(),

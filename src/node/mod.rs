@@ -365,7 +365,11 @@ where
             shutdown.child_token(),
         );
 
-        tokio::spawn(stop_when_downed(membership.downed_self(), shutdown.clone()));
+        tokio::spawn(stop_when_downed(
+            membership.downed_self(),
+            region.clone(),
+            shutdown.clone(),
+        ));
         tokio::spawn(wake_on_down(
             view.clone(),
             producer.clone(),
@@ -685,15 +689,19 @@ async fn bind_cluster_port(listen: std::net::SocketAddr) -> Result<TcpListener, 
     )))
 }
 
-/// Stops the node's parts the moment it downs itself: its entities must not run on while the
-/// surviving side starts them anew (the surviving side waits a margin for this).
-async fn stop_when_downed(
+/// Stops the node's parts the moment it downs itself: its entities are dropped where they
+/// stand (they must not run on while the surviving side starts them anew, which it does a
+/// margin later), and everything else stops. A singleton finishing its work (the bridge
+/// draining) cannot reach the entities any more; the process should exit.
+async fn stop_when_downed<P: Send + 'static>(
     mut downed: watch::Receiver<Option<DownReason>>,
+    region: RegionHandle<P>,
     shutdown: CancellationToken,
 ) {
     tokio::select! {
         _ = shutdown.cancelled() => {}
         result = downed.wait_for(Option::is_some) => if result.is_ok() {
+            region.abort();
             shutdown.cancel();
         },
     }

@@ -196,6 +196,9 @@ impl ClusterSettings {
     }
 }
 
+/// Longest a downing setting may wait: beyond it a partition is an outage anyway.
+const MAX_DOWNING_WAIT: Duration = Duration::from_secs(3600);
+
 /// `[cluster.downing]`: the split-brain resolver's rule and timing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -282,10 +285,23 @@ impl DowningConfig {
             )?;
         }
         check(
-            self.stable_after >= gossip_interval,
+            self.stable_after >= gossip_interval && self.stable_after <= MAX_DOWNING_WAIT,
             prefix,
             "downing.stable_after",
-            "must be at least gossip_interval",
+            "must be at least gossip_interval, and at most an hour",
+        )?;
+        check(
+            self.down_removal_margin >= gossip_interval * 2
+                && self.down_removal_margin <= MAX_DOWNING_WAIT,
+            prefix,
+            "downing.down_removal_margin",
+            "must be at least twice gossip_interval (the losing side needs time to go), and at most an hour",
+        )?;
+        check(
+            self.acquire_lease_delay_for_minority <= MAX_DOWNING_WAIT,
+            prefix,
+            "downing.acquire_lease_delay_for_minority",
+            "must be at most an hour",
         )
     }
 
@@ -384,7 +400,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Spoil = fn(&mut ClusterSettings);
-        let cases: [(&str, Spoil); 11] = [
+        let cases: [(&str, Spoil); 13] = [
             ("cluster.secret", |s| s.secret = Some("short".to_owned())),
             ("cluster.listen", |s| {
                 s.listen = "0.0.0.0:7350".parse().unwrap()
@@ -411,6 +427,12 @@ mod tests {
             }),
             ("cluster.downing.lease_url", |s| {
                 s.downing.strategy = StrategyName::LeaseMajority
+            }),
+            ("cluster.downing.down_removal_margin", |s| {
+                s.downing.down_removal_margin = Duration::ZERO
+            }),
+            ("cluster.downing.stable_after", |s| {
+                s.downing.stable_after = Duration::from_secs(u64::MAX / 4)
             }),
         ];
         for (key, spoil) in cases {

@@ -62,6 +62,7 @@ enum RegionInput<P> {
 pub struct RegionHandle<P> {
     input: mpsc::Sender<RegionInput<P>>,
     status: watch::Receiver<RegionStatus>,
+    abort: CancellationToken,
 }
 
 impl<P> Clone for RegionHandle<P> {
@@ -69,6 +70,7 @@ impl<P> Clone for RegionHandle<P> {
         RegionHandle {
             input: self.input.clone(),
             status: self.status.clone(),
+            abort: self.abort.clone(),
         }
     }
 }
@@ -103,6 +105,12 @@ impl<P: Send + 'static> RegionHandle<P> {
     pub fn status(&self) -> watch::Receiver<RegionStatus> {
         self.status.clone()
     }
+
+    /// Stops the region and drops its entities where they stand, finishing nothing: for a
+    /// node that downed itself, whose entities now run elsewhere.
+    pub fn abort(&self) {
+        self.abort.cancel();
+    }
 }
 
 /// Starts the region of node `me`: it hosts shards when `me` has `role`, runs entities with
@@ -133,8 +141,13 @@ where
         published: None,
         metrics,
     };
-    tokio::spawn(driver.run(view, input_rx, shutdown));
-    RegionHandle { input, status }
+    let abort = CancellationToken::new();
+    tokio::spawn(driver.run(view, input_rx, shutdown, abort.clone()));
+    RegionHandle {
+        input,
+        status,
+        abort,
+    }
 }
 
 type EntityEnd = Pin<Box<dyn Future<Output = (EntityId, u64, bool)> + Send>>;
@@ -164,6 +177,7 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
         mut view: watch::Receiver<ClusterView>,
         mut input: mpsc::Receiver<RegionInput<P>>,
         shutdown: CancellationToken,
+        abort: CancellationToken,
     ) {
         let mut incarnations = 0_u64;
         let first = view.borrow_and_update().clone();
@@ -175,6 +189,7 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
                 // A view change first: a message sent because of it (a producer waking the
                 // entities of a node that went down) must not be routed by the old view.
                 biased;
+                _ = abort.cancelled() => break,
                 _ = shutdown.cancelled() => break,
                 changed = view.changed() => {
                     if changed.is_err() {
@@ -199,8 +214,12 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
                 }
             }
         }
-        // Close every inbox: entities finish what they hold and stop.
+        // Close every inbox: entities finish what they hold and stop (dropped at once when
+        // aborted).
         self.entities.clear();
+        if abort.is_cancelled() {
+            self.running.clear();
+        }
         while self.running.next().await.is_some() {}
         self.metrics.shards_hosted.set(0);
     }

@@ -9,7 +9,11 @@
 //! against "the other side" (the unreachable ones). A losing side downs itself at once; a
 //! winning side downs the others only `down_removal_margin` later, so the losers have stopped
 //! before anyone takes their shards and singletons over. A decision is final for those runs:
-//! a healed partition does not bring a downed run back (it must restart as a new run).
+//! a healed partition does not bring a downed run back (it must restart as a new run). A run
+//! that can be reached again when the margin ends, and has not downed itself, saw the heal in
+//! time: it is not downed, and its work stays where it is. A node whose view keeps changing
+//! while members are unreachable downs itself once that has lasted `stable_after` plus half
+//! the margin, so a flapping link cannot keep a losing side alive past the takeover.
 //!
 //! Only Up and Leaving members count (Akka counts the same); a node that is still joining
 //! takes no decision.
@@ -140,6 +144,13 @@ pub enum DownReason {
     /// Another member declared this run down (it decided while this node could not hear it,
     /// or before a partition healed): this run never comes back.
     DownedByOthers,
+    /// Some member stayed unreachable while the view kept changing, longer than the
+    /// strategy may wait: every node in that state downs itself (Akka's
+    /// down-all-when-unstable).
+    Unstable {
+        /// How long the view had been unstable.
+        unstable_for: Duration,
+    },
     /// The lease went to the other side, or could not be asked for.
     LeaseNotAcquired {
         /// What the lease said.
@@ -160,6 +171,10 @@ impl fmt::Display for DownReason {
                  {unreachable} unreachable)"
             ),
             DownReason::DownedByOthers => write!(f, "the cluster declared this node down"),
+            DownReason::Unstable { unstable_for } => write!(
+                f,
+                "members stayed unreachable for {unstable_for:?} without the view settling"
+            ),
             DownReason::LeaseNotAcquired { why } => {
                 write!(f, "its side of a partition did not get the lease: {why}")
             }
@@ -216,6 +231,8 @@ pub struct Resolver {
     pending: Option<(BTreeSet<NodeAddr>, Instant)>,
     /// The lease to ask for before deciding, and the runs it would decide on.
     lease: Option<(LeaseRequest, BTreeSet<NodeAddr>)>,
+    /// Since when some member has been unreachable without the view settling.
+    unstable_since: Option<Instant>,
     downed: BTreeSet<NodeAddr>,
     downed_self: Option<DownReason>,
 }
@@ -229,6 +246,7 @@ impl Resolver {
             stable_since: now,
             pending: None,
             lease: None,
+            unstable_since: None,
             downed: BTreeSet::new(),
             downed_self: None,
         }
@@ -251,11 +269,21 @@ impl Resolver {
         if self.downed_self.is_some() || self.settings.strategy == Strategy::Off {
             return;
         }
-        if let Some((runs, due)) = &self.pending
-            && now >= *due
-        {
-            self.downed.extend(runs.iter().cloned());
-            self.pending = None;
+        if let Some((runs, due)) = self.pending.take() {
+            if now < due {
+                self.pending = Some((runs, due));
+            } else {
+                // A run that can be reached again and has not downed itself saw the partition
+                // heal before it decided: it keeps its work, and nobody takes it over.
+                let gone = |run: &NodeAddr| {
+                    unreachable.contains(run)
+                        || members
+                            .iter()
+                            .find(|m| m.addr == *run)
+                            .is_none_or(|m| m.status == MemberStatus::Down)
+                };
+                self.downed.extend(runs.into_iter().filter(gone));
+            }
         }
         let counted: Vec<&Member> = members
             .iter()
@@ -282,6 +310,19 @@ impl Resolver {
         let settled = now.duration_since(self.stable_since) >= self.settings.stable_after;
         let (_, unreachable) = &self.observed;
         let deciding = self.pending.is_some() || self.lease.is_some();
+        if unreachable.is_empty() || deciding || !is_member {
+            self.unstable_since = None;
+        } else {
+            let since = *self.unstable_since.get_or_insert(self.stable_since);
+            // Akka's down-all-when-unstable: a view that never settles could keep this node
+            // from ever deciding while the other side takes its work over on its own clock.
+            if !settled && now.duration_since(since) >= self.unstable_limit() {
+                self.downed_self = Some(DownReason::Unstable {
+                    unstable_for: now.duration_since(since),
+                });
+                return;
+            }
+        }
         if !is_member || unreachable.is_empty() || !settled || deciding {
             return;
         }
@@ -347,12 +388,21 @@ impl Resolver {
                     + self.settings.stable_after
                     + delay
                     + self.settings.down_removal_margin;
-                self.pending = Some((unreachable, due.max(now)));
+                // A slow answer does not shorten the margin the other side has to go.
+                let due = due.max(now + self.settings.down_removal_margin);
+                self.pending = Some((unreachable, due));
             }
             Err(why) => {
                 self.downed_self = Some(DownReason::LeaseNotAcquired { why });
             }
         }
+    }
+
+    /// How long the unreachable set may keep changing before this node downs itself: past
+    /// `stable_after` by half the removal margin, so it goes before a side that did settle
+    /// (at the same time at the earliest) takes its work over.
+    fn unstable_limit(&self) -> Duration {
+        self.settings.stable_after + self.settings.down_removal_margin / 2
     }
 
     /// Another member declared this run down.

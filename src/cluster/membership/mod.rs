@@ -186,7 +186,6 @@ impl Membership {
                 unreachable_since: HashMap::new(),
                 resolver: Resolver::new(settings.downing, Instant::now()),
                 lease,
-                held_lease: None,
                 published_downed: BTreeSet::new(),
                 rule,
                 reported: None,
@@ -255,9 +254,12 @@ impl Membership {
         if self.changes.send(Change::Status(status)).await.is_err() {
             return;
         }
-        let _ = view
-            .wait_for(|v| v.me().is_some_and(|m| m.status == status))
-            .await;
+        // A node that downed itself meanwhile stays down: that ends the wait too.
+        let announced = view.wait_for(|v| {
+            v.me()
+                .is_some_and(|m| m.status == status || m.status == MemberStatus::Down)
+        });
+        let _ = tokio::time::timeout(self.gossip_interval * 10, announced).await;
         // Peers learn it on their next exchange with us or with someone who has it.
         tokio::time::sleep(self.gossip_interval * 2).await;
     }
@@ -338,8 +340,10 @@ async fn probe_seeds(
     }
 }
 
-/// How long a lease holds if it is not released (its side crashed after getting it).
-const LEASE_TTL: Duration = Duration::from_secs(60);
+/// How long a lease, once taken, keeps the other side from taking it.
+const LEASE_TTL: Duration = Duration::from_secs(30);
+/// Pause between two questions to a lease store that did not answer.
+const LEASE_PAUSE: Duration = Duration::from_millis(200);
 
 /// How often a node that still cannot join says so again.
 const JOIN_REMINDER: Duration = Duration::from_secs(30);
@@ -355,8 +359,6 @@ struct Tracker {
     unreachable_since: HashMap<NodeAddr, Option<Instant>>,
     resolver: Resolver,
     lease: Option<Arc<dyn Lease>>,
-    /// The lease this node's side got, as which holder, until when it keeps it.
-    held_lease: Option<(String, Instant)>,
     /// The runs this node last announced as down (its own decisions), in its gossip keys.
     published_downed: BTreeSet<NodeAddr>,
     rule: JoinRule,
@@ -528,11 +530,7 @@ impl Tracker {
         if let Some(request) = self.resolver.lease_request(Instant::now()).cloned() {
             let answer = self.ask_lease(&request).await;
             self.resolver.handle_lease(Instant::now(), answer);
-            if let Some((_, due)) = self.resolver.pending() {
-                self.held_lease = Some((request.holder, due));
-            }
         }
-        self.release_lease_when_done().await;
         let present: HashSet<&NodeAddr> = nodes.iter().map(|n| &n.addr).collect();
         self.resolver.retain(|addr| present.contains(addr));
         if let Some(reason) = self.resolver.downed_self().cloned()
@@ -555,43 +553,35 @@ impl Tracker {
         }
     }
 
-    /// Asks for the lease as `request.holder`: `Ok` if this side has it. A store that does not
-    /// answer is asked three times, a second apart, before this side gives up (and goes).
+    /// Asks for the lease as `request.holder`: `Ok` if this side has it. Asked again while a
+    /// store does not answer, for two thirds of the removal margin at most: a side that cannot
+    /// tell by then goes, before the other side (which got it) takes over. The lease is not
+    /// released: it expires after [`LEASE_TTL`], so a side that decides late (its tracker or
+    /// its view held it back) cannot get it while the winners still count on it.
     async fn ask_lease(&self, request: &LeaseRequest) -> Result<(), String> {
         let Some(lease) = &self.lease else {
             return Err("no lease is configured".to_owned());
         };
-        let mut last_error = String::new();
-        for attempt in 0..3 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            match lease.acquire(&request.holder, LEASE_TTL).await {
-                Ok(true) => {
-                    info!(holder = %request.holder, "this side of the partition got the lease");
-                    return Ok(());
+        let budget = (self.settings.downing.down_removal_margin * 2 / 3).max(LEASE_PAUSE);
+        let ask = async {
+            loop {
+                match lease.acquire(&request.holder, LEASE_TTL).await {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => return Err("another side holds it".to_owned()),
+                    Err(error) => {
+                        warn!(%error, "cannot ask for the lease; asking again");
+                        tokio::time::sleep(LEASE_PAUSE).await;
+                    }
                 }
-                Ok(false) => return Err("another side holds it".to_owned()),
-                Err(error) => last_error = error.to_string(),
             }
-        }
-        Err(last_error)
-    }
-
-    /// Gives the lease back once the other side is down, so that the next split starts free.
-    async fn release_lease_when_done(&mut self) {
-        let Some((holder, due)) = &self.held_lease else {
-            return;
         };
-        if Instant::now() < *due || self.resolver.pending().is_some() {
-            return;
+        let answer = tokio::time::timeout(budget, ask)
+            .await
+            .unwrap_or_else(|_| Err(format!("the lease store did not answer within {budget:?}")));
+        if answer.is_ok() {
+            info!(holder = %request.holder, "this side of the partition got the lease");
         }
-        if let Some(lease) = &self.lease
-            && let Err(error) = lease.release(holder).await
-        {
-            warn!(%error, "could not release the lease; it expires by itself");
-        }
-        self.held_lease = None;
+        answer
     }
 
     /// Publishes this node's status, and the runs it declared down, under a new signature.

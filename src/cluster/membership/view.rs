@@ -55,6 +55,8 @@ pub fn own_keys(
         ),
         (KEY_STATUS.to_owned(), member.status.as_str().to_owned()),
         (KEY_STARTED_AT.to_owned(), member.started_at_ms.to_string()),
+        // Always set (an empty list replaces an old one in gossip), signed only when not
+        // empty: so a record without one is signed as before, and older nodes trust it.
         (KEY_DOWNED.to_owned(), downed.join(" ")),
     ];
     if let Some(secret) = security.secret() {
@@ -70,15 +72,13 @@ pub fn own_keys(
 /// What a signature covers: the node's name and run, and every key it publishes.
 fn signed_text<'a>(addr: &NodeAddr, value: impl Fn(&str) -> Option<&'a str>) -> String {
     let mut text = format!("{}\n{}", addr.id, addr.generation);
-    for key in [
-        KEY_RPC_ADDR,
-        KEY_ROLES,
-        KEY_STATUS,
-        KEY_STARTED_AT,
-        KEY_DOWNED,
-    ] {
+    for key in [KEY_RPC_ADDR, KEY_ROLES, KEY_STATUS, KEY_STARTED_AT] {
         text.push('\n');
         text.push_str(value(key).unwrap_or(""));
+    }
+    if let Some(downed) = value(KEY_DOWNED).filter(|d| !d.is_empty()) {
+        text.push_str("\ndowned:");
+        text.push_str(downed);
     }
     text
 }

@@ -275,7 +275,7 @@ fn a_partition_healed_before_stable_after_decides_nothing() {
 }
 
 #[test]
-fn a_decision_stands_when_the_partition_heals_during_the_margin() {
+fn a_run_reachable_again_when_the_margin_ends_keeps_its_work_unless_it_went_down() {
     let t0 = Instant::now();
     let (a, b, c) = (member("a", 1), member("b", 2), member("c", 3));
     let all = [&a, &b, &c];
@@ -283,13 +283,61 @@ fn a_decision_stands_when_the_partition_heals_during_the_margin() {
     resolver.handle_view(t0, &b.addr, &all, &runs(&[&a]));
     resolver.handle_view(t0 + STABLE, &b.addr, &all, &runs(&[&a]));
     assert!(resolver.pending().is_some());
-    // a is reachable again, but the others may already act on a's self-down: a stays down.
+    // a is reachable again and still Up when the margin ends: it saw the heal in time.
     resolver.handle_view(t0 + STABLE + MARGIN, &b.addr, &all, &BTreeSet::new());
+    assert!(resolver.downed().is_empty());
+    assert!(resolver.pending().is_none());
+
+    // Another split; this time a downed itself (it announces Down) before the margin ended.
+    let t1 = t0 + STABLE * 4;
+    resolver.handle_view(t1, &b.addr, &all, &runs(&[&a]));
+    resolver.handle_view(t1 + STABLE, &b.addr, &all, &runs(&[&a]));
+    let mut a_down = a.clone();
+    a_down.status = MemberStatus::Down;
+    resolver.handle_view(
+        t1 + STABLE + MARGIN,
+        &b.addr,
+        &[&a_down, &b, &c],
+        &BTreeSet::new(),
+    );
     assert_eq!(resolver.downed(), &runs(&[&a]));
     // And a downed run no longer counts: b and c alone are the whole cluster now.
-    resolver.handle_view(t0 + STABLE * 3, &b.addr, &all, &runs(&[&a]));
+    resolver.handle_view(t1 + STABLE * 3, &b.addr, &all, &runs(&[&a]));
     assert!(resolver.downed_self().is_none());
     assert!(resolver.pending().is_none());
+}
+
+#[test]
+fn a_view_that_never_settles_downs_the_node_before_a_settled_side_could_take_over() {
+    let t0 = Instant::now();
+    let members: Vec<Member> = (0..5).map(|i| member(&format!("m{i}"), i)).collect();
+    let all: Vec<&Member> = members.iter().collect();
+    let me = &members[0].addr;
+    let mut resolver = resolver(Strategy::KeepMajority, t0);
+    // m4 stays unreachable; m3 flaps every second.
+    let mut now = t0;
+    let mut flap = false;
+    while resolver.downed_self().is_none() {
+        let unreachable = if flap {
+            runs(&[&members[3], &members[4]])
+        } else {
+            runs(&[&members[4]])
+        };
+        resolver.handle_view(now, me, &all, &unreachable);
+        assert!(resolver.pending().is_none(), "decided on an unstable view");
+        flap = !flap;
+        now += Duration::from_secs(1);
+        assert!(now < t0 + STABLE * 3, "never downed itself");
+    }
+    let went_at = now - Duration::from_secs(1);
+    assert!(matches!(
+        resolver.downed_self(),
+        Some(DownReason::Unstable { .. })
+    ));
+    assert!(went_at >= t0 + STABLE + MARGIN / 2);
+    // The earliest another side settles on seeing this one go is t0 + STABLE; it takes over
+    // a margin after that.
+    assert!(went_at < t0 + STABLE + MARGIN);
 }
 
 #[test]
@@ -372,6 +420,14 @@ fn with_a_lease_the_majority_asks_at_once_the_minority_later_and_the_answer_deci
     assert_eq!(downing, &runs(&[&a]));
     // After the minority has asked and gone, and the margin.
     assert_eq!(due, settled + DELAY + MARGIN);
+    // A late answer still leaves the margin after it.
+    let mut slow = resolver(lease, t0);
+    for now in [t0, settled] {
+        slow.handle_view(now, &b.addr, &all, &runs(&[&a]));
+    }
+    let answered = settled + DELAY * 5;
+    slow.handle_lease(answered, Ok(()));
+    assert_eq!(slow.pending().map(|(_, due)| due), Some(answered + MARGIN));
     alone.handle_lease(settled + DELAY, Err("held by b#2".to_owned()));
     assert!(matches!(
         alone.downed_self(),
