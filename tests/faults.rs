@@ -18,7 +18,8 @@ use tokio::time::Instant;
 use support::cluster::{ACKED, Cluster, DRAIN, NODES, node_addr};
 use support::partition::Partition;
 use support::private_postgres::{PrivatePostgres, Stop};
-use support::{Consumer, Orders, close_connection, eventually};
+use support::private_rabbitmq::{BrokerStop, PrivateRabbitMq};
+use support::{Consumer, Orders, TestDb, TestQueue, close_connection, eventually};
 
 /// The exit status of a node that downed itself.
 const EXIT_DOWNED: i32 = 4;
@@ -282,11 +283,7 @@ async fn shards_here(node: &Consumer) -> BTreeSet<u64> {
 /// Nothing dead-lettered, and every product, asked through each node, holds exactly the
 /// orders published for it (no stale copy answers anywhere).
 async fn assert_every_product_through_every_node(cluster: &Cluster, orders: &Orders) {
-    assert_eq!(
-        support::message_count(&cluster.queue.dlq()).await,
-        0,
-        "dead letters"
-    );
+    assert_eq!(cluster.queue.dlq_counts().await.ready, 0, "dead letters");
     for node in cluster.running() {
         orders.assert_applied_exactly_once_through(&[node]).await;
     }
@@ -399,7 +396,7 @@ async fn repeated_sigkills_of_random_nodes_lose_nothing_and_leave_nothing_stale(
 async fn database_outage_scenario(test: &str, how: Stop) {
     let postgres = PrivatePostgres::start();
     let flags = ["--processing-delay-ms", "5"];
-    let cluster = Cluster::start_with_store(test, &flags, None, postgres.url()).await;
+    let cluster = Cluster::start_with(TestQueue::new(test), &flags, None, postgres.url()).await;
     let mut orders = Orders::new(&cluster.queue, PRODUCTS);
     let publishing = tokio::spawn(async move {
         orders.publish(ORDERS).await;
@@ -450,4 +447,48 @@ async fn the_database_stopped_mid_run_holds_orders_back_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_killed_mid_run_holds_orders_back_and_loses_nothing() {
     database_outage_scenario("fault-db-kill", Stop::Immediate).await;
+}
+
+/// Takes the broker (a private node) down mid-run, then starts it again: the nodes wait and
+/// reconnect, none exits, and every order published before and after is applied once.
+async fn broker_outage_scenario(test: &str, how: BrokerStop) {
+    let broker = PrivateRabbitMq::start();
+    let db = TestDb::create(&test.replace('-', "_")).await;
+    let store = db.url();
+    let flags = ["--processing-delay-ms", "20"];
+    let cluster = Cluster::start_with(TestQueue::on(test, &broker), &flags, Some(db), store).await;
+    let mut orders = Orders::new(&cluster.queue, PRODUCTS);
+    orders.publish(ORDERS / 2).await;
+    cluster.acked_at_least(0, 1_000.0).await;
+    assert!(
+        cluster.queue.counts().await.ready > 0,
+        "the outage must come with a backlog in the broker"
+    );
+    broker.stop(how);
+    // The fault lasts OUTAGE (its length, not a wait for something to happen).
+    tokio::time::sleep(OUTAGE).await;
+    for node in cluster.running() {
+        assert!(
+            node.get("/cluster").await.is_some(),
+            "a node stopped serving"
+        );
+    }
+    broker.start_again();
+    // After the restart: what waited in the broker, and new orders.
+    orders.publish(ORDERS / 2).await;
+    cluster.queue.wait_drained(DRAIN).await;
+    let reconnects = cluster.metric("warren_amqp_reconnects_total").await;
+    eprintln!("broker {how:?} for {OUTAGE:?}: {reconnects} reconnects");
+    assert!(reconnects >= 1.0, "the consumer never lost its broker");
+    assert_every_product_through_every_node(&cluster, &orders).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_stopped_mid_run_is_waited_for_and_nothing_is_lost() {
+    broker_outage_scenario("fault-broker-stop", BrokerStop::Stop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_killed_mid_run_is_waited_for_and_nothing_is_lost() {
+    broker_outage_scenario("fault-broker-kill", BrokerStop::Kill).await;
 }

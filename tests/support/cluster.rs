@@ -58,17 +58,17 @@ impl Cluster {
     pub async fn start(test: &str, extra: &[&str]) -> Cluster {
         let db = TestDb::create(&test.replace('-', "_")).await;
         let store = db.url();
-        Self::start_with_store(test, extra, Some(db), store).await
+        Self::start_with(TestQueue::new(test), extra, Some(db), store).await
     }
 
-    /// Like [`Self::start`], with the products in the database at `store`.
-    pub async fn start_with_store(
-        test: &str,
+    /// Like [`Self::start`], on `queue` (maybe on a private broker), with the products in the
+    /// database at `store`.
+    pub async fn start_with(
+        queue: TestQueue,
         extra: &[&str],
         db: Option<TestDb>,
         store: String,
     ) -> Cluster {
-        let queue = TestQueue::new(test);
         queue.declare().await;
         let mut cluster = Cluster {
             queue,

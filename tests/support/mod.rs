@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod partition;
 pub mod private_postgres;
+pub mod private_rabbitmq;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -158,6 +159,8 @@ pub struct QueueCounts {
 pub struct TestQueue {
     pub name: String,
     pub queue_type: warren::amqp::QueueType,
+    /// A private broker's URI and node name; the shared broker when `None`.
+    pub broker: Option<(String, String)>,
 }
 
 impl TestQueue {
@@ -167,7 +170,15 @@ impl TestQueue {
         TestQueue {
             name: format!("warren-test-{test}-{}", &suffix[..8]),
             queue_type: warren::amqp::QueueType::Classic,
+            broker: None,
         }
+    }
+
+    /// Like [`Self::new`], on a private broker.
+    pub fn on(test: &str, broker: &private_rabbitmq::PrivateRabbitMq) -> Self {
+        let mut queue = Self::new(test);
+        queue.broker = Some((broker.uri(), broker.node.clone()));
+        queue
     }
 
     /// Like [`Self::new`], declared as a quorum queue.
@@ -182,7 +193,12 @@ impl TestQueue {
     }
 
     pub fn amqp(&self) -> AmqpSettings {
+        let defaults = AmqpSettings::default();
         AmqpSettings {
+            uri: self
+                .broker
+                .as_ref()
+                .map_or(defaults.uri, |(uri, _)| uri.clone()),
             queue: self.name.clone(),
             queue_type: self.queue_type,
             connection_name: Some(format!("{}-test", self.name)),
@@ -200,11 +216,16 @@ impl TestQueue {
 
     /// Live counts from `rabbitmqctl` (the management API lags by its stats interval).
     pub async fn counts(&self) -> QueueCounts {
-        counts_of(&self.name).await
+        counts_of(&self.name, self.node()).await
     }
 
     pub async fn dlq_counts(&self) -> QueueCounts {
-        counts_of(&self.dlq()).await
+        counts_of(&self.dlq(), self.node()).await
+    }
+
+    /// The private broker's node name, if any.
+    fn node(&self) -> Option<&str> {
+        self.broker.as_ref().map(|(_, node)| node.as_str())
     }
 
     /// Takes every message off the dead-letter queue: its body and `x-warren-error` header.
@@ -249,6 +270,10 @@ impl TestQueue {
 
 impl Drop for TestQueue {
     fn drop(&mut self) {
+        // A private broker goes with its test.
+        if self.broker.is_some() {
+            return;
+        }
         let queue = |name: &str| format!("{MANAGEMENT}/queues/%2F/{name}");
         let urls = [
             queue(&self.name),
@@ -269,7 +294,7 @@ impl Drop for TestQueue {
     }
 }
 
-async fn counts_of(queue: &str) -> QueueCounts {
+async fn counts_of(queue: &str, node: Option<&str>) -> QueueCounts {
     #[derive(Deserialize)]
     struct Row {
         name: String,
@@ -277,7 +302,9 @@ async fn counts_of(queue: &str) -> QueueCounts {
         messages_unacknowledged: u64,
         consumers: u64,
     }
+    let node: Vec<&str> = node.map(|n| vec!["-n", n]).unwrap_or_default();
     let output = Command::new("rabbitmqctl")
+        .args(node)
         .args([
             "list_queues",
             "-q",
@@ -402,7 +429,9 @@ impl Consumer {
             warren::amqp::QueueType::Classic => "classic",
             warren::amqp::QueueType::Quorum => "quorum",
         };
+        let uri = queue.amqp().uri;
         let mut child = Command::new(binary("warren-consumer"))
+            .args(["--uri", &uri])
             .args(["--queue", &queue.name, "--queue-type", queue_type])
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--connection-name", &connection_name])

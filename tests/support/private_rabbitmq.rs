@@ -1,0 +1,169 @@
+//! A RabbitMQ node of one test's own, on its own AMQP and distribution ports, node name and
+//! data folder, that the test may stop, kill and start again (never the shared broker
+//! `scripts/test` runs). No plugins: tests read its queues with `rabbitmqctl -n`. Removed when
+//! dropped.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use uuid::Uuid;
+
+/// How a test takes the node down.
+#[derive(Clone, Copy, Debug)]
+pub enum BrokerStop {
+    /// `rabbitmqctl stop`: connections are closed, the node shuts down in order.
+    Stop,
+    /// SIGKILL of the Erlang VM: connections just die; durable queues and persistent
+    /// messages are recovered at the next start.
+    Kill,
+}
+
+/// A private broker node.
+pub struct PrivateRabbitMq {
+    /// Its node name, for `rabbitmqctl -n`.
+    pub node: String,
+    port: u16,
+    dist_port: u16,
+    base: PathBuf,
+}
+
+impl PrivateRabbitMq {
+    /// Starts a fresh node and waits until it serves.
+    pub fn start() -> PrivateRabbitMq {
+        let id = Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let base = std::env::temp_dir().join(format!("warren-rabbit-{id}"));
+        std::fs::create_dir_all(&base).expect("broker folder");
+        std::fs::write(base.join("enabled_plugins"), "[].\n").expect("plugins file");
+        let port = super::free_port([127, 0, 0, 1]).port();
+        // Erlang's distribution port must differ from every other node's.
+        let dist_port = super::free_port([127, 0, 0, 1]).port();
+        // The server scripts run as the rabbitmq user.
+        run("chown", &["-R", "rabbitmq:rabbitmq", path(&base)]);
+        let broker = PrivateRabbitMq {
+            node: format!("warren-{id}@localhost"),
+            port,
+            dist_port,
+            base,
+        };
+        broker.start_again();
+        broker
+    }
+
+    /// Its AMQP URI.
+    pub fn uri(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Starts the node (again) on its data, waiting until it serves.
+    pub fn start_again(&self) {
+        let status = self
+            .server_command("rabbitmq-server")
+            .arg("-detached")
+            .status()
+            .expect("rabbitmq-server runs");
+        assert!(status.success(), "rabbitmq-server -detached failed");
+        // The control tool cannot wait for a VM that is not up yet: ask until it answers.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !self.ctl_ok(&["await_startup", "--timeout", "60"]) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the private broker did not start; see {}",
+                self.base.join("log").display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+
+    /// Takes the node down.
+    pub fn stop(&self, how: BrokerStop) {
+        match how {
+            BrokerStop::Stop => {
+                self.ctl(&["stop"]);
+            }
+            BrokerStop::Kill => {
+                let pid = std::fs::read_to_string(self.base.join("pid")).expect("pid file");
+                run("kill", &["-9", pid.trim()]);
+                // Down once the control tool no longer reaches it.
+                for _ in 0..100 {
+                    if !self.ctl_ok(&["ping"]) {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                panic!("the killed broker still answers");
+            }
+        }
+    }
+
+    /// Runs `rabbitmqctl -n <node>` with `args`, asserting success; returns stdout.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let output = self.ctl_command(args).output().expect("rabbitmqctl runs");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> bool {
+        self.ctl_command(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    fn ctl_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("rabbitmqctl");
+        command.args(["-q", "-n", &self.node]).args(args);
+        command
+    }
+
+    fn server_command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command
+            .current_dir("/")
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.base.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.base.join("log"))
+            .env("RABBITMQ_PID_FILE", self.base.join("pid"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                self.base.join("enabled_plugins"),
+            )
+            .env("RABBITMQ_CONFIG_FILE", self.base.join("none"))
+            .env(
+                "RABBITMQ_ADVANCED_CONFIG_FILE",
+                self.base.join("none-advanced.config"),
+            );
+        command
+    }
+}
+
+impl Drop for PrivateRabbitMq {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.base.join("pid")) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
+fn path(path: &std::path::Path) -> &str {
+    path.to_str().expect("a UTF-8 temporary path")
+}
+
+fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} does not run: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
