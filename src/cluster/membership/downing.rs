@@ -28,14 +28,12 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::cluster::member::{Member, MemberStatus, NodeAddr};
 
 /// Which side of a partition stays.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
     /// The side with more than half of the members stays; on equal halves, the side holding
     /// the lowest address (Akka's tie rule).
@@ -77,7 +75,7 @@ impl Strategy {
 }
 
 /// What the strategy says about this node's side.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
     /// This side stays; the unreachable members are to be downed.
     KeepMySide,
@@ -307,23 +305,21 @@ impl Resolver {
             // The question asked for another split.
             self.lease = None;
         }
-        let settled = now.duration_since(self.stable_since) >= self.settings.stable_after;
         let (_, unreachable) = &self.observed;
         let deciding = self.pending.is_some() || self.lease.is_some();
-        if unreachable.is_empty() || deciding || !is_member {
+        if !is_member || unreachable.is_empty() || deciding {
             self.unstable_since = None;
-        } else {
+            return;
+        }
+        if now.duration_since(self.stable_since) < self.settings.stable_after {
             let since = *self.unstable_since.get_or_insert(self.stable_since);
             // Akka's down-all-when-unstable: a view that never settles could keep this node
             // from ever deciding while the other side takes its work over on its own clock.
-            if !settled && now.duration_since(since) >= self.unstable_limit() {
+            if now.duration_since(since) >= self.unstable_limit() {
                 self.downed_self = Some(DownReason::Unstable {
                     unstable_for: now.duration_since(since),
                 });
-                return;
             }
-        }
-        if !is_member || unreachable.is_empty() || !settled || deciding {
             return;
         }
         let decision = decide(self.settings.strategy, me, &counted, unreachable);
@@ -348,9 +344,7 @@ impl Resolver {
         }
         match decision {
             Decision::KeepMySide => {
-                let due = self.stable_since
-                    + self.settings.stable_after
-                    + self.settings.down_removal_margin;
+                let due = self.losers_deadline() + self.settings.down_removal_margin;
                 self.pending = Some((unreachable.clone(), due.max(now)));
             }
             Decision::DownMySide => {
@@ -379,23 +373,25 @@ impl Resolver {
         };
         match answer {
             Ok(()) => {
-                // The other side asks `delay_for_minority` after it settled, then goes.
-                let delay = match self.settings.strategy {
-                    Strategy::LeaseMajority { delay_for_minority } => delay_for_minority,
-                    _ => Duration::ZERO,
-                };
-                let due = self.stable_since
-                    + self.settings.stable_after
-                    + delay
-                    + self.settings.down_removal_margin;
+                let margin = self.settings.down_removal_margin;
                 // A slow answer does not shorten the margin the other side has to go.
-                let due = due.max(now + self.settings.down_removal_margin);
+                let due = (self.losers_deadline() + margin).max(now + margin);
                 self.pending = Some((unreachable, due));
             }
             Err(why) => {
                 self.downed_self = Some(DownReason::LeaseNotAcquired { why });
             }
         }
+    }
+
+    /// When the other side has gone by the rule: once it settled (at the same time as this
+    /// side at the earliest), plus, with a lease, the delay before the minority asks.
+    fn losers_deadline(&self) -> Instant {
+        let asks_later = match self.settings.strategy {
+            Strategy::LeaseMajority { delay_for_minority } => delay_for_minority,
+            _ => Duration::ZERO,
+        };
+        self.stable_since + self.settings.stable_after + asks_later
     }
 
     /// How long the unreachable set may keep changing before this node downs itself: past

@@ -38,7 +38,7 @@ use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::transport::probe::{ProbeOutcome, probe};
 use downing::{DownReason, DowningSettings, LeaseRequest, Resolver, Strategy};
 use join::{JoinDecision, JoinRule, JoinState, SeedRole};
-use view::{GossipNode, KnownMembers, downed_by, own_keys, view_from_gossip};
+use view::{GossipNode, GossipRead, KnownMembers, own_keys, view_from_gossip};
 
 /// How membership gossips and decides.
 #[derive(Clone, Debug)]
@@ -394,9 +394,13 @@ impl Tracker {
             }
             let mut nodes = self.gossip_nodes().await;
             let unreachable = self.apply_down_after(&mut nodes);
-            let (mut view, untrusted) =
-                view_from_gossip(&self.me, &nodes, &self.security, &mut self.known);
-            self.apply_downing(&mut view, unreachable, &nodes).await;
+            let GossipRead {
+                mut view,
+                untrusted,
+                downed_by_others,
+            } = view_from_gossip(&self.me, &nodes, &self.security, &mut self.known);
+            self.apply_downing(&mut view, unreachable, &downed_by_others, &nodes)
+                .await;
             if self.me.status == MemberStatus::Joining {
                 match self.decide_join(&view) {
                     JoinDecision::BecomeUp => {
@@ -505,13 +509,13 @@ impl Tracker {
         &mut self,
         view: &mut ClusterView,
         unreachable: BTreeSet<NodeAddr>,
+        by_others: &BTreeSet<NodeAddr>,
         nodes: &[GossipNode],
     ) {
-        let by_others = downed_by(nodes, &self.me.addr, &self.security);
         if by_others.contains(&self.me.addr) {
             self.resolver.handle_downed_by_others();
         }
-        let downed: BTreeSet<&NodeAddr> = self.resolver.downed().iter().chain(&by_others).collect();
+        let downed: BTreeSet<&NodeAddr> = self.resolver.downed().iter().chain(by_others).collect();
         for member in view.members.values_mut() {
             if member.addr != self.me.addr && downed.contains(&member.addr) {
                 member.status = MemberStatus::Down;

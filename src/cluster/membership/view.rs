@@ -6,8 +6,8 @@
 //! cluster secret is not trusted. An untrusted update of a member already known keeps the
 //! member as last known (gossip may carry a new status a moment before its signature), so a
 //! member never vanishes from the view for that alone. Each node also publishes the runs its
-//! downing strategy declared down ([`downed_by`] reads them back), so a decision reaches the
-//! runs that could not hear it.
+//! downing strategy declared down (read back from trusted records into
+//! [`GossipRead::downed_by_others`]), so a decision reaches the runs that could not hear it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -126,17 +126,6 @@ pub fn member_from_keys(node: &GossipNode, security: &Security) -> Option<Member
     })
 }
 
-/// The runs that other nodes (trusted records only, `me` excluded) declared down.
-pub fn downed_by(nodes: &[GossipNode], me: &NodeAddr, security: &Security) -> BTreeSet<NodeAddr> {
-    nodes
-        .iter()
-        .filter(|node| node.addr != *me && member_from_keys(node, security).is_some())
-        .filter_map(|node| node.keys.get(KEY_DOWNED))
-        .flat_map(|list| list.split_whitespace())
-        .filter_map(parse_run)
-        .collect()
-}
-
 /// Reads a run as [`NodeAddr`]'s `Display` writes it.
 fn parse_run(text: &str) -> Option<NodeAddr> {
     let (id, generation) = text.rsplit_once('#')?;
@@ -149,16 +138,28 @@ fn parse_run(text: &str) -> Option<NodeAddr> {
 /// Trusted member records by run, carried from one view to the next.
 pub type KnownMembers = BTreeMap<NodeAddr, Member>;
 
+/// What one reading of gossip gives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GossipRead {
+    /// The view of this node.
+    pub view: ClusterView,
+    /// Records that were not trusted.
+    pub untrusted: usize,
+    /// The runs other nodes declared down, from their trusted records.
+    pub downed_by_others: BTreeSet<NodeAddr>,
+}
+
 /// The view of `me` (always present, as it says about itself) given what gossip knows.
 /// `known` remembers the last trusted record of every run; runs gossip forgot are dropped
-/// from it. Returns how many records were not trusted.
+/// from it.
 pub fn view_from_gossip(
     me: &Member,
     nodes: &[GossipNode],
     security: &Security,
     known: &mut KnownMembers,
-) -> (ClusterView, usize) {
+) -> GossipRead {
     let mut untrusted = 0;
+    let mut downed_by_others = BTreeSet::new();
     let mut view = ClusterView::alone(me.clone());
     let mut newest: BTreeMap<NodeId, Member> = BTreeMap::new();
     let mut seen = BTreeSet::new();
@@ -170,6 +171,8 @@ pub fn view_from_gossip(
         match member_from_keys(node, security) {
             Some(member) => {
                 known.insert(node.addr.clone(), member);
+                let listed = node.keys.get(KEY_DOWNED).map_or("", String::as_str);
+                downed_by_others.extend(listed.split_whitespace().filter_map(parse_run));
             }
             None => untrusted += 1,
         }
@@ -188,7 +191,11 @@ pub fn view_from_gossip(
     }
     known.retain(|addr, _| seen.contains(addr));
     view.members.extend(newest);
-    (view, untrusted)
+    GossipRead {
+        view,
+        untrusted,
+        downed_by_others,
+    }
 }
 
 #[cfg(test)]
@@ -232,7 +239,7 @@ mod tests {
     }
 
     fn view(nodes: &[GossipNode]) -> ClusterView {
-        view_from_gossip(&me(), nodes, &secured(), &mut KnownMembers::new()).0
+        view_from_gossip(&me(), nodes, &secured(), &mut KnownMembers::new()).view
     }
 
     #[test]
@@ -294,10 +301,9 @@ mod tests {
         .into_iter()
         .collect();
         forged.keys = insecure;
-        let (view, untrusted) =
-            view_from_gossip(&me(), &[forged], &secured(), &mut KnownMembers::new());
-        assert_eq!(view.members.len(), 1);
-        assert_eq!(untrusted, 1);
+        let read = view_from_gossip(&me(), &[forged], &secured(), &mut KnownMembers::new());
+        assert_eq!(read.view.members.len(), 1);
+        assert_eq!(read.untrusted, 1);
 
         let mut tampered = gossip("c", 10, true, "up");
         tampered
@@ -305,7 +311,7 @@ mod tests {
             .insert(KEY_ROLES.to_owned(), "admin".to_owned());
         assert_eq!(
             view_from_gossip(&me(), &[tampered], &secured(), &mut KnownMembers::new())
-                .0
+                .view
                 .members
                 .len(),
             1
@@ -322,20 +328,20 @@ mod tests {
         b_says.keys = own_keys(&b_member, &declared, &secured())
             .into_iter()
             .collect();
-        assert_eq!(
-            downed_by(&[b_says.clone()], &me().addr, &secured()),
-            declared
-        );
+        let downed_by = |nodes: &[GossipNode]| {
+            view_from_gossip(&me(), nodes, &secured(), &mut KnownMembers::new()).downed_by_others
+        };
+        assert_eq!(downed_by(&[b_says.clone()]), declared);
         // Unsigned, or signed over another list: ignored.
         let mut forged = b_says.clone();
         forged
             .keys
             .insert(KEY_DOWNED.to_owned(), "c#20 d#1".to_owned());
-        assert!(downed_by(&[forged], &me().addr, &secured()).is_empty());
+        assert!(downed_by(&[forged]).is_empty());
         // What this node says about others is not news to it.
         let mut mine = b_says;
         mine.addr = me().addr;
-        assert!(downed_by(&[mine], &me().addr, &secured()).is_empty());
+        assert!(downed_by(&[mine]).is_empty());
     }
 
     #[test]
@@ -347,9 +353,12 @@ mod tests {
         half_updated
             .keys
             .insert(KEY_STATUS.to_owned(), "leaving".to_owned());
-        let (view, untrusted) = view_from_gossip(&me(), &[half_updated], &secured(), &mut known);
-        assert_eq!(untrusted, 1);
-        assert_eq!(view.members[&NodeId::new("b")].status, MemberStatus::Up);
+        let read = view_from_gossip(&me(), &[half_updated], &secured(), &mut known);
+        assert_eq!(read.untrusted, 1);
+        assert_eq!(
+            read.view.members[&NodeId::new("b")].status,
+            MemberStatus::Up
+        );
         view_from_gossip(&me(), &[], &secured(), &mut known);
         assert!(known.is_empty(), "forgotten runs leave the cache");
     }

@@ -52,12 +52,15 @@ fn staying_sides(strategy: Strategy, all: &[Member], side_of: &[usize]) -> BTree
     let decisions = decisions(strategy, all, side_of);
     let mut staying = BTreeSet::new();
     for side in side_of.iter().copied().collect::<BTreeSet<_>>() {
-        let of_side: BTreeSet<Decision> = (0..all.len())
+        let mut of_side = (0..all.len())
             .filter(|i| side_of[*i] == side)
-            .map(|i| decisions[i])
-            .collect();
-        assert_eq!(of_side.len(), 1, "side {side} disagrees under {strategy:?}");
-        if of_side.contains(&Decision::KeepMySide) {
+            .map(|i| decisions[i]);
+        let first = of_side.next();
+        assert!(
+            of_side.all(|d| Some(d) == first),
+            "side {side} disagrees under {strategy:?}"
+        );
+        if first == Some(Decision::KeepMySide) {
             staying.insert(side);
         }
     }
