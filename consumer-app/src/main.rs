@@ -171,14 +171,7 @@ async fn run(mut config: ConsumerConfig) -> anyhow::Result<Ended> {
             .await
             .is_ok()
     };
-    let mut downed = node.downed_self();
-    let downed = async {
-        downed
-            .wait_for(Option::is_some)
-            .await
-            .ok()
-            .and_then(|reason| reason.as_ref().map(ToString::to_string))
-    };
+    let downed = node.until_downed();
     let failed = tokio::select! {
         _ = graceful.cancelled() => false,
         _ = broken.cancelled() => {

@@ -132,7 +132,8 @@ impl Entity for ProductActor {
             .await
             .map_err(store_error)?;
         if appended == Appended::Duplicate {
-            // Stored under this claim, then forgotten? Take the store's word for everything.
+            // An earlier attempt stored it, and only its answer was lost (the connection
+            // dropped after the commit): take the store's word for everything.
             self.load().await?;
             self.metrics.duplicates.inc();
             info!(

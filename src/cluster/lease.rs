@@ -1,6 +1,7 @@
 //! The lease the `lease-majority` downing strategy asks for: one row per cluster in the shared
 //! PostgreSQL database (`warren_cluster_leases`), held by one side of a partition until it
-//! expires or is released. Taking it is one statement: insert, or take over a row that is
+//! expires (it is never released: a side that decides late must not get it while the
+//! winners count on it). Taking it is one statement: insert, or take over a row that is
 //! expired or already this holder's.
 
 use std::time::Duration;
@@ -22,9 +23,10 @@ pub trait Lease: Send + Sync + 'static {
     /// Takes the lease for `holder` for `ttl`, if it is free, expired or `holder`'s already;
     /// `Ok(false)` when another holder has it.
     async fn acquire(&self, holder: &str, ttl: Duration) -> Result<bool, LeaseError>;
+}
 
-    /// Gives the lease up, if `holder` has it.
-    async fn release(&self, holder: &str) -> Result<(), LeaseError>;
+fn unavailable(error: impl std::fmt::Display) -> LeaseError {
+    LeaseError::Unavailable(error.to_string())
 }
 
 /// How long one question to the database may take.
@@ -62,7 +64,7 @@ impl PostgresLease {
     pub fn new(url: &str, name: &str) -> Result<Self, LeaseError> {
         let mut config: tokio_postgres::Config = url
             .parse()
-            .map_err(|e: tokio_postgres::Error| LeaseError::Unavailable(e.to_string()))?;
+            .map_err(|e: tokio_postgres::Error| unavailable(e))?;
         config.connect_timeout(TIMEOUT);
         config.application_name("warren-lease");
         Ok(PostgresLease {
@@ -72,11 +74,7 @@ impl PostgresLease {
     }
 
     async fn client(&self) -> Result<tokio_postgres::Client, LeaseError> {
-        let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
+        let (client, connection) = self.config.connect(NoTls).await.map_err(unavailable)?;
         tokio::spawn(connection);
         let exists = client
             .query_one(
@@ -85,12 +83,9 @@ impl PostgresLease {
             )
             .await
             .and_then(|row| row.try_get::<_, bool>(0))
-            .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
+            .map_err(unavailable)?;
         if !exists {
-            client
-                .batch_execute(SCHEMA)
-                .await
-                .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
+            client.batch_execute(SCHEMA).await.map_err(unavailable)?;
         }
         Ok(client)
     }
@@ -104,25 +99,8 @@ impl Lease for PostgresLease {
             let rows = client
                 .query(ACQUIRE, &[&self.name, &holder, &ttl.as_secs_f64()])
                 .await
-                .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
+                .map_err(unavailable)?;
             Ok(!rows.is_empty())
-        };
-        tokio::time::timeout(TIMEOUT * 2, ask)
-            .await
-            .map_err(|_| LeaseError::Unavailable("no answer in time".to_owned()))?
-    }
-
-    async fn release(&self, holder: &str) -> Result<(), LeaseError> {
-        let ask = async {
-            let client = self.client().await?;
-            client
-                .execute(
-                    "DELETE FROM warren_cluster_leases WHERE name = $1 AND holder = $2",
-                    &[&self.name, &holder],
-                )
-                .await
-                .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
-            Ok(())
         };
         tokio::time::timeout(TIMEOUT * 2, ask)
             .await

@@ -141,22 +141,26 @@ where
                 .handle_seconds
                 .observe(started.elapsed().as_secs_f64());
             drop(processing);
-            if let Err(NotProcessed::Fenced(reason)) = processed {
-                // Its state may be stale; the message goes to the incarnation that fenced it.
-                error!(entity = %id, %reason, "a newer incarnation owns this entity; stopping");
-                return Err(reason);
-            }
-            if let Err(NotProcessed::GaveUp(reason)) = processed {
-                warn!(entity = %id, %reason, "giving up on a message");
-                // Sent with every frame to its producer from the confirmation on, until the
-                // producer has shown it got one.
-                producers.reject(
-                    &delivery.producer_id,
-                    Rejection {
-                        seq_nr: delivery.seq_nr,
-                        reason,
-                    },
-                );
+            match processed {
+                Ok(()) => {}
+                Err(NotProcessed::Fenced(reason)) => {
+                    // Its state may be stale; the message goes to the incarnation that fenced
+                    // it.
+                    error!(entity = %id, %reason, "a newer incarnation owns this entity; stopping");
+                    return Err(reason);
+                }
+                Err(NotProcessed::GaveUp(reason)) => {
+                    warn!(entity = %id, %reason, "giving up on a message");
+                    // Sent with every frame to its producer from the confirmation on, until the
+                    // producer has shown it got one.
+                    producers.reject(
+                        &delivery.producer_id,
+                        Rejection {
+                            seq_nr: delivery.seq_nr,
+                            reason,
+                        },
+                    );
+                }
             }
             // One delivery per producer is outstanding, and this is it.
             let _ = consumer.confirm(&delivery.producer_id, Instant::now());

@@ -432,11 +432,16 @@ where
         self.membership.join_state()
     }
 
-    /// Why this node downed itself, once it has: it lost a partition, or the cluster declared
-    /// it down. Its region, entities and singletons stop at once, without handing anything
-    /// over; the process should exit (a new run may join again).
-    pub fn downed_self(&self) -> watch::Receiver<Option<DownReason>> {
-        self.membership.downed_self()
+    /// Resolves when this node downs itself (it lost a partition, or the cluster declared it
+    /// down), with why; `None` if membership stopped first. By then its region, entities and
+    /// singletons are stopping without handing anything over; the process should exit (a new
+    /// run may join again).
+    pub fn until_downed(&self) -> impl Future<Output = Option<DownReason>> + Send + 'static {
+        let mut downed = self.membership.downed_self();
+        async move {
+            let reason = downed.wait_for(Option::is_some).await.ok()?;
+            reason.clone()
+        }
     }
 
     /// The region's status, updated as it changes.

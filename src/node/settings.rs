@@ -14,6 +14,7 @@ use crate::cluster::membership::MembershipSettings;
 use crate::cluster::membership::downing::{DowningSettings, Strategy};
 use crate::cluster::transport::TransportSettings;
 use crate::config::{ConfigError, check};
+use crate::entity::store::StoreLocation;
 use crate::sharding::{CoordinatorSettings, RegionSettings};
 
 /// The role of nodes that host shards (and may run the shard coordinator).
@@ -277,8 +278,7 @@ impl DowningConfig {
         if self.strategy == StrategyName::LeaseMajority {
             let url = self.lease_url.as_deref().unwrap_or("");
             check(
-                (url.starts_with("postgres://") || url.starts_with("postgresql://"))
-                    && url.parse::<tokio_postgres::Config>().is_ok(),
+                matches!(StoreLocation::parse(url), Ok(StoreLocation::Postgres(_))),
                 prefix,
                 "downing.lease_url",
                 "must be a postgres:// URL for lease-majority (warren-consumer uses a postgres entity_store)",

@@ -256,14 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
             .is_ok()
     };
-    let mut downed = node.downed_self();
-    let downed = async {
-        downed
-            .wait_for(Option::is_some)
-            .await
-            .ok()
-            .and_then(|reason| reason.as_ref().map(ToString::to_string))
-    };
+    let downed = node.until_downed();
     tokio::select! {
         _ = graceful.cancelled() => {}
         _ = immediate.cancelled() => {}
