@@ -125,6 +125,18 @@ struct Cut {
     lease: bool,
 }
 
+impl Cut {
+    /// Node `isolated` cut off once orders flow, decided by keep-majority.
+    fn off(isolated: usize) -> Cut {
+        Cut {
+            isolated,
+            drop_broker_connection: false,
+            during_rebalance: false,
+            lease: false,
+        }
+    }
+}
+
 /// Cuts a node off from the other two while orders flow, checks that it downs itself and the
 /// others carry on, heals, restarts it as a supervisor would, and checks every product through
 /// every node.
@@ -293,10 +305,8 @@ async fn assert_every_product_through_every_node(cluster: &Cluster, orders: &Ord
 async fn the_bridge_holder_cut_off_and_losing_its_broker_connection_downs_itself_and_nothing_is_stale()
  {
     let cut = Cut {
-        isolated: 0,
         drop_broker_connection: true,
-        during_rebalance: false,
-        lease: false,
+        ..Cut::off(0)
     };
     let figures = partition_scenario("fault-partition-holder-amqp", cut).await;
     eprintln!("partition of the bridge holder + broker connection loss: {figures:?}");
@@ -305,12 +315,7 @@ async fn the_bridge_holder_cut_off_and_losing_its_broker_connection_downs_itself
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bridge_holder_cut_off_downs_itself_and_the_majority_takes_the_queue_over() {
-    let cut = Cut {
-        isolated: 0,
-        drop_broker_connection: false,
-        during_rebalance: false,
-        lease: false,
-    };
+    let cut = Cut::off(0);
     let figures = partition_scenario("fault-partition-holder", cut).await;
     eprintln!("partition of the bridge holder: {figures:?}");
     figures.check();
@@ -319,10 +324,9 @@ async fn the_bridge_holder_cut_off_downs_itself_and_the_majority_takes_the_queue
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_lease_the_bridge_holder_cut_off_loses_the_lease_and_downs_itself() {
     let cut = Cut {
-        isolated: 0,
         drop_broker_connection: true,
-        during_rebalance: false,
         lease: true,
+        ..Cut::off(0)
     };
     let figures = partition_scenario("fault-partition-lease", cut).await;
     eprintln!(
@@ -333,12 +337,7 @@ async fn with_a_lease_the_bridge_holder_cut_off_loses_the_lease_and_downs_itself
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_host_cut_off_downs_itself_and_its_products_move() {
-    let cut = Cut {
-        isolated: 2,
-        drop_broker_connection: false,
-        during_rebalance: false,
-        lease: false,
-    };
+    let cut = Cut::off(2);
     let figures = partition_scenario("fault-partition-host", cut).await;
     eprintln!("partition of a shard host: {figures:?}");
     figures.check();
@@ -347,10 +346,8 @@ async fn a_shard_host_cut_off_downs_itself_and_its_products_move() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_to_one_split_while_shards_move_to_the_newest_node_keeps_one_owner() {
     let cut = Cut {
-        isolated: 2,
-        drop_broker_connection: false,
         during_rebalance: true,
-        lease: false,
+        ..Cut::off(2)
     };
     let figures = partition_scenario("fault-partition-rebalance", cut).await;
     eprintln!("2-vs-1 split during rebalancing: {figures:?}");

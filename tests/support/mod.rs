@@ -101,6 +101,26 @@ pub fn free_port(ip: [u8; 4]) -> std::net::SocketAddr {
     }
 }
 
+/// Runs `program` (from `/`, where every user may be) and asserts it succeeded.
+pub fn run(program: &str, args: &[&str]) {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .current_dir("/")
+        .output()
+        .unwrap_or_else(|e| panic!("{program} does not run: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A temporary path as text.
+pub fn path(path: &std::path::Path) -> &str {
+    path.to_str().expect("a UTF-8 temporary path")
+}
+
 /// The members a node's `GET /cluster` page lists as Up.
 pub fn up_members(status: &serde_json::Value) -> std::collections::BTreeSet<String> {
     status["members"]

@@ -8,6 +8,8 @@ use std::process::Command;
 
 use uuid::Uuid;
 
+use super::{path, run};
+
 /// How a test stops the server.
 #[derive(Clone, Copy, Debug)]
 pub enum Stop {
@@ -119,26 +121,8 @@ fn server_bin() -> PathBuf {
     versions.pop().expect("a PostgreSQL server version")
 }
 
-fn path(path: &std::path::Path) -> &str {
-    path.to_str().expect("a UTF-8 temporary path")
-}
-
 fn as_postgres(program: &std::path::Path, args: &[&str]) {
     let mut all = vec!["-u", "postgres", "--", path(program)];
     all.extend_from_slice(args);
     run("runuser", &all);
-}
-
-fn run(program: &str, args: &[&str]) {
-    let output = Command::new(program)
-        .args(args)
-        .current_dir("/")
-        .output()
-        .unwrap_or_else(|e| panic!("{program} does not run: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }

@@ -8,6 +8,8 @@ use std::process::Command;
 
 use uuid::Uuid;
 
+use super::{path, run};
+
 /// How a test takes the node down.
 #[derive(Clone, Copy, Debug)]
 pub enum BrokerStop {
@@ -150,20 +152,4 @@ impl Drop for PrivateRabbitMq {
         }
         let _ = std::fs::remove_dir_all(&self.base);
     }
-}
-
-fn path(path: &std::path::Path) -> &str {
-    path.to_str().expect("a UTF-8 temporary path")
-}
-
-fn run(program: &str, args: &[&str]) {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} does not run: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
