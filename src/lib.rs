@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod entity;
+pub mod ids;
 pub mod metrics;
 pub mod node;
 pub mod order;

@@ -3,49 +3,11 @@
 //! live here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// A node's configured name; stable across restarts.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct NodeId(Arc<str>);
-
-impl NodeId {
-    /// Wraps a name.
-    pub fn new(id: impl Into<Arc<str>>) -> Self {
-        NodeId(id.into())
-    }
-
-    /// The name as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// One run of a node: its name and a generation that grows with every start, so a restarted
-/// node is never mistaken for the one that crashed (Akka's `UniqueAddress`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct NodeAddr {
-    /// The node's name.
-    pub id: NodeId,
-    /// Which start of it (milliseconds since the epoch at start).
-    pub generation: u64,
-}
-
-impl fmt::Display for NodeAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}#{}", self.id, self.generation)
-    }
-}
+pub use crate::ids::{NodeAddr, NodeId};
 
 /// A member's place in its life cycle (Akka's member status, without the leader's moves:
 /// every node announces its own status, and a failure detector decides `Down`).

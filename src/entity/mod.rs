@@ -1,42 +1,16 @@
 //! Stateful entities and where they run. An application implements [`Entity`] (and
 //! [`EntityMessage`] for what it receives); cluster sharding starts each entity on the node
-//! that owns its shard, in a task ([`sharded`]) that drives its ShardingConsumerController and
-//! retries failures ([`runner`]). What an entity must keep across restarts and moves goes to an
+//! that owns its shard, in a task ([`crate::sharding::entities`]) that drives its
+//! ShardingConsumerController and retries failures ([`runner`]). What an entity must keep across restarts and moves goes to an
 //! [`store::EntityStore`].
 
 pub mod runner;
-pub mod sharded;
 pub mod store;
 
-use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 
+pub use crate::ids::EntityId;
 pub use runner::{EntityMetrics, RunnerSettings};
-
-/// Names one entity (for orders, the product id); shards and routes are derived from it.
-#[derive(
-    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-pub struct EntityId(Arc<str>);
-
-impl EntityId {
-    /// Wraps an id.
-    pub fn new(id: impl Into<Arc<str>>) -> Self {
-        EntityId(id.into())
-    }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for EntityId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// Why an incoming message cannot be processed at all; it is dead-lettered with this text.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

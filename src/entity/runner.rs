@@ -9,7 +9,8 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 use tracing::{debug, warn};
 
 use crate::delivery::ConsumerSettings;
-use crate::entity::{Entity, EntityId};
+use crate::entity::Entity;
+use crate::ids::EntityId;
 
 /// How entities run.
 #[derive(Clone, Debug)]

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::member::NodeAddr;
-use crate::entity::EntityId;
+use crate::ids::EntityId;
 use crate::sharding::shard::ShardId;
 
 /// A region to the coordinator.

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::cluster::member::{ClusterView, NodeAddr};
-use crate::entity::EntityId;
+use crate::ids::EntityId;
 use crate::sharding::messages::{Deliver, FromCoordinator, ShardingMsg, ToCoordinator};
 use crate::sharding::shard::{ShardId, shard_of};
 

@@ -14,7 +14,7 @@ use super::messages::{FromCoordinator, ShardingMsg, ToCoordinator};
 use super::region::{EntityCommand, Region, RegionSettings};
 use super::shard::shard_of;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
-use crate::entity::EntityId;
+use crate::ids::EntityId;
 
 const ROLE: &str = "host";
 

@@ -32,7 +32,7 @@ use crate::delivery::protocol::{
     ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
 };
 use crate::delivery::settings::{ProducerSettings, ShardingProducerSettings};
-use crate::entity::EntityId;
+use crate::ids::EntityId;
 
 /// What the controller tells its producer.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use crate::delivery::durable::{DurableState, accept_confirmed, accept_message_se
 use crate::delivery::producer::StoreRequest;
 use crate::delivery::protocol::{ConsumerFrame, ProducerId, SeqNr, SequencedMessage};
 use crate::delivery::settings::{ConsumerSettings, ProducerSettings, ShardingProducerSettings};
-use crate::entity::EntityId;
+use crate::ids::EntityId;
 
 type Spc = ShardingProducerController<u32, u32>;
 /// A RequestNext as names: entities with demand, and (entity, waiting) for the others.

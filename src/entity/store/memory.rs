@@ -6,8 +6,8 @@ use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;
 
-use crate::entity::EntityId;
 use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
+use crate::ids::EntityId;
 
 #[derive(Default)]
 struct Records {

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 pub use memory::MemoryEntityStore;
 pub use postgres::PostgresEntityStore;
 
-use crate::entity::EntityId;
+use crate::ids::EntityId;
 
 /// Whether [`EntityStore::append`] stored the record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,8 +15,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::OnceCell;
 use tokio_postgres::NoTls;
 
-use crate::entity::EntityId;
 use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
+use crate::ids::EntityId;
 
 /// Connections per node; entities wait for one when all are busy.
 const POOL_SIZE: usize = 8;

@@ -22,7 +22,8 @@ use crate::delivery::sharding::driver::{Rejection, ToProducer};
 use crate::entity::runner::{
     ActiveGuard, EntityMetrics, GaugeFlag, NotProcessed, RunnerSettings, process, recover,
 };
-use crate::entity::{Entity, EntityFactory, EntityId};
+use crate::entity::{Entity, EntityFactory};
+use crate::ids::EntityId;
 use crate::sharding::driver::{EntitySpawner, EntityTask};
 use crate::timer::sleep_until;
 
