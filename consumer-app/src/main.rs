@@ -191,22 +191,18 @@ async fn run(mut config: ConsumerConfig) -> anyhow::Result<Ended> {
             );
             http_stop.cancel();
             let _ = server.await;
-            if let Ok(node) = Arc::try_unwrap(node) {
-                node.stop().await;
-            }
+            node.stop().await;
             return Ok(Ended::GaveUpJoining);
         }
     };
 
-    // The node's last users go first, so it can leave.
+    // Nothing asks a node that is handing its work over.
     http_stop.cancel();
     match server.await {
         Ok(Err(error)) => warn!(%error, "http server failed"),
         Err(error) => warn!(%error, "http server task failed"),
         Ok(Ok(())) => {}
     }
-    let node = Arc::try_unwrap(node)
-        .map_err(|_| anyhow::anyhow!("the node is still in use; exiting without handing over"))?;
     let report = node.leave().await;
     info!(
         shards = report.shards,

@@ -4,14 +4,15 @@
 //! Sharding builds on these three; [`member`] holds the vocabulary they share.
 
 pub mod auth;
+pub mod context;
 pub mod lease;
 pub mod member;
 pub mod membership;
 pub mod metrics;
 pub mod singleton;
 pub mod transport;
-pub mod workers;
 
 pub use auth::{ClusterSecret, Security};
+pub use context::NodeContext;
 pub use member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
 pub use metrics::ClusterMetrics;

@@ -1,86 +1,74 @@
 //! A cluster node, composed: membership (gossip), the transport (authenticated links), the
 //! singleton manager (running the shard coordinator on the oldest shard host), the shard
-//! region with this node's entities, a ShardingProducerController through which this node
-//! sends to entities wherever they live, and its part of the cluster-wide worker registry. A router task hands every message that arrives
-//! to the part it is for.
+//! region with this node's entities, and a ShardingProducerController through which this node
+//! sends to entities wherever they live. Every part gets the same [`NodeContext`]; the
+//! [`router`] hands every message that arrives to the part it is for.
 //!
 //! [`ClusterNode::leave`] is the graceful way out: announce Leaving, let the coordinator move
 //! this node's shards and the singleton move to the next oldest node, then stop.
 
+mod queries;
+mod router;
 pub mod settings;
+mod status;
+mod wire;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::cluster::context::NodeContext;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
 use crate::cluster::membership::downing::DownReason;
 use crate::cluster::membership::join::JoinState;
 use crate::cluster::membership::{Membership, MembershipError};
-use crate::cluster::singleton::SingletonMsg;
 use crate::cluster::singleton::driver::{
     self as singletons, SingletonHandle, SingletonSettings, SingletonSpec,
 };
-use crate::cluster::transport::{self, Inbound, TransportHandle};
-use crate::cluster::workers::{ClusterWorkers, WorkMsg};
+use crate::cluster::transport::{self, TransportHandle};
 use crate::config::ConfigError;
 use crate::delivery::durable::wall_clock_millis;
-use crate::delivery::protocol::ProducerId;
+use crate::delivery::protocol::{ProducerId, SequencedMessage};
 use crate::delivery::settings::DeliverySettings;
 use crate::delivery::sharding::driver::{
-    AskError, AskOutcome, EntitySender, ShardingProducerHandle, ToProducer, spawn_sharding_producer,
+    AskError, AskOutcome, ShardingProducerHandle, ToEntities, spawn_sharding_producer,
 };
 use crate::delivery::sharding::{ShardingProducerController, ShardingProducerError};
 use crate::entity::runner::RunnerSettings;
-use crate::entity::sharded::{EntityEnvelope, QueryReply, sharded_entities};
-use crate::entity::{Entity, EntityFactory, EntityId};
+use crate::entity::{Entity, EntityFactory};
+use crate::ids::EntityId;
 use crate::metrics::Metrics;
 use crate::sharding::driver::{
     CoordinatorSlot, RegionHandle, RegionStatus, coordinator_singleton, spawn_region,
 };
+use crate::sharding::entities::{EntityEnvelope, sharded_entities};
 use crate::sharding::messages::ShardingMsg;
-use crate::sharding::shard::ShardId;
 
+use queries::{Answer, Queries, Unanswered};
+use router::Router;
+
+pub use queries::QueryError;
 pub use settings::{BRIDGE_ROLE, ClusterSettings, SHARD_HOST_ROLE};
+pub use status::{ClusterStatus, MemberStatusReport};
+pub use wire::NodeMsg;
 
 /// The singleton name of the shard coordinator.
 pub const COORDINATOR: &str = "shard-coordinator";
 
-/// Everything nodes send each other, for entities receiving `M`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum NodeMsg<M> {
-    /// Singleton handover.
-    Singleton(SingletonMsg),
-    /// Shard coordination and entity messages.
-    Sharding(ShardingMsg<EntityEnvelope<M>>),
-    /// An entity's answer to a producer's controller.
-    ToProducer(ToProducer),
-    /// An entity's answer to a query.
-    QueryReply(QueryReply),
-    /// Work pulling across the cluster.
-    Work(WorkMsg<M>),
-    /// "Which shards do you host?", answered with a [`QueryReply`] holding a [`HostedShards`].
-    ShardsRequest {
-        /// The asker's key for the answer.
-        request: u64,
-    },
-}
-
-/// What a node hosts, as it answers [`NodeMsg::ShardsRequest`].
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct HostedShards {
-    /// Shards hosted there.
-    pub shards: Vec<u32>,
-}
+/// Entities' answers waiting for this node's sharding producer.
+const ANSWERS_QUEUE: usize = 1024;
+/// Handover messages waiting for the singleton manager (dropped beyond: they are asked again).
+const SINGLETON_QUEUE: usize = 256;
+/// How long an entity query waits before asking again: a query may be lost while a shard moves.
+const QUERY_RETRY: Duration = Duration::from_secs(1);
 
 /// Why a node did not start.
 #[derive(Debug, thiserror::Error)]
@@ -104,75 +92,6 @@ pub enum NodeError {
     Producer(#[from] ShardingProducerError),
 }
 
-/// Why a query has no answer.
-#[derive(Debug, thiserror::Error)]
-pub enum QueryError {
-    /// No answer in time (the entity's node may be down, or its shard moving).
-    #[error("no answer from entity {0} within {1:?}")]
-    Timeout(EntityId, Duration),
-    /// The node is stopping.
-    #[error("the node is stopping")]
-    Stopped,
-    /// The answer is not JSON.
-    #[error("entity {0} answered with an unreadable snapshot: {1}")]
-    Unreadable(EntityId, String),
-}
-
-/// What a node shows about the cluster (`GET /cluster`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ClusterStatus {
-    /// This node.
-    pub node: String,
-    /// Every member in this node's view, oldest first.
-    pub members: Vec<MemberStatusReport>,
-    /// Where the shard coordinator runs, as this node sees it.
-    pub coordinator: Option<String>,
-    /// Every singleton and the node that should run it (the oldest Up member with its role).
-    pub singletons: BTreeMap<String, Option<String>>,
-    /// Singletons running on this node.
-    pub singletons_here: Vec<String>,
-    /// Shards hosted on this node.
-    pub shards_here: Vec<u32>,
-    /// Entities running on this node.
-    pub entities_here: usize,
-    /// Shards per live node, as each answered (one that did not answer in time is missing);
-    /// filled by [`ClusterNode::cluster_status`] only.
-    #[serde(default)]
-    pub shards: BTreeMap<String, Vec<u32>>,
-    /// Whether this node has joined the cluster (`joined`, `joining`, `gave-up`).
-    #[serde(default)]
-    pub join: String,
-    /// Why it has not joined, while it has not.
-    #[serde(default)]
-    pub join_blocker: Option<String>,
-    /// The downing strategy: which side of a partition survives.
-    #[serde(default)]
-    pub downing: String,
-    /// Members this node cannot reach and the strategy has not declared down yet.
-    #[serde(default)]
-    pub unreachable: Vec<String>,
-    /// Why this node downed itself, once it has (it stops everything it ran).
-    #[serde(default)]
-    pub downed_self: Option<String>,
-}
-
-/// One member, for [`ClusterStatus`].
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct MemberStatusReport {
-    /// Its name.
-    pub node: String,
-    /// Which start of it.
-    pub generation: u64,
-    /// Joining, up, leaving or down.
-    pub status: String,
-    /// Its roles.
-    pub roles: Vec<String>,
-    /// Milliseconds since it started.
-    pub age_ms: u64,
-    /// Its cluster address.
-    pub address: String,
-}
-
 /// What a graceful leave achieved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeaveReport {
@@ -184,9 +103,8 @@ pub struct LeaveReport {
     pub took: Duration,
 }
 
-type PendingQueries = Arc<Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>>;
-
-/// A running cluster node for entities made by one factory.
+/// A running cluster node for entities made by one factory. Shared freely (`Arc`): leaving
+/// and stopping take `&self`.
 pub struct ClusterNode<M> {
     me: NodeAddr,
     membership: Membership,
@@ -194,9 +112,7 @@ pub struct ClusterNode<M> {
     region: RegionHandle<EntityEnvelope<M>>,
     producer: ShardingProducerHandle<M>,
     singletons: SingletonHandle,
-    workers: ClusterWorkers<M>,
-    queries: PendingQueries,
-    next_query: AtomicU64,
+    queries: Arc<Queries>,
     leave_timeout: Duration,
     /// Every singleton's name and role, to tell where each runs.
     singleton_roles: Vec<(String, String)>,
@@ -253,139 +169,87 @@ where
             rand::random(),
         )?
         .without_demand_reports();
-        let started_at_ms = wall_clock_millis();
-        let me = Member {
-            addr: NodeAddr {
-                id: NodeId::new(settings.node_id.as_str()),
-                generation: started_at_ms,
-            },
-            rpc_addr: settings.listen,
-            roles: settings.roles.iter().cloned().collect(),
-            status: MemberStatus::Joining,
-            started_at_ms,
-        };
-        let listener = bind_cluster_port(settings.listen).await?;
-        let listen = listener.local_addr().map_err(|source| NodeError::Listen {
-            addr: settings.listen,
-            source,
-        })?;
-        let me = Member {
-            rpc_addr: listen,
-            ..me
-        };
-        let addr = me.addr.clone();
-        let cluster_metrics = metrics.cluster.clone();
+        let (listener, me) = bind_cluster_port(settings).await?;
+        let listen = me.rpc_addr;
         let membership = Membership::start(
-            me,
+            me.clone(),
             listen,
             settings.membership(),
             security.clone(),
             settings.downing.lease(&settings.cluster_name)?,
-            cluster_metrics.clone(),
+            metrics.cluster.clone(),
         )
         .await?;
-        let view = membership.view();
-        let shutdown = CancellationToken::new();
-        let (transport, inbound) = transport::start::<NodeMsg<M>>(
-            addr.clone(),
-            security,
-            listener,
-            view.clone(),
-            settings.transport.clone(),
-            cluster_metrics.clone(),
-            shutdown.child_token(),
-        );
+        let node = NodeContext {
+            me: me.addr,
+            view: membership.view(),
+            metrics: metrics.cluster.clone(),
+            shutdown: CancellationToken::new(),
+        };
+        let (transport, inbound) =
+            transport::start::<NodeMsg<M>>(&node, security, listener, settings.transport.clone());
 
-        let slot = CoordinatorSlot::default();
-        let coordinator = coordinator_singleton(
-            COORDINATOR,
-            SHARD_HOST_ROLE,
-            settings.coordinator.clone(),
-            view.clone(),
-            transport.outbox(|m| NodeMsg::Sharding(ShardingMsg::FromCoordinator(m))),
-            slot.clone(),
-        );
-        let spawner = sharded_entities(
-            factory,
-            Arc::new(runner),
-            transport.outbox(NodeMsg::ToProducer),
-            transport.outbox(NodeMsg::QueryReply),
-            metrics.entities.clone(),
-        );
         let region = spawn_region(
-            addr.clone(),
+            &node,
             SHARD_HOST_ROLE,
             settings.region.clone(),
-            view.clone(),
             transport.outbox(NodeMsg::Sharding),
-            spawner,
-            cluster_metrics.clone(),
-            shutdown.child_token(),
+            sharded_entities(
+                factory,
+                Arc::new(runner),
+                transport.outbox(NodeMsg::ToProducer),
+                transport.outbox(NodeMsg::QueryReply),
+                metrics.entities.clone(),
+            ),
         );
-
-        let to_entity: EntitySender<M> = {
-            let region = region.clone();
-            let reply_to = addr.clone();
-            Arc::new(move |entity, message| {
-                let region = region.clone();
-                let envelope = EntityEnvelope::Sequenced {
-                    reply_to: reply_to.clone(),
-                    message,
-                };
-                Box::pin(async move {
-                    let _ = region.deliver(entity, envelope).await;
-                })
-            })
-        };
-        let (answers_tx, answers_rx) = mpsc::channel(1024);
+        let (answers_tx, answers_rx) = mpsc::channel(ANSWERS_QUEUE);
         let producer = spawn_sharding_producer(
             core,
             sharding.buffer_size,
-            to_entity,
+            ThroughRegion {
+                region: region.clone(),
+                reply_to: node.me.clone(),
+            },
             answers_rx,
             metrics.cluster.delivery_resends.clone(),
-            shutdown.child_token(),
+            node.part_shutdown(),
         );
 
-        let mut specs = vec![coordinator];
+        let slot = CoordinatorSlot::default();
+        let mut specs = vec![coordinator_singleton(
+            COORDINATOR,
+            SHARD_HOST_ROLE,
+            settings.coordinator.clone(),
+            node.view.clone(),
+            transport.outbox(|m| NodeMsg::Sharding(ShardingMsg::FromCoordinator(m))),
+            slot.clone(),
+        )];
         specs.extend(singletons(producer.clone()));
         let singleton_roles = specs
             .iter()
             .map(|spec| (spec.name.clone(), spec.role.clone()))
             .collect();
-        let (singleton_tx, singleton_rx) = mpsc::channel(256);
+        let (singleton_tx, singleton_rx) = mpsc::channel(SINGLETON_QUEUE);
         let singletons = singletons::spawn(
-            addr.clone(),
+            &node,
             specs,
-            view.clone(),
             transport.outbox(NodeMsg::Singleton),
             singleton_rx,
             SingletonSettings::default(),
-            cluster_metrics.clone(),
-            shutdown.child_token(),
         );
 
         tokio::spawn(stop_when_downed(
             membership.downed_self(),
             region.clone(),
-            shutdown.clone(),
+            node.shutdown.clone(),
         ));
         tokio::spawn(wake_on_down(
-            view.clone(),
+            node.view.clone(),
             producer.clone(),
             settings.down_after,
-            shutdown.child_token(),
+            node.part_shutdown(),
         ));
-
-        let workers = ClusterWorkers::start(
-            addr.clone(),
-            transport.outbox(NodeMsg::Work),
-            view.clone(),
-            Duration::from_secs(1),
-            shutdown.child_token(),
-        );
-
-        let queries = PendingQueries::default();
+        let queries = Arc::new(Queries::default());
         tokio::spawn(
             Router {
                 singletons: singleton_tx,
@@ -393,26 +257,23 @@ where
                 region: region.clone(),
                 answers: answers_tx,
                 queries: Arc::clone(&queries),
-                workers: workers.clone(),
-                to_asker: transport.outbox(NodeMsg::QueryReply),
+                transport: transport.clone(),
             }
-            .run(inbound, shutdown.child_token()),
+            .run(inbound, node.part_shutdown()),
         );
-        info!(node = %addr, %listen, "cluster node started");
+        info!(node = %node.me, %listen, "cluster node started");
         Ok(ClusterNode {
-            me: addr,
+            me: node.me,
             membership,
             transport,
             region,
             producer,
             singletons,
-            workers,
             queries,
-            next_query: AtomicU64::new(1),
             leave_timeout: settings.leave_timeout,
             singleton_roles,
             downing: settings.downing.settings().strategy.name(),
-            shutdown,
+            shutdown: node.shutdown,
         })
     }
 
@@ -459,11 +320,6 @@ where
         self.producer.ask(entity, message).await
     }
 
-    /// The cluster-wide worker registry, for work pulling between nodes.
-    pub fn workers(&self) -> ClusterWorkers<M> {
-        self.workers.clone()
-    }
-
     /// The sending side, for tasks that outlive a borrow of the node.
     pub fn producer(&self) -> ShardingProducerHandle<M> {
         self.producer.clone()
@@ -478,145 +334,55 @@ where
     ) -> Result<serde_json::Value, QueryError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let request = self.next_query.fetch_add(1, Ordering::Relaxed);
-            let (tx, rx) = oneshot::channel();
-            lock(&self.queries).insert(request, tx);
-            // Forgotten however this attempt ends, the caller giving up included.
-            let _pending = PendingQuery {
-                queries: &self.queries,
-                request,
-            };
+            let mut question = self.queries.open();
             let envelope = EntityEnvelope::Query {
                 reply_to: self.me.clone(),
-                request,
+                request: question.request,
             };
             if self.region.deliver(entity.clone(), envelope).await.is_err() {
                 return Err(QueryError::Stopped);
             }
-            let attempt_until = (Instant::now() + Duration::from_secs(1)).min(deadline);
-            let answer = tokio::time::timeout_at(attempt_until, rx).await;
-            match answer {
-                Ok(Ok(snapshot)) => {
+            let attempt_until = (Instant::now() + QUERY_RETRY).min(deadline);
+            match question.answer_by(attempt_until).await {
+                Ok(Answer::Snapshot(snapshot)) => {
                     return serde_json::from_slice(&snapshot)
                         .map_err(|e| QueryError::Unreadable(entity, e.to_string()));
                 }
-                Ok(Err(_)) => return Err(QueryError::Stopped),
-                Err(_) if Instant::now() >= deadline => {
+                Ok(Answer::Shards(_)) | Err(Unanswered::Closed) => {
+                    return Err(QueryError::Stopped);
+                }
+                Err(Unanswered::TimedOut) if Instant::now() >= deadline => {
                     return Err(QueryError::Timeout(entity, timeout));
                 }
-                Err(_) => debug!(%entity, "query unanswered; asking again"),
+                Err(Unanswered::TimedOut) => debug!(%entity, "query unanswered; asking again"),
             }
         }
-    }
-
-    /// What this node knows about the cluster.
-    pub fn status(&self) -> ClusterStatus {
-        let view = self.membership.view().borrow().clone();
-        self.status_in(&view)
-    }
-
-    fn status_in(&self, view: &ClusterView) -> ClusterStatus {
-        let region = self.region.status();
-        let region = region.borrow();
-        let now = wall_clock_millis();
-        let mut members: Vec<&Member> = view.members.values().collect();
-        members.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
-        let (join, join_blocker) = match &*self.membership.join_state().borrow() {
-            JoinState::Joined => ("joined", None),
-            JoinState::Joining(blocker) => ("joining", Some(blocker.to_string())),
-            JoinState::GaveUp(blocker) => ("gave-up", Some(blocker.to_string())),
-        };
-        ClusterStatus {
-            node: self.me.id.to_string(),
-            join: join.to_owned(),
-            join_blocker,
-            downing: self.downing.to_owned(),
-            unreachable: view.unreachable.iter().map(|a| a.id.to_string()).collect(),
-            downed_self: self
-                .membership
-                .downed_self()
-                .borrow()
-                .as_ref()
-                .map(ToString::to_string),
-            members: members
-                .into_iter()
-                .map(|m| MemberStatusReport {
-                    node: m.addr.id.to_string(),
-                    generation: m.addr.generation,
-                    status: m.status.as_str().to_owned(),
-                    roles: m.roles.iter().cloned().collect(),
-                    age_ms: now.saturating_sub(m.started_at_ms),
-                    address: m.rpc_addr.to_string(),
-                })
-                .collect(),
-            coordinator: region.coordinator.as_ref().map(|c| c.id.to_string()),
-            singletons: self
-                .singleton_roles
-                .iter()
-                .map(|(name, role)| {
-                    let holder = view.oldest_up(role).map(|m| m.addr.id.to_string());
-                    (name.clone(), holder)
-                })
-                .collect(),
-            singletons_here: self.singletons.running().borrow().iter().cloned().collect(),
-            shards_here: shard_numbers(&region),
-            entities_here: region.entities,
-            shards: BTreeMap::new(),
-        }
-    }
-
-    /// [`Self::status`] plus the shards every live member hosts, asked over the cluster (up to
-    /// `timeout` for their answers).
-    pub async fn cluster_status(&self, timeout: Duration) -> ClusterStatus {
-        let view = self.membership.view().borrow().clone();
-        let mut status = self.status_in(&view);
-        status
-            .shards
-            .insert(status.node.clone(), status.shards_here.clone());
-        let (mut answers, mut pending) = (Vec::new(), Vec::new());
-        for member in view.members.values() {
-            // An unreachable member would only make the whole answer wait for the timeout.
-            let alive = matches!(member.status, MemberStatus::Up | MemberStatus::Leaving)
-                && !view.unreachable.contains(&member.addr);
-            if member.addr == self.me || !alive {
-                continue;
-            }
-            let request = self.next_query.fetch_add(1, Ordering::Relaxed);
-            let (tx, rx) = oneshot::channel();
-            lock(&self.queries).insert(request, tx);
-            // Forgotten however this ends, the caller giving up included.
-            pending.push(PendingQuery {
-                queries: &self.queries,
-                request,
-            });
-            self.transport
-                .send(&member.addr, NodeMsg::ShardsRequest { request });
-            answers.push((member.addr.id.to_string(), rx));
-        }
-        let deadline = Instant::now() + timeout;
-        for (node, rx) in answers {
-            if let Ok(Ok(answer)) = tokio::time::timeout_at(deadline, rx).await
-                && let Ok(hosted) = serde_json::from_slice::<HostedShards>(&answer)
-            {
-                status.shards.insert(node, hosted.shards);
-            }
-        }
-        drop(pending);
-        status
     }
 
     /// Leaves gracefully: announces Leaving, waits (up to `leave_timeout`) until this node's
     /// shards and singletons have moved, then stops everything. Says what it handed over.
-    pub async fn leave(self) -> LeaveReport {
+    pub async fn leave(&self) -> LeaveReport {
         info!(node = %self.me, "leaving the cluster");
         let started = Instant::now();
         let shards = self.region.status().borrow().hosted.len();
         self.membership.leave().await;
-        let deadline = started + self.leave_timeout;
+        let handed_over = self.handed_over_by(started + self.leave_timeout).await;
+        let report = LeaveReport {
+            shards,
+            handed_over,
+            took: started.elapsed(),
+        };
+        self.stop().await;
+        info!(shards, handed_over, took = ?report.took, "left the cluster");
+        report
+    }
+
+    /// Waits until this node's shards and singletons have moved elsewhere, or `deadline`.
+    async fn handed_over_by(&self, deadline: Instant) -> bool {
         let mut region = self.region.status();
         let mut running = self.singletons.running();
         let mut view = self.membership.view();
-        let handed_over = loop {
+        loop {
             // With no other shard host the shards have nowhere to go: they stop with the node
             // (their entities keep what they stored), once the singletons have wound down.
             let nowhere_to_go = !view.borrow_and_update().members.values().any(|m| {
@@ -625,62 +391,88 @@ where
             let moved = (nowhere_to_go || region.borrow_and_update().hosted.is_empty())
                 && running.borrow_and_update().is_empty();
             if moved {
-                break true;
+                return true;
             }
             tokio::select! {
                 changed = region.changed() => if changed.is_err() {
                     warn!("the region stopped during the leave");
-                    break false;
+                    return false;
                 },
                 changed = running.changed() => if changed.is_err() {
                     warn!("the singleton manager stopped during the leave");
-                    break false;
+                    return false;
                 },
                 changed = view.changed() => if changed.is_err() {
                     warn!("membership stopped during the leave");
-                    break false;
+                    return false;
                 },
                 _ = tokio::time::sleep_until(deadline) => {
                     warn!("leave timed out with shards or singletons still here");
-                    break false;
+                    return false;
                 }
             }
-        };
-        let report = LeaveReport {
-            shards,
-            handed_over,
-            took: started.elapsed(),
-        };
-        self.shutdown.cancel();
-        self.singletons.stopped().await;
-        self.membership.shutdown().await;
-        drop(self.transport);
-        info!(shards, handed_over, took = ?report.took, "left the cluster");
-        report
+        }
     }
 
     /// Stops at once, without handing anything over (the others see this node go down).
-    pub async fn stop(self) {
+    pub async fn stop(&self) {
         self.shutdown.cancel();
         self.singletons.stopped().await;
         self.membership.shutdown().await;
     }
 }
 
-fn shard_numbers(region: &RegionStatus) -> Vec<u32> {
-    region.hosted.iter().map(|ShardId(s)| *s).collect()
+/// The sharding producer's way to entities on a node: through the region, which finds where
+/// each one lives; answers come back to this node.
+struct ThroughRegion<M> {
+    region: RegionHandle<EntityEnvelope<M>>,
+    reply_to: NodeAddr,
 }
 
-/// Binds the cluster port. Port 0 (a node nobody joins) picks one free for both TCP and UDP,
-/// since gossip shares the number.
-async fn bind_cluster_port(listen: std::net::SocketAddr) -> Result<TcpListener, NodeError> {
+impl<M: Send + 'static> ToEntities<M> for ThroughRegion<M> {
+    async fn deliver(&self, entity: EntityId, message: SequencedMessage<M>) {
+        let envelope = EntityEnvelope::Sequenced {
+            reply_to: self.reply_to.clone(),
+            message,
+        };
+        // A stopped region means a stopping node; the producer stops with it.
+        let _ = self.region.deliver(entity, envelope).await;
+    }
+}
+
+/// Binds the cluster port and describes this run of the node as a joining member. Port 0 (a
+/// node nobody joins) picks one free for both TCP and UDP, since gossip shares the number.
+async fn bind_cluster_port(settings: &ClusterSettings) -> Result<(TcpListener, Member), NodeError> {
+    let listen = settings.listen;
     let refused = |source| NodeError::Listen {
         addr: listen,
         source,
     };
-    if listen.port() != 0 {
-        return TcpListener::bind(listen).await.map_err(refused);
-    }
+    let listener = if listen.port() != 0 {
+        TcpListener::bind(listen).await.map_err(refused)?
+    } else {
+        bind_shared_free_port(listen).await?
+    };
+    let started_at_ms = wall_clock_millis();
+    let me = Member {
+        addr: NodeAddr {
+            id: NodeId::new(settings.node_id.as_str()),
+            generation: started_at_ms,
+        },
+        rpc_addr: listener.local_addr().map_err(refused)?,
+        roles: settings.roles.iter().cloned().collect(),
+        status: MemberStatus::Joining,
+        started_at_ms,
+    };
+    Ok((listener, me))
+}
+
+/// A TCP listener on a port that is free for UDP too.
+async fn bind_shared_free_port(listen: std::net::SocketAddr) -> Result<TcpListener, NodeError> {
+    let refused = |source| NodeError::Listen {
+        addr: listen,
+        source,
+    };
     for _ in 0..100 {
         let listener = TcpListener::bind(listen).await.map_err(refused)?;
         let picked = listener.local_addr().map_err(refused)?;
@@ -738,79 +530,5 @@ async fn wake_on_down<M: Send + 'static>(
             producer.wake_idle(silent_for);
         }
         down = now_down;
-    }
-}
-
-/// Removes a query's entry when its attempt ends.
-struct PendingQuery<'a> {
-    queries: &'a PendingQueries,
-    request: u64,
-}
-
-impl Drop for PendingQuery<'_> {
-    fn drop(&mut self) {
-        lock(self.queries).remove(&self.request);
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Hands every arriving message to the part of the node it is for.
-struct Router<M> {
-    singletons: mpsc::Sender<Inbound<SingletonMsg>>,
-    coordinator: CoordinatorSlot,
-    region: RegionHandle<EntityEnvelope<M>>,
-    answers: mpsc::Sender<ToProducer>,
-    queries: PendingQueries,
-    workers: ClusterWorkers<M>,
-    to_asker: crate::cluster::transport::Outbox<QueryReply>,
-}
-
-impl<M: Clone + Send + Sync + 'static> Router<M> {
-    async fn run(
-        self,
-        mut inbound: mpsc::Receiver<Inbound<NodeMsg<M>>>,
-        shutdown: CancellationToken,
-    ) {
-        loop {
-            let Inbound { from, message } = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                next = inbound.recv() => match next {
-                    Some(inbound) => inbound,
-                    None => return,
-                },
-            };
-            match message {
-                NodeMsg::Singleton(message) => {
-                    let _ = self.singletons.send(Inbound { from, message }).await;
-                }
-                NodeMsg::Sharding(ShardingMsg::ToCoordinator(message)) => {
-                    // Dropped when the coordinator does not run here: the region asks again.
-                    self.coordinator.deliver(from, message);
-                }
-                NodeMsg::Sharding(message) => {
-                    let _ = self.region.handle_remote(from, message).await;
-                }
-                NodeMsg::ToProducer(answer) => {
-                    let _ = self.answers.send(answer).await;
-                }
-                NodeMsg::Work(message) => self.workers.handle(from, message),
-                NodeMsg::ShardsRequest { request } => {
-                    let hosted = HostedShards {
-                        shards: shard_numbers(&self.region.status().borrow()),
-                    };
-                    if let Ok(snapshot) = serde_json::to_vec(&hosted) {
-                        (self.to_asker)(&from, QueryReply { request, snapshot });
-                    }
-                }
-                NodeMsg::QueryReply(reply) => {
-                    if let Some(asker) = lock(&self.queries).remove(&reply.request) {
-                        let _ = asker.send(reply.snapshot);
-                    }
-                }
-            }
-        }
     }
 }

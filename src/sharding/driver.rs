@@ -19,11 +19,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::cluster::context::NodeContext;
 use crate::cluster::member::{ClusterView, NodeAddr};
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::singleton::driver::{SingletonFactory, SingletonSpec};
 use crate::cluster::transport::Outbox;
-use crate::entity::EntityId;
+use crate::ids::EntityId;
 use crate::sharding::coordinator::{Coordinator, CoordinatorSettings};
 use crate::sharding::messages::{FromCoordinator, ShardingMsg, ToCoordinator};
 use crate::sharding::region::{EntityCommand, Region, RegionSettings};
@@ -113,18 +114,14 @@ impl<P: Send + 'static> RegionHandle<P> {
     }
 }
 
-/// Starts the region of node `me`: it hosts shards when `me` has `role`, runs entities with
-/// `spawner`, and stops its entities (letting them finish) on `shutdown`.
-#[allow(clippy::too_many_arguments)]
+/// Starts the region of `node`: it hosts shards when the node has `role`, runs entities with
+/// `spawner`, and stops its entities (letting them finish) when the node stops.
 pub fn spawn_region<P>(
-    me: NodeAddr,
+    node: &NodeContext,
     role: &str,
     settings: RegionSettings,
-    view: watch::Receiver<ClusterView>,
     outbox: Outbox<ShardingMsg<P>>,
     spawner: EntitySpawner<P>,
-    metrics: ClusterMetrics,
-    shutdown: CancellationToken,
 ) -> RegionHandle<P>
 where
     P: Clone + Send + 'static,
@@ -132,17 +129,22 @@ where
     let (input, input_rx) = mpsc::channel(1024);
     let (status_tx, status) = watch::channel(RegionStatus::default());
     let driver = RegionDriver {
-        core: Region::new(settings, role, me),
+        core: Region::new(settings, role, node.me.clone()),
         outbox,
         spawner,
         entities: HashMap::new(),
         running: FuturesUnordered::new(),
         status: status_tx,
         published: None,
-        metrics,
+        metrics: node.metrics.clone(),
     };
     let abort = CancellationToken::new();
-    tokio::spawn(driver.run(view, input_rx, shutdown, abort.clone()));
+    tokio::spawn(driver.run(
+        node.view.clone(),
+        input_rx,
+        node.part_shutdown(),
+        abort.clone(),
+    ));
     RegionHandle {
         input,
         status,

@@ -266,27 +266,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         // The node has stopped its parts already; nothing is handed over.
         Some(reason) = downed => anyhow::bail!("this node downed itself: {reason}"),
     }
-    // Stop what shares the node, so it can leave.
+    // Nothing asks or produces through a node that is handing its work over.
     http_stop.cancel();
     let _ = server.await;
     if let Some(producing) = producing {
         producing.abort();
         let _ = producing.await;
     }
-    match Arc::try_unwrap(node) {
-        Ok(node) => {
-            tokio::select! {
-                report = node.leave() => {
-                    // The last stdout line, for scripts and tests.
-                    println!(
-                        "left the cluster: {} shards, handed over: {}, in {:?}",
-                        report.shards, report.handed_over, report.took
-                    );
-                }
-                _ = immediate.cancelled() => warn!("second signal: exiting without handing over"),
-            }
+    tokio::select! {
+        report = node.leave() => {
+            // The last stdout line, for scripts and tests.
+            println!(
+                "left the cluster: {} shards, handed over: {}, in {:?}",
+                report.shards, report.handed_over, report.took
+            );
         }
-        Err(_) => warn!("node still in use; exiting without handing over"),
+        _ = immediate.cancelled() => warn!("second signal: exiting without handing over"),
     }
     Ok(())
 }

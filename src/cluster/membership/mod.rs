@@ -95,7 +95,8 @@ enum Change {
 
 /// A running membership: read [`Self::view`]; [`Self::leave`] then [`Self::shutdown`] to go.
 pub struct Membership {
-    chitchat: ChitchatHandle,
+    /// Taken out by the first [`Self::shutdown`], which may be called through a shared node.
+    chitchat: std::sync::Mutex<Option<ChitchatHandle>>,
     view: watch::Receiver<ClusterView>,
     join: watch::Receiver<JoinState>,
     downed_self: watch::Receiver<Option<DownReason>>,
@@ -197,7 +198,7 @@ impl Membership {
             .run(changes_rx, probes_rx),
         );
         Ok(Membership {
-            chitchat,
+            chitchat: std::sync::Mutex::new(Some(chitchat)),
             view,
             join,
             downed_self,
@@ -233,20 +234,32 @@ impl Membership {
     }
 
     /// Announces `down` so peers drop this node at once instead of waiting for the failure
-    /// detector, then stops gossiping.
-    pub async fn shutdown(self) {
+    /// detector, then stops gossiping. Later calls do nothing.
+    pub async fn shutdown(&self) {
+        let Some(chitchat) = self.take_chitchat() else {
+            return;
+        };
         self.announce(MemberStatus::Down).await;
         self.task.abort();
-        if let Err(error) = self.chitchat.shutdown().await {
+        if let Err(error) = chitchat.shutdown().await {
             warn!(error = %format!("{error:#}"), "gossip did not stop cleanly");
         }
+    }
+
+    fn take_chitchat(&self) -> Option<ChitchatHandle> {
+        self.chitchat
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Stops gossiping without a word, as a crash would (tests).
     #[cfg(any(test, feature = "testkit"))]
     pub fn crash(self) {
         self.task.abort();
-        self.chitchat.abort();
+        if let Some(chitchat) = self.take_chitchat() {
+            chitchat.abort();
+        }
     }
 
     async fn announce(&self, status: MemberStatus) {

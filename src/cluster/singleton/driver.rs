@@ -17,7 +17,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cluster::member::{ClusterView, NodeAddr};
+use crate::cluster::context::NodeContext;
+use crate::cluster::member::ClusterView;
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::singleton::core::{SingletonCore, SingletonEvent, SingletonMsg};
 use crate::cluster::transport::{Inbound, Outbox};
@@ -85,18 +86,16 @@ struct Slot {
     stopped_at: Option<Instant>,
 }
 
-/// Starts the manager of `specs` on node `me`. It stops every instance and exits on `shutdown`.
-#[allow(clippy::too_many_arguments)]
+/// Starts the manager of `specs` on `node`, talking to the other nodes' managers through
+/// `outbox` and `inbox`. It stops every instance and exits when the node stops.
 pub fn spawn(
-    me: NodeAddr,
+    node: &NodeContext,
     specs: Vec<SingletonSpec>,
-    view: watch::Receiver<ClusterView>,
     outbox: Outbox<SingletonMsg>,
     inbox: mpsc::Receiver<Inbound<SingletonMsg>>,
     settings: SingletonSettings,
-    metrics: ClusterMetrics,
-    shutdown: CancellationToken,
 ) -> SingletonHandle {
+    let (me, metrics) = (&node.me, node.metrics.clone());
     let (running_tx, running) = watch::channel(BTreeSet::new());
     let stopped = CancellationToken::new();
     let slots = specs
@@ -128,7 +127,12 @@ pub fn spawn(
         running: running_tx,
         instances: FuturesUnordered::new(),
     };
-    tokio::spawn(manager.run(view, inbox, shutdown, stopped.clone()));
+    tokio::spawn(manager.run(
+        node.view.clone(),
+        inbox,
+        node.part_shutdown(),
+        stopped.clone(),
+    ));
     SingletonHandle { running, stopped }
 }
 

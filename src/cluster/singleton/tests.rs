@@ -301,6 +301,7 @@ mod with_the_driver {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
+    use crate::cluster::context::NodeContext;
     use crate::cluster::metrics::ClusterMetrics;
     use crate::cluster::singleton::driver::{
         self, SingletonHandle, SingletonSettings, SingletonSpec,
@@ -346,15 +347,18 @@ mod with_the_driver {
         let (view, view_rx) = watch::channel(ClusterView::alone(me.clone()));
         let (inbox, outbox) = network.join(&me.addr, 64);
         let stop = CancellationToken::new();
+        let node = NodeContext {
+            me: me.addr,
+            view: view_rx,
+            metrics: ClusterMetrics::unregistered(),
+            shutdown: stop.clone(),
+        };
         let handle = driver::spawn(
-            me.addr,
+            &node,
             vec![spec(Arc::clone(census))],
-            view_rx,
             outbox,
             inbox,
             SingletonSettings::default(),
-            ClusterMetrics::unregistered(),
-            stop.clone(),
         );
         Node { view, handle, stop }
     }

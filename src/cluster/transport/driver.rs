@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cluster::auth::Security;
+use crate::cluster::context::NodeContext;
 use crate::cluster::member::{ClusterView, MemberStatus, NodeAddr};
 use crate::cluster::metrics::{ClusterMetrics, refusal};
 use crate::cluster::transport::frame::{Frame, decode, encode};
@@ -124,20 +125,18 @@ impl<T> TransportHandle<T> {
     }
 }
 
-/// Starts the transport of `me` on `listener`, following `view` for whom to link with. Runs
-/// until `shutdown`; returns the handle and the queue of messages for this node.
+/// Starts the node's transport on `listener`, following the node's view for whom to link
+/// with. Runs until the node stops; returns the handle and the queue of messages for this node.
 pub fn start<T>(
-    me: NodeAddr,
+    node: &NodeContext,
     security: Security,
     listener: TcpListener,
-    view: watch::Receiver<ClusterView>,
     settings: TransportSettings,
-    metrics: ClusterMetrics,
-    shutdown: CancellationToken,
 ) -> (TransportHandle<T>, mpsc::Receiver<Inbound<T>>)
 where
     T: Serialize + DeserializeOwned + Send + 'static,
 {
+    let (me, view, metrics) = (node.me.clone(), node.view.clone(), node.metrics.clone());
     let (inbound, inbound_rx) = mpsc::channel(settings.inbound_queue.max(1));
     let routes: Routes<T> = Arc::default();
     let handle = TransportHandle {
@@ -161,7 +160,7 @@ where
             shared,
             routes,
             peers: HashMap::new(),
-            shutdown,
+            shutdown: node.part_shutdown(),
         }
         .run(listener, view),
     );

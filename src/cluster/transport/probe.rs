@@ -86,6 +86,7 @@ mod tests {
 
     use super::*;
     use crate::cluster::auth::ClusterSecret;
+    use crate::cluster::context::NodeContext;
     use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeId};
     use crate::cluster::metrics::{ClusterMetrics, refusal};
     use crate::cluster::transport::{TransportSettings, start};
@@ -125,15 +126,14 @@ mod tests {
         let (view, view_rx) = watch::channel(ClusterView::alone(me.clone()));
         let metrics = ClusterMetrics::unregistered();
         let stop = CancellationToken::new();
-        let (_handle, _inbound) = start::<String>(
-            me.addr,
-            security,
-            listener,
-            view_rx,
-            TransportSettings::default(),
-            metrics.clone(),
-            stop.clone(),
-        );
+        let node = NodeContext {
+            me: me.addr,
+            view: view_rx,
+            metrics: metrics.clone(),
+            shutdown: stop.clone(),
+        };
+        let (_handle, _inbound) =
+            start::<String>(&node, security, listener, TransportSettings::default());
         // The handle and inbound may go: the listener runs until `stop`.
         Seed {
             at,

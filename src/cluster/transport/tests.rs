@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::cluster::auth::{ClusterSecret, Security};
+use crate::cluster::context::NodeContext;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
 use crate::cluster::metrics::{ClusterMetrics, refusal};
 use crate::cluster::transport::frame::{Frame, decode, encode};
@@ -63,15 +64,13 @@ async fn node_on(listener: TcpListener, id: &str, security: Security) -> Node {
     let (view, view_rx) = watch::channel(ClusterView::alone(me.clone()));
     let metrics = ClusterMetrics::unregistered();
     let stop = CancellationToken::new();
-    let (handle, inbound) = start(
-        me.addr.clone(),
-        security,
-        listener,
-        view_rx,
-        settings(),
-        metrics.clone(),
-        stop.clone(),
-    );
+    let node = NodeContext {
+        me: me.addr.clone(),
+        view: view_rx,
+        metrics: metrics.clone(),
+        shutdown: stop.clone(),
+    };
+    let (handle, inbound) = start(&node, security, listener, settings());
     Node {
         member: me,
         handle,

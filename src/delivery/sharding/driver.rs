@@ -25,7 +25,7 @@ use crate::delivery::driver::store::{self, CleanupSchedule, NoQueue, StoreOp};
 use crate::delivery::durable::DurableProducerQueue;
 use crate::delivery::protocol::{ConsumerFrame, ProducerRef, SeqNr, SequencedMessage};
 use crate::delivery::sharding::producer::{ShardingProducerController, ShardingProducerEvent};
-use crate::entity::EntityId;
+use crate::ids::EntityId;
 use crate::timer::sleep_until;
 
 /// A message an entity gave up on, and why.
@@ -70,10 +70,17 @@ pub enum AskError {
     Stopped,
 }
 
-/// Sends a message towards an entity (through the shard region); waits while the way is busy.
-pub type EntitySender<M> = Arc<
-    dyn Fn(EntityId, SequencedMessage<M>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync,
->;
+/// The way from the sharding producer to its entities (on a node: the shard region, which
+/// finds where each entity lives).
+pub trait ToEntities<M>: Send + Sync + 'static {
+    /// Sends `message` towards `entity`; waits while the way is busy, which holds the producer
+    /// back instead of queueing without bound.
+    fn deliver(
+        &self,
+        entity: EntityId,
+        message: SequencedMessage<M>,
+    ) -> impl Future<Output = ()> + Send;
+}
 
 struct Ask<M> {
     entity: EntityId,
@@ -184,7 +191,7 @@ type Core<M> = ShardingProducerController<M, oneshot::Sender<AskOutcome>>;
 pub fn spawn_sharding_producer<M>(
     core: Core<M>,
     buffer_size: usize,
-    to_entity: EntitySender<M>,
+    to_entity: impl ToEntities<M>,
     answers: mpsc::Receiver<ToProducer>,
     resends: IntCounter,
     shutdown: CancellationToken,
@@ -210,7 +217,7 @@ pub fn spawn_durable_sharding_producer<M, Q>(
     core: Core<M>,
     queue: Option<Q>,
     buffer_size: usize,
-    to_entity: EntitySender<M>,
+    to_entity: impl ToEntities<M>,
     answers: mpsc::Receiver<ToProducer>,
     resends: IntCounter,
     shutdown: CancellationToken,
@@ -263,7 +270,7 @@ async fn run<M: Clone + Send + 'static, Q: DurableProducerQueue<M>>(
     mut core: Core<M>,
     mut durable: Durable<M, Q>,
     buffer_size: usize,
-    to_entity: EntitySender<M>,
+    to_entity: impl ToEntities<M>,
     mut inputs: Inputs<M>,
     shutdown: CancellationToken,
 ) {
@@ -274,7 +281,7 @@ async fn run<M: Clone + Send + 'static, Q: DurableProducerQueue<M>>(
         inputs.resends.inc_by(core.resent() - resent);
         resent = core.resent();
         while let Some((entity, message)) = core.poll_transmit() {
-            to_entity(entity, message).await;
+            to_entity.deliver(entity, message).await;
         }
         while let Some(event) = core.poll_event() {
             match event {

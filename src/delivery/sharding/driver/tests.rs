@@ -15,6 +15,15 @@ use crate::timer::sleep_until;
 
 type Wire = mpsc::UnboundedReceiver<(EntityId, SequencedMessage<u32>)>;
 
+/// Entities' side of the wire: everything sent arrives, in order, without waiting.
+struct WireSender(mpsc::UnboundedSender<(EntityId, SequencedMessage<u32>)>);
+
+impl ToEntities<u32> for WireSender {
+    async fn deliver(&self, entity: EntityId, message: SequencedMessage<u32>) {
+        let _ = self.0.send((entity, message));
+    }
+}
+
 /// A producer task whose messages land on the returned wire.
 fn producer(
     queue: InMemoryQueue<u32>,
@@ -42,10 +51,7 @@ fn producer_with_buffer(
     )
     .unwrap();
     let (wire_tx, wire) = mpsc::unbounded_channel();
-    let to_entity: EntitySender<u32> = Arc::new(move |entity, message| {
-        let _ = wire_tx.send((entity, message));
-        Box::pin(async {})
-    });
+    let to_entity = WireSender(wire_tx);
     let (answers_tx, answers) = mpsc::channel(1024);
     let resends = IntCounter::new("resends", "test").unwrap();
     let handle = spawn_durable_sharding_producer(
