@@ -18,7 +18,7 @@ use crate::delivery::codec::Codec;
 use crate::delivery::protocol::{
     ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
 };
-use crate::delivery::settings::{ConsumerSettings, timer_interval};
+use crate::delivery::settings::{ConsumerSettings, MIN_FLOW_CONTROL_WINDOW, timer_interval};
 
 /// A message handed to the consumer, which must call [`ConsumerController::confirm`] once it is
 /// processed. Only one delivery is outstanding at a time.
@@ -64,9 +64,6 @@ pub enum ConsumerError {
         seq_nr: SeqNr,
     },
 }
-
-/// The smallest flow-control window that keeps delivery moving.
-pub const MIN_FLOW_CONTROL_WINDOW: u32 = 3;
 
 /// The largest chunked message a consumer reassembles; beyond it the producer is misbehaving
 /// (or misconfigured) and the controller stops rather than grow without bound.

@@ -17,8 +17,10 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::delivery::codec::{Codec, CodecError};
-use crate::delivery::durable::store_line::retry_load;
-use crate::delivery::durable::{DurableState, MessageSent, NO_QUALIFIER, Qualifier};
+use crate::delivery::durable::front::DurableFront;
+use crate::delivery::durable::{
+    DurableError, DurableState, MessageSent, NO_QUALIFIER, StoreClient, StoreRequest,
+};
 use crate::delivery::protocol::{
     Chunk, ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
 };
@@ -42,33 +44,6 @@ pub enum ProducerEvent<T> {
         seq_nr: SeqNr,
         /// The token given when it was sent.
         token: T,
-    },
-}
-
-/// A request for the durable queue; the owner runs it and reports back.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StoreRequest<M> {
-    /// Load the stored state; answer with [`ProducerController::handle_state_loaded`] or
-    /// [`ProducerController::handle_load_failed`] (also on timeout).
-    LoadState {
-        /// 1 for the first try.
-        attempt: u32,
-    },
-    /// Store this message durably; answer with [`ProducerController::handle_message_stored`]
-    /// or [`ProducerController::handle_store_failed`] (also on timeout). The owner sets its
-    /// timestamp.
-    StoreMessageSent {
-        /// The message.
-        sent: MessageSent<M>,
-        /// 1 for the first try.
-        attempt: u32,
-    },
-    /// Record a confirmation, write-behind; no answer is expected.
-    StoreMessageConfirmed {
-        /// Everything of `qualifier` up to here is confirmed.
-        seq_nr: SeqNr,
-        /// Whose confirmation.
-        qualifier: Qualifier,
     },
 }
 
@@ -104,32 +79,20 @@ pub enum ProducerError {
         /// The next sequence number to be sent.
         current: SeqNr,
     },
-    /// The durable queue did not load its state within the attempts allowed.
-    #[error("durable queue LoadState failed after {attempts} attempts")]
-    LoadFailed {
-        /// Attempts made.
-        attempts: u32,
-    },
-    /// The durable queue did not store a message within the attempts allowed.
-    #[error("durable queue StoreMessageSent of seq nr {seq_nr} failed after {attempts} attempts")]
-    StoreFailed {
-        /// The message that could not be stored.
-        seq_nr: SeqNr,
-        /// Attempts made.
-        attempts: u32,
-    },
+    /// The durable queue failed beyond its retry attempts.
+    #[error(transparent)]
+    Durable(#[from] DurableError),
     /// A message could not be serialized for chunking.
     #[error("message could not be chunked: {0}")]
     Codec(#[from] CodecError),
 }
 
 #[derive(Debug)]
-enum Phase<M> {
+enum Phase {
     /// Waiting for the producer's Start, a consumer, and the (durable) state.
     Initializing {
         has_producer: bool,
         has_consumer: bool,
-        state: Option<DurableState<M>>,
     },
     Active,
 }
@@ -148,9 +111,8 @@ enum Phase<M> {
 pub struct ProducerController<M, T> {
     me: ProducerRef,
     settings: ProducerSettings,
-    durable: bool,
     chunking: Option<(usize, Arc<dyn Codec<M>>)>,
-    phase: Phase<M>,
+    phase: Phase,
     failure: Option<ProducerError>,
     /// The producer holds an unused RequestNext.
     requested: bool,
@@ -161,10 +123,10 @@ pub struct ProducerController<M, T> {
     first_seq_nr: SeqNr,
     support_resend: bool,
     unconfirmed: VecDeque<SequencedMessage<M>>,
-    /// Chunks of the current message not sent yet; the head is next.
+    /// Chunks of the current message not sent (nor being stored) yet; the head is next.
     remaining_chunks: VecDeque<SequencedMessage<M>>,
-    /// The chunk being stored, and the attempt.
-    store_in_progress: Option<(SeqNr, u32)>,
+    /// With a durable queue: the state to load, and the chunk being stored (one at a time).
+    front: DurableFront<M, SequencedMessage<M>>,
     awaiting_confirmation: VecDeque<(SeqNr, T)>,
     /// Periodic ResendFirst timer; `None` when cancelled.
     resend_first_at: Option<Instant>,
@@ -172,7 +134,6 @@ pub struct ProducerController<M, T> {
     /// Messages sent again so far (lost, or waking a consumer), for metrics.
     resent: u64,
     events: VecDeque<ProducerEvent<T>>,
-    store_requests: VecDeque<StoreRequest<M>>,
 }
 
 impl<M: std::fmt::Debug, T> std::fmt::Debug for ProducerController<M, T> {
@@ -192,12 +153,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
     /// A controller without a durable queue; `incarnation` must differ from any earlier
     /// controller with the same id that a consumer may still remember.
     pub fn new(producer_id: ProducerId, incarnation: u64, settings: ProducerSettings) -> Self {
-        Self::build(
-            producer_id,
-            incarnation,
-            settings,
-            Some(DurableState::default()),
-        )
+        Self::build(producer_id, incarnation, settings, DurableFront::volatile())
     }
 
     /// A controller with a durable queue: it first asks for the stored state
@@ -207,19 +163,15 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         incarnation: u64,
         settings: ProducerSettings,
     ) -> Self {
-        let mut controller = Self::build(producer_id, incarnation, settings, None);
-        controller.durable = true;
-        controller
-            .store_requests
-            .push_back(StoreRequest::LoadState { attempt: 1 });
-        controller
+        let front = DurableFront::durable(settings.durable_queue.retry_attempts);
+        Self::build(producer_id, incarnation, settings, front)
     }
 
     fn build(
         producer_id: ProducerId,
         incarnation: u64,
         settings: ProducerSettings,
-        state: Option<DurableState<M>>,
+        front: DurableFront<M, SequencedMessage<M>>,
     ) -> Self {
         ProducerController {
             me: ProducerRef {
@@ -227,12 +179,10 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
                 incarnation,
             },
             settings,
-            durable: false,
             chunking: None,
             phase: Phase::Initializing {
                 has_producer: false,
                 has_consumer: false,
-                state,
             },
             failure: None,
             requested: false,
@@ -243,13 +193,12 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
             support_resend: true,
             unconfirmed: VecDeque::new(),
             remaining_chunks: VecDeque::new(),
-            store_in_progress: None,
+            front,
             awaiting_confirmation: VecDeque::new(),
             resend_first_at: None,
             transmits: VecDeque::new(),
             resent: 0,
             events: VecDeque::new(),
-            store_requests: VecDeque::new(),
         }
     }
 
@@ -276,8 +225,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
     pub fn has_demand(&self) -> bool {
         self.failure.is_none()
             && self.requested
-            && self.remaining_chunks.is_empty()
-            && self.store_in_progress.is_none()
+            && self.nothing_pending()
             && self.current_seq_nr <= self.requested_seq_nr
     }
 
@@ -291,7 +239,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
     /// True when one message takes exactly one sequence number and no storage step: then the
     /// whole [`Self::requested_up_to`] range may be granted at once.
     pub fn grants_whole_window(&self) -> bool {
-        self.chunking.is_none() && !self.durable
+        self.chunking.is_none() && !self.front.is_durable()
     }
 
     /// Sequence number the next message will get.
@@ -308,8 +256,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
     /// controller may stop without losing anything.
     pub fn is_settled(&self) -> bool {
         self.is_active()
-            && self.remaining_chunks.is_empty()
-            && self.store_in_progress.is_none()
+            && self.nothing_pending()
             && self.confirmed_seq_nr.next() >= self.current_seq_nr
     }
 
@@ -335,7 +282,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         self.awaiting_confirmation.shrink_to_fit();
         self.transmits.shrink_to_fit();
         self.events.shrink_to_fit();
-        self.store_requests.shrink_to_fit();
+        self.front.shrink_to_fit();
     }
 
     /// Why the controller stopped, if it did.
@@ -351,7 +298,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
                 self.activate_when_ready(now);
             }
             Phase::Active => {
-                if self.requested && self.remaining_chunks.is_empty() {
+                if self.requested && self.nothing_pending() {
                     self.request_next(self.confirmed_seq_nr);
                 }
             }
@@ -440,72 +387,6 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         }
     }
 
-    /// The durable queue's state arrived.
-    pub fn handle_state_loaded(&mut self, state: DurableState<M>, now: Instant) {
-        if let Phase::Initializing {
-            state: slot @ None, ..
-        } = &mut self.phase
-        {
-            *slot = Some(state);
-            self.activate_when_ready(now);
-        }
-    }
-
-    /// Loading the durable state failed or timed out on `attempt`.
-    pub fn handle_load_failed(&mut self, attempt: u32) {
-        if self.failure.is_some() {
-            return;
-        }
-        let retries = self.settings.durable_queue.retry_attempts;
-        if let Err(error) = retry_load(attempt, retries, &mut self.store_requests) {
-            self.fail(error);
-        }
-    }
-
-    /// The durable queue stored the message `seq_nr`: reply to an asker, send it, and store
-    /// the next chunk if there is one.
-    pub fn handle_message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
-        if self.failure.is_some() || self.store_in_progress.map(|(s, _)| s) != Some(seq_nr) {
-            // A late answer to an earlier attempt.
-            return;
-        }
-        if let Some(position) = self
-            .awaiting_confirmation
-            .iter()
-            .position(|(s, _)| *s == seq_nr)
-            && let Some((seq_nr, token)) = self.awaiting_confirmation.remove(position)
-        {
-            // With a durable queue the reply comes after storage, not after the consumer.
-            self.events
-                .push_back(ProducerEvent::Confirmed { seq_nr, token });
-        }
-        if let Some(head) = self.remaining_chunks.pop_front() {
-            self.on_msg(head, now);
-        }
-        self.store_next_chunk();
-    }
-
-    /// Storing the message `seq_nr` failed or timed out on `attempt`: retry it, or fail after
-    /// `retry_attempts`.
-    pub fn handle_store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
-        if self.failure.is_some() || self.store_in_progress != Some((seq_nr, attempt)) {
-            return;
-        }
-        if attempt >= self.settings.durable_queue.retry_attempts {
-            self.fail(ProducerError::StoreFailed {
-                seq_nr,
-                attempts: attempt,
-            });
-            return;
-        }
-        // Retry the same message or chunk. Akka re-stores a chunked message from its first
-        // chunk because its store restarts and forgets partial runs; ours keep what they
-        // acknowledged and take a retry of the last record as a no-op, so the chunk itself is
-        // the right retry (a full restart still drops partial runs in `load_state`).
-        self.store_in_progress = None;
-        self.store_head(attempt + 1);
-    }
-
     /// Fires the timers that are due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.failure.is_some() {
@@ -528,11 +409,6 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         self.events.pop_front()
     }
 
-    /// The next request for the durable queue.
-    pub fn poll_store(&mut self) -> Option<StoreRequest<M>> {
-        self.store_requests.pop_front()
-    }
-
     /// When [`Self::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.resend_first_at
@@ -551,21 +427,23 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         error
     }
 
+    /// Nothing of the last message waits to be sent or stored.
+    fn nothing_pending(&self) -> bool {
+        self.remaining_chunks.is_empty() && self.front.is_idle()
+    }
+
     fn activate_when_ready(&mut self, now: Instant) {
         let Phase::Initializing {
             has_producer: true,
             has_consumer: true,
-            state: Some(_),
-        } = &self.phase
+        } = self.phase
         else {
             return;
         };
-        let Phase::Initializing {
-            state: Some(state), ..
-        } = std::mem::replace(&mut self.phase, Phase::Active)
-        else {
+        let Some(state) = self.front.take_state() else {
             return;
         };
+        self.phase = Phase::Active;
         self.current_seq_nr = state.current_seq_nr;
         self.confirmed_seq_nr = state.highest_confirmed_seq_nr;
         self.first_seq_nr = state.highest_confirmed_seq_nr.next();
@@ -627,7 +505,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         if let Some(token) = token {
             self.awaiting_confirmation.push_back((last_seq_nr, token));
         }
-        if self.durable {
+        if self.front.is_durable() {
             self.store_next_chunk();
         } else {
             self.send_chunks(now);
@@ -686,32 +564,23 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
 
     /// Stores the next chunk if the window allows and no store is under way (durable queue).
     fn store_next_chunk(&mut self) {
-        if self.store_in_progress.is_none()
-            && self
-                .remaining_chunks
-                .front()
-                .is_some_and(|m| m.seq_nr <= self.requested_seq_nr)
-        {
-            self.store_head(1);
-        }
-    }
-
-    fn store_head(&mut self, attempt: u32) {
-        let Some(head) = self.remaining_chunks.front() else {
+        let window_allows = self
+            .remaining_chunks
+            .front()
+            .is_some_and(|m| m.seq_nr <= self.requested_seq_nr);
+        if !window_allows || !self.front.is_idle() {
             return;
-        };
-        self.store_in_progress = Some((head.seq_nr, attempt));
-        self.store_requests
-            .push_back(StoreRequest::StoreMessageSent {
-                sent: MessageSent {
-                    seq_nr: head.seq_nr,
-                    payload: head.payload.clone(),
-                    ack: head.ack,
-                    qualifier: NO_QUALIFIER.to_owned(),
-                    timestamp_millis: 0,
-                },
-                attempt,
-            });
+        }
+        if let Some(head) = self.remaining_chunks.pop_front() {
+            let sent = MessageSent {
+                seq_nr: head.seq_nr,
+                payload: head.payload.clone(),
+                ack: head.ack,
+                qualifier: NO_QUALIFIER.to_owned(),
+                timestamp_millis: 0,
+            };
+            self.front.store(sent, head);
+        }
     }
 
     /// Sends one message or chunk to the consumer (Akka's `onMsg`).
@@ -725,7 +594,6 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
             self.arm_resend_first(now);
         }
         self.transmits.push_back(sequenced);
-        self.store_in_progress = None;
         self.current_seq_nr = seq_nr.next();
         if seq_nr == self.requested_seq_nr {
             // Window used up: wait for the consumer's next Request (keep the producer's demand
@@ -765,13 +633,8 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         }
         // The max, not the latest: Acks and Requests may arrive reordered (Akka.NET bug §8.4).
         let new_max = self.confirmed_seq_nr.max(confirmed);
-        if self.durable && new_max != self.confirmed_seq_nr {
-            // Write-behind: a lost one only causes redelivery after a restart.
-            self.store_requests
-                .push_back(StoreRequest::StoreMessageConfirmed {
-                    seq_nr: new_max,
-                    qualifier: NO_QUALIFIER.to_owned(),
-                });
+        if new_max != self.confirmed_seq_nr {
+            self.front.confirmed(new_max, NO_QUALIFIER.to_owned());
         }
         self.confirmed_seq_nr = new_max;
     }
@@ -810,10 +673,10 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         };
         if new_requested > self.requested_seq_nr {
             self.requested_seq_nr = new_requested;
-            if self.store_in_progress.is_some() {
+            if !self.front.is_idle() {
                 // The stored chunk goes out when the store answers.
             } else if !self.remaining_chunks.is_empty() {
-                if self.durable {
+                if self.front.is_durable() {
                     self.store_next_chunk();
                 } else {
                     self.send_chunks(now);
@@ -882,6 +745,64 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
                 }
             }
         }
+    }
+}
+
+impl<M: Clone + 'static, T> StoreClient<M> for ProducerController<M, T> {
+    fn handle_state_loaded(&mut self, state: DurableState<M>, now: Instant) {
+        // The front takes a state only while it waits for one, so only while initializing.
+        if self.front.state_loaded(state) {
+            self.activate_when_ready(now);
+        }
+    }
+
+    fn handle_load_failed(&mut self, attempt: u32) {
+        if self.failure.is_some() {
+            return;
+        }
+        if let Err(error) = self.front.load_failed(attempt) {
+            self.fail(error.into());
+        }
+    }
+
+    /// Reply to an asker, send the stored chunk, and store the next one if there is one.
+    fn handle_message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
+        if self.failure.is_some() {
+            return;
+        }
+        // None: a late answer to an earlier attempt.
+        let Some((_, stored)) = self.front.stored(seq_nr) else {
+            return;
+        };
+        if let Some(position) = self
+            .awaiting_confirmation
+            .iter()
+            .position(|(s, _)| *s == seq_nr)
+            && let Some((seq_nr, token)) = self.awaiting_confirmation.remove(position)
+        {
+            // With a durable queue the reply comes after storage, not after the consumer.
+            self.events
+                .push_back(ProducerEvent::Confirmed { seq_nr, token });
+        }
+        self.on_msg(stored, now);
+        self.store_next_chunk();
+    }
+
+    /// Retries the same chunk, or fails after `retry_attempts`. Akka re-stores a chunked
+    /// message from its first chunk because its store restarts and forgets partial runs; ours
+    /// keep what they acknowledged and take a retry of the last record as a no-op, so the chunk
+    /// itself is the right retry (a full restart still drops partial runs in `load_state`).
+    fn handle_store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
+        if self.failure.is_some() {
+            return;
+        }
+        if let Err(error) = self.front.store_failed(seq_nr, attempt) {
+            self.fail(error.into());
+        }
+    }
+
+    fn poll_store(&mut self) -> Option<StoreRequest<M>> {
+        self.front.poll_request()
     }
 }
 

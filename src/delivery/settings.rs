@@ -10,6 +10,10 @@ use crate::config::{ConfigError, check};
 /// Longest timer interval accepted; beyond it time arithmetic could overflow.
 const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// The smallest flow-control window that keeps delivery moving: below 3 the half-window
+/// Request never fires after the first message, and delivery stalls.
+pub const MIN_FLOW_CONTROL_WINDOW: u32 = 3;
+
 /// All reliable-delivery settings (`[delivery]` in the TOML config).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -225,7 +229,7 @@ impl DeliverySettings {
         // With a window of 1 or 2 the half-window Request never fires after the first message
         // (Akka's arithmetic), so delivery would stall.
         check(
-            c.flow_control_window >= crate::delivery::consumer::MIN_FLOW_CONTROL_WINDOW,
+            c.flow_control_window >= MIN_FLOW_CONTROL_WINDOW,
             prefix,
             "consumer_controller.flow_control_window",
             "must be at least 3",

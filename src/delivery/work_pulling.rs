@@ -17,9 +17,11 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
-use crate::delivery::durable::store_line::{StoreLine, retry_load};
-use crate::delivery::durable::{DurableState, MessageSent, Qualifier};
-use crate::delivery::producer::{ProducerController, ProducerError, ProducerEvent, StoreRequest};
+use crate::delivery::durable::front::DurableFront;
+use crate::delivery::durable::{
+    DurableError, DurableState, MessageSent, Qualifier, StoreClient, StoreRequest,
+};
+use crate::delivery::producer::{ProducerController, ProducerEvent};
 use crate::delivery::protocol::{
     ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
 };
@@ -50,8 +52,8 @@ pub enum WorkPullingError {
     #[error("buffer of {0} messages waiting for a worker is full")]
     BufferFull(usize),
     /// The durable queue failed beyond its retry attempts.
-    #[error("durable queue failed: {0}")]
-    Store(ProducerError),
+    #[error(transparent)]
+    Store(#[from] DurableError),
     /// Chunking was configured; work pulling cannot chunk.
     #[error("work pulling does not support chunk_large_messages")]
     ChunkingUnsupported,
@@ -101,10 +103,10 @@ struct Storing<T, W> {
     fresh: bool,
 }
 
-enum Phase<M> {
+enum Phase {
+    /// Waiting for the producer's Start and the (durable) state.
     Initializing {
         has_producer: bool,
-        state: Option<DurableState<M>>,
     },
     Active,
 }
@@ -119,9 +121,8 @@ pub struct WorkPullingProducerController<M, T, W> {
     producer_id: ProducerId,
     settings: ProducerSettings,
     buffer_size: usize,
-    durable: bool,
     rng: SmallRng,
-    phase: Phase<M>,
+    phase: Phase,
     failure: Option<WorkPullingError>,
     requested: bool,
     workers: HashMap<W, Worker<M, T>>,
@@ -129,11 +130,11 @@ pub struct WorkPullingProducerController<M, T, W> {
     next_incarnation: u64,
     buffer: VecDeque<Pending<M, T>>,
     current_seq_nr: SeqNr,
-    /// Durable: messages chosen for a worker, stored one at a time in this order.
-    storing: StoreLine<M, Storing<T, W>>,
+    /// The state to load, and (durable) messages chosen for a worker, stored one at a time in
+    /// this order.
+    front: DurableFront<M, Storing<T, W>>,
     transmits: VecDeque<(W, SequencedMessage<M>)>,
     events: VecDeque<WorkPullingEvent<T>>,
-    store_requests: VecDeque<StoreRequest<M>>,
 }
 
 impl<M, T, W> WorkPullingProducerController<M, T, W>
@@ -153,7 +154,7 @@ where
             settings,
             buffer_size,
             seed,
-            Some(DurableState::default()),
+            DurableFront::volatile(),
         )
     }
 
@@ -165,12 +166,8 @@ where
         buffer_size: usize,
         seed: u64,
     ) -> Result<Self, WorkPullingError> {
-        let mut controller = Self::build(producer_id, settings, buffer_size, seed, None)?;
-        controller.durable = true;
-        controller
-            .store_requests
-            .push_back(StoreRequest::LoadState { attempt: 1 });
-        Ok(controller)
+        let front = DurableFront::durable(settings.durable_queue.retry_attempts);
+        Self::build(producer_id, settings, buffer_size, seed, front)
     }
 
     fn build(
@@ -178,7 +175,7 @@ where
         settings: ProducerSettings,
         buffer_size: usize,
         seed: u64,
-        state: Option<DurableState<M>>,
+        front: DurableFront<M, Storing<T, W>>,
     ) -> Result<Self, WorkPullingError> {
         if settings.chunk_large_messages.is_some() {
             return Err(WorkPullingError::ChunkingUnsupported);
@@ -189,11 +186,9 @@ where
             producer_id,
             settings,
             buffer_size,
-            durable: false,
             rng,
             phase: Phase::Initializing {
                 has_producer: false,
-                state,
             },
             failure: None,
             requested: false,
@@ -202,10 +197,9 @@ where
             next_incarnation,
             buffer: VecDeque::new(),
             current_seq_nr: SeqNr(1),
-            storing: StoreLine::new(),
+            front,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
-            store_requests: VecDeque::new(),
         })
     }
 
@@ -224,7 +218,7 @@ where
     pub fn is_settled(&self) -> bool {
         matches!(self.phase, Phase::Active)
             && self.buffer.is_empty()
-            && self.storing.is_empty()
+            && self.front.is_idle()
             && self.workers.values().all(|w| w.unconfirmed.is_empty())
     }
 
@@ -310,81 +304,6 @@ where
         self.request_if_free();
     }
 
-    /// The durable queue's state arrived.
-    pub fn handle_state_loaded(&mut self, state: DurableState<M>, now: Instant) {
-        if let Phase::Initializing {
-            state: slot @ None, ..
-        } = &mut self.phase
-        {
-            *slot = Some(state);
-            self.activate_when_ready(now);
-        }
-    }
-
-    /// Loading the durable state failed or timed out on `attempt`.
-    pub fn handle_load_failed(&mut self, attempt: u32) {
-        let retries = self.settings.durable_queue.retry_attempts;
-        if let Err(error) = retry_load(attempt, retries, &mut self.store_requests) {
-            self.failure = Some(WorkPullingError::Store(error));
-        }
-    }
-
-    /// The durable queue stored the message `seq_nr`: reply, complete a hand-over, and send it
-    /// to its preselected worker.
-    pub fn handle_message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
-        let Some((sent, stored)) = self.storing.stored(seq_nr) else {
-            return;
-        };
-        if let Some(token) = stored.reply {
-            self.events.push_back(WorkPullingEvent::Confirmed { token });
-        }
-        if let Some((old_qualifier, old_seq_nr)) = stored.hand_over {
-            self.store_requests
-                .push_back(StoreRequest::StoreMessageConfirmed {
-                    seq_nr: old_seq_nr,
-                    qualifier: old_qualifier,
-                });
-        }
-        let Payload::Message(message) = sent.payload else {
-            return;
-        };
-        // The same incarnation, not just the same address: a worker that left and came back
-        // has a new qualifier, and the stored record names the old one.
-        match self.workers.get_mut(&stored.worker) {
-            Some(out) if out.qualifier == sent.qualifier && out.controller.has_demand() => {
-                out.reserved = false;
-                self.deliver(&stored.worker, message, None, seq_nr, now);
-            }
-            // The worker went away while its message was stored: store it again for another
-            // (a hand-over, so the old record is confirmed once the new one is stored).
-            _ => self.route(
-                Pending {
-                    message,
-                    reply: None,
-                    origin: Origin::HandOver {
-                        old_qualifier: sent.qualifier,
-                        old_seq_nr: seq_nr,
-                    },
-                },
-                now,
-            ),
-        }
-        self.storing.resume(&mut self.store_requests);
-        self.flush_buffer(now);
-        self.request_if_free();
-    }
-
-    /// Storing the message `seq_nr` failed or timed out on `attempt`.
-    pub fn handle_store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
-        let retries = self.settings.durable_queue.retry_attempts;
-        if let Err(error) = self
-            .storing
-            .failed(seq_nr, attempt, retries, &mut self.store_requests)
-        {
-            self.failure = Some(WorkPullingError::Store(error));
-        }
-    }
-
     /// Fires the child controllers' timers that are due.
     pub fn handle_timeout(&mut self, now: Instant) {
         let due: Vec<W> = self
@@ -412,11 +331,6 @@ where
         self.events.pop_front()
     }
 
-    /// The next request for the durable queue.
-    pub fn poll_store(&mut self) -> Option<StoreRequest<M>> {
-        self.store_requests.pop_front()
-    }
-
     /// When [`Self::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.workers
@@ -426,19 +340,13 @@ where
     }
 
     fn activate_when_ready(&mut self, now: Instant) {
-        let Phase::Initializing {
-            has_producer: true,
-            state: Some(_),
-        } = &self.phase
-        else {
+        let Phase::Initializing { has_producer: true } = self.phase else {
             return;
         };
-        let Phase::Initializing {
-            state: Some(state), ..
-        } = std::mem::replace(&mut self.phase, Phase::Active)
-        else {
+        let Some(state) = self.front.take_state() else {
             return;
         };
+        self.phase = Phase::Active;
         self.current_seq_nr = state.current_seq_nr;
         // What was stored and not confirmed goes out again, each under a new worker.
         for sent in state.unconfirmed {
@@ -491,7 +399,7 @@ where
         self.by_incarnation
             .remove(&out.controller.producer_ref().incarnation);
         for unconfirmed in out.unconfirmed {
-            let origin = if self.durable {
+            let origin = if self.front.is_durable() {
                 Origin::HandOver {
                     old_qualifier: out.qualifier.clone(),
                     old_seq_nr: unconfirmed.total_seq_nr,
@@ -560,7 +468,7 @@ where
             return;
         }
         let worker = candidates[self.rng.random_range(0..candidates.len())].clone();
-        if !self.durable {
+        if !self.front.is_durable() {
             self.deliver(&worker, pending.message, pending.reply, SeqNr::ZERO, now);
             return;
         }
@@ -591,7 +499,7 @@ where
             hand_over,
             fresh,
         };
-        self.storing.push(sent, storing, &mut self.store_requests);
+        self.front.store(sent, storing);
     }
 
     fn deliver(
@@ -662,14 +570,8 @@ where
                     }
                 }
             }
-            if self.durable
-                && let Some(seq_nr) = last_total
-            {
-                self.store_requests
-                    .push_back(StoreRequest::StoreMessageConfirmed {
-                        seq_nr,
-                        qualifier: out.qualifier.clone(),
-                    });
+            if let Some(seq_nr) = last_total {
+                self.front.confirmed(seq_nr, out.qualifier.clone());
             }
         }
     }
@@ -699,12 +601,81 @@ where
             && self.failure.is_none()
             && !self.requested
             && self.buffer.is_empty()
-            && !self.storing.extras().any(|s| s.fresh)
+            && !self.front.extras().any(|s| s.fresh)
             && self.has_free_worker()
         {
             self.requested = true;
             self.events.push_back(WorkPullingEvent::RequestNext);
         }
+    }
+}
+
+impl<M, T, W> StoreClient<M> for WorkPullingProducerController<M, T, W>
+where
+    M: Clone + 'static,
+    W: Clone + Eq + Hash,
+{
+    fn handle_state_loaded(&mut self, state: DurableState<M>, now: Instant) {
+        // The front takes a state only while it waits for one, so only while initializing.
+        if self.front.state_loaded(state) {
+            self.activate_when_ready(now);
+        }
+    }
+
+    fn handle_load_failed(&mut self, attempt: u32) {
+        if let Err(error) = self.front.load_failed(attempt) {
+            self.failure = Some(error.into());
+        }
+    }
+
+    /// Reply, complete a hand-over, and send the message to its preselected worker.
+    fn handle_message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
+        let Some((sent, stored)) = self.front.stored(seq_nr) else {
+            return;
+        };
+        if let Some(token) = stored.reply {
+            self.events.push_back(WorkPullingEvent::Confirmed { token });
+        }
+        if let Some((old_qualifier, old_seq_nr)) = stored.hand_over {
+            self.front.confirmed(old_seq_nr, old_qualifier);
+        }
+        let Payload::Message(message) = sent.payload else {
+            return;
+        };
+        // The same incarnation, not just the same address: a worker that left and came back
+        // has a new qualifier, and the stored record names the old one.
+        match self.workers.get_mut(&stored.worker) {
+            Some(out) if out.qualifier == sent.qualifier && out.controller.has_demand() => {
+                out.reserved = false;
+                self.deliver(&stored.worker, message, None, seq_nr, now);
+            }
+            // The worker went away while its message was stored: store it again for another
+            // (a hand-over, so the old record is confirmed once the new one is stored).
+            _ => self.route(
+                Pending {
+                    message,
+                    reply: None,
+                    origin: Origin::HandOver {
+                        old_qualifier: sent.qualifier,
+                        old_seq_nr: seq_nr,
+                    },
+                },
+                now,
+            ),
+        }
+        self.front.resume();
+        self.flush_buffer(now);
+        self.request_if_free();
+    }
+
+    fn handle_store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
+        if let Err(error) = self.front.store_failed(seq_nr, attempt) {
+            self.failure = Some(error.into());
+        }
+    }
+
+    fn poll_store(&mut self) -> Option<StoreRequest<M>> {
+        self.front.poll_request()
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::delivery::codec::TextCodec;
 use crate::delivery::durable::{DurableState, accept_confirmed, accept_message_sent};
-use crate::delivery::producer::StoreRequest;
+use crate::delivery::durable::{StoreClient, StoreRequest};
 use crate::delivery::{
     ConsumerController, ConsumerEvent, ConsumerFrame, ConsumerSettings, ProducerController,
     ProducerEvent, ProducerId, ProducerRef, ProducerSettings, SequencedMessage,

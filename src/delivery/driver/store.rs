@@ -11,77 +11,11 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::delivery::durable::{
-    DurableProducerQueue, DurableState, MessageSent, StoreError, wall_clock_millis,
+    DurableProducerQueue, DurableState, MessageSent, StoreClient, StoreError, StoreRequest,
+    wall_clock_millis,
 };
-use crate::delivery::producer::{ProducerController, StoreRequest};
 use crate::delivery::protocol::SeqNr;
 use crate::delivery::settings::{DurableQueueSettings, timer_interval};
-use crate::delivery::sharding::ShardingProducerController;
-use crate::delivery::work_pulling::WorkPullingProducerController;
-
-/// A core that talks to a durable queue through [`StoreRequest`]s.
-pub trait StoreClient<M> {
-    /// The loaded state.
-    fn state_loaded(&mut self, state: DurableState<M>, now: Instant);
-    /// Loading failed on `attempt`.
-    fn load_failed(&mut self, attempt: u32);
-    /// `seq_nr` is stored.
-    fn message_stored(&mut self, seq_nr: SeqNr, now: Instant);
-    /// Storing `seq_nr` failed on `attempt`.
-    fn store_failed(&mut self, seq_nr: SeqNr, attempt: u32);
-}
-
-impl<M: Clone + 'static, T> StoreClient<M> for ProducerController<M, T> {
-    fn state_loaded(&mut self, state: DurableState<M>, now: Instant) {
-        self.handle_state_loaded(state, now);
-    }
-    fn load_failed(&mut self, attempt: u32) {
-        self.handle_load_failed(attempt);
-    }
-    fn message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
-        self.handle_message_stored(seq_nr, now);
-    }
-    fn store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
-        self.handle_store_failed(seq_nr, attempt);
-    }
-}
-
-impl<M, T, W> StoreClient<M> for WorkPullingProducerController<M, T, W>
-where
-    M: Clone + 'static,
-    W: Clone + Eq + std::hash::Hash,
-{
-    fn state_loaded(&mut self, state: DurableState<M>, now: Instant) {
-        self.handle_state_loaded(state, now);
-    }
-    fn load_failed(&mut self, attempt: u32) {
-        self.handle_load_failed(attempt);
-    }
-    fn message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
-        self.handle_message_stored(seq_nr, now);
-    }
-    fn store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
-        self.handle_store_failed(seq_nr, attempt);
-    }
-}
-
-impl<M, T> StoreClient<M> for ShardingProducerController<M, T>
-where
-    M: Clone + 'static,
-{
-    fn state_loaded(&mut self, state: DurableState<M>, now: Instant) {
-        self.handle_state_loaded(state, now);
-    }
-    fn load_failed(&mut self, attempt: u32) {
-        self.handle_load_failed(attempt);
-    }
-    fn message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
-        self.handle_message_stored(seq_nr, now);
-    }
-    fn store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
-        self.handle_store_failed(seq_nr, attempt);
-    }
-}
 
 /// What a finished durable-queue operation reports.
 pub enum StoreOutcome<M> {
@@ -178,15 +112,15 @@ impl CleanupSchedule {
 pub fn apply<M, C: StoreClient<M>>(core: &mut C, outcome: StoreOutcome<M>) {
     let now = Instant::now();
     match outcome {
-        StoreOutcome::Loaded(_, Ok(state)) => core.state_loaded(state, now),
+        StoreOutcome::Loaded(_, Ok(state)) => core.handle_state_loaded(state, now),
         StoreOutcome::Loaded(attempt, Err(error)) => {
             warn!(%error, attempt, "durable queue LoadState failed");
-            core.load_failed(attempt);
+            core.handle_load_failed(attempt);
         }
-        StoreOutcome::Stored(seq_nr, _, Ok(())) => core.message_stored(seq_nr, now),
+        StoreOutcome::Stored(seq_nr, _, Ok(())) => core.handle_message_stored(seq_nr, now),
         StoreOutcome::Stored(seq_nr, attempt, Err(error)) => {
             warn!(%error, %seq_nr, attempt, "durable queue StoreMessageSent failed");
-            core.store_failed(seq_nr, attempt);
+            core.handle_store_failed(seq_nr, attempt);
         }
         StoreOutcome::Other(Err(error)) => warn!(%error, "durable queue write-behind failed"),
         StoreOutcome::Other(Ok(())) => {}

@@ -18,7 +18,7 @@ use crate::delivery::driver::link::{ChannelLink, channel_link};
 use crate::delivery::driver::producer::ConsumerLink;
 use crate::delivery::driver::store::{self, NoQueue, StoreOp};
 use crate::delivery::driver::{DeliveryError, FromConsumer, LINK_CAPACITY};
-use crate::delivery::durable::DurableProducerQueue;
+use crate::delivery::durable::{DurableProducerQueue, StoreClient};
 use crate::delivery::protocol::ProducerId;
 use crate::delivery::settings::{DeliverySettings, ProducerSettings};
 use crate::delivery::work_pulling::{WorkPullingEvent, WorkPullingProducerController};

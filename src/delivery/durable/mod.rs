@@ -9,13 +9,15 @@
 
 #[cfg(any(test, feature = "testkit"))]
 pub mod conformance;
+pub mod front;
 pub mod memory;
 pub mod redb_store;
-pub(crate) mod store_line;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::time::Duration;
+
+pub use front::{DurableError, StoreClient, StoreRequest};
 
 use crate::delivery::protocol::{Payload, SeqNr};
 

@@ -696,7 +696,9 @@ async fn a_durable_queue_that_never_answers_fails_the_controller() {
     }
     assert_eq!(
         pc.failure(),
-        Some(&ProducerError::LoadFailed { attempts: 3 })
+        Some(&ProducerError::Durable(DurableError::LoadFailed {
+            attempts: 3
+        }))
     );
 
     let mut store = DurableState::default();
@@ -711,10 +713,10 @@ async fn a_durable_queue_that_never_answers_fails_the_controller() {
     }
     assert_eq!(
         pc.failure(),
-        Some(&ProducerError::StoreFailed {
+        Some(&ProducerError::Durable(DurableError::StoreFailed {
             seq_nr: SeqNr(1),
             attempts: 3
-        })
+        }))
     );
     assert!(transmitted(&mut pc).is_empty(), "nothing unstored is sent");
 }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::delivery::driver::store::{self, CleanupSchedule, NoQueue, StoreOp};
-use crate::delivery::durable::DurableProducerQueue;
+use crate::delivery::durable::{DurableProducerQueue, StoreClient};
 use crate::delivery::protocol::{ConsumerFrame, ProducerRef, SeqNr, SequencedMessage};
 use crate::delivery::sharding::producer::{ShardingProducerController, ShardingProducerEvent};
 use crate::ids::EntityId;

@@ -25,9 +25,11 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::delivery::child_timers::ChildTimers;
-use crate::delivery::durable::store_line::{StoreLine, retry_load};
-use crate::delivery::durable::{DurableState, MessageSent};
-use crate::delivery::producer::{ProducerController, ProducerError, ProducerEvent, StoreRequest};
+use crate::delivery::durable::front::DurableFront;
+use crate::delivery::durable::{
+    DurableError, DurableState, MessageSent, StoreClient, StoreRequest,
+};
+use crate::delivery::producer::{ProducerController, ProducerEvent};
 use crate::delivery::protocol::{
     ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
 };
@@ -66,8 +68,8 @@ pub enum ShardingProducerError {
     #[error("buffer of {0} messages waiting for entities is full")]
     BufferFull(usize),
     /// The durable queue failed beyond its retry attempts.
-    #[error("durable queue failed: {0}")]
-    Store(ProducerError),
+    #[error(transparent)]
+    Store(#[from] DurableError),
     /// Chunking was configured; sharding cannot chunk.
     #[error("sharded delivery does not support chunk_large_messages")]
     ChunkingUnsupported,
@@ -102,10 +104,10 @@ struct Out<M, T> {
     armed: Option<Instant>,
 }
 
-enum Phase<M> {
+enum Phase {
+    /// Waiting for the producer's Start and the (durable) state.
     Initializing {
         has_producer: bool,
-        state: Option<DurableState<M>>,
     },
     Active,
 }
@@ -116,9 +118,8 @@ pub struct ShardingProducerController<M, T> {
     producer_id: ProducerId,
     settings: ProducerSettings,
     sharding: ShardingProducerSettings,
-    durable: bool,
     next_incarnation: u64,
-    phase: Phase<M>,
+    phase: Phase,
     failure: Option<ShardingProducerError>,
     outs: HashMap<EntityId, Out<M, T>>,
     /// Messages in every child's `buffered`, kept so pacing costs O(1), not O(entities).
@@ -129,13 +130,12 @@ pub struct ShardingProducerController<M, T> {
     /// driver that paces by [`Self::buffered`] does not need per message.
     report_demand: bool,
     current_seq_nr: SeqNr,
-    /// Durable mode: messages being stored, with their entity and asker.
-    storing: StoreLine<M, (EntityId, Option<T>)>,
+    /// The state to load, and (durable) messages being stored, with their entity and asker.
+    front: DurableFront<M, (EntityId, Option<T>)>,
     timers: ChildTimers<EntityId>,
     next_idle_check: Option<Instant>,
     transmits: VecDeque<(EntityId, SequencedMessage<M>)>,
     events: VecDeque<ShardingProducerEvent<T>>,
-    store_requests: VecDeque<StoreRequest<M>>,
 }
 
 impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
@@ -152,7 +152,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             settings,
             sharding,
             first_incarnation,
-            Some(DurableState::default()),
+            DurableFront::volatile(),
         )
     }
 
@@ -163,12 +163,8 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         sharding: ShardingProducerSettings,
         first_incarnation: u64,
     ) -> Result<Self, ShardingProducerError> {
-        let mut controller = Self::build(producer_id, settings, sharding, first_incarnation, None)?;
-        controller.durable = true;
-        controller
-            .store_requests
-            .push_back(StoreRequest::LoadState { attempt: 1 });
-        Ok(controller)
+        let front = DurableFront::durable(settings.durable_queue.retry_attempts);
+        Self::build(producer_id, settings, sharding, first_incarnation, front)
     }
 
     fn build(
@@ -176,7 +172,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         settings: ProducerSettings,
         sharding: ShardingProducerSettings,
         first_incarnation: u64,
-        state: Option<DurableState<M>>,
+        front: DurableFront<M, (EntityId, Option<T>)>,
     ) -> Result<Self, ShardingProducerError> {
         if settings.chunk_large_messages.is_some() {
             return Err(ShardingProducerError::ChunkingUnsupported);
@@ -185,11 +181,9 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             producer_id,
             settings,
             sharding,
-            durable: false,
             next_incarnation: first_incarnation,
             phase: Phase::Initializing {
                 has_producer: false,
-                state,
             },
             failure: None,
             outs: HashMap::new(),
@@ -197,12 +191,11 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             resent: 0,
             report_demand: true,
             current_seq_nr: SeqNr(1),
-            storing: StoreLine::new(),
+            front,
             timers: ChildTimers::new(),
             next_idle_check: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
-            store_requests: VecDeque::new(),
         })
     }
 
@@ -239,7 +232,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
     /// Messages taken and not yet handed to a child: waiting for demand, and (durable) for
     /// storage. What a driver paces by.
     pub fn waiting(&self) -> usize {
-        self.buffered() + self.storing.len()
+        self.buffered() + self.front.storing()
     }
 
     /// Messages its children sent again so far (see [`ProducerController::resent`]),
@@ -358,51 +351,6 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         }
     }
 
-    /// The durable queue's state arrived.
-    pub fn handle_state_loaded(&mut self, state: DurableState<M>, now: Instant) {
-        if let Phase::Initializing {
-            state: slot @ None, ..
-        } = &mut self.phase
-        {
-            *slot = Some(state);
-            self.activate_when_ready(now);
-        }
-    }
-
-    /// Loading the durable state failed or timed out on `attempt`.
-    pub fn handle_load_failed(&mut self, attempt: u32) {
-        let retries = self.settings.durable_queue.retry_attempts;
-        if let Err(error) = retry_load(attempt, retries, &mut self.store_requests) {
-            self.failure = Some(ShardingProducerError::Store(error));
-        }
-    }
-
-    /// The message `seq_nr` is stored: reply to an asker, then route it.
-    pub fn handle_message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
-        let Some((sent, (entity, reply))) = self.storing.stored(seq_nr) else {
-            return;
-        };
-        if let Some(token) = reply {
-            self.events
-                .push_back(ShardingProducerEvent::Confirmed { token });
-        }
-        if let Payload::Message(message) = sent.payload {
-            self.route(entity, seq_nr, message, None, now);
-        }
-        self.storing.resume(&mut self.store_requests);
-    }
-
-    /// Storing the message `seq_nr` failed or timed out on `attempt`.
-    pub fn handle_store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
-        let retries = self.settings.durable_queue.retry_attempts;
-        if let Err(error) = self
-            .storing
-            .failed(seq_nr, attempt, retries, &mut self.store_requests)
-        {
-            self.failure = Some(ShardingProducerError::Store(error));
-        }
-    }
-
     /// The next message for an entity.
     pub fn poll_transmit(&mut self) -> Option<(EntityId, SequencedMessage<M>)> {
         self.transmits.pop_front()
@@ -411,11 +359,6 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
     /// The next event for the producer.
     pub fn poll_event(&mut self) -> Option<ShardingProducerEvent<T>> {
         self.events.pop_front()
-    }
-
-    /// The next request for the durable queue.
-    pub fn poll_store(&mut self) -> Option<StoreRequest<M>> {
-        self.store_requests.pop_front()
     }
 
     /// When [`Self::handle_timeout`] is due (possibly early, never late).
@@ -440,7 +383,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         if let Some(failure) = &self.failure {
             return Err(failure.clone());
         }
-        if self.durable {
+        if self.front.is_durable() {
             let seq_nr = self.current_seq_nr;
             self.current_seq_nr = seq_nr.next();
             let sent = MessageSent {
@@ -450,8 +393,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
                 qualifier: entity.as_str().to_owned(),
                 timestamp_millis: 0,
             };
-            self.storing
-                .push(sent, (entity, reply), &mut self.store_requests);
+            self.front.store(sent, (entity, reply));
             return Ok(());
         }
         self.route(entity, SeqNr::ZERO, message, reply, now);
@@ -556,12 +498,9 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
                             continue;
                         };
                         out.last_used = now;
-                        if self.durable && done.total_seq_nr != SeqNr::ZERO {
-                            self.store_requests
-                                .push_back(StoreRequest::StoreMessageConfirmed {
-                                    seq_nr: done.total_seq_nr,
-                                    qualifier: entity.as_str().to_owned(),
-                                });
+                        if done.total_seq_nr != SeqNr::ZERO {
+                            self.front
+                                .confirmed(done.total_seq_nr, entity.as_str().to_owned());
                         }
                         if let Some(token) = done.reply {
                             self.events.push_back(match done.rejected {
@@ -658,19 +597,13 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
     }
 
     fn activate_when_ready(&mut self, now: Instant) {
-        let Phase::Initializing {
-            has_producer: true,
-            state: Some(_),
-        } = &self.phase
-        else {
+        let Phase::Initializing { has_producer: true } = self.phase else {
             return;
         };
-        let Phase::Initializing {
-            state: Some(state), ..
-        } = std::mem::replace(&mut self.phase, Phase::Active)
-        else {
+        let Some(state) = self.front.take_state() else {
             return;
         };
+        self.phase = Phase::Active;
         self.current_seq_nr = state.current_seq_nr;
         let nothing_unconfirmed = state.unconfirmed.is_empty();
         // What was stored and not confirmed goes first, to the entity named by its qualifier.
@@ -710,4 +643,47 @@ fn send_to_child<M: Clone + 'static, T>(
         reply,
         rejected: None,
     });
+}
+
+impl<M, T> StoreClient<M> for ShardingProducerController<M, T>
+where
+    M: Clone + 'static,
+{
+    fn handle_state_loaded(&mut self, state: DurableState<M>, now: Instant) {
+        // The front takes a state only while it waits for one, so only while initializing.
+        if self.front.state_loaded(state) {
+            self.activate_when_ready(now);
+        }
+    }
+
+    fn handle_load_failed(&mut self, attempt: u32) {
+        if let Err(error) = self.front.load_failed(attempt) {
+            self.failure = Some(error.into());
+        }
+    }
+
+    /// Reply to an asker, then route the message.
+    fn handle_message_stored(&mut self, seq_nr: SeqNr, now: Instant) {
+        let Some((sent, (entity, reply))) = self.front.stored(seq_nr) else {
+            return;
+        };
+        if let Some(token) = reply {
+            self.events
+                .push_back(ShardingProducerEvent::Confirmed { token });
+        }
+        if let Payload::Message(message) = sent.payload {
+            self.route(entity, seq_nr, message, None, now);
+        }
+        self.front.resume();
+    }
+
+    fn handle_store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
+        if let Err(error) = self.front.store_failed(seq_nr, attempt) {
+            self.failure = Some(error.into());
+        }
+    }
+
+    fn poll_store(&mut self) -> Option<StoreRequest<M>> {
+        self.front.poll_request()
+    }
 }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::delivery::durable::{DurableState, accept_confirmed, accept_message_sent};
-use crate::delivery::producer::StoreRequest;
+use crate::delivery::durable::{StoreClient, StoreRequest};
 use crate::delivery::protocol::{ConsumerFrame, ProducerId, SeqNr, SequencedMessage};
 use crate::delivery::settings::{ConsumerSettings, ProducerSettings, ShardingProducerSettings};
 use crate::ids::EntityId;
