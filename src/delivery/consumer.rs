@@ -1,7 +1,7 @@
 //! The ConsumerController core: accepts sequenced messages from a ProducerController, delivers
 //! them to its consumer one at a time and in order, detects gaps and asks for resends, grants
 //! the producer a flow-control window, and retries its requests with back-off while idle
-//! (Akka's `ConsumerControllerImpl`, reference §2.2).
+//! (Akka's `ConsumerControllerImpl`, docs/protocol.md, "Consumer controller").
 //!
 //! Sans-IO: the owner feeds inputs with `now` and drains [`ConsumerController::poll_transmit`],
 //! [`ConsumerController::poll_event`] and [`ConsumerController::poll_timeout`] after every

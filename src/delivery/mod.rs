@@ -1,6 +1,6 @@
 //! Akka-style reliable delivery between a producer and a consumer: sequence numbers, a
 //! flow-control window, resending of lost messages, deduplication and confirmation
-//! (reference/reliable-delivery.md).
+//! (docs/protocol.md).
 //!
 //! The controllers are sans-IO state machines; whoever owns one moves its frames over a link
 //! (in-process channels, TCP, or a fault-injecting link in tests) and feeds it the time. Only

@@ -1,8 +1,8 @@
 //! The ProducerController core: numbers a producer's messages, keeps the unconfirmed ones for
 //! resending, grants the producer one message at a time within the consumer's flow-control
 //! window, splits large messages into chunks, stores messages in a durable queue before sending
-//! them when it has one, and reports confirmations (Akka's `ProducerControllerImpl`, reference
-//! §2.1).
+//! them when it has one, and reports confirmations (Akka's `ProducerControllerImpl`,
+//! docs/protocol.md, "Producer controller").
 //!
 //! Sans-IO: no clock reads, no tasks, no channels, no storage. The owner feeds inputs with
 //! `now` and drains, after every input, [`ProducerController::poll_transmit`] (frames for the
@@ -465,8 +465,8 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
             self.request_next(self.confirmed_seq_nr);
         } else {
             self.requested = false;
-            // Unlike Akka (reference §8.9), keep resending until confirmed: the one immediate
-            // resend may be lost.
+            // Unlike Akka (docs/protocol.md, "Resuming from a durable queue"), keep resending until
+            // confirmed: the one immediate resend may be lost.
             self.arm_resend_first(now);
             self.resend_first();
         }
@@ -631,7 +631,8 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         if confirmed == self.first_seq_nr {
             self.resend_first_at = None;
         }
-        // The max, not the latest: Acks and Requests may arrive reordered (Akka.NET bug §8.4).
+        // The max, not the latest: Acks and Requests may arrive reordered (Akka.NET bug, see
+        // docs/protocol.md, "Where the Akka ports disagree").
         let new_max = self.confirmed_seq_nr.max(confirmed);
         if new_max != self.confirmed_seq_nr {
             self.front.confirmed(new_max, NO_QUALIFIER.to_owned());

@@ -1,10 +1,10 @@
-//! The WorkPullingProducerController core (Akka JVM's, reference §2.3): one producer feeding
-//! many workers. Each worker gets a child ProducerController; a message goes to a random worker
-//! that has demand, or waits in a bounded buffer until one does. When a worker goes away, its
-//! unconfirmed messages are routed to the others (at-least-once). With a durable queue the
-//! worker is chosen before the message is stored, so its confirmation qualifier is known, and
-//! messages re-routed after a restart or a departure are stored again under their new worker
-//! before the old record is confirmed (the hand-over).
+//! The WorkPullingProducerController core (Akka JVM's, docs/protocol.md,
+//! "Work-pulling producer controller"): one producer feeding many workers. Each worker gets a child
+//! ProducerController; a message goes to a random worker that has demand, or waits in a bounded
+//! buffer until one does. When a worker goes away, its unconfirmed messages are routed to the
+//! others (at-least-once). With a durable queue the worker is chosen before the message is stored,
+//! so its confirmation qualifier is known, and messages re-routed after a restart or a departure
+//! are stored again under their new worker before the old record is confirmed (the hand-over).
 //!
 //! Sans-IO like the other cores: inputs with `now`, outputs drained with `poll_transmit`
 //! (frames for a worker), `poll_event`, `poll_store` and `poll_timeout`. Workers are named by

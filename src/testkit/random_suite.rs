@@ -1,6 +1,6 @@
-//! The random fault suite (reference §5.8: RR-01..04, chunked variants): hundreds of seeded
-//! runs, each with its own drop, duplicate and delay rates (10–30 %) and its own producer and
-//! consumer speeds. A failing run names its seed; `WARREN_SEED=<seed>` replays just that one.
+//! The random fault suite (docs/protocol.md, Test scenarios: RR-01..04, chunked variants): hundreds
+//! of seeded runs, each with its own drop, duplicate and delay rates (10–30 %) and its own producer
+//! and consumer speeds. A failing run names its seed; `WARREN_SEED=<seed>` replays just that one.
 
 use super::simulation::{Outcome, RandomRun, simulate};
 

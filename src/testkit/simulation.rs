@@ -3,7 +3,7 @@
 //! (delays reorder them), the producer and the consumer take random time, messages may be
 //! chunked, and the durable queue may fail; when the producer controller gives up, it is
 //! restarted from what the queue holds. Everything is drawn from one seed, so any run can be
-//! replayed (Akka's ReliableDeliveryRandomSpec, reference §5.8).
+//! replayed (Akka's ReliableDeliveryRandomSpec, docs/protocol.md, Test scenarios: RR-*).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -1,4 +1,5 @@
-//! ConsumerController scenarios (reference §5.2, §5.16, §5.17), each named by its id.
+//! ConsumerController scenarios (docs/protocol.md, Test scenarios: CC-*, NET-*, D-*), each named by
+//! its id.
 use super::*;
 
 fn settings(window: u32) -> ConsumerSettings {

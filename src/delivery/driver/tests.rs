@@ -1,4 +1,4 @@
-//! The drivers end to end on paused time: reference §5.7 (RD-*) and §5.12 (ESRD-*), and a
+//! The drivers end to end on paused time: docs/protocol.md, Test scenarios: RD-*, ESRD-*, and a
 //! faulty link under the real tasks.
 
 use std::sync::Arc;

@@ -1,8 +1,9 @@
-//! The durable producer queue (Akka's `DurableProducerQueue`, reference §1.6 and §2.6): where a
-//! producer keeps the messages it sent until their confirmations are stored, so that a
-//! restarted producer resends them. [`DurableState`] holds the pure state transitions;
-//! [`DurableProducerQueue`] is the storage interface, with an in-memory store ([`memory`]) and
-//! the embedded default on disk ([`redb_store`]). Controllers take any store through the trait.
+//! The durable producer queue (Akka's `DurableProducerQueue`, docs/protocol.md,
+//! "Durable producer queue"): where a producer keeps the messages it sent until their confirmations
+//! are stored, so that a restarted producer resends them. [`DurableState`] holds the pure state
+//! transitions; [`DurableProducerQueue`] is the storage interface, with an in-memory store
+//! ([`memory`]) and the embedded default on disk ([`redb_store`]). Controllers take any store
+//! through the trait.
 //!
 //! Guarantee: at-least-once. Confirmations are stored write-behind, so a crash can lose the
 //! last ones and their messages are delivered again.
@@ -91,7 +92,8 @@ impl<M> DurableState<M> {
     }
 
     /// Qualifiers whose last confirmation is older than `unused_after` and that have nothing
-    /// unconfirmed (Akka.NET's reading of the cleanup rule; reference §8.2).
+    /// unconfirmed (Akka.NET's reading of the cleanup rule; docs/protocol.md,
+    /// "Stale confirmation qualifiers").
     pub fn stale_qualifiers(&self, now_millis: u64, unused_after: Duration) -> Vec<Qualifier> {
         let limit =
             now_millis.saturating_sub(u64::try_from(unused_after.as_millis()).unwrap_or(u64::MAX));
@@ -343,7 +345,8 @@ mod tests {
         assert_eq!(state.current_seq_nr, SeqNr(4));
     }
 
-    // ESQ-06 / §8.2: a qualifier with nothing unconfirmed and an old confirmation is stale.
+    // ESQ-06 / docs/protocol.md, "Stale confirmation qualifiers": a qualifier with nothing
+    // unconfirmed and an old confirmation is stale.
     #[test]
     fn only_old_fully_confirmed_qualifiers_are_stale() {
         let mut state = DurableState::default();

@@ -1,4 +1,5 @@
-//! ProducerController scenarios (reference §5.1, §5.3, §5.16, §5.17), each named by its id.
+//! ProducerController scenarios (docs/protocol.md, Test scenarios: PC-*, DPC-*, NET-*, D-*), each
+//! named by its id.
 
 use std::time::Duration;
 

@@ -1,8 +1,8 @@
-//! The ShardingConsumerController core (Akka's, reference §2.5), sans IO: the consumer side of
-//! one sharded entity. It keeps one ConsumerController per producer (Akka keys them by
-//! producer id), so several producers, say one per node, can send to the same entity; order
-//! and deduplication hold per producer. The entity gets a delivery from each producer at a
-//! time and confirms each separately.
+//! The ShardingConsumerController core (Akka's, docs/protocol.md, "Sharding consumer controller"),
+//! sans IO: the consumer side of one sharded entity. It keeps one ConsumerController per producer
+//! (Akka keys them by producer id), so several producers, say one per node, can send to the same
+//! entity; order and deduplication hold per producer. The entity gets a delivery from each producer
+//! at a time and confirms each separately.
 //!
 //! Inputs: `handle_message`, `confirm`, `producer_gone`, `handle_timeout`. Outputs:
 //! `poll_transmit` (frames for producers), `poll_event` (deliveries), `poll_timeout`.

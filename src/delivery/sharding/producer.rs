@@ -1,9 +1,9 @@
-//! The ShardingProducerController core (Akka's, reference §2.4), sans IO: one per node and
-//! producer, sending to any number of sharded entities through one child ProducerController
-//! per entity. A message for an entity with demand goes out at once; one for an entity without
-//! demand waits in that entity's buffer (all buffers together at most `buffer_size`). The
-//! producer hears, in every `RequestNext`, which entities have demand and how much waits for
-//! the others, and paces itself by that.
+//! The ShardingProducerController core (Akka's, docs/protocol.md, "Sharding producer controller"),
+//! sans IO: one per node and producer, sending to any number of sharded entities through one child
+//! ProducerController per entity. A message for an entity with demand goes out at once; one for an
+//! entity without demand waits in that entity's buffer (all buffers together at most
+//! `buffer_size`). The producer hears, in every `RequestNext`, which entities have demand and how
+//! much waits for the others, and paces itself by that.
 //!
 //! Timers: an entity idle for `resend_first_unconfirmed_idle_timeout` that still owes a
 //! confirmation gets its first unconfirmed message again (it may have been stopped by a

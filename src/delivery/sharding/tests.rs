@@ -1,4 +1,4 @@
-//! Sharded delivery scenarios (reference §5.9 SH-*, §5.10 DSH-*) on the cores: a
+//! Sharded delivery scenarios (docs/protocol.md, Test scenarios: SH-*, DSH-*) on the cores: a
 //! ShardingProducerController and one ShardingConsumerController per entity, the region
 //! played by the harness (it hands each message to its entity), on paused time.
 

@@ -1,5 +1,5 @@
-//! Work-pulling scenarios (reference §5.5 WP-*, §5.6 DWP-*, §5.13 ESWP-*, D-10, D-14), with the
-//! workers played by real ConsumerController cores.
+//! Work-pulling scenarios (docs/protocol.md, Test scenarios: WP-*, DWP-*, ESWP-*, D-10, D-14), with
+//! the workers played by real ConsumerController cores.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
