@@ -83,101 +83,8 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         registry.register(Box::new(crate::telemetry::invalid_gossip_datagrams()))?;
-        let bridge = BridgeMetrics {
-            deliveries: {
-                let by_outcome = counter_vec(
-                    &registry,
-                    "warren_deliveries_total",
-                    "Deliveries settled, by outcome.",
-                    &["outcome"],
-                )?;
-                // Resolved once (and exported from the start, so dashboards see zeros): a
-                // label lookup hashes and locks, and settling happens for every message.
-                Outcomes {
-                    acked: by_outcome.with_label_values(&[outcome::ACKED]),
-                    dead_lettered: by_outcome.with_label_values(&[outcome::DEAD_LETTERED]),
-                    requeued: by_outcome.with_label_values(&[outcome::REQUEUED]),
-                }
-            },
-            in_flight: gauge(
-                &registry,
-                "warren_in_flight",
-                "Deliveries taken from the broker and still with the entities.",
-            )?,
-            entities_with_work: gauge(
-                &registry,
-                "warren_entities_with_work",
-                "Entities the bridge has deliveries out to.",
-            )?,
-            redelivered: counter(
-                &registry,
-                "warren_redelivered_total",
-                "Deliveries the broker flagged as redelivered.",
-            )?,
-            invalid_messages: counter_vec(
-                &registry,
-                "warren_invalid_messages_total",
-                "Messages dead-lettered before reaching an entity, by kind.",
-                &["kind"],
-            )?,
-            ack_latency: {
-                let opts =
-                    HistogramOpts::new("warren_ack_latency_seconds", "Time from delivery to ack.")
-                        .buckets(vec![
-                            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                            2.5, 5.0, 10.0, 30.0, 60.0,
-                        ]);
-                let histogram = Histogram::with_opts(opts)?;
-                registry.register(Box::new(histogram.clone()))?;
-                histogram
-            },
-            acks_sent: counter(
-                &registry,
-                "warren_amqp_acks_total",
-                "Ack frames sent to the broker; each may cover many deliveries.",
-            )?,
-            source: SourceMetrics {
-                reconnects: counter(
-                    &registry,
-                    "warren_amqp_reconnects_total",
-                    "AMQP sessions opened after the first one.",
-                )?,
-                connected: gauge(
-                    &registry,
-                    "warren_amqp_connected",
-                    "1 while the AMQP consumer is consuming.",
-                )?,
-            },
-        };
-        // Export every label value from the start, so dashboards and alerts see zeros.
-        for kind in InvalidMessage::KINDS {
-            bridge.invalid_messages.with_label_values(&[kind]);
-        }
-        let entities = EntityMetrics {
-            retries: counter(
-                &registry,
-                "warren_entity_retries_total",
-                "Processing attempts beyond the first.",
-            )?,
-            active: gauge(&registry, "warren_entities_active", "Entities running.")?,
-            processing: gauge(
-                &registry,
-                "warren_entities_processing",
-                "Entities handling a message right now.",
-            )?,
-            handle_seconds: {
-                let opts = HistogramOpts::new(
-                    "warren_entity_handle_seconds",
-                    "Time an entity takes to handle one message, retries and storing included.",
-                )
-                .buckets(vec![
-                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-                ]);
-                let histogram = Histogram::with_opts(opts)?;
-                registry.register(Box::new(histogram.clone()))?;
-                histogram
-            },
-        };
+        let bridge = register_bridge(&registry)?;
+        let entities = register_entities(&registry)?;
         Ok(Metrics {
             cluster: ClusterMetrics::register(&registry)?,
             registry,
@@ -190,6 +97,110 @@ impl Metrics {
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
+}
+
+/// The bridge's series, every label value exported from the start.
+fn register_bridge(registry: &Registry) -> Result<BridgeMetrics, prometheus::Error> {
+    let bridge = BridgeMetrics {
+        deliveries: {
+            let by_outcome = counter_vec(
+                registry,
+                "warren_deliveries_total",
+                "Deliveries settled, by outcome.",
+                &["outcome"],
+            )?;
+            // Resolved once (and exported from the start, so dashboards see zeros): a
+            // label lookup hashes and locks, and settling happens for every message.
+            Outcomes {
+                acked: by_outcome.with_label_values(&[outcome::ACKED]),
+                dead_lettered: by_outcome.with_label_values(&[outcome::DEAD_LETTERED]),
+                requeued: by_outcome.with_label_values(&[outcome::REQUEUED]),
+            }
+        },
+        in_flight: gauge(
+            registry,
+            "warren_in_flight",
+            "Deliveries taken from the broker and still with the entities.",
+        )?,
+        entities_with_work: gauge(
+            registry,
+            "warren_entities_with_work",
+            "Entities the bridge has deliveries out to.",
+        )?,
+        redelivered: counter(
+            registry,
+            "warren_redelivered_total",
+            "Deliveries the broker flagged as redelivered.",
+        )?,
+        invalid_messages: counter_vec(
+            registry,
+            "warren_invalid_messages_total",
+            "Messages dead-lettered before reaching an entity, by kind.",
+            &["kind"],
+        )?,
+        ack_latency: {
+            let opts =
+                HistogramOpts::new("warren_ack_latency_seconds", "Time from delivery to ack.")
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0, 30.0, 60.0,
+                    ]);
+            let histogram = Histogram::with_opts(opts)?;
+            registry.register(Box::new(histogram.clone()))?;
+            histogram
+        },
+        acks_sent: counter(
+            registry,
+            "warren_amqp_acks_total",
+            "Ack frames sent to the broker; each may cover many deliveries.",
+        )?,
+        source: SourceMetrics {
+            reconnects: counter(
+                registry,
+                "warren_amqp_reconnects_total",
+                "AMQP sessions opened after the first one.",
+            )?,
+            connected: gauge(
+                registry,
+                "warren_amqp_connected",
+                "1 while the AMQP consumer is consuming.",
+            )?,
+        },
+    };
+    // Export every label value from the start, so dashboards and alerts see zeros.
+    for kind in InvalidMessage::KINDS {
+        bridge.invalid_messages.with_label_values(&[kind]);
+    }
+    Ok(bridge)
+}
+
+/// The entities' series.
+fn register_entities(registry: &Registry) -> Result<EntityMetrics, prometheus::Error> {
+    Ok(EntityMetrics {
+        retries: counter(
+            registry,
+            "warren_entity_retries_total",
+            "Processing attempts beyond the first.",
+        )?,
+        active: gauge(registry, "warren_entities_active", "Entities running.")?,
+        processing: gauge(
+            registry,
+            "warren_entities_processing",
+            "Entities handling a message right now.",
+        )?,
+        handle_seconds: {
+            let opts = HistogramOpts::new(
+                "warren_entity_handle_seconds",
+                "Time an entity takes to handle one message, retries and storing included.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+            ]);
+            let histogram = Histogram::with_opts(opts)?;
+            registry.register(Box::new(histogram.clone()))?;
+            histogram
+        },
+    })
 }
 
 /// Registers an `IntCounter`.

@@ -20,20 +20,22 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::cluster::Security;
 use crate::cluster::context::NodeContext;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
 use crate::cluster::membership::downing::DownReason;
 use crate::cluster::membership::join::JoinState;
 use crate::cluster::membership::{Membership, MembershipError};
+use crate::cluster::singleton::SingletonMsg;
 use crate::cluster::singleton::driver::{
     self as singletons, SingletonHandle, SingletonSettings, SingletonSpec,
 };
-use crate::cluster::transport::{self, TransportHandle};
+use crate::cluster::transport::{self, Inbound, TransportHandle};
 use crate::config::ConfigError;
 use crate::delivery::durable::wall_clock_millis;
 use crate::delivery::protocol::{ProducerId, SequencedMessage};
@@ -157,35 +159,13 @@ where
         F::Entity: Entity<Message = M>,
         <F::Entity as Entity>::Snapshot: Serialize,
     {
+        // Everything that can refuse the settings comes before anything starts.
         settings.validate("cluster")?;
         delivery.validate("delivery")?;
         let security = settings.security()?;
-        // Everything that can refuse the settings comes before anything starts.
-        let sharding = &delivery.sharding.producer_controller;
-        let core = ShardingProducerController::new(
-            ProducerId::new(settings.node_id.as_str()),
-            delivery.producer_controller.clone(),
-            sharding.clone(),
-            rand::random(),
-        )?
-        .without_demand_reports();
-        let (listener, me) = bind_cluster_port(settings).await?;
-        let listen = me.rpc_addr;
-        let membership = Membership::start(
-            me.clone(),
-            listen,
-            settings.membership(),
-            security.clone(),
-            settings.downing.lease(&settings.cluster_name)?,
-            metrics.cluster.clone(),
-        )
-        .await?;
-        let node = NodeContext {
-            me: me.addr,
-            view: membership.view(),
-            metrics: metrics.cluster.clone(),
-            shutdown: CancellationToken::new(),
-        };
+        let core = sharding_producer(settings, delivery)?;
+        let (listener, membership, node) = join(settings, &security, metrics).await?;
+        let listen = listener.local_addr().ok();
         let (transport, inbound) =
             transport::start::<NodeMsg<M>>(&node, security, listener, settings.transport.clone());
 
@@ -205,7 +185,7 @@ where
         let (answers_tx, answers_rx) = mpsc::channel(ANSWERS_QUEUE);
         let producer = spawn_sharding_producer(
             core,
-            sharding.buffer_size,
+            delivery.sharding.producer_controller.buffer_size,
             ThroughRegion {
                 region: region.clone(),
                 reply_to: node.me.clone(),
@@ -215,53 +195,31 @@ where
             node.part_shutdown(),
         );
 
-        let slot = CoordinatorSlot::default();
+        let coordinator = CoordinatorSlot::default();
         let mut specs = vec![coordinator_singleton(
             COORDINATOR,
             SHARD_HOST_ROLE,
             settings.coordinator.clone(),
             node.view.clone(),
             transport.outbox(|m| NodeMsg::Sharding(ShardingMsg::FromCoordinator(m))),
-            slot.clone(),
+            coordinator.clone(),
         )];
         specs.extend(singletons(producer.clone()));
-        let singleton_roles = specs
-            .iter()
-            .map(|spec| (spec.name.clone(), spec.role.clone()))
-            .collect();
-        let (singleton_tx, singleton_rx) = mpsc::channel(SINGLETON_QUEUE);
-        let singletons = singletons::spawn(
-            &node,
-            specs,
-            transport.outbox(NodeMsg::Singleton),
-            singleton_rx,
-            SingletonSettings::default(),
-        );
+        let (singletons, singleton_tx, singleton_roles) =
+            spawn_singletons(&node, specs, &transport);
 
-        tokio::spawn(stop_when_downed(
-            membership.downed_self(),
-            region.clone(),
-            node.shutdown.clone(),
-        ));
-        tokio::spawn(wake_on_down(
-            node.view.clone(),
-            producer.clone(),
-            settings.down_after,
-            node.part_shutdown(),
-        ));
+        spawn_watchers(&node, &membership, &region, &producer, settings.down_after);
         let queries = Arc::new(Queries::default());
-        tokio::spawn(
-            Router {
-                singletons: singleton_tx,
-                coordinator: slot,
-                region: region.clone(),
-                answers: answers_tx,
-                queries: Arc::clone(&queries),
-                transport: transport.clone(),
-            }
-            .run(inbound, node.part_shutdown()),
-        );
-        info!(node = %node.me, %listen, "cluster node started");
+        let router = Router {
+            singletons: singleton_tx,
+            coordinator,
+            region: region.clone(),
+            answers: answers_tx,
+            queries: Arc::clone(&queries),
+            transport: transport.clone(),
+        };
+        tokio::spawn(router.run(inbound, node.part_shutdown()));
+        info!(node = %node.me, ?listen, "cluster node started");
         Ok(ClusterNode {
             me: node.me,
             membership,
@@ -420,6 +378,95 @@ where
         self.singletons.stopped().await;
         self.membership.shutdown().await;
     }
+}
+
+/// Binds the cluster port and starts gossiping as a joining member; the context every other
+/// part of the node runs in.
+async fn join(
+    settings: &ClusterSettings,
+    security: &Security,
+    metrics: &Metrics,
+) -> Result<(TcpListener, Membership, NodeContext), NodeError> {
+    let (listener, me) = bind_cluster_port(settings).await?;
+    let membership = Membership::start(
+        me.clone(),
+        me.rpc_addr,
+        settings.membership(),
+        security.clone(),
+        settings.downing.lease(&settings.cluster_name)?,
+        metrics.cluster.clone(),
+    )
+    .await?;
+    let node = NodeContext {
+        me: me.addr,
+        view: membership.view(),
+        metrics: metrics.cluster.clone(),
+        shutdown: CancellationToken::new(),
+    };
+    Ok((listener, membership, node))
+}
+
+/// This node's sending side: a ShardingProducerController named after the node. Its demand
+/// reports are off, since the bridge paces by what is buffered.
+fn sharding_producer<M: Clone + 'static>(
+    settings: &ClusterSettings,
+    delivery: &DeliverySettings,
+) -> Result<ShardingProducerController<M, oneshot::Sender<AskOutcome>>, NodeError> {
+    let core = ShardingProducerController::new(
+        ProducerId::new(settings.node_id.as_str()),
+        delivery.producer_controller.clone(),
+        delivery.sharding.producer_controller.clone(),
+        rand::random(),
+    )?;
+    Ok(core.without_demand_reports())
+}
+
+/// Starts the singleton manager with `specs`; returns it, the queue of its messages from
+/// other nodes, and every singleton's name and role.
+fn spawn_singletons<M: Send + 'static>(
+    node: &NodeContext,
+    specs: Vec<SingletonSpec>,
+    transport: &TransportHandle<NodeMsg<M>>,
+) -> (
+    SingletonHandle,
+    mpsc::Sender<Inbound<SingletonMsg>>,
+    Vec<(String, String)>,
+) {
+    let roles = specs
+        .iter()
+        .map(|spec| (spec.name.clone(), spec.role.clone()))
+        .collect();
+    let (inbox_tx, inbox) = mpsc::channel(SINGLETON_QUEUE);
+    let handle = singletons::spawn(
+        node,
+        specs,
+        transport.outbox(NodeMsg::Singleton),
+        inbox,
+        SingletonSettings::default(),
+    );
+    (handle, inbox_tx, roles)
+}
+
+/// Starts what watches membership on the node's behalf: stopping everything when the node
+/// downs itself, and waking silent entities when another member goes down.
+fn spawn_watchers<M: Send + 'static>(
+    node: &NodeContext,
+    membership: &Membership,
+    region: &RegionHandle<EntityEnvelope<M>>,
+    producer: &ShardingProducerHandle<M>,
+    down_after: Duration,
+) {
+    tokio::spawn(stop_when_downed(
+        membership.downed_self(),
+        region.clone(),
+        node.shutdown.clone(),
+    ));
+    tokio::spawn(wake_on_down(
+        node.view.clone(),
+        producer.clone(),
+        down_after,
+        node.part_shutdown(),
+    ));
 }
 
 /// The sharding producer's way to entities on a node: through the region, which finds where

@@ -26,6 +26,7 @@ use crate::cluster::singleton::driver::{SingletonFactory, SingletonSpec};
 use crate::cluster::transport::Outbox;
 use crate::ids::EntityId;
 use crate::sharding::coordinator::{Coordinator, CoordinatorSettings};
+use crate::sharding::entities::EntityFailure;
 use crate::sharding::messages::{FromCoordinator, ShardingMsg, ToCoordinator};
 use crate::sharding::region::{EntityCommand, Region, RegionSettings};
 use crate::sharding::shard::ShardId;
@@ -33,13 +34,13 @@ use crate::timer::sleep_until;
 
 /// An entity's task: it reads its messages until the channel closes, then finishes and returns
 /// `Ok`; `Err` (or a panic) is a failure, after which the region restarts it with a pause.
-pub type EntityTask = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+pub type EntityRun = Pin<Box<dyn Future<Output = Result<(), EntityFailure>> + Send>>;
 
 /// Starts the task of an entity of the region's type. Messages come boxed: an unbounded
 /// channel allocates its slots in blocks of 32, and an idle entity should not keep 32
 /// envelopes' worth of memory.
 pub type EntitySpawner<P> =
-    Arc<dyn Fn(EntityId, mpsc::UnboundedReceiver<Box<P>>) -> EntityTask + Send + Sync>;
+    Arc<dyn Fn(EntityId, mpsc::UnboundedReceiver<Box<P>>) -> EntityRun + Send + Sync>;
 
 /// What a region shows about itself, for `/cluster` pages and tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -313,8 +314,8 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
         self.running.push(Box::pin(async move {
             let ok = match task.await {
                 Ok(Ok(())) => true,
-                Ok(Err(reason)) => {
-                    warn!(entity = %id, %reason, "entity failed");
+                Ok(Err(failure)) => {
+                    warn!(entity = %id, %failure, "entity failed");
                     false
                 }
                 Err(panic) => {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{error, warn};
+use tracing::warn;
 
 use crate::cluster::member::NodeAddr;
 use crate::cluster::transport::Outbox;
@@ -24,7 +24,7 @@ use crate::entity::runner::{
 };
 use crate::entity::{Entity, EntityFactory};
 use crate::ids::EntityId;
-use crate::sharding::driver::{EntitySpawner, EntityTask};
+use crate::sharding::driver::{EntityRun, EntitySpawner};
 use crate::timer::sleep_until;
 
 /// What travels to a sharded entity.
@@ -70,18 +70,30 @@ where
     <F::Entity as Entity>::Message: Clone,
     <F::Entity as Entity>::Snapshot: Serialize,
 {
-    Arc::new(move |id, inbox| -> EntityTask {
+    let links = Links {
+        to_producer,
+        to_asker,
+    };
+    Arc::new(move |id, inbox| -> EntityRun {
         let entity = factory.create(&id);
         Box::pin(run(
             id,
             entity,
             inbox,
             Arc::clone(&settings),
-            Arc::clone(&to_producer),
-            Arc::clone(&to_asker),
+            links.clone(),
             metrics.clone(),
         ))
     })
+}
+
+/// Why an entity's task failed; the region logs it and starts the entity again after a pause.
+#[derive(Debug, thiserror::Error)]
+pub enum EntityFailure {
+    /// A newer incarnation of the entity claimed it in the store: this one's state may be
+    /// stale, and the message it was processing goes to the newer one.
+    #[error("a newer incarnation owns this entity: {0}")]
+    Fenced(String),
 }
 
 async fn run<E>(
@@ -89,10 +101,9 @@ async fn run<E>(
     mut entity: E,
     mut inbox: mpsc::UnboundedReceiver<Box<EntityEnvelope<E::Message>>>,
     settings: Arc<RunnerSettings>,
-    to_producer: Outbox<ToProducer>,
-    to_asker: Outbox<QueryReply>,
+    links: Links,
     metrics: EntityMetrics,
-) -> Result<(), String>
+) -> Result<(), EntityFailure>
 where
     E: Entity,
     E::Message: Clone,
@@ -101,70 +112,28 @@ where
     let _active = ActiveGuard::new(&metrics.active);
     // Messages wait in the inbox (and unconfirmed at their producer) while this loads.
     recover(&id, &mut entity, &settings).await;
-    let mut consumer = ShardingConsumerController::new(settings.consumer.clone());
-    // Where each producer's controller lives, and which incarnation of it spoke last.
-    let mut producers = Producers::new(settings.consumer.flow_control_window);
+    let mut task = EntityTask {
+        consumer: ShardingConsumerController::new(settings.consumer.clone()),
+        producers: Producers::new(settings.consumer.flow_control_window),
+        id,
+        entity,
+        settings,
+        links,
+        metrics,
+    };
     let mut open = true;
     loop {
         // Taken before the next delivery, so a query is answered between two messages, not
         // after everything the controllers hold.
         while open {
             match inbox.try_recv() {
-                Ok(envelope) => on_envelope(
-                    *envelope,
-                    &id,
-                    &entity,
-                    &mut consumer,
-                    &mut producers,
-                    &to_asker,
-                ),
+                Ok(envelope) => task.on_envelope(*envelope),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
-        while let Some((to, frame)) = consumer.poll_transmit() {
-            if let Some(producer) = producers.get(&to.id) {
-                let answer = ToProducer {
-                    entity: id.clone(),
-                    to,
-                    frame,
-                    rejected: producer.rejected.clone(),
-                };
-                to_producer(&producer.node, answer);
-            }
-        }
-        if let Some(delivery) = consumer.poll_event() {
-            let mut processing = GaugeFlag::new(&metrics.processing);
-            processing.set(true);
-            let started = Instant::now();
-            let processed = process(&mut entity, &delivery.message, &settings, &metrics).await;
-            metrics
-                .handle_seconds
-                .observe(started.elapsed().as_secs_f64());
-            drop(processing);
-            match processed {
-                Ok(()) => {}
-                Err(NotProcessed::Fenced(reason)) => {
-                    // Its state may be stale; the message goes to the incarnation that fenced
-                    // it.
-                    error!(entity = %id, %reason, "a newer incarnation owns this entity; stopping");
-                    return Err(reason);
-                }
-                Err(NotProcessed::GaveUp(reason)) => {
-                    warn!(entity = %id, %reason, "giving up on a message");
-                    // Sent with every frame to its producer from the confirmation on, until the
-                    // producer has shown it got one.
-                    producers.reject(
-                        &delivery.producer_id,
-                        Rejection {
-                            seq_nr: delivery.seq_nr,
-                            reason,
-                        },
-                    );
-                }
-            }
-            // One delivery per producer is outstanding, and this is it.
-            let _ = consumer.confirm(&delivery.producer_id, Instant::now());
+        task.answer_producers();
+        if task.process_next().await? {
             continue;
         }
         if !open {
@@ -172,51 +141,115 @@ where
         }
         tokio::select! {
             envelope = inbox.recv() => match envelope {
-                Some(envelope) => on_envelope(
-                    *envelope,
-                    &id,
-                    &entity,
-                    &mut consumer,
-                    &mut producers,
-                    &to_asker,
-                ),
+                Some(envelope) => task.on_envelope(*envelope),
                 // Asked to stop: finish what the controllers hold first.
                 None => open = false,
             },
-            _ = sleep_until(consumer.poll_timeout()) => consumer.handle_timeout(Instant::now()),
+            _ = sleep_until(task.consumer.poll_timeout()) => {
+                task.consumer.handle_timeout(Instant::now());
+            }
         }
     }
     Ok(())
 }
 
-/// Hands a message to the controllers, or answers a query with the entity's snapshot.
-fn on_envelope<E>(
-    envelope: EntityEnvelope<E::Message>,
-    id: &EntityId,
-    entity: &E,
-    consumer: &mut ShardingConsumerController<E::Message>,
-    producers: &mut Producers,
-    to_asker: &Outbox<QueryReply>,
-) where
+/// Where an entity's answers go: its producers' nodes, and whoever asked for its snapshot.
+#[derive(Clone)]
+struct Links {
+    to_producer: Outbox<ToProducer>,
+    to_asker: Outbox<QueryReply>,
+}
+
+/// One running entity: the entity, its ShardingConsumerController and the producers it
+/// answers.
+struct EntityTask<E: Entity> {
+    id: EntityId,
+    entity: E,
+    consumer: ShardingConsumerController<E::Message>,
+    /// Where each producer's controller lives, and which incarnation of it spoke last.
+    producers: Producers,
+    settings: Arc<RunnerSettings>,
+    links: Links,
+    metrics: EntityMetrics,
+}
+
+impl<E> EntityTask<E>
+where
     E: Entity,
     E::Message: Clone,
     E::Snapshot: Serialize,
 {
-    match envelope {
-        EntityEnvelope::Sequenced { reply_to, message } => {
-            producers.heard_from(reply_to, &message.producer, message.seq_nr);
-            consumer.handle_message(message, Instant::now());
-        }
-        EntityEnvelope::Query { reply_to, request } => {
-            match serde_json::to_vec(&entity.snapshot()) {
-                Ok(snapshot) => {
-                    to_asker(&reply_to, QueryReply { request, snapshot });
-                }
-                Err(error) => {
-                    warn!(entity = %id, %error, "query unanswered: snapshot does not serialize");
+    /// Hands a message to the controllers, or answers a query with the entity's snapshot.
+    fn on_envelope(&mut self, envelope: EntityEnvelope<E::Message>) {
+        match envelope {
+            EntityEnvelope::Sequenced { reply_to, message } => {
+                self.producers
+                    .heard_from(reply_to, &message.producer, message.seq_nr);
+                self.consumer.handle_message(message, Instant::now());
+            }
+            EntityEnvelope::Query { reply_to, request } => {
+                match serde_json::to_vec(&self.entity.snapshot()) {
+                    Ok(snapshot) => {
+                        (self.links.to_asker)(&reply_to, QueryReply { request, snapshot });
+                    }
+                    Err(error) => {
+                        warn!(entity = %self.id, %error, "query unanswered: snapshot does not serialize");
+                    }
                 }
             }
         }
+    }
+
+    /// Sends what the controllers have for their producers (demand, confirmations), with
+    /// every rejection a producer has not acknowledged yet.
+    fn answer_producers(&mut self) {
+        while let Some((to, frame)) = self.consumer.poll_transmit() {
+            if let Some(producer) = self.producers.get(&to.id) {
+                let answer = ToProducer {
+                    entity: self.id.clone(),
+                    to,
+                    frame,
+                    rejected: producer.rejected.clone(),
+                };
+                (self.links.to_producer)(&producer.node, answer);
+            }
+        }
+    }
+
+    /// Processes the next delivery, if one is ready, and confirms it; false when none was.
+    async fn process_next(&mut self) -> Result<bool, EntityFailure> {
+        let Some(delivery) = self.consumer.poll_event() else {
+            return Ok(false);
+        };
+        let (settings, metrics) = (&self.settings, &self.metrics);
+        let mut processing = GaugeFlag::new(&metrics.processing);
+        processing.set(true);
+        let started = Instant::now();
+        let processed = process(&mut self.entity, &delivery.message, settings, metrics).await;
+        metrics
+            .handle_seconds
+            .observe(started.elapsed().as_secs_f64());
+        drop(processing);
+        match processed {
+            Ok(()) => {}
+            // Its state may be stale; the message goes to the incarnation that fenced it.
+            Err(NotProcessed::Fenced(reason)) => return Err(EntityFailure::Fenced(reason)),
+            Err(NotProcessed::GaveUp(reason)) => {
+                warn!(entity = %self.id, %reason, "giving up on a message");
+                // Sent with every frame to its producer from the confirmation on, until the
+                // producer has shown it got one.
+                self.producers.reject(
+                    &delivery.producer_id,
+                    Rejection {
+                        seq_nr: delivery.seq_nr,
+                        reason,
+                    },
+                );
+            }
+        }
+        // One delivery per producer is outstanding, and this is it.
+        let _ = self.consumer.confirm(&delivery.producer_id, Instant::now());
+        Ok(true)
     }
 }
 

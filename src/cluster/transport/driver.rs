@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use prometheus::IntCounter;
 use rand::Rng;
@@ -29,6 +31,7 @@ use crate::cluster::member::{ClusterView, MemberStatus, NodeAddr};
 use crate::cluster::metrics::{ClusterMetrics, refusal};
 use crate::cluster::transport::frame::{Frame, decode, encode};
 use crate::cluster::transport::handshake::{self, Refusal};
+use crate::cluster::transport::link_error::LinkError;
 use crate::cluster::transport::{Outbox, TransportSettings};
 
 /// Handshakes in progress at most; more connections wait to be accepted.
@@ -340,11 +343,27 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Driver<T> {
     }
 }
 
-/// Why a link ended.
+/// How a link's run ended.
 enum LinkEnd {
+    /// The node is stopping.
     Cancelled,
+    /// The peer dialled again: the new connection takes over.
     Replaced(Link),
-    Failed(String),
+    /// The link failed.
+    Failed(LinkError),
+}
+
+/// Runs one write on the link, failing it when the write fails or stalls past the idle
+/// timeout.
+async fn within_idle_timeout<E: Into<std::io::Error>>(
+    settings: &TransportSettings,
+    write: impl Future<Output = Result<(), E>>,
+) -> Result<(), LinkError> {
+    match timeout(settings.idle_timeout, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(LinkError::Write(error.into())),
+        Err(_) => Err(LinkError::WriteStalled),
+    }
 }
 
 struct PeerTask<T> {
@@ -460,106 +479,116 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> PeerTask<T> {
         queue: &mut mpsc::Receiver<T>,
         conns: &mut mpsc::Receiver<Link>,
     ) -> LinkEnd {
-        let settings = &self.shared.settings;
-        let counters = &self.shared.counters;
-        let (mut sink, mut stream) = link.split();
-        let (pong_tx, mut pong_rx) = mpsc::channel::<()>(1);
-        let reader = async {
-            loop {
-                let bytes = match timeout(settings.idle_timeout, stream.next()).await {
-                    Err(_) => {
-                        self.refused(refusal::IDLE);
-                        return "silent past the idle timeout".to_owned();
-                    }
-                    Ok(None) => return "closed by the peer".to_owned(),
-                    Ok(Some(Err(error))) => {
-                        self.refused(refusal::BAD_FRAME);
-                        return format!("bad frame: {error}");
-                    }
-                    Ok(Some(Ok(bytes))) => bytes,
-                };
-                counters.frames_in.inc();
-                counters.bytes_in.inc_by(bytes.len() as u64);
-                match decode::<T>(&bytes) {
-                    Ok(Frame::Message(message)) => {
-                        let inbound = Inbound {
-                            from: self.peer.clone(),
-                            message,
-                        };
-                        if self.shared.inbound.send(inbound).await.is_err() {
-                            return "this node is stopping".to_owned();
-                        }
-                    }
-                    Ok(Frame::Ping) => {
-                        let _ = pong_tx.try_send(());
-                    }
-                    Ok(Frame::Pong) => {}
-                    Ok(Frame::Refused { reason }) => return format!("refused: {reason}"),
-                    Ok(_) => {
-                        self.refused(refusal::BAD_FRAME);
-                        return "handshake frame on an open link".to_owned();
-                    }
-                    Err(error) => {
-                        self.refused(refusal::BAD_FRAME);
-                        return error.to_string();
-                    }
-                }
-            }
+        let (sink, stream) = link.split();
+        let (pong_tx, pong_rx) = mpsc::channel::<()>(1);
+        let failed = tokio::select! {
+            _ = self.cancel.cancelled() => return LinkEnd::Cancelled,
+            Some(link) = conns.recv() => return LinkEnd::Replaced(link),
+            error = self.read_frames(stream, pong_tx) => error,
+            error = self.write_frames(sink, queue, pong_rx) => error,
         };
-        let writer = async {
-            let mut last_sent = Instant::now();
-            loop {
-                let frame = tokio::select! {
-                    message = queue.recv() => match message {
-                        Some(message) => Frame::Message(message),
-                        None => return "send queue closed".to_owned(),
-                    },
-                    Some(()) = pong_rx.recv() => Frame::Pong,
-                    _ = sleep_until(last_sent + settings.heartbeat_interval) => Frame::Ping,
-                };
-                // Whatever else is queued goes out in the same write: one syscall for a burst.
-                let (mut next, mut taken, mut count, mut len) = (Some(frame), 1, 0, 0);
-                while let Some(frame) = next.take() {
-                    if taken < WRITE_BATCH {
-                        next = queue.try_recv().ok().map(Frame::Message);
-                        taken += 1;
-                    }
-                    let bytes = match encode(&frame) {
-                        Ok(bytes) if bytes.len() <= settings.max_frame_bytes => bytes,
-                        Ok(bytes) => {
-                            self.shared.metrics.dropped.inc();
-                            warn!(peer = %self.peer, bytes = bytes.len(), "message larger than max_frame_bytes dropped");
-                            continue;
-                        }
-                        Err(error) => {
-                            self.shared.metrics.dropped.inc();
-                            warn!(peer = %self.peer, %error, "message not encodable; dropped");
-                            continue;
-                        }
+        if let Some(label) = failed.refusal() {
+            self.refused(label);
+        }
+        LinkEnd::Failed(failed)
+    }
+
+    /// Reads frames until the link fails: messages go to this node, pings are answered.
+    async fn read_frames(
+        &self,
+        mut stream: SplitStream<Link>,
+        pong: mpsc::Sender<()>,
+    ) -> LinkError {
+        let (settings, counters) = (&self.shared.settings, &self.shared.counters);
+        loop {
+            let bytes = match timeout(settings.idle_timeout, stream.next()).await {
+                Err(_) => return LinkError::Idle,
+                Ok(None) => return LinkError::Closed,
+                Ok(Some(Err(error))) => return LinkError::BadFrame(error.to_string()),
+                Ok(Some(Ok(bytes))) => bytes,
+            };
+            counters.frames_in.inc();
+            counters.bytes_in.inc_by(bytes.len() as u64);
+            match decode::<T>(&bytes) {
+                Ok(Frame::Message(message)) => {
+                    let inbound = Inbound {
+                        from: self.peer.clone(),
+                        message,
                     };
-                    len += bytes.len() as u64;
-                    count += 1;
-                    match timeout(settings.idle_timeout, sink.feed(bytes)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => return format!("write failed: {error}"),
-                        Err(_) => return "write stalled past the idle timeout".to_owned(),
+                    if self.shared.inbound.send(inbound).await.is_err() {
+                        return LinkError::Stopping;
                     }
                 }
-                match timeout(settings.idle_timeout, sink.flush()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => return format!("write failed: {error}"),
-                    Err(_) => return "write stalled past the idle timeout".to_owned(),
+                Ok(Frame::Ping) => {
+                    let _ = pong.try_send(());
                 }
-                counters.frames_out.inc_by(count);
-                counters.bytes_out.inc_by(len);
-                last_sent = Instant::now();
+                Ok(Frame::Pong) => {}
+                Ok(Frame::Refused { reason }) => return LinkError::RefusedByPeer(reason),
+                Ok(_) => return LinkError::HandshakeOnOpenLink,
+                Err(error) => return LinkError::BadFrame(error.to_string()),
             }
-        };
-        tokio::select! {
-            _ = self.cancel.cancelled() => LinkEnd::Cancelled,
-            Some(link) = conns.recv() => LinkEnd::Replaced(link),
-            reason = reader => LinkEnd::Failed(reason),
-            reason = writer => LinkEnd::Failed(reason),
+        }
+    }
+
+    /// Writes queued messages (a burst in one write), pongs, and a ping when nothing else went
+    /// out for a heartbeat interval, until the link fails.
+    async fn write_frames(
+        &self,
+        mut sink: SplitSink<Link, Bytes>,
+        queue: &mut mpsc::Receiver<T>,
+        mut pong: mpsc::Receiver<()>,
+    ) -> LinkError {
+        let (settings, counters) = (&self.shared.settings, &self.shared.counters);
+        let mut last_sent = Instant::now();
+        loop {
+            let frame = tokio::select! {
+                message = queue.recv() => match message {
+                    Some(message) => Frame::Message(message),
+                    None => return LinkError::QueueClosed,
+                },
+                Some(()) = pong.recv() => Frame::Pong,
+                _ = sleep_until(last_sent + settings.heartbeat_interval) => Frame::Ping,
+            };
+            // Whatever else is queued goes out in the same write: one syscall for a burst.
+            let (mut next, mut taken, mut count, mut len) = (Some(frame), 1, 0, 0);
+            while let Some(frame) = next.take() {
+                if taken < WRITE_BATCH {
+                    next = queue.try_recv().ok().map(Frame::Message);
+                    taken += 1;
+                }
+                let Some(bytes) = self.encode_for_link(&frame) else {
+                    continue;
+                };
+                len += bytes.len() as u64;
+                count += 1;
+                if let Err(error) = within_idle_timeout(settings, sink.feed(bytes)).await {
+                    return error;
+                }
+            }
+            if let Err(error) = within_idle_timeout(settings, sink.flush()).await {
+                return error;
+            }
+            counters.frames_out.inc_by(count);
+            counters.bytes_out.inc_by(len);
+            last_sent = Instant::now();
+        }
+    }
+
+    /// The frame's bytes, or `None` (counted as dropped) when it is too large or cannot be
+    /// encoded: one bad message must not end the link.
+    fn encode_for_link(&self, frame: &Frame<T>) -> Option<Bytes> {
+        match encode(frame) {
+            Ok(bytes) if bytes.len() <= self.shared.settings.max_frame_bytes => Some(bytes),
+            Ok(bytes) => {
+                self.shared.metrics.dropped.inc();
+                warn!(peer = %self.peer, bytes = bytes.len(), "message larger than max_frame_bytes dropped");
+                None
+            }
+            Err(error) => {
+                self.shared.metrics.dropped.inc();
+                warn!(peer = %self.peer, %error, "message not encodable; dropped");
+                None
+            }
         }
     }
 

@@ -10,6 +10,7 @@
 pub mod driver;
 pub mod frame;
 pub mod handshake;
+pub mod link_error;
 pub mod probe;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::cluster::member::NodeAddr;
 
 pub use driver::{Inbound, SendOutcome, TransportHandle, start};
+pub use link_error::LinkError;
 
 /// Sends one kind of message to a node without waiting: the transport (wrapping the message
 /// into the node's message type), or an in-memory network in tests. Services take this, so
