@@ -533,19 +533,11 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
             return Ok(());
         };
         let bytes = Bytes::from(codec.encode(&message)?);
-        // A message that serializes to nothing still travels, as one empty chunk.
-        let pieces = bytes.len().div_ceil(*size).max(1);
-        self.remaining_chunks.extend((0..pieces).map(|i| {
-            let start = (i * size).min(bytes.len());
-            let end = ((i + 1) * size).min(bytes.len());
-            let last = i + 1 == pieces;
-            let chunk = Chunk {
-                bytes: bytes.slice(start..end),
-                first_chunk: i == 0,
-                last_chunk: last,
-            };
+        let chunks = Chunk::split(&bytes, *size).enumerate().map(|(i, chunk)| {
+            let last = chunk.last_chunk;
             sequenced(i as u64, Payload::Chunk(chunk), last)
-        }));
+        });
+        self.remaining_chunks.extend(chunks);
         Ok(())
     }
 
@@ -758,10 +750,9 @@ impl<M: Clone + 'static, T> StoreClient<M> for ProducerController<M, T> {
     }
 
     fn handle_load_failed(&mut self, attempt: u32) {
-        if self.failure.is_some() {
-            return;
-        }
-        if let Err(error) = self.front.load_failed(attempt) {
+        if self.failure.is_none()
+            && let Err(error) = self.front.load_failed(attempt)
+        {
             self.fail(error.into());
         }
     }
@@ -794,10 +785,9 @@ impl<M: Clone + 'static, T> StoreClient<M> for ProducerController<M, T> {
     /// keep what they acknowledged and take a retry of the last record as a no-op, so the chunk
     /// itself is the right retry (a full restart still drops partial runs in `load_state`).
     fn handle_store_failed(&mut self, seq_nr: SeqNr, attempt: u32) {
-        if self.failure.is_some() {
-            return;
-        }
-        if let Err(error) = self.front.store_failed(seq_nr, attempt) {
+        if self.failure.is_none()
+            && let Err(error) = self.front.store_failed(seq_nr, attempt)
+        {
             self.fail(error.into());
         }
     }

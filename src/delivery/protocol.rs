@@ -92,6 +92,20 @@ pub struct Chunk {
     pub last_chunk: bool,
 }
 
+impl Chunk {
+    /// Splits a serialized message into pieces of at most `size` bytes, in order. A message
+    /// that serializes to nothing still travels, as one empty chunk.
+    pub fn split(bytes: &Bytes, size: usize) -> impl Iterator<Item = Chunk> + '_ {
+        let size = size.max(1);
+        let pieces = bytes.len().div_ceil(size).max(1);
+        (0..pieces).map(move |i| Chunk {
+            bytes: bytes.slice((i * size).min(bytes.len())..((i + 1) * size).min(bytes.len())),
+            first_chunk: i == 0,
+            last_chunk: i + 1 == pieces,
+        })
+    }
+}
+
 /// What a sequence number carries: a whole message, or one chunk of a serialized one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Payload<M> {
