@@ -16,7 +16,7 @@ use warren::entity::EntityId;
 use warren::node::{ClusterNode, QueryError};
 use warren::order::CreateOrder;
 
-use crate::BRIDGE_SINGLETON;
+use warren::bridge::BRIDGE_SINGLETON;
 
 /// Longest wait for a product's answer (its node may have just died: the shard moves first).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);

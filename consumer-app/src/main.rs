@@ -17,23 +17,19 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use warren::amqp::{AmqpSource, SourceSettings};
-use warren::bridge::{Bridge, BridgeError};
+use warren::amqp::SourceSettings;
+use warren::bridge::bridge_singleton;
 use warren::cluster::membership::join::JoinState;
 use warren::cluster::singleton::driver::SingletonSpec;
 use warren::delivery::sharding::driver::ShardingProducerHandle;
-use warren::entity::RunnerSettings;
 use warren::entity::store::StoreLocation;
 use warren::metrics::{self, Metrics};
-use warren::node::{BRIDGE_ROLE, ClusterNode};
+use warren::node::ClusterNode;
 use warren::order::CreateOrder;
 use warren::shutdown::watch_signals;
 
 use crate::product::{ProductFactory, ProductMetrics};
 use crate::settings::{Cli, ConsumerConfig};
-
-/// The singleton name of the AMQP bridge.
-pub const BRIDGE_SINGLETON: &str = "amqp-bridge";
 
 /// How much longer than the bridge's own drain a leave may take (hand-offs, gossip).
 const LEAVE_MARGIN: Duration = Duration::from_secs(10);
@@ -92,60 +88,17 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(mut config: ConsumerConfig) -> anyhow::Result<Ended> {
+async fn run(config: ConsumerConfig) -> anyhow::Result<Ended> {
     let metrics = Metrics::new().context("registering metrics")?;
-    let product_metrics =
-        ProductMetrics::register(metrics.registry()).context("registering metrics")?;
-    let store_location = config.store_location()?;
-    let store = store_location
-        .open("product")
-        .context("opening the entity store")?;
     // Cancelled when this node can no longer do its part: it leaves, so another takes over.
     let broken = CancellationToken::new();
-
     let listener = TcpListener::bind(config.http.addr)
         .await
         .with_context(|| format!("cannot listen on http.addr {}", config.http.addr))?;
     let addr = listener.local_addr()?;
     // The one line on stdout: scripts and tests read the address from it.
     println!("warren-consumer listening on http://{addr}");
-
-    let runner = RunnerSettings {
-        consumer: config.delivery.consumer_controller.clone(),
-        max_attempts: config.bridge.max_attempts,
-        retry_backoff_min: config.bridge.retry_backoff_min,
-        retry_backoff_max: config.bridge.retry_backoff_max,
-    };
-    let factory = Arc::new(ProductFactory {
-        settings: Arc::new(config.product.clone()),
-        metrics: product_metrics,
-        store,
-    });
-    // A leaving node first lets its bridge finish in-flight work.
-    config.cluster.leave_timeout = config
-        .cluster
-        .leave_timeout
-        .max(config.bridge.shutdown_timeout + LEAVE_MARGIN);
-    let node = ClusterNode::start_with_singletons(
-        &config.cluster,
-        &config.delivery,
-        runner,
-        factory,
-        &metrics,
-        |producer| {
-            vec![bridge_singleton(
-                &config,
-                producer,
-                &metrics,
-                broken.clone(),
-            )]
-        },
-    )
-    .await
-    .context("starting the cluster node")?;
-    if store_location == StoreLocation::Memory {
-        tokio::spawn(warn_when_joined_with_a_memory_store(node.view()));
-    }
+    let node = start_node(config.clone(), &metrics, &broken).await?;
     let node = Arc::new(node);
 
     let http_stop = CancellationToken::new();
@@ -216,6 +169,47 @@ async fn run(mut config: ConsumerConfig) -> anyhow::Result<Ended> {
     Ok(Ended::Stopped)
 }
 
+/// Starts this node: products from the configured store, and the bridge among its singletons.
+async fn start_node(
+    mut config: ConsumerConfig,
+    metrics: &Metrics,
+    broken: &CancellationToken,
+) -> anyhow::Result<ClusterNode<CreateOrder>> {
+    let product_metrics =
+        ProductMetrics::register(metrics.registry()).context("registering metrics")?;
+    let store_location = config.store_location()?;
+    let store = store_location
+        .open("product")
+        .context("opening the entity store")?;
+    let runner = config
+        .bridge
+        .runner(config.delivery.consumer_controller.clone());
+    let factory = Arc::new(ProductFactory {
+        settings: Arc::new(config.product.clone()),
+        metrics: product_metrics,
+        store,
+    });
+    // A leaving node first lets its bridge finish in-flight work.
+    config.cluster.leave_timeout = config
+        .cluster
+        .leave_timeout
+        .max(config.bridge.shutdown_timeout + LEAVE_MARGIN);
+    let node = ClusterNode::start_with_singletons(
+        &config.cluster,
+        &config.delivery,
+        runner,
+        factory,
+        metrics,
+        |producer| vec![bridge(&config, producer, metrics, broken.clone())],
+    )
+    .await
+    .context("starting the cluster node")?;
+    if store_location == StoreLocation::Memory {
+        tokio::spawn(warn_when_joined_with_a_memory_store(node.view()));
+    }
+    Ok(node)
+}
+
 /// Product state in memory is lost when a product moves to another node, which rebalancing
 /// does as soon as a node joins: say so loudly once.
 async fn warn_when_joined_with_a_memory_store(
@@ -230,10 +224,9 @@ async fn warn_when_joined_with_a_memory_store(
     }
 }
 
-/// The AMQP consumer as a cluster singleton: it runs on the oldest Up node with the bridge
-/// role, consumes the queue and sends each order through that node's sharding producer. Told
-/// to stop (handover, leave), it finishes and acks its in-flight work, then closes its channel.
-fn bridge_singleton(
+/// The bridge singleton with this node's settings: the queue's one consumer, on the oldest Up
+/// node with the bridge role.
+fn bridge(
     config: &ConsumerConfig,
     producer: ShardingProducerHandle<CreateOrder>,
     metrics: &Metrics,
@@ -244,27 +237,11 @@ fn bridge_singleton(
         prefetch: config.bridge.effective_prefetch(),
         connection_name: config.amqp.connection_name_or("warren-consumer"),
     };
-    let settings = config.bridge.clone();
-    let metrics = metrics.bridge.clone();
-    SingletonSpec {
-        name: BRIDGE_SINGLETON.to_owned(),
-        role: BRIDGE_ROLE.to_owned(),
-        factory: Arc::new(move |stop| {
-            let source = AmqpSource::spawn(source.clone(), metrics.source.clone());
-            let bridge = Bridge::new(settings.clone(), source, producer.clone(), metrics.clone());
-            let broken = broken.clone();
-            Box::pin(async move {
-                info!("this node consumes the queue now");
-                match bridge.run(stop).await {
-                    Ok(()) => info!("this node stopped consuming the queue"),
-                    Err(error @ BridgeError::ProducerStopped) => {
-                        error!(%error, "the bridge stopped");
-                        broken.cancel();
-                    }
-                    // Restarted by the singleton manager after a pause.
-                    Err(error) => error!(%error, "the bridge stopped"),
-                }
-            })
-        }),
-    }
+    bridge_singleton(
+        config.bridge.clone(),
+        source,
+        producer,
+        metrics.bridge.clone(),
+        broken,
+    )
 }

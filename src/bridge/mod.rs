@@ -8,6 +8,8 @@ pub mod acks;
 pub mod driver;
 pub mod inflight;
 pub mod settings;
+pub mod singleton;
 
 pub use driver::{Bridge, BridgeError};
 pub use settings::BridgeSettings;
+pub use singleton::{BRIDGE_ROLE, BRIDGE_SINGLETON, bridge_singleton};

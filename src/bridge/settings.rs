@@ -5,6 +5,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, check};
+use crate::delivery::settings::ConsumerSettings;
+use crate::entity::RunnerSettings;
 
 /// RabbitMQ 3.10 closes a channel whose oldest delivery stays unacked this long.
 const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -59,6 +61,18 @@ impl BridgeSettings {
     pub fn effective_prefetch(&self) -> u16 {
         self.prefetch
             .unwrap_or_else(|| self.max_in_flight.saturating_mul(4))
+    }
+
+    /// The entities' runner settings: how often and how patiently an entity retries a message
+    /// before it gives up (and the bridge dead-letters it) are the bridge's keys, since the
+    /// bridge is where a message's fate is decided.
+    pub fn runner(&self, consumer: ConsumerSettings) -> RunnerSettings {
+        RunnerSettings {
+            consumer,
+            max_attempts: self.max_attempts,
+            retry_backoff_min: self.retry_backoff_min,
+            retry_backoff_max: self.retry_backoff_max,
+        }
     }
 
     /// Rejects values the bridge cannot run with, naming the key under `prefix`.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::bridge::BRIDGE_ROLE;
 use crate::cluster::auth::{ClusterSecret, Security};
 use crate::cluster::lease::{Lease, PostgresLease};
 use crate::cluster::membership::MembershipSettings;
@@ -19,9 +20,6 @@ use crate::sharding::{CoordinatorSettings, RegionSettings};
 
 /// The role of nodes that host shards (and may run the shard coordinator).
 pub const SHARD_HOST_ROLE: &str = "shard-host";
-
-/// The role of nodes that may run the AMQP bridge singleton (the queue's one consumer).
-pub const BRIDGE_ROLE: &str = "bridge";
 
 /// One node's cluster settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

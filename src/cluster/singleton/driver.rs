@@ -39,6 +39,22 @@ pub struct SingletonSpec {
     pub factory: SingletonFactory,
 }
 
+impl SingletonSpec {
+    /// A singleton named `name` that runs on the oldest Up member with `role`; each instance
+    /// is `run(stop)`, which must return soon after `stop` is cancelled.
+    pub fn new<F, Fut>(name: impl Into<String>, role: impl Into<String>, run: F) -> Self
+    where
+        F: Fn(CancellationToken) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        SingletonSpec {
+            name: name.into(),
+            role: role.into(),
+            factory: Arc::new(move |stop| Box::pin(run(stop))),
+        }
+    }
+}
+
 /// How singletons hand over.
 #[derive(Clone, Debug)]
 pub struct SingletonSettings {
