@@ -18,6 +18,7 @@ pub mod ids;
 pub mod metrics;
 pub mod node;
 pub mod order;
+pub mod series;
 pub mod sharding;
 pub mod shutdown;
 pub mod telemetry;

@@ -10,10 +10,12 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+pub use crate::series::{counter, counter_vec, gauge};
 
 use crate::amqp::source::SourceMetrics;
 use crate::cluster::ClusterMetrics;
@@ -201,32 +203,6 @@ fn register_entities(registry: &Registry) -> Result<EntityMetrics, prometheus::E
             histogram
         },
     })
-}
-
-/// Registers an `IntCounter`.
-pub fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
-    let counter = IntCounter::new(name, help)?;
-    registry.register(Box::new(counter.clone()))?;
-    Ok(counter)
-}
-
-/// Registers an `IntCounterVec`.
-pub fn counter_vec(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> prometheus::Result<IntCounterVec> {
-    let counter = IntCounterVec::new(Opts::new(name, help), labels)?;
-    registry.register(Box::new(counter.clone()))?;
-    Ok(counter)
-}
-
-/// Registers an `IntGauge`.
-pub fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
-    let gauge = IntGauge::new(name, help)?;
-    registry.register(Box::new(gauge.clone()))?;
-    Ok(gauge)
 }
 
 /// The registry in Prometheus text format.

@@ -5,7 +5,7 @@
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::cluster::member::{ClusterView, MemberStatus};
-use crate::metrics::{counter, counter_vec, gauge};
+use crate::series::{counter, counter_vec, gauge};
 
 /// Reasons a transport link was refused or closed by this node.
 pub mod refusal {

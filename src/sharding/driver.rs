@@ -26,11 +26,19 @@ use crate::cluster::singleton::driver::{SingletonFactory, SingletonSpec};
 use crate::cluster::transport::Outbox;
 use crate::ids::EntityId;
 use crate::sharding::coordinator::{Coordinator, CoordinatorSettings};
-use crate::sharding::entities::EntityFailure;
 use crate::sharding::messages::{FromCoordinator, ShardingMsg, ToCoordinator};
 use crate::sharding::region::{EntityCommand, Region, RegionSettings};
 use crate::sharding::shard::ShardId;
 use crate::timer::sleep_until;
+
+/// Why an entity's task failed; the region logs it and starts the entity again after a pause.
+#[derive(Debug, thiserror::Error)]
+pub enum EntityFailure {
+    /// A newer incarnation of the entity claimed it in the store: this one's state may be
+    /// stale, and the message it was processing goes to the newer one.
+    #[error("a newer incarnation owns this entity: {0}")]
+    Fenced(String),
+}
 
 /// An entity's task: it reads its messages until the channel closes, then finishes and returns
 /// `Ok`; `Err` (or a panic) is a failure, after which the region restarts it with a pause.

@@ -24,7 +24,7 @@ use crate::entity::runner::{
 };
 use crate::entity::{Entity, EntityFactory};
 use crate::ids::EntityId;
-use crate::sharding::driver::{EntityRun, EntitySpawner};
+use crate::sharding::driver::{EntityFailure, EntityRun, EntitySpawner};
 use crate::timer::sleep_until;
 
 /// What travels to a sharded entity.
@@ -85,15 +85,6 @@ where
             metrics.clone(),
         ))
     })
-}
-
-/// Why an entity's task failed; the region logs it and starts the entity again after a pause.
-#[derive(Debug, thiserror::Error)]
-pub enum EntityFailure {
-    /// A newer incarnation of the entity claimed it in the store: this one's state may be
-    /// stale, and the message it was processing goes to the newer one.
-    #[error("a newer incarnation owns this entity: {0}")]
-    Fenced(String),
 }
 
 async fn run<E>(
