@@ -73,7 +73,10 @@ fn sample_shard_owners(
         let http = reqwest::Client::new();
         let mut samples = 0;
         let mut first_takeover = None;
-        while !stop.load(Ordering::Relaxed) {
+        loop {
+            // Read before the sample: the last sample begins after the stop, so it sees what
+            // the test saw when it stopped the sampler (the takeover included).
+            let stopping = stop.load(Ordering::Relaxed);
             let mut owners: BTreeMap<u64, String> = BTreeMap::new();
             for (name, base) in &bases {
                 let Ok(response) = http
@@ -101,6 +104,9 @@ fn sample_shard_owners(
                 }
             }
             samples += 1;
+            if stopping {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(Sampled {
