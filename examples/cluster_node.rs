@@ -1,6 +1,7 @@
 //! `warren-cluster-node`: one node of a Warren cluster hosting demo counter entities, for
-//! trying the cluster out and for the multi-process tests. It joins through `--seeds`, hosts
-//! shards, and with `--produce N` sends N numbered messages round-robin over `--entities`
+//! trying the cluster out and for the multi-process tests (`cargo build --example
+//! warren-cluster-node` puts it in `target/debug/examples/`). It joins through `--seeds`,
+//! hosts shards, and with `--produce N` sends N numbered messages round-robin over `--entities`
 //! counters through sharded reliable delivery.
 //!
 //! HTTP: `GET /cluster` (members, coordinator, shards here), `GET /progress` (what this node

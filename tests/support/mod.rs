@@ -151,20 +151,23 @@ where
     }
 }
 
-/// Where cargo put the workspace's binaries (next to this test's `deps` folder).
+/// Where cargo put the workspace's binary or example `name` (next to this test's `deps`
+/// folder, examples in `examples/`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace first (scripts/test does)",
-        path.display()
-    );
-    path
+    let path = [dir.join(name), dir.join("examples").join(name)]
+        .into_iter()
+        .find(|path| path.exists());
+    path.unwrap_or_else(|| {
+        panic!(
+            "{name} is missing in {}: build the workspace and its examples first (scripts/test does)",
+            dir.display()
+        )
+    })
 }
 
 /// Ready, unacked and consumer counts of a queue, straight from the queue process.
