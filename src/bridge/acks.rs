@@ -1,13 +1,21 @@
 //! Writes acks and nacks to the broker from one task, in the order the bridge decided them.
 //! Handing a frame to lapin's I/O thread costs a thread round trip; awaiting that inside the
 //! bridge loop would stall every delivery behind every ack, and awaiting each in turn here
-//! capped single acks at one per round trip: frames are handed over in order, and their
-//! round trips overlap. Order matters: a `multiple` ack
-//! must never overtake the nack of a tag it covers, and consecutive `multiple` acks on one
-//! channel collapse into the last one (never across a single ack, whose tag may be higher).
+//! capped single acks at one per round trip, so single acks and nacks overlap (their tags are
+//! distinct, so their order does not matter).
+//!
+//! A `multiple` ack is different: it must reach the broker after every single ack or nack
+//! decided before it, since it may cover their tags, and the broker closes the channel on an
+//! ack of a tag that is no longer unacked ("unknown delivery tag"), requeueing everything. lapin
+//! runs every ack as a task of its own, so handing frames over in order does not keep them in
+//! order: a `multiple` ack first waits until everything before it is written. Consecutive
+//! `multiple` acks on one channel collapse into the last one (never across a single ack,
+//! whose tag may be higher).
 //!
 //! The queue cannot grow without bound: each command settles at least one delivery, and the
 //! broker never has more than `prefetch` deliveries unacked.
+
+use std::future::Future;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -19,23 +27,58 @@ use tracing::debug;
 
 use crate::metrics::BridgeMetrics;
 
+/// Settles one delivery at the broker: lapin's [`Acker`], or a recording fake in tests.
+trait Settle: Clone + Send + Sync + 'static {
+    /// Acks the delivery (and, with `multiple`, every unacked one before it); false when the
+    /// channel is gone.
+    fn ack(&self, multiple: bool) -> impl Future<Output = bool> + Send;
+    /// Returns the delivery to the queue.
+    fn nack(&self) -> impl Future<Output = ()> + Send;
+}
+
+impl Settle for Acker {
+    async fn ack(&self, multiple: bool) -> bool {
+        matches!(
+            Acker::ack(self, BasicAckOptions { multiple }).await,
+            Ok(true)
+        )
+    }
+
+    async fn nack(&self) {
+        let nack = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        // Requeued either way: by this nack, or by the broker when the channel died.
+        let _ = Acker::nack(self, nack).await;
+    }
+}
+
 /// One decision for the broker.
-enum Command {
+enum Command<A = Acker> {
     /// Ack with `multiple` up to this acker's tag.
     Ack {
         generation: u64,
-        acker: Acker,
+        acker: A,
         acked: u64,
         dead_lettered: u64,
     },
     /// Ack this acker's delivery only.
     AckOne {
         generation: u64,
-        acker: Acker,
+        acker: A,
         dead_lettered: bool,
     },
     /// Return one delivery to the queue.
-    Nack { acker: Acker },
+    Nack { acker: A },
+}
+
+impl<A> Command<A> {
+    /// Whether it must wait until every earlier command is written: a `multiple` ack may
+    /// cover their tags.
+    fn waits_for_earlier(&self) -> bool {
+        matches!(self, Command::Ack { .. })
+    }
 }
 
 /// Handle to the ack-writing task.
@@ -84,7 +127,7 @@ impl AckWriter {
     }
 }
 
-async fn write(mut rx: mpsc::UnboundedReceiver<Command>, metrics: BridgeMetrics) {
+async fn write<A: Settle>(mut rx: mpsc::UnboundedReceiver<Command<A>>, metrics: BridgeMetrics) {
     let mut batch = Vec::new();
     let mut sending = FuturesUnordered::new();
     loop {
@@ -94,8 +137,9 @@ async fn write(mut rx: mpsc::UnboundedReceiver<Command>, metrics: BridgeMetrics)
                     break;
                 }
                 for command in coalesce(batch.drain(..)) {
-                    // The first poll hands the frame to lapin, in decision order; only the
-                    // wait for lapin's I/O thread to write it runs alongside the others.
+                    if command.waits_for_earlier() {
+                        while sending.next().await.is_some() {}
+                    }
                     let mut send = Box::pin(send(command, metrics.clone()));
                     if send.as_mut().now_or_never().is_none() {
                         sending.push(send);
@@ -109,8 +153,8 @@ async fn write(mut rx: mpsc::UnboundedReceiver<Command>, metrics: BridgeMetrics)
 }
 
 /// Merges each run of `multiple` acks on one channel into its last one.
-fn coalesce(commands: impl Iterator<Item = Command>) -> Vec<Command> {
-    let mut merged: Vec<Command> = Vec::new();
+fn coalesce<A: Clone>(commands: impl Iterator<Item = Command<A>>) -> Vec<Command<A>> {
+    let mut merged: Vec<Command<A>> = Vec::new();
     for command in commands {
         if let (
             Some(Command::Ack {
@@ -141,7 +185,7 @@ fn coalesce(commands: impl Iterator<Item = Command>) -> Vec<Command> {
 
 /// Hands one decision to lapin and counts it once written (an ack that could not be sent
 /// counts as requeued: the broker requeues it with the channel).
-async fn send(command: Command, metrics: BridgeMetrics) {
+async fn send<A: Settle>(command: Command<A>, metrics: BridgeMetrics) {
     match command {
         Command::Ack {
             generation,
@@ -149,11 +193,7 @@ async fn send(command: Command, metrics: BridgeMetrics) {
             acked,
             dead_lettered,
         } => {
-            let sent = matches!(
-                acker.ack(BasicAckOptions { multiple: true }).await,
-                Ok(true)
-            );
-            if sent {
+            if acker.ack(true).await {
                 metrics.acks_sent.inc();
                 metrics.deliveries.acked.inc_by(acked);
                 metrics.deliveries.dead_lettered.inc_by(dead_lettered);
@@ -167,10 +207,7 @@ async fn send(command: Command, metrics: BridgeMetrics) {
             acker,
             dead_lettered,
         } => {
-            let sent = matches!(
-                acker.ack(BasicAckOptions { multiple: false }).await,
-                Ok(true)
-            );
+            let sent = acker.ack(false).await;
             let outcome = match (sent, dead_lettered) {
                 (false, _) => &metrics.deliveries.requeued,
                 (true, false) => &metrics.deliveries.acked,
@@ -184,13 +221,90 @@ async fn send(command: Command, metrics: BridgeMetrics) {
             }
         }
         Command::Nack { acker } => {
-            let nack = BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            };
-            // Requeued either way: by this nack, or by the broker when the channel died.
-            let _ = acker.nack(nack).await;
+            acker.nack().await;
             metrics.deliveries.requeued.inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// A delivery whose settlement reaches the "broker" (the log) after its own delay, the way
+    /// lapin's separately scheduled acks can overtake each other.
+    #[derive(Clone)]
+    struct Slow {
+        tag: u64,
+        delay: Duration,
+        broker: Arc<Mutex<Vec<(u64, &'static str)>>>,
+    }
+
+    impl Settle for Slow {
+        async fn ack(&self, multiple: bool) -> bool {
+            tokio::time::sleep(self.delay).await;
+            let kind = if multiple { "multiple" } else { "one" };
+            self.broker.lock().unwrap().push((self.tag, kind));
+            true
+        }
+
+        async fn nack(&self) {
+            tokio::time::sleep(self.delay).await;
+            self.broker.lock().unwrap().push((self.tag, "nack"));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_multiple_ack_reaches_the_broker_after_the_single_acks_and_nacks_before_it() {
+        let broker = Arc::new(Mutex::new(Vec::new()));
+        let slow = |tag, millis| Slow {
+            tag,
+            delay: Duration::from_millis(millis),
+            broker: Arc::clone(&broker),
+        };
+        let metrics = Metrics::new().unwrap().bridge;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write(rx, metrics));
+        // Tags 3 and 4 settle ahead of the unsettled head (acked alone, nacked); then the
+        // whole run up to 6 is settled and acked with `multiple`, which is quick to write.
+        let decided = [
+            Command::AckOne {
+                generation: 1,
+                acker: slow(3, 50),
+                dead_lettered: false,
+            },
+            Command::Nack { acker: slow(4, 30) },
+            Command::Ack {
+                generation: 1,
+                acker: slow(6, 1),
+                acked: 4,
+                dead_lettered: 0,
+            },
+            Command::AckOne {
+                generation: 1,
+                acker: slow(8, 1),
+                dead_lettered: false,
+            },
+        ];
+        for command in decided {
+            commands.send(command).unwrap();
+        }
+        drop(commands);
+        writer.await.unwrap();
+        let arrived = broker.lock().unwrap().clone();
+        let multiple_at = arrived.iter().position(|(_, kind)| *kind == "multiple");
+        let covered_before: Vec<u64> = arrived[..multiple_at.unwrap()]
+            .iter()
+            .map(|(tag, _)| *tag)
+            .collect();
+        assert!(
+            covered_before.contains(&3) && covered_before.contains(&4),
+            "the multiple ack overtook a single ack or nack it covers: {arrived:?}"
+        );
+        assert_eq!(arrived.len(), 4, "{arrived:?}");
     }
 }
