@@ -23,15 +23,11 @@ use lapin::types::AMQPValue;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use warren::amqp::topology::{dead_letter_exchange, dead_letter_queue};
-use warren::amqp::{AmqpSettings, ConfirmedPublisher, ERROR_HEADER};
-use warren::amqp::{OutgoingMessage, PublisherSettings, SourceSettings};
-use warren::bridge::{BridgeSettings, bridge_singleton};
-use warren::delivery::DeliverySettings;
-use warren::entity::InvalidMessage;
+use warren::amqp::{ConfirmedPublisher, ERROR_HEADER, OutgoingMessage, PublisherSettings};
 use warren::entity::store::{Claim, EntityStore, MemoryEntityStore, StoreError};
-use warren::entity::{Entity, EntityError, EntityFactory, EntityId, EntityMessage};
-use warren::metrics::Metrics;
-use warren::node::{ClusterNode, ClusterSettings};
+use warren::{AmqpSettings, BridgeSettings, ClusterNode, ClusterSettings, DeliverySettings};
+use warren::{Entity, EntityError, EntityFactory, EntityId, EntityMessage, InvalidMessage};
+use warren::{Metrics, SourceSettings, bridge_singleton};
 
 type Result<T, E = Box<dyn Error>> = std::result::Result<T, E>;
 

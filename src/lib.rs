@@ -2,10 +2,29 @@
 //! delivery: each message reaches the one entity it belongs to, at least once, in order per
 //! entity, and RabbitMQ is acked only after that entity confirmed.
 //!
-//! Layers, each using the ones below it: [`bridge`] (the stream stage) over [`entity`] (where
-//! entities run) and [`amqp`] (the broker), all built on [`delivery`] (the protocol);
-//! [`metrics`], [`config`] and [`telemetry`] serve every layer. [`order`] is the message
+//! # Start here
+//!
+//! What a user writes, all re-exported at the crate root:
+//! - an entity type: [`Entity`] (and [`EntityMessage`] for what it receives, [`EntityFactory`]
+//!   to make one per id), storing what must survive in an [`entity::store::EntityStore`];
+//! - a node: [`ClusterNode::start_with_singletons`] with [`ClusterSettings`] and
+//!   [`DeliverySettings`], the entities' retries from [`BridgeSettings::runner`];
+//! - the bridge from a queue into the entities: [`bridge_singleton`], run by the node on the
+//!   oldest member with the [`BRIDGE_ROLE`].
+//!
+//! `examples/ledger.rs` does all three for bank accounts; `docs/protocol.md` describes the
+//! protocol underneath.
+//!
+//! # Layers
+//!
+//! Each module uses only the ones below it (`tests/layering.rs` checks it): [`node`] composes
+//! everything; [`bridge`] (the stream stage) sits on [`metrics`], [`sharding`] (where entities
+//! run) and [`entity`]; below them [`delivery`] (the protocol), [`cluster`] (membership, links,
+//! singletons) and [`amqp`] (the broker), which know nothing of each other; at the bottom
+//! [`ids`], [`config`], [`series`], [`telemetry`] and small helpers. [`order`] is the message
 //! contract of the two binaries.
+
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod amqp;
 pub mod backoff;
@@ -25,3 +44,15 @@ pub mod telemetry;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 mod timer;
+
+pub use amqp::{AmqpSettings, SourceSettings};
+pub use bridge::{BRIDGE_ROLE, BridgeSettings, bridge_singleton};
+pub use cluster::singleton::driver::SingletonSpec;
+pub use delivery::DeliverySettings;
+pub use delivery::sharding::driver::{AskError, AskOutcome, ShardingProducerHandle};
+pub use entity::{
+    Entity, EntityError, EntityFactory, EntityMessage, InvalidMessage, RunnerSettings,
+};
+pub use ids::{EntityId, NodeAddr, NodeId};
+pub use metrics::Metrics;
+pub use node::{ClusterNode, ClusterSettings, NodeError};

@@ -1,6 +1,6 @@
 //! How an entity processes one message: in place, retried with backoff (so later messages of
 //! the same entity wait behind it and order holds) until it succeeds or its attempts run out;
-//! only then is it confirmed. The sharded entity task ([`super::sharded`]) reports a message
+//! only then is it confirmed. The sharded entity task ([`crate::sharding::entities`]) reports a message
 //! that ran out of attempts as rejected before confirming it, so its producer dead-letters it.
 
 use std::time::Duration;

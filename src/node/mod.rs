@@ -2,7 +2,7 @@
 //! singleton manager (running the shard coordinator on the oldest shard host), the shard
 //! region with this node's entities, and a ShardingProducerController through which this node
 //! sends to entities wherever they live. Every part gets the same [`NodeContext`]; the
-//! [`router`] hands every message that arrives to the part it is for.
+//! router hands every message that arrives to the part it is for.
 //!
 //! [`ClusterNode::leave`] is the graceful way out: announce Leaving, let the coordinator move
 //! this node's shards and the singleton move to the next oldest node, then stop.

@@ -348,14 +348,19 @@ mod duration_or_off {
 
     const OFF: &str = "off";
 
-    pub fn serialize<S: Serializer>(value: &Option<Duration>, out: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        out: S,
+    ) -> Result<S::Ok, S::Error> {
         match value {
             None => out.serialize_str(OFF),
             Some(duration) => out.serialize_str(&humantime::format_duration(*duration).to_string()),
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<Option<Duration>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        input: D,
+    ) -> Result<Option<Duration>, D::Error> {
         let text = String::deserialize(input)?;
         if text.trim() == OFF {
             return Ok(None);
