@@ -2,11 +2,13 @@
 //! seeded faulty link (and, optionally, a flaky durable queue), and small helpers. Compiled for
 //! tests and behind the `testkit` feature; nothing here runs in production.
 
+pub mod clock;
 pub mod network;
 pub mod simulation;
 
 use crate::delivery::{ConsumerFrame, SeqNr};
 
+pub use clock::Clock;
 pub use simulation::{Outcome, RandomRun, simulate};
 
 /// A loopback port free for both TCP and UDP right now (a cluster node listens on both),
