@@ -275,6 +275,12 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         self.awaiting_confirmation.len()
     }
 
+    /// Chunks of the current message not sent yet: the random suite checks none are left.
+    #[cfg(any(test, feature = "testkit"))]
+    pub(crate) fn unsent_chunks_len(&self) -> usize {
+        self.remaining_chunks.len()
+    }
+
     /// Gives back buffer memory kept from busier times (for controllers that sit idle).
     pub fn shrink_buffers(&mut self) {
         self.unconfirmed.shrink_to_fit();

@@ -9,7 +9,7 @@ pub mod simulation;
 use crate::delivery::{ConsumerFrame, SeqNr};
 
 pub use clock::Clock;
-pub use simulation::{Outcome, RandomRun, simulate};
+pub use simulation::{Leftover, Outcome, RandomRun, simulate};
 
 /// A loopback port free for both TCP and UDP right now (a cluster node listens on both),
 /// picked below the kernel's ephemeral range: a port from that range (what binding port 0
