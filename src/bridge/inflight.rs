@@ -261,6 +261,7 @@ impl<T> InFlight<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::Clock;
 
     fn table() -> InFlight<u64> {
         InFlight::new(Duration::from_secs(60), usize::MAX)
@@ -274,8 +275,8 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn acks_only_a_contiguous_settled_prefix() {
+    #[test]
+    fn acks_only_a_contiguous_settled_prefix() {
         let mut t = table();
         let now = Instant::now();
         let keys: Vec<DeliveryKey> = (1..=4).map(|tag| t.insert(tag, now)).collect();
@@ -295,10 +296,11 @@ mod tests {
         assert!(t.is_empty());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn settling_twice_or_an_unknown_key_changes_nothing() {
+    #[test]
+    fn settling_twice_or_an_unknown_key_changes_nothing() {
+        let now = Instant::now();
         let mut t = table();
-        let key = t.insert(1, Instant::now());
+        let key = t.insert(1, now);
         t.settle(key, Settlement::Requeued);
         assert_eq!(t.settle(key, Settlement::Acked), Settled::Ignored);
         assert_eq!(
@@ -308,31 +310,32 @@ mod tests {
         assert_eq!(popped(&mut t), vec![(1, Settlement::Requeued)]);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn deliveries_past_their_deadline_are_reported_once_settled_they_are_not() {
+    #[test]
+    fn deliveries_past_their_deadline_are_reported_once_settled_they_are_not() {
+        let mut clock = Clock::new();
         let mut t = table();
-        let a = t.insert(1, Instant::now());
-        tokio::time::advance(Duration::from_secs(10)).await;
-        let b = t.insert(2, Instant::now());
+        let a = t.insert(1, clock.now());
+        clock.advance(Duration::from_secs(10));
+        let b = t.insert(2, clock.now());
         assert_eq!(
             t.next_deadline(),
-            Some(Instant::now() + Duration::from_secs(50))
+            Some(clock.now() + Duration::from_secs(50))
         );
-        tokio::time::advance(Duration::from_secs(50)).await;
+        clock.advance(Duration::from_secs(50));
         let mut expired = Vec::new();
-        t.expire(Instant::now(), &mut expired);
+        t.expire(clock.now(), &mut expired);
         assert_eq!(expired, vec![a]);
         t.settle(a, Settlement::Requeued);
         assert_eq!(
             t.next_deadline(),
-            Some(Instant::now() + Duration::from_secs(10))
+            Some(clock.now() + Duration::from_secs(10))
         );
         t.settle(b, Settlement::Acked);
         assert_eq!(t.next_deadline(), None);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn orphans_of_a_lost_channel_count_until_confirmed_and_never_block_new_acks() {
+    #[test]
+    fn orphans_of_a_lost_channel_count_until_confirmed_and_never_block_new_acks() {
         let mut t = table();
         let now = Instant::now();
         let old_pending = t.insert(1, now);
@@ -350,45 +353,49 @@ mod tests {
         assert!(t.is_empty());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_orphan_nobody_works_on_is_not_kept() {
+    #[test]
+    fn an_orphan_nobody_works_on_is_not_kept() {
+        let now = Instant::now();
         let mut t = table();
-        t.insert(1, Instant::now());
-        t.insert(2, Instant::now());
+        t.insert(1, now);
+        t.insert(2, now);
         assert_eq!(t.orphan_all(|_, held| *held == 2), 2);
         assert_eq!(t.len(), 1);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_delivery_being_dead_lettered_is_exempt_from_its_deadline() {
+    #[test]
+    fn a_delivery_being_dead_lettered_is_exempt_from_its_deadline() {
+        let mut clock = Clock::new();
         let mut t = table();
-        let key = t.insert(1, Instant::now());
+        let key = t.insert(1, clock.now());
         t.mark_settling(key);
         assert_eq!(t.next_deadline(), None);
-        tokio::time::advance(Duration::from_secs(61)).await;
+        clock.advance(Duration::from_secs(61));
         let mut expired = Vec::new();
-        t.expire(Instant::now(), &mut expired);
+        t.expire(clock.now(), &mut expired);
         assert!(expired.is_empty());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn orphans_stay_counted_past_any_deadline_until_their_outcome() {
+    #[test]
+    fn orphans_stay_counted_past_any_deadline_until_their_outcome() {
+        let mut clock = Clock::new();
         let mut t = table();
-        let key = t.insert(1, Instant::now());
+        let key = t.insert(1, clock.now());
         t.orphan_all(|_, _| true);
-        tokio::time::advance(Duration::from_secs(3600)).await;
+        clock.advance(Duration::from_secs(3600));
         let mut expired = Vec::new();
-        t.expire(Instant::now(), &mut expired);
+        t.expire(clock.now(), &mut expired);
         assert!(expired.is_empty());
         assert_eq!(t.len(), 1);
         assert_eq!(t.settle(key, Settlement::Acked), Settled::Orphan);
         assert!(t.is_empty());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_requeued_delivery_still_held_keeps_its_place_until_its_outcome() {
+    #[test]
+    fn a_requeued_delivery_still_held_keeps_its_place_until_its_outcome() {
+        let now = Instant::now();
         let mut t = table();
-        let key = t.insert(1, Instant::now());
+        let key = t.insert(1, now);
         t.requeue_held(key);
         assert_eq!(popped(&mut t), vec![(1, Settlement::Requeued)]);
         assert_eq!(t.len(), 1, "its message is still with the entities");
@@ -439,8 +446,8 @@ mod tests {
     /// fewer than `bound` are working and the broker's window has room, and acks as the driver
     /// does. Never an ack before a confirmation, never a bad single ack, never the window full
     /// of finished work, and everything acked in the end.
-    #[tokio::test(start_paused = true)]
-    async fn random_speeds_never_ack_early_and_never_fill_the_window_with_finished_work() {
+    #[test]
+    fn random_speeds_never_ack_early_and_never_fill_the_window_with_finished_work() {
         use rand::rngs::SmallRng;
         use rand::{Rng, SeedableRng};
         for seed in 0..200_u64 {

@@ -220,6 +220,18 @@ impl<M> ConsumerController<M> {
     pub fn is_stopped(&self) -> bool {
         matches!(self.phase, Phase::Stopped)
     }
+
+    /// Messages stashed behind the outstanding delivery: the random suite checks none are left.
+    #[cfg(any(test, feature = "testkit"))]
+    pub(crate) fn stashed_len(&self) -> usize {
+        self.stash.len()
+    }
+
+    /// Chunks held toward a message not yet whole: the random suite checks none are left.
+    #[cfg(any(test, feature = "testkit"))]
+    pub(crate) fn reassembling_len(&self) -> usize {
+        self.reassembly.as_ref().map_or(0, |r| r.pieces.len())
+    }
 }
 
 impl<M: Clone + 'static> ConsumerController<M> {

@@ -13,7 +13,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::delivery::codec::{Codec, CodecError};
@@ -21,9 +20,7 @@ use crate::delivery::durable::front::DurableFront;
 use crate::delivery::durable::{
     DurableError, DurableState, MessageSent, NO_QUALIFIER, StoreClient, StoreRequest,
 };
-use crate::delivery::protocol::{
-    Chunk, ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
-};
+use crate::delivery::protocol::{ConsumerFrame, ProducerId, ProducerRef, SeqNr, SequencedMessage};
 use crate::delivery::settings::{ProducerSettings, timer_interval};
 
 /// What the ProducerController tells its producer.
@@ -275,6 +272,12 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         self.awaiting_confirmation.len()
     }
 
+    /// Chunks of the current message not sent yet: the random suite checks none are left.
+    #[cfg(any(test, feature = "testkit"))]
+    pub(crate) fn unsent_chunks_len(&self) -> usize {
+        self.remaining_chunks.len()
+    }
+
     /// Gives back buffer memory kept from busier times (for controllers that sit idle).
     pub fn shrink_buffers(&mut self) {
         self.unconfirmed.shrink_to_fit();
@@ -511,47 +514,6 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
             self.send_chunks(now);
         }
         Ok(last_seq_nr)
-    }
-
-    /// Appends the message to `remaining_chunks` as one or more sequenced messages on
-    /// consecutive sequence numbers.
-    fn chunk(&mut self, message: M, ack: bool) -> Result<(), ProducerError> {
-        let (producer, current, first) = (&self.me, self.current_seq_nr, self.first_seq_nr);
-        let sequenced = |offset: u64, payload: Payload<M>, last: bool| {
-            let seq_nr = current.plus(offset);
-            SequencedMessage {
-                producer: producer.clone(),
-                seq_nr,
-                payload,
-                first: seq_nr == first,
-                ack: ack && last,
-            }
-        };
-        let Some((size, codec)) = &self.chunking else {
-            let whole = sequenced(0, Payload::Message(message), true);
-            self.remaining_chunks.push_back(whole);
-            return Ok(());
-        };
-        let bytes = Bytes::from(codec.encode(&message)?);
-        let chunks = Chunk::split(&bytes, *size).enumerate().map(|(i, chunk)| {
-            let last = chunk.last_chunk;
-            sequenced(i as u64, Payload::Chunk(chunk), last)
-        });
-        self.remaining_chunks.extend(chunks);
-        Ok(())
-    }
-
-    /// Sends chunks while the consumer's window allows (no durable queue).
-    fn send_chunks(&mut self, now: Instant) {
-        while self
-            .remaining_chunks
-            .front()
-            .is_some_and(|m| m.seq_nr <= self.requested_seq_nr)
-        {
-            if let Some(chunk) = self.remaining_chunks.pop_front() {
-                self.on_msg(chunk, now);
-            }
-        }
     }
 
     /// Stores the next chunk if the window allows and no store is under way (durable queue).
@@ -797,5 +759,6 @@ impl<M: Clone + 'static, T> StoreClient<M> for ProducerController<M, T> {
     }
 }
 
+mod chunking;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,6 @@
 //! Sharding scenarios on the sans-IO cores: several nodes' regions and the coordinator (moved
 //! to the oldest node, as the singleton would be) wired through a message queue with seeded
-//! faults, entities played by the harness, on paused time.
+//! faults, entities played by the harness, on the harness's own clock.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -15,6 +15,7 @@ use super::region::{EntityCommand, Region, RegionSettings};
 use super::shard::shard_of;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
 use crate::ids::EntityId;
+use crate::testkit::Clock;
 
 const ROLE: &str = "host";
 
@@ -60,6 +61,7 @@ struct Harness {
     /// Every message each entity processed, with the node it ran on.
     received: BTreeMap<EntityId, Vec<(NodeAddr, u64)>>,
     crashed: BTreeSet<NodeAddr>,
+    clock: Clock,
 }
 
 impl Harness {
@@ -75,6 +77,7 @@ impl Harness {
             stopping: Vec::new(),
             received: BTreeMap::new(),
             crashed: BTreeSet::new(),
+            clock: Clock::new(),
         }
     }
 
@@ -128,7 +131,7 @@ impl Harness {
 
     /// Every live node gets the same view; the coordinator moves to the oldest Up node.
     fn publish_view(&mut self) {
-        let now = Instant::now();
+        let now = self.clock.now();
         let nodes: Vec<NodeAddr> = self.regions.keys().cloned().collect();
         for node in &nodes {
             let view = self.view(node);
@@ -171,7 +174,7 @@ impl Harness {
     }
 
     fn send(&mut self, from: &str, to: u64, message: u64) {
-        let now = Instant::now();
+        let now = self.clock.now();
         if let Some(region) = self.regions.get_mut(&addr(from)) {
             region.deliver(entity(to), message, now);
         }
@@ -182,7 +185,7 @@ impl Harness {
     fn pump(&mut self) {
         for _ in 0..10_000 {
             let mut moved = false;
-            let now = Instant::now();
+            let now = self.clock.now();
             for (node, region) in self.regions.iter_mut() {
                 while let Some((to, message)) = region.poll_transmit() {
                     self.wire.push_back((node.clone(), to, message));
@@ -263,7 +266,7 @@ impl Harness {
 
     /// Entities asked to stop finish stopping.
     fn finish_stops(&mut self) {
-        let now = Instant::now();
+        let now = self.clock.now();
         for (node, entity) in std::mem::take(&mut self.stopping) {
             if let Some(live) = self.live.get_mut(&node) {
                 live.remove(&entity);
@@ -275,12 +278,12 @@ impl Harness {
         self.pump();
     }
 
-    async fn run_for(&mut self, total: Duration) {
+    fn run_for(&mut self, total: Duration) {
         let step = Duration::from_millis(100);
-        let end = Instant::now() + total;
-        while Instant::now() < end {
-            tokio::time::advance(step).await;
-            let now = Instant::now();
+        let end = self.clock.now() + total;
+        while self.clock.now() < end {
+            self.clock.advance(step);
+            let now = self.clock.now();
             for region in self.regions.values_mut() {
                 region.handle_timeout(now);
             }
@@ -318,17 +321,17 @@ impl Harness {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn messages_reach_their_entities_and_shards_spread_over_the_nodes() {
+#[test]
+fn messages_reach_their_entities_and_shards_spread_over_the_nodes() {
     let mut h = Harness::new(1, Faults::default());
     h.add_node("a", 1);
     h.add_node("b", 2);
     h.add_node("c", 3);
-    h.run_for(Duration::from_secs(1)).await;
+    h.run_for(Duration::from_secs(1));
     for n in 0..60 {
         h.send(["a", "b", "c"][n as usize % 3], n, n * 10);
     }
-    h.run_for(Duration::from_secs(5)).await;
+    h.run_for(Duration::from_secs(5));
     for n in 0..60 {
         assert_eq!(h.messages_of(n), vec![n * 10], "entity {n}");
     }
@@ -342,17 +345,17 @@ async fn messages_reach_their_entities_and_shards_spread_over_the_nodes() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_joining_node_takes_shards_without_an_entity_ever_running_twice() {
+#[test]
+fn a_joining_node_takes_shards_without_an_entity_ever_running_twice() {
     let mut h = Harness::new(2, Faults::default());
     h.add_node("a", 1);
     h.add_node("b", 2);
-    h.run_for(Duration::from_secs(1)).await;
+    h.run_for(Duration::from_secs(1));
     // Every shard gets a home on a or b.
     for n in 0..200 {
         h.send("a", n, 1);
     }
-    h.run_for(Duration::from_secs(3)).await;
+    h.run_for(Duration::from_secs(3));
     assert_eq!(h.shards_per_node().values().sum::<usize>(), 20);
     h.add_node("c", 3);
     // Keep sending while shards move.
@@ -360,9 +363,9 @@ async fn a_joining_node_takes_shards_without_an_entity_ever_running_twice() {
         for n in 0..200 {
             h.send(["a", "b", "c"][n as usize % 3], n, round);
         }
-        h.run_for(Duration::from_secs(1)).await;
+        h.run_for(Duration::from_secs(1));
     }
-    h.run_for(Duration::from_secs(10)).await;
+    h.run_for(Duration::from_secs(10));
     let spread = h.shards_per_node();
     assert!(spread.values().all(|c| (6..=7).contains(c)), "{spread:?}");
     for n in 0..200 {
@@ -383,36 +386,36 @@ async fn a_joining_node_takes_shards_without_an_entity_ever_running_twice() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_joining_node_gets_its_share_of_shards_without_any_traffic() {
+#[test]
+fn a_joining_node_gets_its_share_of_shards_without_any_traffic() {
     let mut h = Harness::new(4, Faults::default());
     h.add_node("a", 1);
     h.add_node("b", 2);
-    h.run_for(Duration::from_secs(1)).await;
+    h.run_for(Duration::from_secs(1));
     for n in 0..200 {
         h.send("a", n, 1);
     }
-    h.run_for(Duration::from_secs(3)).await;
+    h.run_for(Duration::from_secs(3));
     assert_eq!(h.shards_per_node().values().sum::<usize>(), 20);
     // No message after the join: moved shards must still land on c, not vanish.
     h.add_node("c", 3);
-    h.run_for(Duration::from_secs(20)).await;
+    h.run_for(Duration::from_secs(20));
     let spread = h.shards_per_node();
     assert_eq!(spread.values().sum::<usize>(), 20, "{spread:?}");
     assert!(spread.values().all(|c| (6..=7).contains(c)), "{spread:?}");
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_crashed_nodes_shards_are_hosted_elsewhere_and_its_entities_restart_there() {
+#[test]
+fn a_crashed_nodes_shards_are_hosted_elsewhere_and_its_entities_restart_there() {
     let mut h = Harness::new(3, Faults::default());
     h.add_node("a", 1);
     h.add_node("b", 2);
     h.add_node("c", 3);
-    h.run_for(Duration::from_secs(1)).await;
+    h.run_for(Duration::from_secs(1));
     for n in 0..100 {
         h.send("a", n, 1);
     }
-    h.run_for(Duration::from_secs(3)).await;
+    h.run_for(Duration::from_secs(3));
     let on_c: Vec<u64> = (0..100)
         .filter(|n| h.received[&entity(*n)][0].0 == addr("c"))
         .collect();
@@ -421,7 +424,7 @@ async fn a_crashed_nodes_shards_are_hosted_elsewhere_and_its_entities_restart_th
     for n in 0..100 {
         h.send("b", n, 2);
     }
-    h.run_for(Duration::from_secs(5)).await;
+    h.run_for(Duration::from_secs(5));
     for n in on_c {
         let last = h.received[&entity(n)].last().unwrap();
         assert_eq!(last.1, 2);
@@ -430,23 +433,23 @@ async fn a_crashed_nodes_shards_are_hosted_elsewhere_and_its_entities_restart_th
     assert_eq!(h.shards_per_node().values().sum::<usize>(), 20);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_leaving_node_hands_off_every_shard_and_the_coordinator_moves_with_it() {
+#[test]
+fn a_leaving_node_hands_off_every_shard_and_the_coordinator_moves_with_it() {
     let mut h = Harness::new(4, Faults::default());
     h.add_node("a", 1);
     h.add_node("b", 2);
     h.add_node("c", 3);
-    h.run_for(Duration::from_secs(1)).await;
+    h.run_for(Duration::from_secs(1));
     for n in 0..100 {
         h.send("b", n, 1);
     }
-    h.run_for(Duration::from_secs(3)).await;
+    h.run_for(Duration::from_secs(3));
     // a (the oldest, so also the coordinator's node) leaves.
     h.set_status("a", MemberStatus::Leaving);
     for n in 0..100 {
         h.send("b", n, 2);
     }
-    h.run_for(Duration::from_secs(8)).await;
+    h.run_for(Duration::from_secs(8));
     assert_eq!(h.shards_per_node()["a"], 0, "{:?}", h.shards_per_node());
     for n in 0..100 {
         assert_eq!(h.messages_of(n), vec![1, 2], "entity {n}");
@@ -455,8 +458,8 @@ async fn a_leaving_node_hands_off_every_shard_and_the_coordinator_moves_with_it(
 
 /// Lost, duplicated and reordered control messages: shards still all find a home, messages
 /// sent after the cluster settled arrive, and no entity ever runs on two nodes at once.
-#[tokio::test(start_paused = true)]
-async fn faulty_links_never_give_an_entity_two_homes() {
+#[test]
+fn faulty_links_never_give_an_entity_two_homes() {
     for seed in 0..20 {
         let faults = Faults {
             drop: 0.2,
@@ -466,19 +469,19 @@ async fn faulty_links_never_give_an_entity_two_homes() {
         let mut h = Harness::new(seed, faults);
         h.add_node("a", 1);
         h.add_node("b", 2);
-        h.run_for(Duration::from_secs(1)).await;
+        h.run_for(Duration::from_secs(1));
         for n in 0..50 {
             h.send("a", n, 1);
         }
         h.add_node("c", 3);
-        h.run_for(Duration::from_secs(6)).await;
+        h.run_for(Duration::from_secs(6));
         h.crash("a");
-        h.run_for(Duration::from_secs(10)).await;
+        h.run_for(Duration::from_secs(10));
         h.faults = Faults::default();
         for n in 0..50 {
             h.send("b", n, 2);
         }
-        h.run_for(Duration::from_secs(5)).await;
+        h.run_for(Duration::from_secs(5));
         for n in 0..50 {
             assert_eq!(
                 h.messages_of(n).last(),
@@ -509,8 +512,8 @@ fn view_of(me: &str, members: &[(&str, u64, MemberStatus)]) -> ClusterView {
 
 /// The coordinator's view can lag the region's: a home it names on a node the region already
 /// knows is down must not swallow the messages.
-#[tokio::test(start_paused = true)]
-async fn a_region_does_not_send_to_a_home_it_knows_is_down() {
+#[test]
+fn a_region_does_not_send_to_a_home_it_knows_is_down() {
     let now = Instant::now();
     let mut region: Region<u64> = Region::new(Harness::settings(), ROLE, addr("b"));
     region.handle_view(
@@ -573,8 +576,8 @@ async fn a_region_does_not_send_to_a_home_it_knows_is_down() {
 
 /// With messages buffered and nobody to ask (the coordinator's node changed, or none is Up),
 /// the region's next deadline must not stay in the past: its driver would spin.
-#[tokio::test(start_paused = true)]
-async fn a_region_without_a_coordinator_to_ask_does_not_wake_constantly() {
+#[test]
+fn a_region_without_a_coordinator_to_ask_does_not_wake_constantly() {
     let now = Instant::now();
     let mut region: Region<u64> = Region::new(Harness::settings(), ROLE, addr("b"));
     let both = [("a", 1, MemberStatus::Up), ("b", 2, MemberStatus::Up)];
@@ -603,8 +606,8 @@ async fn a_region_without_a_coordinator_to_ask_does_not_wake_constantly() {
 
 /// A failed entity restarts after a pause that doubles with each failure; what arrives for it
 /// meanwhile waits and is delivered at the restart.
-#[tokio::test(start_paused = true)]
-async fn a_failed_entity_restarts_after_a_growing_pause_with_what_waited() {
+#[test]
+fn a_failed_entity_restarts_after_a_growing_pause_with_what_waited() {
     let now = Instant::now();
     let settings = Harness::settings();
     let mut region: Region<u64> = Region::new(settings.clone(), ROLE, addr("b"));

@@ -2,12 +2,14 @@
 //! seeded faulty link (and, optionally, a flaky durable queue), and small helpers. Compiled for
 //! tests and behind the `testkit` feature; nothing here runs in production.
 
+pub mod clock;
 pub mod network;
 pub mod simulation;
 
 use crate::delivery::{ConsumerFrame, SeqNr};
 
-pub use simulation::{Outcome, RandomRun, simulate};
+pub use clock::Clock;
+pub use simulation::{Leftover, Outcome, RandomRun, simulate};
 
 /// A loopback port free for both TCP and UDP right now (a cluster node listens on both),
 /// picked below the kernel's ephemeral range: a port from that range (what binding port 0

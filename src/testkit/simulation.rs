@@ -3,7 +3,9 @@
 //! (delays reorder them), the producer and the consumer take random time, messages may be
 //! chunked, and the durable queue may fail; when the producer controller gives up, it is
 //! restarted from what the queue holds. Everything is drawn from one seed, so any run can be
-//! replayed (Akka's ReliableDeliveryRandomSpec, docs/protocol.md, Test scenarios: RR-*).
+//! replayed (Akka's ReliableDeliveryRandomSpec, docs/protocol.md, Test scenarios: RR-*). Once
+//! the target is reached the run winds down: nothing new is produced, and what the controllers
+//! hold should drain.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -86,6 +88,30 @@ pub struct Outcome {
     pub completed: bool,
     /// Virtual time the run took.
     pub elapsed: Duration,
+    /// What the controllers still held at the end (after the wind-down, if it completed).
+    pub leftover: Leftover,
+}
+
+/// What the controllers hold in their buffers; a run that settled holds nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Leftover {
+    /// Messages the producer keeps for resending, not confirmed yet.
+    pub unconfirmed: usize,
+    /// Replies the producer controller still owes for messages sent with confirmation.
+    pub awaiting_confirmation: usize,
+    /// Chunks of a message the producer has not sent yet.
+    pub unsent_chunks: usize,
+    /// Messages the consumer stashed behind its outstanding delivery.
+    pub stashed: usize,
+    /// Chunks the consumer holds toward a message not yet whole.
+    pub reassembling: usize,
+}
+
+impl Leftover {
+    /// Nothing left in any buffer.
+    pub fn is_empty(&self) -> bool {
+        *self == Leftover::default()
+    }
 }
 
 #[derive(Debug)]
@@ -110,11 +136,16 @@ struct Sim {
     store: DurableState<String>,
     incarnation: u64,
     next_message: u32,
+    /// The target was reached: nothing new is produced while the buffers drain.
+    winding_down: bool,
     outcome: Outcome,
 }
 
 const TIME_LIMIT: Duration = Duration::from_secs(3600);
 const EVENT_LIMIT: u64 = 5_000_000;
+/// How long the buffers may take to drain once the target is reached: many times the longest
+/// retry interval (2 s), so only a buffer that never drains is left over.
+const WIND_DOWN: Duration = Duration::from_secs(60);
 
 /// Runs one simulation to the end.
 pub fn simulate(run: RandomRun) -> Outcome {
@@ -140,6 +171,7 @@ pub fn simulate(run: RandomRun) -> Outcome {
         store: DurableState::default(),
         incarnation: 1,
         next_message: 1,
+        winding_down: false,
         outcome: Outcome::default(),
     };
     sim.producer.start(now);
@@ -154,6 +186,23 @@ pub fn simulate(run: RandomRun) -> Outcome {
     }
     sim.outcome.completed = sim.done();
     sim.outcome.elapsed = sim.now - start;
+    if sim.outcome.completed {
+        // Wind down: what is in flight is confirmed and every buffer should drain.
+        sim.winding_down = true;
+        let settle_by = sim.now + WIND_DOWN;
+        loop {
+            sim.drain();
+            if sim.leftover().is_empty()
+                || sim.next_event > EVENT_LIMIT
+                || sim.now - start > TIME_LIMIT
+                || sim.now > settle_by
+            {
+                break;
+            }
+            sim.advance();
+        }
+    }
+    sim.outcome.leftover = sim.leftover();
     sim.outcome
 }
 
@@ -184,6 +233,16 @@ fn number(message: &str) -> u32 {
 }
 
 impl Sim {
+    fn leftover(&self) -> Leftover {
+        Leftover {
+            unconfirmed: self.producer.unconfirmed_len(),
+            awaiting_confirmation: self.producer.awaiting_confirmation_len(),
+            unsent_chunks: self.producer.unsent_chunks_len(),
+            stashed: self.consumer.stashed_len(),
+            reassembling: self.consumer.reassembling_len(),
+        }
+    }
+
     fn done(&self) -> bool {
         let all = self.run.messages;
         if self.run.only_flow_control {
@@ -315,8 +374,12 @@ impl Sim {
             }
             Event::Produce => {
                 // Without resending, the producer keeps producing (Akka's RR-04 runs until the
-                // consumer passes the target).
-                let more = self.run.only_flow_control || self.next_message <= self.run.messages;
+                // consumer passes the target), and stops there so its buffers can drain.
+                let more = if self.run.only_flow_control {
+                    !self.winding_down
+                } else {
+                    self.next_message <= self.run.messages
+                };
                 if more && self.producer.has_demand() {
                     let n = self.next_message;
                     self.next_message += 1;

@@ -1,13 +1,13 @@
-//! Singleton scenarios on cores wired together in memory, on paused time.
+//! Singleton scenarios on cores wired together in memory, on the harness's own clock; the
+//! driver scenario at the end runs real tasks on paused time.
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use super::core::*;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
+use crate::testkit::Clock;
 
 fn addr(id: &str) -> NodeAddr {
     NodeAddr {
@@ -36,17 +36,19 @@ struct Harness {
     stopping: BTreeSet<NodeAddr>,
     /// Nodes whose messages are lost (crashed).
     dead: BTreeSet<NodeAddr>,
+    clock: Clock,
 }
 
 impl Harness {
     fn new(ids: &[&str]) -> Self {
         // Each starts, as a node does, with a view of itself joining.
+        let clock = Clock::new();
         let cores = ids
             .iter()
             .map(|id| {
                 let mut core = SingletonCore::new("s", "host", addr(id), Duration::from_secs(1));
                 let alone = ClusterView::alone(member(id, 0, MemberStatus::Joining));
-                core.handle_view(alone, Instant::now());
+                core.handle_view(alone, clock.now());
                 (addr(id), core)
             })
             .collect();
@@ -56,6 +58,7 @@ impl Harness {
             running: BTreeSet::new(),
             stopping: BTreeSet::new(),
             dead: BTreeSet::new(),
+            clock,
         }
     }
 
@@ -66,7 +69,7 @@ impl Harness {
         for m in members {
             view.members.insert(m.addr.id.clone(), m.clone());
         }
-        let now = Instant::now();
+        let now = self.clock.now();
         if let Some(core) = self.cores.get_mut(&me) {
             core.handle_view(view, now);
         }
@@ -108,7 +111,7 @@ impl Harness {
                 }
                 moved = true;
                 if let Some(core) = self.cores.get_mut(&to) {
-                    core.handle_message(from, message, Instant::now());
+                    core.handle_message(from, message, self.clock.now());
                 }
             }
             if !moved {
@@ -122,15 +125,15 @@ impl Harness {
         for node in std::mem::take(&mut self.stopping) {
             self.running.remove(&node);
             if let Some(core) = self.cores.get_mut(&node) {
-                core.handle_stopped(Instant::now());
+                core.handle_stopped(self.clock.now());
             }
         }
         self.pump();
     }
 
-    async fn advance(&mut self, by: Duration) {
-        tokio::time::advance(by).await;
-        let now = Instant::now();
+    fn advance(&mut self, by: Duration) {
+        self.clock.advance(by);
+        let now = self.clock.now();
         for core in self.cores.values_mut() {
             core.handle_timeout(now);
         }
@@ -150,24 +153,24 @@ fn three_up() -> Vec<Member> {
     ]
 }
 
-#[tokio::test(start_paused = true)]
-async fn only_the_oldest_starts_and_only_once_the_others_released() {
+#[test]
+fn only_the_oldest_starts_and_only_once_the_others_released() {
     let mut h = Harness::new(&["a", "b", "c"]);
     h.dead.insert(addr("c"));
     h.view_all(&three_up());
-    h.advance(Duration::from_secs(3)).await;
+    h.advance(Duration::from_secs(3));
     assert!(h.running().is_empty(), "c has not answered");
     h.dead.clear();
     h.view("c", &three_up());
-    h.advance(Duration::from_secs(1)).await;
+    h.advance(Duration::from_secs(1));
     assert_eq!(h.running(), vec!["a"]);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_leaving_holder_stops_before_the_next_oldest_starts() {
+#[test]
+fn a_leaving_holder_stops_before_the_next_oldest_starts() {
     let mut h = Harness::new(&["a", "b", "c"]);
     h.view_all(&three_up());
-    h.advance(Duration::from_secs(1)).await;
+    h.advance(Duration::from_secs(1));
     assert_eq!(h.running(), vec!["a"]);
 
     let mut leaving = three_up();
@@ -175,19 +178,19 @@ async fn a_leaving_holder_stops_before_the_next_oldest_starts() {
     h.view_all(&leaving);
     assert_eq!(h.running(), vec!["a"], "still stopping");
     assert!(h.stopping.contains(&addr("a")));
-    h.advance(Duration::from_secs(3)).await;
+    h.advance(Duration::from_secs(3));
     assert_eq!(h.running(), vec!["a"], "b waits however long a takes");
     h.finish_stopping();
     assert_eq!(h.running(), vec!["b"]);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_crashed_holder_is_replaced_once_it_is_down() {
+#[test]
+fn a_crashed_holder_is_replaced_once_it_is_down() {
     let mut h = Harness::new(&["a", "b", "c"]);
     h.view_all(&three_up());
-    h.advance(Duration::from_secs(1)).await;
+    h.advance(Duration::from_secs(1));
     h.dead.insert(addr("a"));
-    h.advance(Duration::from_secs(5)).await;
+    h.advance(Duration::from_secs(5));
     assert_eq!(h.running(), vec!["a"], "unreachable is not down");
     let mut down = three_up();
     down[0].status = MemberStatus::Down;
@@ -196,8 +199,8 @@ async fn a_crashed_holder_is_replaced_once_it_is_down() {
     assert_eq!(h.running(), vec!["b"]);
 }
 
-#[tokio::test(start_paused = true)]
-async fn two_nodes_that_each_think_they_are_oldest_never_both_run_it() {
+#[test]
+fn two_nodes_that_each_think_they_are_oldest_never_both_run_it() {
     let mut h = Harness::new(&["a", "b"]);
     let a_up = vec![
         member("a", 1, MemberStatus::Up),
@@ -214,25 +217,25 @@ async fn two_nodes_that_each_think_they_are_oldest_never_both_run_it() {
     // a is Up now and thinks it is the oldest; b does not release while it thinks so too.
     h.view("a", &a_up);
     for _ in 0..5 {
-        h.advance(Duration::from_secs(1)).await;
+        h.advance(Duration::from_secs(1));
         assert_eq!(h.running(), vec!["b"]);
     }
     // Views agree: b hands over.
     h.view("b", &a_up);
     h.finish_stopping();
-    h.advance(Duration::from_secs(1)).await;
+    h.advance(Duration::from_secs(1));
     assert_eq!(h.running(), vec!["a"]);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_joining_older_node_does_not_displace_a_running_instance_until_up() {
+#[test]
+fn a_joining_older_node_does_not_displace_a_running_instance_until_up() {
     let mut h = Harness::new(&["a", "b"]);
     let only_b = vec![
         member("b", 2, MemberStatus::Up),
         member("a", 1, MemberStatus::Joining),
     ];
     h.view_all(&only_b);
-    h.advance(Duration::from_secs(1)).await;
+    h.advance(Duration::from_secs(1));
     assert_eq!(h.running(), vec!["b"]);
     // a becomes Up and is older: b hands over.
     let both = vec![
@@ -242,15 +245,15 @@ async fn a_joining_older_node_does_not_displace_a_running_instance_until_up() {
     h.view_all(&both);
     assert_eq!(h.running(), vec!["b"]);
     h.finish_stopping();
-    h.advance(Duration::from_secs(1)).await;
+    h.advance(Duration::from_secs(1));
     assert_eq!(h.running(), vec!["a"]);
 }
 
 /// Random view changes (every node sees the same views, as converged gossip does) and random
 /// stop delays: never two instances at once, and once views settle, exactly one runs where
 /// it belongs.
-#[tokio::test(start_paused = true)]
-async fn random_membership_changes_never_run_two_instances() {
+#[test]
+fn random_membership_changes_never_run_two_instances() {
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
     for seed in 0..100u64 {
@@ -275,8 +278,7 @@ async fn random_membership_changes_never_run_two_instances() {
                 h.finish_stopping();
                 assert!(h.running.len() <= 1, "seed {seed}: {:?}", h.running());
             }
-            h.advance(Duration::from_millis(rng.random_range(0..1500)))
-                .await;
+            h.advance(Duration::from_millis(rng.random_range(0..1500)));
             assert!(h.running.len() <= 1, "seed {seed}: {:?}", h.running());
         }
         for m in members.iter_mut() {
@@ -284,9 +286,9 @@ async fn random_membership_changes_never_run_two_instances() {
         }
         h.view_all(&members);
         h.finish_stopping();
-        h.advance(Duration::from_secs(1)).await;
+        h.advance(Duration::from_secs(1));
         h.finish_stopping();
-        h.advance(Duration::from_secs(1)).await;
+        h.advance(Duration::from_secs(1));
         assert_eq!(h.running(), vec!["a"], "seed {seed}");
     }
 }

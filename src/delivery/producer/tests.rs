@@ -3,10 +3,13 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::*;
 use crate::delivery::codec::TextCodec;
 use crate::delivery::durable::{accept_confirmed, accept_message_sent};
-use crate::testkit::request;
+use crate::delivery::protocol::{Chunk, Payload};
+use crate::testkit::{Clock, request};
 
 type Pc = ProducerController<String, u32>;
 
@@ -105,8 +108,8 @@ fn unconfirmed_seqs(store: &DurableState<String>) -> Vec<u64> {
     store.unconfirmed.iter().map(|m| m.seq_nr.0).collect()
 }
 
-#[tokio::test(start_paused = true)]
-async fn requests_the_first_message_once_producer_and_consumer_are_known() {
+#[test]
+fn requests_the_first_message_once_producer_and_consumer_are_known() {
     let now = Instant::now();
     let mut pc = Pc::new(ProducerId::new("p"), 1, settings());
     pc.start(now);
@@ -115,8 +118,8 @@ async fn requests_the_first_message_once_producer_and_consumer_are_known() {
     assert_eq!(events(&mut pc), vec![request_next(1, 0)]);
 }
 
-#[tokio::test(start_paused = true)]
-async fn pushes_the_first_message_before_any_request_then_waits_for_demand() {
+#[test]
+fn pushes_the_first_message_before_any_request_then_waits_for_demand() {
     let now = Instant::now();
     let mut pc = active(now);
     events(&mut pc);
@@ -129,27 +132,28 @@ async fn pushes_the_first_message_before_any_request_then_waits_for_demand() {
 }
 
 // PC-01
-#[tokio::test(start_paused = true)]
-async fn resends_the_first_message_every_interval_until_it_is_confirmed() {
-    let start = Instant::now();
+#[test]
+fn resends_the_first_message_every_interval_until_it_is_confirmed() {
+    let mut clock = Clock::new();
+    let start = clock.now();
     let mut pc = active(start);
     pc.send(msg("a"), start).unwrap();
     transmitted(&mut pc);
     assert_eq!(pc.poll_timeout(), Some(start + Duration::from_secs(1)));
-    tokio::time::advance(Duration::from_secs(1)).await;
-    pc.handle_timeout(Instant::now());
+    clock.advance(Duration::from_secs(1));
+    pc.handle_timeout(clock.now());
     assert_eq!(transmitted(&mut pc), vec![(1, true)]);
     assert_eq!(pc.poll_timeout(), Some(start + Duration::from_secs(2)));
-    pc.handle_frame(request(1, 10), Instant::now()).unwrap();
+    pc.handle_frame(request(1, 10), clock.now()).unwrap();
     assert_eq!(pc.poll_timeout(), None);
-    tokio::time::advance(Duration::from_millis(1100)).await;
-    pc.handle_timeout(Instant::now());
+    clock.advance(Duration::from_millis(1100));
+    pc.handle_timeout(clock.now());
     assert!(transmitted(&mut pc).is_empty());
 }
 
 // PC-02
-#[tokio::test(start_paused = true)]
-async fn resends_from_the_requested_seq_nr_on_resend() {
+#[test]
+fn resends_from_the_requested_seq_nr_on_resend() {
     let now = Instant::now();
     let mut pc = active(now);
     pc.send(msg("1"), now).unwrap();
@@ -165,8 +169,8 @@ async fn resends_from_the_requested_seq_nr_on_resend() {
 }
 
 // PC-03
-#[tokio::test(start_paused = true)]
-async fn resends_the_lost_tail_on_a_request_via_timeout() {
+#[test]
+fn resends_the_lost_tail_on_a_request_via_timeout() {
     let now = Instant::now();
     let mut pc = active(now);
     pc.send(msg("1"), now).unwrap();
@@ -188,9 +192,10 @@ async fn resends_the_lost_tail_on_a_request_via_timeout() {
 }
 
 // PC-04
-#[tokio::test(start_paused = true)]
-async fn a_new_consumer_gets_the_first_unconfirmed_marked_first_then_the_rest() {
-    let now = Instant::now();
+#[test]
+fn a_new_consumer_gets_the_first_unconfirmed_marked_first_then_the_rest() {
+    let mut clock = Clock::new();
+    let now = clock.now();
     let mut pc = active(now);
     pc.send(msg("1"), now).unwrap();
     pc.handle_frame(request(1, 10), now).unwrap();
@@ -199,17 +204,17 @@ async fn a_new_consumer_gets_the_first_unconfirmed_marked_first_then_the_rest() 
     transmitted(&mut pc);
     pc.register_consumer(now);
     assert_eq!(transmitted(&mut pc), vec![(2, true)]);
-    tokio::time::advance(Duration::from_secs(1)).await;
-    pc.handle_timeout(Instant::now());
+    clock.advance(Duration::from_secs(1));
+    pc.handle_timeout(clock.now());
     assert_eq!(transmitted(&mut pc), vec![(2, true)]);
-    pc.handle_frame(request(2, 10), Instant::now()).unwrap();
+    pc.handle_frame(request(2, 10), clock.now()).unwrap();
     assert_eq!(transmitted(&mut pc), vec![(3, false)]);
-    assert_eq!(pc.send(msg("4"), Instant::now()), Ok(SeqNr(4)));
+    assert_eq!(pc.send(msg("4"), clock.now()), Ok(SeqNr(4)));
 }
 
 // PC-05
-#[tokio::test(start_paused = true)]
-async fn confirms_in_order_including_messages_whose_ack_was_lost() {
+#[test]
+fn confirms_in_order_including_messages_whose_ack_was_lost() {
     let now = Instant::now();
     let mut pc = active(now);
     events(&mut pc);
@@ -244,8 +249,8 @@ async fn confirms_in_order_including_messages_whose_ack_was_lost() {
 }
 
 // PC-06
-#[tokio::test(start_paused = true)]
-async fn a_restarted_producer_takes_over_the_pending_demand() {
+#[test]
+fn a_restarted_producer_takes_over_the_pending_demand() {
     let now = Instant::now();
     let mut pc = active(now);
     pc.send(msg("1"), now).unwrap();
@@ -259,8 +264,8 @@ async fn a_restarted_producer_takes_over_the_pending_demand() {
 }
 
 // PC-07
-#[tokio::test(start_paused = true)]
-async fn chunks_a_large_message_on_consecutive_seq_nrs_within_the_window() {
+#[test]
+fn chunks_a_large_message_on_consecutive_seq_nrs_within_the_window() {
     let now = Instant::now();
     let mut pc = active_with(chunked(1), now);
     events(&mut pc);
@@ -285,8 +290,8 @@ async fn chunks_a_large_message_on_consecutive_seq_nrs_within_the_window() {
 }
 
 // PC-08
-#[tokio::test(start_paused = true)]
-async fn without_resend_support_nothing_is_buffered_or_resent() {
+#[test]
+fn without_resend_support_nothing_is_buffered_or_resent() {
     let now = Instant::now();
     let mut pc = active(now);
     pc.send(msg("1"), now).unwrap();
@@ -308,8 +313,8 @@ async fn without_resend_support_nothing_is_buffered_or_resent() {
 }
 
 // PC-09
-#[tokio::test(start_paused = true)]
-async fn without_resend_support_replies_still_come_for_lost_messages() {
+#[test]
+fn without_resend_support_replies_still_come_for_lost_messages() {
     let now = Instant::now();
     let mut pc = active(now);
     let no_resend = |confirmed, up_to| ConsumerFrame::Request {
@@ -346,8 +351,8 @@ async fn without_resend_support_replies_still_come_for_lost_messages() {
 }
 
 // NET-01
-#[tokio::test(start_paused = true)]
-async fn the_reply_to_a_chunked_message_carries_its_last_chunk() {
+#[test]
+fn the_reply_to_a_chunked_message_carries_its_last_chunk() {
     let now = Instant::now();
     let mut pc = active_with(chunked(1), now);
     assert_eq!(pc.send_with_confirmation(msg("abc"), 9, now), Ok(SeqNr(3)));
@@ -363,8 +368,8 @@ async fn the_reply_to_a_chunked_message_carries_its_last_chunk() {
 }
 
 // NET-02
-#[tokio::test(start_paused = true)]
-async fn a_last_chunk_shorter_than_the_chunk_size_is_fine() {
+#[test]
+fn a_last_chunk_shorter_than_the_chunk_size_is_fine() {
     let now = Instant::now();
     let mut pc = active_with(chunked(1024), now);
     let text = "x".repeat(10_000);
@@ -382,8 +387,8 @@ async fn a_last_chunk_shorter_than_the_chunk_size_is_fine() {
 }
 
 // NET-03
-#[tokio::test(start_paused = true)]
-async fn an_empty_message_travels_as_one_empty_chunk() {
+#[test]
+fn an_empty_message_travels_as_one_empty_chunk() {
     let now = Instant::now();
     let mut pc = active_with(chunked(8), now);
     pc.send(String::new(), now).unwrap();
@@ -396,8 +401,8 @@ async fn an_empty_message_travels_as_one_empty_chunk() {
 }
 
 // D-01
-#[tokio::test(start_paused = true)]
-async fn sending_without_demand_fails_the_controller() {
+#[test]
+fn sending_without_demand_fails_the_controller() {
     let now = Instant::now();
     let mut pc = active(now);
     pc.send(msg("1"), now).unwrap();
@@ -414,8 +419,8 @@ async fn sending_without_demand_fails_the_controller() {
 }
 
 // D-01, chunked: a second message while chunks are still pending.
-#[tokio::test(start_paused = true)]
-async fn sending_while_chunks_are_pending_fails_the_controller() {
+#[test]
+fn sending_while_chunks_are_pending_fails_the_controller() {
     let now = Instant::now();
     let mut pc = active_with(chunked(1), now);
     pc.send(msg("abc"), now).unwrap();
@@ -426,8 +431,8 @@ async fn sending_while_chunks_are_pending_fails_the_controller() {
 }
 
 // D-02
-#[tokio::test(start_paused = true)]
-async fn an_inconsistent_request_fails_the_controller() {
+#[test]
+fn an_inconsistent_request_fails_the_controller() {
     let now = Instant::now();
     let mut pc = active(now);
     pc.send(msg("1"), now).unwrap();
@@ -440,8 +445,8 @@ async fn an_inconsistent_request_fails_the_controller() {
 // A misbehaving consumer is not trusted: a confirmation of what was never sent, or a window
 // wider than any consumer can be configured with, ends the controller with a typed error
 // (the owner drops that consumer) instead of dropping unconfirmed messages or overflowing.
-#[tokio::test(start_paused = true)]
-async fn a_consumer_cannot_confirm_what_was_never_sent_or_open_an_endless_window() {
+#[test]
+fn a_consumer_cannot_confirm_what_was_never_sent_or_open_an_endless_window() {
     let now = Instant::now();
     let mut pc = active(now);
     pc.send(msg("1"), now).unwrap();
@@ -485,8 +490,8 @@ async fn a_consumer_cannot_confirm_what_was_never_sent_or_open_an_endless_window
 }
 
 // D-07
-#[tokio::test(start_paused = true)]
-async fn resend_from_zero_resends_everything_with_the_head_marked_first() {
+#[test]
+fn resend_from_zero_resends_everything_with_the_head_marked_first() {
     let now = Instant::now();
     let mut pc = active(now);
     pc.send(msg("1"), now).unwrap();
@@ -500,8 +505,8 @@ async fn resend_from_zero_resends_everything_with_the_head_marked_first() {
 }
 
 // D-09
-#[tokio::test(start_paused = true)]
-async fn an_ack_of_the_first_message_stops_resending_it() {
+#[test]
+fn an_ack_of_the_first_message_stops_resending_it() {
     let now = Instant::now();
     let mut pc = active(now);
     pc.send_with_confirmation(msg("1"), 1, now).unwrap();
@@ -517,8 +522,8 @@ async fn an_ack_of_the_first_message_stops_resending_it() {
 }
 
 // DPC-01
-#[tokio::test(start_paused = true)]
-async fn a_durable_controller_resumes_by_resending_what_was_unconfirmed() {
+#[test]
+fn a_durable_controller_resumes_by_resending_what_was_unconfirmed() {
     let now = Instant::now();
     let mut store = DurableState {
         current_seq_nr: SeqNr(5),
@@ -541,8 +546,8 @@ async fn a_durable_controller_resumes_by_resending_what_was_unconfirmed() {
 }
 
 // DPC-02
-#[tokio::test(start_paused = true)]
-async fn a_durable_controller_stores_messages_then_confirmations() {
+#[test]
+fn a_durable_controller_stores_messages_then_confirmations() {
     let now = Instant::now();
     let mut store = DurableState::default();
     let mut pc = durable(&mut store, settings(), now);
@@ -581,8 +586,8 @@ async fn a_durable_controller_stores_messages_then_confirmations() {
 }
 
 // DPC-03
-#[tokio::test(start_paused = true)]
-async fn with_a_durable_queue_the_reply_comes_after_storage() {
+#[test]
+fn with_a_durable_queue_the_reply_comes_after_storage() {
     let now = Instant::now();
     let mut store = DurableState::default();
     let mut pc = durable(&mut store, settings(), now);
@@ -607,8 +612,8 @@ async fn with_a_durable_queue_the_reply_comes_after_storage() {
 }
 
 // DPC-04
-#[tokio::test(start_paused = true)]
-async fn a_durable_controller_stores_each_chunk_before_sending_it() {
+#[test]
+fn a_durable_controller_stores_each_chunk_before_sending_it() {
     let now = Instant::now();
     let mut store = DurableState::default();
     let mut pc = durable(&mut store, chunked(1), now);
@@ -626,8 +631,8 @@ async fn a_durable_controller_stores_each_chunk_before_sending_it() {
 }
 
 // DPC-05
-#[tokio::test(start_paused = true)]
-async fn a_partly_stored_chunked_message_is_not_resent_after_a_restart() {
+#[test]
+fn a_partly_stored_chunked_message_is_not_resent_after_a_restart() {
     let now = Instant::now();
     let chunk = |seq_nr: u64, first_chunk, last_chunk| MessageSent {
         payload: Payload::Chunk(Chunk {
@@ -661,8 +666,8 @@ async fn a_partly_stored_chunked_message_is_not_resent_after_a_restart() {
 }
 
 // DPC-06 and D-13 (pekko #2760)
-#[tokio::test(start_paused = true)]
-async fn a_restart_with_nothing_unconfirmed_resumes_at_the_stored_seq_nr() {
+#[test]
+fn a_restart_with_nothing_unconfirmed_resumes_at_the_stored_seq_nr() {
     let now = Instant::now();
     let mut store = DurableState {
         current_seq_nr: SeqNr(5),
@@ -677,8 +682,8 @@ async fn a_restart_with_nothing_unconfirmed_resumes_at_the_stored_seq_nr() {
 }
 
 // D-03
-#[tokio::test(start_paused = true)]
-async fn a_durable_queue_that_never_answers_fails_the_controller() {
+#[test]
+fn a_durable_queue_that_never_answers_fails_the_controller() {
     let now = Instant::now();
     let attempts = ProducerSettings {
         durable_queue: crate::delivery::settings::DurableQueueSettings {
@@ -725,8 +730,8 @@ async fn a_durable_queue_that_never_answers_fails_the_controller() {
 // A chunk's store fails: once before it was written, once after it was written (a timeout
 // while the write went through). Each time the chunk itself is stored again, and the store
 // ends up with every chunk exactly once.
-#[tokio::test(start_paused = true)]
-async fn a_failed_store_of_a_later_chunk_retries_that_chunk() {
+#[test]
+fn a_failed_store_of_a_later_chunk_retries_that_chunk() {
     let now = Instant::now();
     let mut store = DurableState::default();
     let mut pc = durable(&mut store, chunked(1), now);

@@ -1,6 +1,6 @@
 //! Sharded delivery scenarios (docs/protocol.md, Test scenarios: SH-*, DSH-*) on the cores: a
 //! ShardingProducerController and one ShardingConsumerController per entity, the region
-//! played by the harness (it hands each message to its entity), on paused time.
+//! played by the harness (it hands each message to its entity), on the harness's own clock.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -13,6 +13,7 @@ use crate::delivery::durable::{StoreClient, StoreRequest};
 use crate::delivery::protocol::{ConsumerFrame, ProducerId, SeqNr, SequencedMessage};
 use crate::delivery::settings::{ConsumerSettings, ProducerSettings, ShardingProducerSettings};
 use crate::ids::EntityId;
+use crate::testkit::Clock;
 
 type Spc = ShardingProducerController<u32, u32>;
 /// A RequestNext as names: entities with demand, and (entity, waiting) for the others.
@@ -75,6 +76,7 @@ struct Harness {
     hold_stores: bool,
     /// The held requests, with the producer that made each.
     held: Vec<(String, StoreRequest<u32>)>,
+    clock: Clock,
 }
 
 impl Harness {
@@ -90,6 +92,7 @@ impl Harness {
             stopped: BTreeSet::new(),
             hold_stores: false,
             held: Vec::new(),
+            clock: Clock::new(),
         }
     }
 
@@ -101,7 +104,7 @@ impl Harness {
             1,
         )
         .unwrap();
-        spc.start(Instant::now());
+        spc.start(self.clock.now());
         self.producers.insert(id.to_owned(), spc);
         self.pump();
     }
@@ -114,7 +117,7 @@ impl Harness {
             incarnation,
         )
         .unwrap();
-        spc.start(Instant::now());
+        spc.start(self.clock.now());
         self.producers.insert(id.to_owned(), spc);
         self.pump();
     }
@@ -124,15 +127,15 @@ impl Harness {
     }
 
     fn send(&mut self, producer: &str, to: u32, message: u32) {
-        self.spc(producer)
-            .send(entity(to), message, Instant::now())
-            .unwrap();
+        let now = self.clock.now();
+        self.spc(producer).send(entity(to), message, now).unwrap();
         self.pump();
     }
 
     fn ask(&mut self, producer: &str, to: u32, message: u32) {
+        let now = self.clock.now();
         self.spc(producer)
-            .send_with_confirmation(entity(to), message, message, Instant::now())
+            .send_with_confirmation(entity(to), message, message, now)
             .unwrap();
         self.pump();
     }
@@ -149,7 +152,7 @@ impl Harness {
         self.entities
             .get_mut(&e)
             .unwrap()
-            .confirm(&producer, Instant::now())
+            .confirm(&producer, self.clock.now())
             .unwrap();
         self.pump();
     }
@@ -161,7 +164,7 @@ impl Harness {
     }
 
     fn pump(&mut self) {
-        let now = Instant::now();
+        let now = self.clock.now();
         loop {
             let mut moved = false;
             let mut wire: Vec<(String, EntityId, SequencedMessage<u32>)> = Vec::new();
@@ -224,7 +227,7 @@ impl Harness {
     /// Answers the held store requests, in order, and stops holding.
     fn release_stores(&mut self) {
         self.hold_stores = false;
-        let now = Instant::now();
+        let now = self.clock.now();
         let store = self.store.as_mut().expect("a durable harness");
         for (id, request) in std::mem::take(&mut self.held) {
             let spc = self.producers.get_mut(&id).unwrap();
@@ -233,11 +236,11 @@ impl Harness {
         self.pump();
     }
 
-    async fn advance(&mut self, by: Duration) {
-        let end = Instant::now() + by;
-        while Instant::now() < end {
-            tokio::time::advance(Duration::from_millis(100)).await;
-            let now = Instant::now();
+    fn advance(&mut self, by: Duration) {
+        let end = self.clock.now() + by;
+        while self.clock.now() < end {
+            self.clock.advance(Duration::from_millis(100));
+            let now = self.clock.now();
             for spc in self.producers.values_mut() {
                 spc.handle_timeout(now);
             }
@@ -283,8 +286,8 @@ impl Harness {
 }
 
 // SH-01
-#[tokio::test(start_paused = true)]
-async fn each_entity_processes_its_messages_in_order() {
+#[test]
+fn each_entity_processes_its_messages_in_order() {
     let mut h = Harness::new();
     h.add_producer("p", sharding());
     for n in 0..126 {
@@ -297,8 +300,8 @@ async fn each_entity_processes_its_messages_in_order() {
 }
 
 // SH-02
-#[tokio::test(start_paused = true)]
-async fn several_producers_reach_the_same_entities_each_through_its_own_controller() {
+#[test]
+fn several_producers_reach_the_same_entities_each_through_its_own_controller() {
     let mut h = Harness::new();
     h.add_producer("p1", sharding());
     h.add_producer("p2", sharding());
@@ -320,8 +323,8 @@ async fn several_producers_reach_the_same_entities_each_through_its_own_controll
 }
 
 // SH-03
-#[tokio::test(start_paused = true)]
-async fn asks_are_answered_once_their_entity_confirmed() {
+#[test]
+fn asks_are_answered_once_their_entity_confirmed() {
     let mut h = Harness::new();
     h.auto_confirm = false;
     h.add_producer("p", sharding());
@@ -341,8 +344,8 @@ async fn asks_are_answered_once_their_entity_confirmed() {
 }
 
 // SH-04: the region is a probe here, so Requests are written by hand.
-#[tokio::test(start_paused = true)]
-async fn request_next_says_which_entities_have_demand_and_what_waits() {
+#[test]
+fn request_next_says_which_entities_have_demand_and_what_waits() {
     let now = Instant::now();
     let mut spc = Spc::new(
         ProducerId::new("p"),
@@ -426,14 +429,15 @@ async fn request_next_says_which_entities_have_demand_and_what_waits() {
 }
 
 // SH-05
-#[tokio::test(start_paused = true)]
-async fn a_restarted_producer_gets_a_request_next_and_delivery_continues() {
+#[test]
+fn a_restarted_producer_gets_a_request_next_and_delivery_continues() {
     let mut h = Harness::new();
     h.add_producer("p", sharding());
     h.send("p", 1, 1);
     h.send("p", 1, 2);
     h.events.clear();
-    h.spc("p").start(Instant::now());
+    let now = h.clock.now();
+    h.spc("p").start(now);
     h.pump();
     assert!(h.last_request_next("p").is_some());
     h.send("p", 1, 3);
@@ -441,8 +445,8 @@ async fn a_restarted_producer_gets_a_request_next_and_delivery_continues() {
 }
 
 // SH-06
-#[tokio::test(start_paused = true)]
-async fn unconfirmed_messages_reach_a_new_incarnation_of_a_stopped_entity() {
+#[test]
+fn unconfirmed_messages_reach_a_new_incarnation_of_a_stopped_entity() {
     let mut h = Harness::new();
     h.auto_confirm = false;
     h.add_producer(
@@ -470,12 +474,12 @@ async fn unconfirmed_messages_reach_a_new_incarnation_of_a_stopped_entity() {
     // incarnation 2.
     h.received.clear();
     h.stop_entity(1);
-    h.advance(Duration::from_secs(3)).await;
+    h.advance(Duration::from_secs(3));
     assert_eq!(h.got(1), vec![4]);
 }
 
-#[tokio::test(start_paused = true)]
-async fn wake_idle_resends_to_a_lost_entity_before_the_idle_timeout() {
+#[test]
+fn wake_idle_resends_to_a_lost_entity_before_the_idle_timeout() {
     let mut h = Harness::new();
     h.auto_confirm = false;
     h.add_producer("p", sharding());
@@ -486,17 +490,18 @@ async fn wake_idle_resends_to_a_lost_entity_before_the_idle_timeout() {
     h.received.clear();
     // The entity's node died with message 2 unconfirmed.
     h.stop_entity(1);
-    h.advance(Duration::from_secs(2)).await;
+    h.advance(Duration::from_secs(2));
     assert!(
         h.got(1).is_empty(),
         "the idle timeout (10 s) has not passed"
     );
     // Entities silent for longer than asked are woken; a busier threshold wakes nobody.
-    h.spc("p").wake_idle(Duration::from_secs(5), Instant::now());
+    let now = h.clock.now();
+    h.spc("p").wake_idle(Duration::from_secs(5), now);
     h.pump();
     assert!(h.got(1).is_empty());
     assert_eq!(h.spc("p").resent(), 0);
-    h.spc("p").wake_idle(Duration::from_secs(1), Instant::now());
+    h.spc("p").wake_idle(Duration::from_secs(1), now);
     h.pump();
     assert_eq!(h.got(1), vec![2]);
     // Counted for warren_delivery_resends_total: the wake-up, then the copy the new
@@ -505,8 +510,8 @@ async fn wake_idle_resends_to_a_lost_entity_before_the_idle_timeout() {
 }
 
 // SH-07
-#[tokio::test(start_paused = true)]
-async fn unused_controllers_are_cleaned_up_and_recreated_on_demand() {
+#[test]
+fn unused_controllers_are_cleaned_up_and_recreated_on_demand() {
     let mut h = Harness::new();
     h.auto_confirm = false;
     h.add_producer(
@@ -519,13 +524,14 @@ async fn unused_controllers_are_cleaned_up_and_recreated_on_demand() {
     h.send("p", 1, 1);
     h.confirm(1);
     h.send("p", 2, 1);
-    h.advance(Duration::from_secs(2)).await;
+    h.advance(Duration::from_secs(2));
     assert_eq!(
         h.spc("p").entity_count(),
         1,
         "entity-1's controller is gone"
     );
-    h.spc("p").start(Instant::now());
+    let now = h.clock.now();
+    h.spc("p").start(now);
     h.pump();
     let (demand, _) = h.last_request_next("p").unwrap();
     assert_eq!(demand, vec!["entity-2".to_owned()]);
@@ -535,8 +541,8 @@ async fn unused_controllers_are_cleaned_up_and_recreated_on_demand() {
 }
 
 // SH-08
-#[tokio::test(start_paused = true)]
-async fn a_gone_producer_s_controller_stops_and_a_new_producer_gets_a_new_one() {
+#[test]
+fn a_gone_producer_s_controller_stops_and_a_new_producer_gets_a_new_one() {
     let mut h = Harness::new();
     h.add_producer("p", sharding());
     h.send("p", 1, 1);
@@ -557,8 +563,8 @@ async fn a_gone_producer_s_controller_stops_and_a_new_producer_gets_a_new_one() 
 }
 
 // DSH-01
-#[tokio::test(start_paused = true)]
-async fn a_restarted_durable_producer_resends_what_was_not_confirmed_with_new_numbers() {
+#[test]
+fn a_restarted_durable_producer_resends_what_was_not_confirmed_with_new_numbers() {
     let mut h = Harness::new();
     h.store = Some(DurableState::default());
     h.auto_confirm = false;
@@ -596,8 +602,8 @@ async fn a_restarted_durable_producer_resends_what_was_not_confirmed_with_new_nu
 }
 
 // DSH-02
-#[tokio::test(start_paused = true)]
-async fn with_a_durable_queue_asks_are_answered_after_storage() {
+#[test]
+fn with_a_durable_queue_asks_are_answered_after_storage() {
     let mut h = Harness::new();
     h.store = Some(DurableState::default());
     h.auto_confirm = false;
@@ -619,8 +625,8 @@ async fn with_a_durable_queue_asks_are_answered_after_storage() {
 }
 
 // An entity that gives up on a message reports it before confirming; the ask's answer says so.
-#[tokio::test(start_paused = true)]
-async fn a_message_the_entity_gave_up_on_is_answered_as_rejected() {
+#[test]
+fn a_message_the_entity_gave_up_on_is_answered_as_rejected() {
     let mut h = Harness::new();
     h.auto_confirm = false;
     h.add_producer("p", sharding());
@@ -643,8 +649,8 @@ async fn a_message_the_entity_gave_up_on_is_answered_as_rejected() {
 }
 
 // D-10 for sharding: more waiting than buffer_size fails the controller.
-#[tokio::test(start_paused = true)]
-async fn more_waiting_messages_than_the_buffer_holds_fail_the_controller() {
+#[test]
+fn more_waiting_messages_than_the_buffer_holds_fail_the_controller() {
     let now = Instant::now();
     let mut spc = Spc::new(
         ProducerId::new("p"),
