@@ -26,7 +26,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren::cluster::MemberStatus;
-use warren::cluster::membership::join::JoinState;
 use warren::delivery::settings::DeliverySettings;
 use warren::delivery::sharding::driver::AskOutcome;
 use warren::entity::{
@@ -250,13 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
     let (graceful, immediate) = (CancellationToken::new(), CancellationToken::new());
     tokio::spawn(watch_signals(graceful.clone(), immediate.clone()));
-    let mut join = node.join_state();
-    // A bool, not the watch's guard, which must not outlive this select.
-    let gave_up = async {
-        join.wait_for(|state| matches!(state, JoinState::GaveUp(_)))
-            .await
-            .is_ok()
-    };
+    let gave_up = node.until_gave_up_joining();
     let downed = node.until_downed();
     tokio::select! {
         _ = graceful.cancelled() => {}

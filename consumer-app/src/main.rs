@@ -18,7 +18,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use warren::bridge_singleton;
-use warren::cluster::membership::join::JoinState;
 use warren::entity::store::StoreLocation;
 use warren::metrics;
 use warren::order::CreateOrder;
@@ -114,13 +113,7 @@ async fn run(config: ConsumerConfig) -> anyhow::Result<Ended> {
         warn!("second signal: exiting without draining");
         std::process::exit(130);
     });
-    let mut join = node.join_state();
-    // A bool, not the watch's guard: that must not be held across the awaits below.
-    let gave_up = async {
-        join.wait_for(|state| matches!(state, JoinState::GaveUp(_)))
-            .await
-            .is_ok()
-    };
+    let gave_up = node.until_gave_up_joining();
     let downed = node.until_downed();
     let failed = tokio::select! {
         _ = graceful.cancelled() => false,

@@ -251,6 +251,17 @@ where
         self.membership.join_state()
     }
 
+    /// Resolves to true when this node gives up joining (`cluster.give_up_joining_after`): it
+    /// will never be a member and should stop; to false if membership stopped first.
+    pub fn until_gave_up_joining(&self) -> impl Future<Output = bool> + Send + 'static {
+        let mut join = self.membership.join_state();
+        async move {
+            join.wait_for(|state| matches!(state, JoinState::GaveUp(_)))
+                .await
+                .is_ok()
+        }
+    }
+
     /// Resolves when this node downs itself (it lost a partition, or the cluster declared it
     /// down), with why; `None` if membership stopped first. By then its region, entities and
     /// singletons are stopping without handing anything over; the process should exit (a new
