@@ -165,7 +165,10 @@ where
         let security = settings.security()?;
         let core = sharding_producer(settings, delivery)?;
         let (listener, membership, node) = join(settings, &security, metrics).await?;
-        let listen = listener.local_addr().ok();
+        let listen = listener.local_addr().map_err(|source| NodeError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
         let (transport, inbound) =
             transport::start::<NodeMsg<M>>(&node, security, listener, settings.transport.clone());
 
@@ -219,7 +222,7 @@ where
             transport: transport.clone(),
         };
         tokio::spawn(router.run(inbound, node.part_shutdown()));
-        info!(node = %node.me, ?listen, "cluster node started");
+        info!(node = %node.me, %listen, "cluster node started");
         Ok(ClusterNode {
             me: node.me,
             membership,
