@@ -15,13 +15,13 @@ pub struct CommonArgs {
     /// Broker URI.
     #[arg(long, env = "WARREN_AMQP__URI", value_name = "URI")]
     pub uri: Option<String>,
-    /// The queue (its dead letters go to <QUEUE>.dlq).
+    /// The queue (its dead letters go to the queue of the same name ending in .dlq).
     #[arg(long, env = "WARREN_AMQP__QUEUE")]
     pub queue: Option<String>,
     /// Queue type used when declaring the queue: classic or quorum (default classic).
     #[arg(long, env = "WARREN_AMQP__QUEUE_TYPE", value_name = "TYPE")]
     pub queue_type: Option<String>,
-    /// AMQP connection name, shown by the broker (default <program>-<pid>).
+    /// AMQP connection name, shown by the broker (default: program name and process id).
     #[arg(long, env = "WARREN_AMQP__CONNECTION_NAME", value_name = "NAME")]
     pub connection_name: Option<String>,
     /// Log JSON lines instead of text (the filter is RUST_LOG).
