@@ -101,8 +101,9 @@ impl Entity for Account {
         if self.applied.contains(&tx.id) {
             return Ok(());
         }
-        // A plain error is retried up to `max_attempts`, then dead-lettered with this text.
-        let balance = apply(self.balance, tx.op).map_err(EntityError::new)?;
+        // A refusal is final: not retried, dead-lettered at once with this text. (A plain
+        // `EntityError::new` would be retried up to `max_attempts` first.)
+        let balance = apply(self.balance, tx.op).map_err(EntityError::rejected)?;
         let Some(claim) = &self.claim else {
             return Err(EntityError::unavailable("not recovered yet"));
         };
@@ -189,11 +190,7 @@ async fn run(amqp: &AmqpSettings, admin: &Channel) -> Result<()> {
         ..Default::default()
     };
     let delivery = DeliverySettings::default();
-    // A refused withdrawal is refused again on every attempt: two are enough.
-    let bridge = BridgeSettings {
-        max_attempts: 2,
-        ..Default::default()
-    };
+    let bridge = BridgeSettings::default();
     // How often an account retries a message before the bridge dead-letters it.
     let runner = bridge.runner(delivery.consumer_controller.clone());
     // The queue's one consumer is a singleton: it runs on the oldest node with the bridge role

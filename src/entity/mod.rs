@@ -72,6 +72,7 @@ pub struct EntityError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ErrorKind {
     Failed,
+    Rejected,
     Unavailable,
     Fenced,
 }
@@ -82,6 +83,16 @@ impl EntityError {
         EntityError {
             reason: reason.into(),
             kind: ErrorKind::Failed,
+        }
+    }
+
+    /// The message is refused for good (a business rule said no, e.g. an overdraft): it is
+    /// not retried, and the bridge dead-letters it at once with this reason. Retrying would
+    /// only hold the entity's later messages back for the same answer.
+    pub fn rejected(reason: impl Into<String>) -> Self {
+        EntityError {
+            reason: reason.into(),
+            kind: ErrorKind::Rejected,
         }
     }
 
@@ -101,6 +112,11 @@ impl EntityError {
             reason: reason.into(),
             kind: ErrorKind::Fenced,
         }
+    }
+
+    /// True for [`Self::rejected`].
+    pub fn is_rejected(&self) -> bool {
+        self.kind == ErrorKind::Rejected
     }
 
     /// True for [`Self::unavailable`].

@@ -80,6 +80,8 @@ fn backoff(settings: &RunnerSettings) -> impl Iterator<Item = Duration> + use<> 
 pub(crate) enum NotProcessed {
     /// Its attempts ran out: reject it, then confirm it.
     GaveUp(String),
+    /// The entity refused it for good ([`EntityError::rejected`]): reject it, then confirm it.
+    Rejected(String),
     /// A newer incarnation owns the entity: stop, leaving the message unconfirmed.
     Fenced(String),
 }
@@ -96,6 +98,9 @@ pub(crate) async fn process<E: Entity>(
         match entity.handle(message).await {
             Ok(()) => return Ok(()),
             Err(error) if error.is_fenced() => return Err(NotProcessed::Fenced(error.to_string())),
+            Err(error) if error.is_rejected() => {
+                return Err(NotProcessed::Rejected(format!("rejected: {error}")));
+            }
             Err(error) if error.is_unavailable() => {
                 metrics.retries.inc();
                 let pause = pauses.next().unwrap_or(settings.retry_backoff_max);
@@ -270,6 +275,33 @@ mod tests {
         let outcome = process(&mut entity, &Msg, &settings(), &metrics).await;
         assert!(
             matches!(outcome, Err(NotProcessed::Fenced(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(entity.calls, 1);
+        assert_eq!(metrics.retries.get(), 0);
+    }
+
+    struct Refusing {
+        calls: u32,
+    }
+
+    impl Entity for Refusing {
+        type Message = Msg;
+        type Snapshot = ();
+        async fn handle(&mut self, _: &Msg) -> Result<(), EntityError> {
+            self.calls += 1;
+            Err(EntityError::rejected("insufficient funds"))
+        }
+        fn snapshot(&self) {}
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_message_is_not_retried_and_keeps_its_reason() {
+        let mut entity = Refusing { calls: 0 };
+        let metrics = metrics();
+        let outcome = process(&mut entity, &Msg, &settings(), &metrics).await;
+        assert!(
+            matches!(&outcome, Err(NotProcessed::Rejected(reason)) if reason == "rejected: insufficient funds"),
             "{outcome:?}"
         );
         assert_eq!(entity.calls, 1);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::cluster::member::NodeAddr;
 use crate::cluster::transport::Outbox;
@@ -221,22 +221,28 @@ where
             .handle_seconds
             .observe(started.elapsed().as_secs_f64());
         drop(processing);
-        match processed {
-            Ok(()) => {}
+        let rejected = match processed {
+            Ok(()) => None,
             // Its state may be stale; the message goes to the incarnation that fenced it.
             Err(NotProcessed::Fenced(reason)) => return Err(EntityFailure::Fenced(reason)),
             Err(NotProcessed::GaveUp(reason)) => {
                 warn!(entity = %self.id, %reason, "giving up on a message");
-                // Sent with every frame to its producer from the confirmation on, until the
-                // producer has shown it got one.
-                self.producers.reject(
-                    &delivery.producer_id,
-                    Rejection {
-                        seq_nr: delivery.seq_nr,
-                        reason,
-                    },
-                );
+                Some(reason)
             }
+            // The entity's own verdict, not a fault: dead-lettered without a warning.
+            Err(NotProcessed::Rejected(reason)) => {
+                debug!(entity = %self.id, %reason, "the entity refused a message");
+                Some(reason)
+            }
+        };
+        if let Some(reason) = rejected {
+            // Sent with every frame to its producer from the confirmation on, until the
+            // producer has shown it got one.
+            let rejection = Rejection {
+                seq_nr: delivery.seq_nr,
+                reason,
+            };
+            self.producers.reject(&delivery.producer_id, rejection);
         }
         // One delivery per producer is outstanding, and this is it.
         let _ = self.consumer.confirm(&delivery.producer_id, Instant::now());
