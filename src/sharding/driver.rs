@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -168,6 +169,8 @@ struct RunningEntity<P> {
     inbox: Option<mpsc::UnboundedSender<Box<P>>>,
     /// Tells a stale end (of an earlier task of the same entity) from this task's.
     incarnation: u64,
+    /// Stops the task where it stands (dropping a `JoinHandle` would only detach it).
+    task: AbortHandle,
 }
 
 struct RegionDriver<P> {
@@ -225,14 +228,19 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
                 }
             }
         }
-        // Close every inbox: entities finish what they hold and stop (dropped at once when
-        // aborted).
-        self.entities.clear();
-        if abort.is_cancelled() {
-            self.running.clear();
+        self.stop_entities(abort.is_cancelled()).await;
+        self.metrics.shards_hosted.set(0);
+    }
+
+    /// Closes every inbox, so entities finish what they hold and stop, and waits for them;
+    /// with `abort`, stops every task where it stands first (it finishes nothing).
+    async fn stop_entities(&mut self, abort: bool) {
+        for (_, entity) in self.entities.drain() {
+            if abort {
+                entity.task.abort();
+            }
         }
         while self.running.next().await.is_some() {}
-        self.metrics.shards_hosted.set(0);
     }
 
     fn on_entity_end(&mut self, entity: EntityId, incarnation: u64, ok: bool) {
@@ -318,6 +326,7 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let _ = inbox.send(Box::new(message));
         let task = tokio::spawn((self.spawner)(entity.clone(), inbox_rx));
+        let abort = task.abort_handle();
         let id = entity.clone();
         self.running.push(Box::pin(async move {
             let ok = match task.await {
@@ -326,6 +335,7 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
                     warn!(entity = %id, %failure, "entity failed");
                     false
                 }
+                Err(aborted) if aborted.is_cancelled() => false,
                 Err(panic) => {
                     warn!(entity = %id, %panic, "entity panicked");
                     false
@@ -338,6 +348,7 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
             RunningEntity {
                 inbox: Some(inbox),
                 incarnation,
+                task: abort,
             },
         );
     }
@@ -426,5 +437,60 @@ async fn run_coordinator(
             Some((from, message)) = inbox.recv() => core.handle_message(from, message, Instant::now()),
             _ = tokio::time::sleep_until(wake_at) => core.handle_timeout(Instant::now()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cluster::member::NodeId;
+    use crate::cluster::transport::SendOutcome;
+
+    /// Set when the entity task's state is dropped: the task ended or was aborted.
+    struct Dropped(Arc<AtomicBool>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_aborted_region_stops_an_entity_stuck_in_its_work() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&dropped);
+        // The entity takes its first message and never finishes it, inbox closed or not.
+        let spawner: EntitySpawner<u32> = Arc::new(move |_, mut inbox| -> EntityRun {
+            let guard = Dropped(Arc::clone(&flag));
+            Box::pin(async move {
+                let _guard = guard;
+                let _ = inbox.recv().await;
+                std::future::pending::<()>().await;
+                Ok(())
+            })
+        });
+        let me = NodeAddr {
+            id: NodeId::new("a"),
+            generation: 1,
+        };
+        let mut driver = RegionDriver {
+            core: Region::new(RegionSettings::default(), "shard-host", me),
+            outbox: Arc::new(|_: &NodeAddr, _| SendOutcome::Queued),
+            spawner,
+            entities: HashMap::new(),
+            running: FuturesUnordered::new(),
+            status: watch::channel(RegionStatus::default()).0,
+            published: None,
+            metrics: ClusterMetrics::unregistered(),
+        };
+        driver.deliver(EntityId::new("e"), 1, &mut 0);
+        tokio::time::timeout(Duration::from_secs(5), driver.stop_entities(true))
+            .await
+            .expect("an aborted region does not wait for its entities' work");
+        assert!(dropped.load(Ordering::SeqCst), "the entity task still runs");
     }
 }
