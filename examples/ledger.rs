@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use warren::amqp::topology::{dead_letter_exchange, dead_letter_queue};
 use warren::amqp::{ConfirmedPublisher, ERROR_HEADER, OutgoingMessage, PublisherSettings};
-use warren::entity::store::{Claim, EntityStore, MemoryEntityStore, StoreError};
+use warren::entity::store::{Claim, EntityStore, MemoryEntityStore};
 use warren::{AmqpSettings, BridgeSettings, ClusterNode, ClusterSettings, DeliverySettings};
 use warren::{Entity, EntityError, EntityFactory, EntityId, EntityMessage, InvalidMessage};
 use warren::{Metrics, SourceSettings, bridge_singleton};
@@ -111,7 +111,7 @@ impl Entity for Account {
         // earlier attempt whose answer was lost), so applying it in memory now is still once.
         let record = serde_json::to_vec(tx).map_err(|e| EntityError::new(e.to_string()))?;
         let stored = self.store.append(claim, &tx.id, &record).await;
-        stored.map_err(store_error)?;
+        stored?;
         self.applied.insert(tx.id.clone());
         self.balance = balance;
         Ok(())
@@ -123,23 +123,14 @@ impl Entity for Account {
 
     /// Before the first message: claim the account (fencing off older copies), then replay.
     async fn recover(&mut self) -> Result<(), EntityError> {
-        self.claim = Some(self.store.claim(&self.id).await.map_err(store_error)?);
-        for record in self.store.load(&self.id).await.map_err(store_error)? {
+        self.claim = Some(self.store.claim(&self.id).await?);
+        for record in self.store.load(&self.id).await? {
             let tx: Transaction =
                 serde_json::from_slice(&record).map_err(|e| EntityError::new(e.to_string()))?;
             self.balance = apply(self.balance, tx.op).map_err(EntityError::new)?;
             self.applied.insert(tx.id);
         }
         Ok(())
-    }
-}
-
-/// A store that is down is waited out (not the message's fault); a newer owner stops this copy.
-fn store_error(error: StoreError) -> EntityError {
-    match error {
-        e if e.is_unavailable() => EntityError::unavailable(e.to_string()),
-        e if e.is_fenced() => EntityError::fenced(e.to_string()),
-        e => EntityError::new(e.to_string()),
     }
 }
 

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use uuid::Uuid;
-use warren::entity::store::{Appended, Claim, EntityStore, StoreError};
+use warren::entity::store::{Appended, Claim, EntityStore};
 use warren::entity::{Entity, EntityError, EntityFactory, EntityId};
 use warren::metrics::counter;
 use warren::order::CreateOrder;
@@ -126,11 +126,7 @@ impl Entity for ProductActor {
                 "the product has not loaded its state",
             ));
         };
-        let appended = self
-            .store
-            .append(claim, key, &record)
-            .await
-            .map_err(store_error)?;
+        let appended = self.store.append(claim, key, &record).await?;
         if appended == Appended::Duplicate {
             // An earlier attempt stored it, and only its answer was lost (the connection
             // dropped after the commit): take the store's word for everything.
@@ -162,26 +158,14 @@ impl Entity for ProductActor {
     /// Claims the product (older incarnations can no longer store anything), then loads
     /// what was stored before.
     async fn recover(&mut self) -> Result<(), EntityError> {
-        self.claim = Some(self.store.claim(&self.id).await.map_err(store_error)?);
+        self.claim = Some(self.store.claim(&self.id).await?);
         self.load().await
-    }
-}
-
-/// A store that cannot answer now is waited out; a stale claim stops the product; one that
-/// refuses is the message's failure.
-fn store_error(error: StoreError) -> EntityError {
-    if error.is_unavailable() {
-        EntityError::unavailable(error.to_string())
-    } else if error.is_fenced() {
-        EntityError::fenced(error.to_string())
-    } else {
-        EntityError::new(error.to_string())
     }
 }
 
 impl ProductActor {
     async fn load(&mut self) -> Result<(), EntityError> {
-        let records = self.store.load(&self.id).await.map_err(store_error)?;
+        let records = self.store.load(&self.id).await?;
         self.orders.clear();
         self.applied.clear();
         self.total_quantity = 0;

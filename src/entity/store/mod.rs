@@ -21,6 +21,7 @@ use async_trait::async_trait;
 pub use memory::MemoryEntityStore;
 pub use postgres::PostgresEntityStore;
 
+use crate::entity::EntityError;
 use crate::ids::EntityId;
 
 /// Whether [`EntityStore::append`] stored the record.
@@ -89,6 +90,23 @@ impl StoreError {
     }
 }
 
+/// What a store failure means for the message being handled: a store that cannot answer now
+/// is waited out, a stale claim stops this incarnation (fencing), anything else is the
+/// message's failure. With it, `?` on a store call inside [`crate::entity::Entity::handle`] is
+/// right by default: mapping a fence to a plain error would retry it and dead-letter a message
+/// that belongs to the entity's newer incarnation.
+impl From<StoreError> for EntityError {
+    fn from(error: StoreError) -> Self {
+        if error.is_unavailable() {
+            EntityError::unavailable(error.to_string())
+        } else if error.is_fenced() {
+            EntityError::fenced(error.to_string())
+        } else {
+            EntityError::new(error.to_string())
+        }
+    }
+}
+
 /// Per-entity append-only records with idempotency keys, fenced by claims.
 #[async_trait]
 pub trait EntityStore: Send + Sync + 'static {
@@ -151,5 +169,17 @@ mod tests {
         ));
         assert!(StoreLocation::parse("redis://x").is_err());
         assert!(StoreLocation::parse("postgres://u:p@127.0.0.1:notaport/db").is_err());
+    }
+
+    #[test]
+    fn a_fenced_or_unavailable_store_keeps_its_meaning_for_the_entity() {
+        let fenced = StoreError::Fenced {
+            entity: EntityId::new("p"),
+            epoch: 3,
+        };
+        assert!(EntityError::from(fenced).is_fenced());
+        assert!(EntityError::from(StoreError::Unavailable("down".into())).is_unavailable());
+        let failed = EntityError::from(StoreError::Query("bad".into()));
+        assert!(!failed.is_fenced() && !failed.is_unavailable() && !failed.is_rejected());
     }
 }
