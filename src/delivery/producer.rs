@@ -122,8 +122,9 @@ pub struct ProducerController<M, T> {
     unconfirmed: VecDeque<SequencedMessage<M>>,
     /// Chunks of the current message not sent (nor being stored) yet; the head is next.
     remaining_chunks: VecDeque<SequencedMessage<M>>,
-    /// With a durable queue: the state to load, and the chunk being stored (one at a time).
-    front: DurableFront<M, SequencedMessage<M>>,
+    /// With a durable queue: the state to load, and the chunk being stored (one at a time,
+    /// with whether it opens the session).
+    front: DurableFront<M, bool>,
     awaiting_confirmation: VecDeque<(SeqNr, T)>,
     /// Periodic ResendFirst timer; `None` when cancelled.
     resend_first_at: Option<Instant>,
@@ -168,7 +169,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         producer_id: ProducerId,
         incarnation: u64,
         settings: ProducerSettings,
-        front: DurableFront<M, SequencedMessage<M>>,
+        front: DurableFront<M, bool>,
     ) -> Self {
         ProducerController {
             me: ProducerRef {
@@ -275,7 +276,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
     /// Chunks of the current message not sent yet: the random suite checks none are left.
     #[cfg(any(test, feature = "testkit"))]
     pub(crate) fn unsent_chunks_len(&self) -> usize {
-        self.remaining_chunks.len()
+        self.remaining_chunks.len() + self.front.storing()
     }
 
     /// Gives back buffer memory kept from busier times (for controllers that sit idle).
@@ -526,14 +527,16 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
             return;
         }
         if let Some(head) = self.remaining_chunks.pop_front() {
+            // The payload moves into the store request; `first` is all the record lacks to
+            // become the sequenced message again once it is stored.
             let sent = MessageSent {
                 seq_nr: head.seq_nr,
-                payload: head.payload.clone(),
+                payload: head.payload,
                 ack: head.ack,
                 qualifier: NO_QUALIFIER.to_owned(),
                 timestamp_millis: 0,
             };
-            self.front.store(sent, head);
+            self.front.store(sent, head.first);
         }
     }
 
@@ -589,7 +592,7 @@ impl<M: Clone + 'static, T> ProducerController<M, T> {
         // docs/protocol.md, "Where the Akka ports disagree").
         let new_max = self.confirmed_seq_nr.max(confirmed);
         if new_max != self.confirmed_seq_nr {
-            self.front.confirmed(new_max, NO_QUALIFIER.to_owned());
+            self.front.confirmed(new_max, NO_QUALIFIER);
         }
         self.confirmed_seq_nr = new_max;
     }
@@ -725,8 +728,15 @@ impl<M: Clone + 'static, T> StoreClient<M> for ProducerController<M, T> {
             return;
         }
         // None: a late answer to an earlier attempt.
-        let Some((_, stored)) = self.front.stored(seq_nr) else {
+        let Some((sent, first)) = self.front.stored(seq_nr) else {
             return;
+        };
+        let stored = SequencedMessage {
+            producer: self.me.clone(),
+            seq_nr: sent.seq_nr,
+            payload: sent.payload,
+            first,
+            ack: sent.ack,
         };
         if let Some(position) = self
             .awaiting_confirmation

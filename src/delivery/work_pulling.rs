@@ -571,7 +571,7 @@ where
                 }
             }
             if let Some(seq_nr) = last_total {
-                self.front.confirmed(seq_nr, out.qualifier.clone());
+                self.front.confirmed(seq_nr, out.qualifier.as_str());
             }
         }
     }

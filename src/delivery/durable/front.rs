@@ -219,11 +219,15 @@ impl<M: Clone, X> DurableFront<M, X> {
     }
 
     /// Records, write-behind, that `qualifier` confirmed everything up to `seq_nr` (with a
-    /// queue; nothing without). A lost record only means redelivery after a restart.
-    pub(crate) fn confirmed(&mut self, seq_nr: SeqNr, qualifier: Qualifier) {
+    /// queue; nothing without, not even the qualifier's string: this runs for every
+    /// confirmation). A lost record only means redelivery after a restart.
+    pub(crate) fn confirmed(&mut self, seq_nr: SeqNr, qualifier: impl Into<Qualifier>) {
         if self.durable {
             self.requests
-                .push_back(StoreRequest::StoreMessageConfirmed { seq_nr, qualifier });
+                .push_back(StoreRequest::StoreMessageConfirmed {
+                    seq_nr,
+                    qualifier: qualifier.into(),
+                });
         }
     }
 

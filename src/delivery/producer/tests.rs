@@ -545,6 +545,34 @@ fn a_durable_controller_resumes_by_resending_what_was_unconfirmed() {
     assert_eq!(transmitted(&mut pc), vec![(5, false)]);
 }
 
+// While a message is being stored the producer has no demand and is not settled, and a
+// producer that registers again gets no RequestNext until the store has answered.
+#[test]
+fn a_message_being_stored_holds_the_producer_back_until_it_is_stored() {
+    let now = Instant::now();
+    let mut store = DurableState::default();
+    let mut pc = durable(&mut store, settings(), now);
+    pc.handle_frame(request(0, 10), now).unwrap();
+    let _ = events(&mut pc);
+    assert_eq!(pc.send(msg("m1"), now), Ok(SeqNr(1)));
+    assert!(!pc.has_demand());
+    assert!(!pc.is_settled());
+    assert_eq!(
+        pc.unsent_chunks_len(),
+        1,
+        "the message being stored is not sent yet"
+    );
+    pc.start(now);
+    assert!(
+        events(&mut pc).is_empty(),
+        "no RequestNext while m1 is being stored"
+    );
+    run_store(&mut pc, &mut store, now);
+    assert_eq!(transmitted(&mut pc), vec![(1, true)]);
+    assert_eq!(pc.unsent_chunks_len(), 0);
+    assert!(pc.has_demand());
+}
+
 // DPC-02
 #[test]
 fn a_durable_controller_stores_messages_then_confirmations() {

@@ -499,8 +499,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
                         };
                         out.last_used = now;
                         if done.total_seq_nr != SeqNr::ZERO {
-                            self.front
-                                .confirmed(done.total_seq_nr, entity.as_str().to_owned());
+                            self.front.confirmed(done.total_seq_nr, entity.as_str());
                         }
                         if let Some(token) = done.reply {
                             self.events.push_back(match done.rejected {
