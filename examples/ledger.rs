@@ -12,7 +12,7 @@
 //! WARREN_AMQP__URI=amqp://u:p@host:5672/%2f cargo run --example ledger
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::error::Error;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -258,12 +258,12 @@ async fn publish_and_check(
     publisher.close().await;
 
     // What the ledger should say: the same rule, replayed here in publish order.
-    let (mut expected, mut refused) = (BTreeMap::<String, u64>::new(), BTreeSet::new());
+    let (mut expected, mut refused) = (BTreeMap::<String, u64>::new(), BTreeMap::new());
     for tx in &transactions {
         let balance = expected.entry(tx.account.clone()).or_default();
         match apply(*balance, tx.op) {
             Ok(next) => *balance = next,
-            Err(_) => _ = refused.insert(tx.id.clone()),
+            Err(why) => _ = refused.insert(tx.id.clone(), format!("rejected: {why}")),
         }
     }
     let mut wrong = Vec::new();
@@ -279,8 +279,11 @@ async fn publish_and_check(
     for (id, reason) in &letters {
         println!("refused {id}: {reason}");
     }
-    if !wrong.is_empty() || letters.keys().ne(refused.iter()) {
-        return Err(format!("wrong balances {wrong:?} or refusals (expected {refused:?})").into());
+    // A refusal is final: dead-lettered with its reason, never retried.
+    let retries = metrics.entities.retries.get();
+    if !wrong.is_empty() || letters != refused || retries != 0 {
+        let expected = format!("refusals {refused:?} and no retries, got {retries}");
+        return Err(format!("wrong balances {wrong:?}, or not the {expected}").into());
     }
     println!("ok: {total} transactions, {} refused", refused.len());
     Ok(())

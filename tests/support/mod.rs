@@ -152,14 +152,15 @@ where
 }
 
 /// Where cargo put the workspace's binary or example `name` (next to this test's `deps`
-/// folder, examples in `examples/`).
+/// folder, examples in `examples/`). Examples first: cargo never deletes a binary whose target
+/// became an example, and a stale one must not be tested.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target directory");
-    let path = [dir.join(name), dir.join("examples").join(name)]
+    let path = [dir.join("examples").join(name), dir.join(name)]
         .into_iter()
         .find(|path| path.exists());
     path.unwrap_or_else(|| {
