@@ -27,7 +27,7 @@ use warren::amqp::{ConfirmedPublisher, ERROR_HEADER, OutgoingMessage, PublisherS
 use warren::entity::store::{Claim, EntityStore, MemoryEntityStore};
 use warren::{AmqpSettings, BridgeSettings, ClusterNode, ClusterSettings, DeliverySettings};
 use warren::{Entity, EntityError, EntityFactory, EntityId, EntityMessage, InvalidMessage};
-use warren::{Metrics, SourceSettings, bridge_singleton};
+use warren::{Metrics, bridge_singleton};
 
 type Result<T, E = Box<dyn Error>> = std::result::Result<T, E>;
 
@@ -186,18 +186,14 @@ async fn run(amqp: &AmqpSettings, admin: &Channel) -> Result<()> {
     let runner = bridge.runner(delivery.consumer_controller.clone());
     // The queue's one consumer is a singleton: it runs on the oldest node with the bridge role
     // (another takes over when that one leaves) and sends through that node's producer.
-    let source = SourceSettings {
-        amqp: amqp.clone(),
-        prefetch: bridge.effective_prefetch(),
-        connection_name: "warren-example-ledger".into(),
-    };
     // Cancelled if this node can no longer deliver; a real service would then leave.
     let producer_stopped = CancellationToken::new();
     let bridge_metrics = metrics.bridge.clone();
     let singletons = |producer| {
         vec![bridge_singleton(
             bridge,
-            source,
+            amqp.clone(),
+            "warren-example-ledger".into(),
             producer,
             bridge_metrics,
             producer_stopped.clone(),

@@ -22,7 +22,7 @@ use warren::entity::store::StoreLocation;
 use warren::metrics;
 use warren::order::CreateOrder;
 use warren::shutdown::watch_signals;
-use warren::{ClusterNode, Metrics, ShardingProducerHandle, SingletonSpec, SourceSettings};
+use warren::{ClusterNode, Metrics, ShardingProducerHandle, SingletonSpec};
 
 use crate::product::{ProductFactory, ProductMetrics};
 use crate::settings::{Cli, ConsumerConfig};
@@ -222,14 +222,10 @@ fn bridge(
     metrics: &Metrics,
     broken: CancellationToken,
 ) -> SingletonSpec {
-    let source = SourceSettings {
-        amqp: config.amqp.clone(),
-        prefetch: config.bridge.effective_prefetch(),
-        connection_name: config.amqp.connection_name_or("warren-consumer"),
-    };
     bridge_singleton(
         config.bridge.clone(),
-        source,
+        config.amqp.clone(),
+        config.amqp.connection_name_or("warren-consumer"),
         producer,
         metrics.bridge.clone(),
         broken,

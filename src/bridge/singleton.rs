@@ -6,7 +6,7 @@
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::amqp::{AmqpSource, SourceSettings};
+use crate::amqp::{AmqpSettings, AmqpSource, SourceSettings};
 use crate::bridge::driver::{Bridge, BridgeError};
 use crate::bridge::settings::BridgeSettings;
 use crate::cluster::singleton::driver::SingletonSpec;
@@ -20,13 +20,15 @@ pub const BRIDGE_ROLE: &str = "bridge";
 /// The bridge singleton's name.
 pub const BRIDGE_SINGLETON: &str = "amqp-bridge";
 
-/// The bridge singleton of a node whose sending side is `producer`. `producer_stopped` is
+/// The bridge singleton of a node whose sending side is `producer`, consuming `amqp`'s queue
+/// with the prefetch `settings` call for, under `connection_name`. `producer_stopped` is
 /// cancelled when the node's producer has stopped and no instance of the bridge can deliver
 /// from this node any more: the node should leave, so another takes the queue over. Any other
 /// failure restarts the bridge here after a pause.
 pub fn bridge_singleton<M>(
     settings: BridgeSettings,
-    source: SourceSettings,
+    amqp: AmqpSettings,
+    connection_name: String,
     producer: ShardingProducerHandle<M>,
     metrics: BridgeMetrics,
     producer_stopped: CancellationToken,
@@ -34,6 +36,11 @@ pub fn bridge_singleton<M>(
 where
     M: EntityMessage + Send + 'static,
 {
+    let source = SourceSettings {
+        amqp,
+        prefetch: settings.effective_prefetch(),
+        connection_name,
+    };
     SingletonSpec::new(BRIDGE_SINGLETON, BRIDGE_ROLE, move |stop| {
         let source = AmqpSource::spawn(source.clone(), metrics.source.clone());
         let bridge = Bridge::new(settings.clone(), source, producer.clone(), metrics.clone());

@@ -254,23 +254,28 @@ mod tests {
         assert_eq!(entity.calls, 3);
     }
 
-    struct Stale {
+    /// Answers every message with the same error.
+    struct Answering {
+        error: EntityError,
         calls: u32,
     }
 
-    impl Entity for Stale {
+    impl Entity for Answering {
         type Message = Msg;
         type Snapshot = ();
         async fn handle(&mut self, _: &Msg) -> Result<(), EntityError> {
             self.calls += 1;
-            Err(EntityError::fenced("claimed by a newer incarnation"))
+            Err(self.error.clone())
         }
         fn snapshot(&self) {}
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_fenced_entity_is_not_retried() {
-        let mut entity = Stale { calls: 0 };
+        let mut entity = Answering {
+            error: EntityError::fenced("claimed by a newer incarnation"),
+            calls: 0,
+        };
         let metrics = metrics();
         let outcome = process(&mut entity, &Msg, &settings(), &metrics).await;
         assert!(
@@ -281,23 +286,12 @@ mod tests {
         assert_eq!(metrics.retries.get(), 0);
     }
 
-    struct Refusing {
-        calls: u32,
-    }
-
-    impl Entity for Refusing {
-        type Message = Msg;
-        type Snapshot = ();
-        async fn handle(&mut self, _: &Msg) -> Result<(), EntityError> {
-            self.calls += 1;
-            Err(EntityError::rejected("insufficient funds"))
-        }
-        fn snapshot(&self) {}
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_rejected_message_is_not_retried_and_keeps_its_reason() {
-        let mut entity = Refusing { calls: 0 };
+        let mut entity = Answering {
+            error: EntityError::rejected("insufficient funds"),
+            calls: 0,
+        };
         let metrics = metrics();
         let outcome = process(&mut entity, &Msg, &settings(), &metrics).await;
         assert!(

@@ -14,6 +14,7 @@ mod status;
 mod wire;
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::cluster::Security;
 use crate::cluster::context::NodeContext;
+use crate::cluster::lease::Lease;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
 use crate::cluster::membership::downing::DownReason;
 use crate::cluster::membership::join::JoinState;
@@ -163,12 +165,10 @@ where
         settings.validate("cluster")?;
         delivery.validate("delivery")?;
         let security = settings.security()?;
+        let lease = settings.downing.lease(&settings.cluster_name)?;
         let core = sharding_producer(settings, delivery)?;
-        let (listener, membership, node) = join(settings, &security, metrics).await?;
-        let listen = listener.local_addr().map_err(|source| NodeError::Listen {
-            addr: settings.listen,
-            source,
-        })?;
+        let (listener, membership, node, listen) =
+            join(settings, &security, lease, metrics).await?;
         let (transport, inbound) =
             transport::start::<NodeMsg<M>>(&node, security, listener, settings.transport.clone());
 
@@ -399,15 +399,17 @@ where
 async fn join(
     settings: &ClusterSettings,
     security: &Security,
+    lease: Option<Arc<dyn Lease>>,
     metrics: &Metrics,
-) -> Result<(TcpListener, Membership, NodeContext), NodeError> {
+) -> Result<(TcpListener, Membership, NodeContext, SocketAddr), NodeError> {
     let (listener, me) = bind_cluster_port(settings).await?;
+    let listen = me.rpc_addr;
     let membership = Membership::start(
         me.clone(),
-        me.rpc_addr,
+        listen,
         settings.membership(),
         security.clone(),
-        settings.downing.lease(&settings.cluster_name)?,
+        lease,
         metrics.cluster.clone(),
     )
     .await?;
@@ -417,7 +419,7 @@ async fn join(
         metrics: metrics.cluster.clone(),
         shutdown: CancellationToken::new(),
     };
-    Ok((listener, membership, node))
+    Ok((listener, membership, node, listen))
 }
 
 /// This node's sending side: a ShardingProducerController named after the node. Its demand

@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 use crate::cluster::context::NodeContext;
 use crate::cluster::member::{ClusterView, NodeAddr};
 use crate::cluster::metrics::ClusterMetrics;
-use crate::cluster::singleton::driver::{SingletonFactory, SingletonSpec};
+use crate::cluster::singleton::driver::SingletonSpec;
 use crate::cluster::transport::Outbox;
 use crate::ids::EntityId;
 use crate::sharding::coordinator::{Coordinator, CoordinatorSettings};
@@ -388,7 +388,7 @@ pub fn coordinator_singleton(
     slot: CoordinatorSlot,
 ) -> SingletonSpec {
     let role_owned = role.to_owned();
-    let factory: SingletonFactory = Arc::new(move |cancel| {
+    SingletonSpec::new(name, role, move |cancel| {
         let (tx, rx) = mpsc::channel(4096);
         slot.set(Some(tx));
         let instance = run_coordinator(
@@ -399,16 +399,11 @@ pub fn coordinator_singleton(
             cancel,
         );
         let slot = slot.clone();
-        Box::pin(async move {
+        async move {
             instance.await;
             slot.set(None);
-        })
-    });
-    SingletonSpec {
-        name: name.to_owned(),
-        role: role.to_owned(),
-        factory,
-    }
+        }
+    })
 }
 
 async fn run_coordinator(
