@@ -140,7 +140,7 @@ async fn write<A: Settle>(mut rx: mpsc::UnboundedReceiver<Command<A>>, metrics: 
                     if command.waits_for_earlier() {
                         while sending.next().await.is_some() {}
                     }
-                    let mut send = Box::pin(send(command, metrics.clone()));
+                    let mut send = Box::pin(send(command, &metrics));
                     if send.as_mut().now_or_never().is_none() {
                         sending.push(send);
                     }
@@ -185,7 +185,7 @@ fn coalesce<A: Clone>(commands: impl Iterator<Item = Command<A>>) -> Vec<Command
 
 /// Hands one decision to lapin and counts it once written (an ack that could not be sent
 /// counts as requeued: the broker requeues it with the channel).
-async fn send<A: Settle>(command: Command<A>, metrics: BridgeMetrics) {
+async fn send<A: Settle>(command: Command<A>, metrics: &BridgeMetrics) {
     match command {
         Command::Ack {
             generation,

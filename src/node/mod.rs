@@ -60,7 +60,7 @@ use queries::{Answer, Queries, Unanswered};
 use router::Router;
 
 pub use queries::QueryError;
-pub use settings::{BRIDGE_ROLE, ClusterSettings, SHARD_HOST_ROLE};
+pub use settings::{ClusterSettings, SHARD_HOST_ROLE};
 pub use status::{ClusterStatus, MemberStatusReport};
 pub use wire::NodeMsg;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::bridge::BRIDGE_ROLE;
+use crate::bridge::BRIDGE_ROLE;
 use crate::cluster::auth::{ClusterSecret, Security};
 use crate::cluster::lease::{Lease, PostgresLease};
 use crate::cluster::membership::MembershipSettings;

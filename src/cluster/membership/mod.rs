@@ -95,8 +95,9 @@ enum Change {
 
 /// A running membership: read [`Self::view`]; [`Self::leave`] then [`Self::shutdown`] to go.
 pub struct Membership {
-    /// Taken out by the first [`Self::shutdown`], which may be called through a shared node.
-    chitchat: std::sync::Mutex<Option<ChitchatHandle>>,
+    /// Taken out by the first [`Self::shutdown`], which may be called through a shared node;
+    /// held for the whole shutdown, so a second caller returns only once it is done.
+    chitchat: tokio::sync::Mutex<Option<ChitchatHandle>>,
     view: watch::Receiver<ClusterView>,
     join: watch::Receiver<JoinState>,
     downed_self: watch::Receiver<Option<DownReason>>,
@@ -198,7 +199,7 @@ impl Membership {
             .run(changes_rx, probes_rx),
         );
         Ok(Membership {
-            chitchat: std::sync::Mutex::new(Some(chitchat)),
+            chitchat: tokio::sync::Mutex::new(Some(chitchat)),
             view,
             join,
             downed_self,
@@ -236,7 +237,8 @@ impl Membership {
     /// Announces `down` so peers drop this node at once instead of waiting for the failure
     /// detector, then stops gossiping. Later calls do nothing.
     pub async fn shutdown(&self) {
-        let Some(chitchat) = self.take_chitchat() else {
+        let mut slot = self.chitchat.lock().await;
+        let Some(chitchat) = slot.take() else {
             return;
         };
         self.announce(MemberStatus::Down).await;
@@ -246,18 +248,11 @@ impl Membership {
         }
     }
 
-    fn take_chitchat(&self) -> Option<ChitchatHandle> {
-        self.chitchat
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-    }
-
     /// Stops gossiping without a word, as a crash would (tests).
     #[cfg(any(test, feature = "testkit"))]
     pub fn crash(self) {
         self.task.abort();
-        if let Some(chitchat) = self.take_chitchat() {
+        if let Some(chitchat) = self.chitchat.into_inner() {
             chitchat.abort();
         }
     }
