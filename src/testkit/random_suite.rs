@@ -88,8 +88,16 @@ fn only_flow_control_never_duplicates_and_never_stalls() {
         );
         // Nothing is resent here: when the last messages sent are lost (on the link, or dropped
         // by the consumer's full stash) nothing later confirms past them, so the replies owed
-        // for them never come (seed 3: 65 lost, 64 confirmed). Owed replies are therefore not
-        // checked in this mode; every buffer must still drain.
+        // for them never come (seed 3: 65 lost, 64 confirmed). Replies may be owed only for
+        // that lost tail; every buffer must still drain.
+        let last_delivered = outcome.delivered.last().copied().unwrap_or(0);
+        let lost_tail = outcome.produced.saturating_sub(last_delivered) as usize;
+        assert!(
+            outcome.leftover.awaiting_confirmation <= lost_tail,
+            "seed {seed}: {} replies owed, but only {lost_tail} messages after the last \
+             delivered one: {settings}",
+            outcome.leftover.awaiting_confirmation
+        );
         let leftover = Leftover {
             awaiting_confirmation: 0,
             ..outcome.leftover

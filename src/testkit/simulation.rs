@@ -90,6 +90,8 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// What the controllers still held at the end (after the wind-down, if it completed).
     pub leftover: Leftover,
+    /// Messages the producer sent, numbered from 1 (in the last controller's run).
+    pub produced: u32,
 }
 
 /// What the controllers hold in their buffers; a run that settled holds nothing.
@@ -203,6 +205,7 @@ pub fn simulate(run: RandomRun) -> Outcome {
         }
     }
     sim.outcome.leftover = sim.leftover();
+    sim.outcome.produced = sim.next_message - 1;
     sim.outcome
 }
 
