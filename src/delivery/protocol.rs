@@ -95,7 +95,7 @@ pub struct Chunk {
 impl Chunk {
     /// Splits a serialized message into pieces of at most `size` bytes, in order. A message
     /// that serializes to nothing still travels, as one empty chunk.
-    pub fn split(bytes: &Bytes, size: usize) -> impl Iterator<Item = Chunk> + '_ {
+    pub(crate) fn split(bytes: &Bytes, size: usize) -> impl Iterator<Item = Chunk> + '_ {
         let size = size.max(1);
         let pieces = bytes.len().div_ceil(size).max(1);
         (0..pieces).map(move |i| Chunk {

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 /// A test's own time: it starts at the instant it is made and moves only when the test
 /// advances it, so the cores see exactly the times the test chose, with no runtime and no
 /// paused tokio clock.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct Clock {
     now: Instant,
 }

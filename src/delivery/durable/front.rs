@@ -256,3 +256,109 @@ impl<M: Clone, X> DurableFront<M, X> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::durable::NO_QUALIFIER;
+    use crate::delivery::protocol::Payload;
+
+    fn sent(seq_nr: u64) -> MessageSent<u32> {
+        MessageSent {
+            seq_nr: SeqNr(seq_nr),
+            payload: Payload::Message(seq_nr as u32),
+            ack: false,
+            qualifier: NO_QUALIFIER.to_owned(),
+            timestamp_millis: 0,
+        }
+    }
+
+    fn requests(front: &mut DurableFront<u32, ()>) -> Vec<StoreRequest<u32>> {
+        std::iter::from_fn(|| front.poll_request()).collect()
+    }
+
+    fn store_attempt(seq_nr: u64, attempt: u32) -> StoreRequest<u32> {
+        StoreRequest::StoreMessageSent {
+            sent: sent(seq_nr),
+            attempt,
+        }
+    }
+
+    #[test]
+    fn loading_is_retried_up_to_the_limit_and_a_late_failure_is_ignored() {
+        let mut front = DurableFront::<u32, ()>::durable(2);
+        assert_eq!(
+            requests(&mut front),
+            [StoreRequest::LoadState { attempt: 1 }]
+        );
+        assert_eq!(front.load_failed(1), Ok(()));
+        assert_eq!(
+            requests(&mut front),
+            [StoreRequest::LoadState { attempt: 2 }]
+        );
+        assert_eq!(
+            front.load_failed(2),
+            Err(DurableError::LoadFailed { attempts: 2 })
+        );
+
+        let mut front = DurableFront::<u32, ()>::durable(2);
+        let _ = requests(&mut front);
+        assert!(front.state_loaded(DurableState::default()));
+        assert!(!front.state_loaded(DurableState::default()), "loaded once");
+        assert_eq!(
+            front.load_failed(2),
+            Ok(()),
+            "a late failure changes nothing"
+        );
+        assert!(requests(&mut front).is_empty());
+        assert!(front.take_state().is_some());
+        assert!(front.take_state().is_none());
+    }
+
+    #[test]
+    fn messages_are_stored_one_at_a_time_in_order_and_stale_answers_are_ignored() {
+        let mut front = DurableFront::<u32, ()>::durable(3);
+        let _ = requests(&mut front);
+        front.store(sent(1), ());
+        front.store(sent(2), ());
+        assert_eq!(requests(&mut front), [store_attempt(1, 1)]);
+        assert_eq!(front.store_failed(SeqNr(1), 1), Ok(()));
+        assert_eq!(requests(&mut front), [store_attempt(1, 2)]);
+        assert_eq!(front.store_failed(SeqNr(1), 1), Ok(()), "a stale attempt");
+        assert!(front.stored(SeqNr(2)).is_none(), "not the head");
+        assert!(requests(&mut front).is_empty());
+        assert_eq!(
+            front.stored(SeqNr(1)).map(|(m, _)| m.seq_nr),
+            Some(SeqNr(1))
+        );
+        assert!(requests(&mut front).is_empty(), "the next waits for resume");
+        front.resume();
+        assert_eq!(requests(&mut front), [store_attempt(2, 1)]);
+        assert_eq!(front.store_failed(SeqNr(2), 1), Ok(()));
+        assert_eq!(front.store_failed(SeqNr(2), 2), Ok(()));
+        assert_eq!(
+            front.store_failed(SeqNr(2), 3),
+            Err(DurableError::StoreFailed {
+                seq_nr: SeqNr(2),
+                attempts: 3
+            })
+        );
+    }
+
+    #[test]
+    fn confirmations_are_recorded_only_with_a_queue() {
+        let mut volatile = DurableFront::<u32, ()>::volatile();
+        volatile.confirmed(SeqNr(4), "w");
+        assert!(requests(&mut volatile).is_empty());
+        let mut durable = DurableFront::<u32, ()>::durable(1);
+        let _ = requests(&mut durable);
+        durable.confirmed(SeqNr(4), "w");
+        assert_eq!(
+            requests(&mut durable),
+            [StoreRequest::StoreMessageConfirmed {
+                seq_nr: SeqNr(4),
+                qualifier: "w".to_owned()
+            }]
+        );
+    }
+}
