@@ -10,8 +10,8 @@
 //! `warren_deliveries_total{outcome="acked"}` and the handle-time histogram over a steady-state
 //! window while the backlog lasts, and the node's CPU share (1.0 = its one runtime thread
 //! saturated). Rounds alternate the rows; medians are printed with their ratio to the bound.
-//! `BENCH_ROUNDS` (default 3) and `BENCH_PREFETCH_FACTOR` (default 4, the consumer's default)
-//! tune it; `BENCH_CONSUMER` runs another `warren-consumer` binary (an older build, to compare
+//! `BENCH_ROUNDS` (default 3) and `BENCH_PREFETCH_FACTOR` (prefetch as a multiple of the
+//! in-flight bound; unset leaves the consumer's own default) tune it; `BENCH_CONSUMER` runs another `warren-consumer` binary (an older build, to compare
 //! commits). Run after `cargo build --release`: `cargo bench --bench slow_entities`.
 
 mod support;
@@ -87,9 +87,11 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    let prefetch = prefetch_factor().map_or("the consumer's default".to_owned(), |factor| {
+        format!("{factor} × in flight")
+    });
     println!(
-        "slow entities: one node, memory store, prefetch {} × in flight, {rounds} rounds, warm-up {WARM_UP:?}, window {WINDOW:?}",
-        prefetch_factor()
+        "slow entities: one node, memory store, prefetch {prefetch}, {rounds} rounds, warm-up {WARM_UP:?}, window {WINDOW:?}"
     );
     let mut results: Vec<Vec<Measured>> = ROWS.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
@@ -145,16 +147,17 @@ async fn measure(row: Row) -> Measured {
     let mut rng = SmallRng::seed_from_u64(row.products as u64 * 1000 + row.in_flight as u64);
     fill_with(&amqp, messages, |_| rng.random_range(0..row.products)).await;
     let in_flight = row.in_flight.to_string();
-    let prefetch = (row.in_flight * prefetch_factor()).to_string();
+    let prefetch = prefetch_factor().map(|factor| (row.in_flight * factor).to_string());
     let delay = row.delay_ms.to_string();
-    let args = [
+    let mut args = vec![
         "--max-in-flight",
         in_flight.as_str(),
-        "--prefetch",
-        prefetch.as_str(),
         "--processing-delay-ms",
         delay.as_str(),
     ];
+    if let Some(prefetch) = &prefetch {
+        args.extend(["--prefetch", prefetch.as_str()]);
+    }
     let node = Node::start(&amqp, "memory", &args).await;
     tokio::time::sleep(WARM_UP).await;
     let pid = node.pid().unwrap_or_default();
@@ -205,13 +208,12 @@ async fn measure(row: Row) -> Measured {
     }
 }
 
-/// Prefetch as a multiple of the in-flight bound: `BENCH_PREFETCH_FACTOR`, default 4 (the
-/// consumer's own default).
-fn prefetch_factor() -> usize {
+/// Prefetch as a multiple of the in-flight bound, from `BENCH_PREFETCH_FACTOR`; `None` leaves
+/// the consumer's default (so an older build runs with its own).
+fn prefetch_factor() -> Option<usize> {
     std::env::var("BENCH_PREFETCH_FACTOR")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
 }
 
 /// The counters read at one moment.

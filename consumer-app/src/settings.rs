@@ -154,7 +154,7 @@ pub struct Cli {
     /// Quorum queues: deliveries after which the broker itself dead-letters a message.
     #[arg(long, env = "WARREN_AMQP__DELIVERY_LIMIT", value_name = "N")]
     pub delivery_limit: Option<u32>,
-    /// Unacked deliveries the broker may push (default: four times --max-in-flight).
+    /// Unacked deliveries the broker may push (default: ten times --max-in-flight).
     #[arg(long, env = "WARREN_BRIDGE__PREFETCH", value_name = "N")]
     pub prefetch: Option<u16>,
     /// Most deliveries with the entities at once (default 100).
@@ -402,7 +402,7 @@ mod tests {
         let config = cli.load().unwrap();
         assert_eq!(config.amqp.queue, "q1");
         assert_eq!(config.bridge.max_in_flight, 7);
-        assert_eq!(config.bridge.effective_prefetch(), 28);
+        assert_eq!(config.bridge.effective_prefetch(), 70);
         assert_eq!(
             config.bridge.processing_deadline,
             std::time::Duration::from_secs(5)

@@ -11,16 +11,23 @@ use crate::entity::RunnerSettings;
 /// RabbitMQ 3.10 closes a channel whose oldest delivery stays unacked this long.
 const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// The default prefetch as a multiple of `max_in_flight`. Measured with 100 in flight over 1,000
+/// products of 5 ms (13k msg/s): the broker counted 365–400 unacked while the bridge held 80–145
+/// of them, so the deliveries and acks on their way between the two took about 20 ms worth of
+/// the window; at four times the bridge found nothing to take with most slots free a tenth of
+/// the time (0.85 of the bound), at eight or more about 1 % (0.90–0.93).
+pub const PREFETCH_PER_IN_FLIGHT: u16 = 10;
+
 /// How much work the bridge takes on and how it treats failures.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BridgeSettings {
     /// Most deliveries with the entities at once (taken from the broker and not settled).
     pub max_in_flight: u16,
-    /// Unacked deliveries the broker may push; unset means four times `max_in_flight`. The
-    /// room above `max_in_flight` covers deliveries settled but not acked yet and the round
-    /// trip from an ack to the broker's next delivery: at twice, 5 ms entities kept only
-    /// about three quarters of `max_in_flight` busy.
+    /// Unacked deliveries the broker may push; unset means [`PREFETCH_PER_IN_FLIGHT`] times
+    /// `max_in_flight`. The room above `max_in_flight` covers deliveries settled but not acked
+    /// yet and the pipeline between the broker and the bridge: acks on their way and being
+    /// processed, deliveries on theirs.
     pub prefetch: Option<u16>,
     /// Bodies larger than this are dead-lettered without being decoded.
     pub max_message_bytes: usize,
@@ -60,7 +67,7 @@ impl BridgeSettings {
     /// The prefetch in effect.
     pub fn effective_prefetch(&self) -> u16 {
         self.prefetch
-            .unwrap_or_else(|| self.max_in_flight.saturating_mul(4))
+            .unwrap_or_else(|| self.max_in_flight.saturating_mul(PREFETCH_PER_IN_FLIGHT))
     }
 
     /// The entities' runner settings: how often and how patiently an entity retries a message
@@ -135,9 +142,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prefetch_defaults_to_four_times_the_in_flight_bound() {
+    fn prefetch_defaults_to_ten_times_the_in_flight_bound_within_the_brokers_limit() {
         let settings = BridgeSettings::default();
-        assert_eq!(settings.effective_prefetch(), 400);
+        assert_eq!(settings.effective_prefetch(), 1000);
+        let wide = BridgeSettings {
+            max_in_flight: 10_000,
+            ..BridgeSettings::default()
+        };
+        assert_eq!(wide.effective_prefetch(), u16::MAX);
         settings.validate("bridge").unwrap();
     }
 

@@ -34,9 +34,14 @@ pub fn max_in_flight() -> f64 {
     f64::from(BridgeSettings::default().max_in_flight)
 }
 
-/// The nodes' prefetch (by default twice what may be in flight).
+/// The nodes' prefetch unless a test sets its own: pinned below the default, so the bounds the
+/// tests derive from it (orders redelivered or applied twice after a handover) stay as strict as
+/// they were when the default was smaller.
+const PREFETCH: u16 = 400;
+
+/// The nodes' prefetch.
 pub fn prefetch() -> f64 {
-    f64::from(BridgeSettings::default().effective_prefetch())
+    f64::from(PREFETCH)
 }
 
 /// Three consumer nodes sharing a queue and a database; `nodes[i]` is `None` while node i is
@@ -114,6 +119,10 @@ impl Cluster {
             args.extend(["--seeds", &seeds]);
         }
         args.extend(self.extra.iter().map(String::as_str));
+        let prefetch = PREFETCH.to_string();
+        if !args.contains(&"--prefetch") {
+            args.extend(["--prefetch", &prefetch]);
+        }
         Consumer::start(&self.queue, &args).await
     }
 
