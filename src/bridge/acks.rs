@@ -5,17 +5,21 @@
 //! distinct, so their order does not matter).
 //!
 //! A `multiple` ack is different: it must reach the broker after every single ack or nack
-//! decided before it, since it may cover their tags, and the broker closes the channel on an
-//! ack of a tag that is no longer unacked ("unknown delivery tag"), requeueing everything. lapin
-//! runs every ack as a task of its own, so handing frames over in order does not keep them in
-//! order: a `multiple` ack first waits until everything before it is written. Consecutive
-//! `multiple` acks on one channel collapse into the last one (never across a single ack,
-//! whose tag may be higher).
+//! decided before it on its channel, since it may cover their tags, and the broker closes the
+//! channel on an ack of a tag that is no longer unacked ("unknown delivery tag"), requeueing
+//! everything. lapin runs every ack as a task of its own, so handing frames over in order does
+//! not keep them in order: a `multiple` ack first waits until everything before it on its
+//! channel is written. Only on its channel: a send on a channel that died may never complete,
+//! and waiting for it stopped every ack on the next channel, whose window then stayed full.
+//! Every send is bounded by [`SEND_TIMEOUT`] all the same. Consecutive `multiple` acks on one
+//! channel collapse into the last one (never across a single ack, whose tag may be higher).
 //!
 //! The queue cannot grow without bound: each command settles at least one delivery, and the
 //! broker never has more than `prefetch` deliveries unacked.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -23,9 +27,13 @@ use lapin::Acker;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::metrics::BridgeMetrics;
+
+/// Longest wait for lapin to write one ack or nack; past it the channel is taken for dead (its
+/// deliveries come back from the broker) and the send counts as not made.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Settles one delivery at the broker: lapin's [`Acker`], or a recording fake in tests.
 trait Settle: Clone + Send + Sync + 'static {
@@ -70,12 +78,21 @@ enum Command<A = Acker> {
         dead_lettered: bool,
     },
     /// Return one delivery to the queue.
-    Nack { acker: A },
+    Nack { generation: u64, acker: A },
 }
 
 impl<A> Command<A> {
-    /// Whether it must wait until every earlier command is written: a `multiple` ack may
-    /// cover their tags.
+    /// The channel it is about.
+    fn generation(&self) -> u64 {
+        match self {
+            Command::Ack { generation, .. }
+            | Command::AckOne { generation, .. }
+            | Command::Nack { generation, .. } => *generation,
+        }
+    }
+
+    /// Whether it must wait until every earlier command on its channel is written: a
+    /// `multiple` ack may cover their tags.
     fn waits_for_earlier(&self) -> bool {
         matches!(self, Command::Ack { .. })
     }
@@ -115,9 +132,9 @@ impl AckWriter {
         });
     }
 
-    /// Nacks one delivery with requeue.
-    pub fn nack(&self, acker: Acker) {
-        let _ = self.commands.send(Command::Nack { acker });
+    /// Nacks one delivery of `generation`'s channel with requeue.
+    pub fn nack(&self, generation: u64, acker: Acker) {
+        let _ = self.commands.send(Command::Nack { generation, acker });
     }
 
     /// Sends everything still queued, then stops.
@@ -130,6 +147,8 @@ impl AckWriter {
 async fn write<A: Settle>(mut rx: mpsc::UnboundedReceiver<Command<A>>, metrics: BridgeMetrics) {
     let mut batch = Vec::new();
     let mut sending = FuturesUnordered::new();
+    // Sends not yet written, per channel.
+    let mut unwritten: HashMap<u64, usize> = HashMap::new();
     loop {
         tokio::select! {
             received = rx.recv_many(&mut batch, 1024) => {
@@ -137,19 +156,47 @@ async fn write<A: Settle>(mut rx: mpsc::UnboundedReceiver<Command<A>>, metrics: 
                     break;
                 }
                 for command in coalesce(batch.drain(..)) {
+                    let generation = command.generation();
                     if command.waits_for_earlier() {
-                        while sending.next().await.is_some() {}
+                        while unwritten.get(&generation).is_some_and(|n| *n > 0) {
+                            match sending.next().await {
+                                Some(written) => forget(&mut unwritten, written),
+                                None => break,
+                            }
+                        }
                     }
                     let mut send = Box::pin(send(command, &metrics));
                     if send.as_mut().now_or_never().is_none() {
+                        *unwritten.entry(generation).or_default() += 1;
                         sending.push(send);
                     }
                 }
             }
-            Some(()) = sending.next(), if !sending.is_empty() => {}
+            Some(written) = sending.next(), if !sending.is_empty() => forget(&mut unwritten, written),
         }
     }
     while sending.next().await.is_some() {}
+}
+
+/// One send of `generation`'s channel is written (or given up on).
+fn forget(unwritten: &mut HashMap<u64, usize>, generation: u64) {
+    if let Some(count) = unwritten.get_mut(&generation) {
+        *count -= 1;
+        if *count == 0 {
+            unwritten.remove(&generation);
+        }
+    }
+}
+
+/// `settle`, or false once [`SEND_TIMEOUT`] has passed.
+async fn within_timeout(generation: u64, settle: impl Future<Output = bool>) -> bool {
+    match tokio::time::timeout(SEND_TIMEOUT, settle).await {
+        Ok(sent) => sent,
+        Err(_) => {
+            warn!(generation, timeout = ?SEND_TIMEOUT, "an ack or nack was not written in time; taking its channel for dead");
+            false
+        }
+    }
 }
 
 /// Merges each run of `multiple` acks on one channel into its last one.
@@ -184,8 +231,9 @@ fn coalesce<A: Clone>(commands: impl Iterator<Item = Command<A>>) -> Vec<Command
 }
 
 /// Hands one decision to lapin and counts it once written (an ack that could not be sent
-/// counts as requeued: the broker requeues it with the channel).
-async fn send<A: Settle>(command: Command<A>, metrics: &BridgeMetrics) {
+/// counts as requeued: the broker requeues it with the channel); returns its channel.
+async fn send<A: Settle>(command: Command<A>, metrics: &BridgeMetrics) -> u64 {
+    let generation = command.generation();
     match command {
         Command::Ack {
             generation,
@@ -193,7 +241,7 @@ async fn send<A: Settle>(command: Command<A>, metrics: &BridgeMetrics) {
             acked,
             dead_lettered,
         } => {
-            if acker.ack(true).await {
+            if within_timeout(generation, acker.ack(true)).await {
                 metrics.acks_sent.inc();
                 metrics.deliveries.acked.inc_by(acked);
                 metrics.deliveries.dead_lettered.inc_by(dead_lettered);
@@ -207,7 +255,7 @@ async fn send<A: Settle>(command: Command<A>, metrics: &BridgeMetrics) {
             acker,
             dead_lettered,
         } => {
-            let sent = acker.ack(false).await;
+            let sent = within_timeout(generation, acker.ack(false)).await;
             let outcome = match (sent, dead_lettered) {
                 (false, _) => &metrics.deliveries.requeued,
                 (true, false) => &metrics.deliveries.acked,
@@ -220,11 +268,16 @@ async fn send<A: Settle>(command: Command<A>, metrics: &BridgeMetrics) {
                 debug!(generation, "ack not sent: the channel is gone");
             }
         }
-        Command::Nack { acker } => {
-            acker.nack().await;
+        Command::Nack { acker, .. } => {
+            within_timeout(generation, async {
+                acker.nack().await;
+                true
+            })
+            .await;
             metrics.deliveries.requeued.inc();
         }
     }
+    generation
 }
 
 #[cfg(test)]
@@ -277,7 +330,10 @@ mod tests {
                 acker: slow(3, 50),
                 dead_lettered: false,
             },
-            Command::Nack { acker: slow(4, 30) },
+            Command::Nack {
+                generation: 1,
+                acker: slow(4, 30),
+            },
             Command::Ack {
                 generation: 1,
                 acker: slow(6, 1),
@@ -306,5 +362,55 @@ mod tests {
             "the multiple ack overtook a single ack or nack it covers: {arrived:?}"
         );
         assert_eq!(arrived.len(), 4, "{arrived:?}");
+    }
+
+    /// A send that is never written (its channel died under it) holds back neither the next
+    /// channel's `multiple` acks nor, past the send timeout, its own channel's.
+    #[tokio::test(start_paused = true)]
+    async fn a_send_never_written_holds_back_no_other_channel_and_its_own_only_until_the_timeout() {
+        let broker = Arc::new(Mutex::new(Vec::new()));
+        let slow = |tag, delay| Slow {
+            tag,
+            delay,
+            broker: Arc::clone(&broker),
+        };
+        let never = Duration::from_secs(3600);
+        let quick = Duration::from_millis(1);
+        let start = tokio::time::Instant::now();
+        let (commands, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write(rx, Metrics::new().unwrap().bridge));
+        let multiple = |generation, acker| Command::Ack {
+            generation,
+            acker,
+            acked: 1,
+            dead_lettered: 0,
+        };
+        let stuck = |tag| Command::AckOne {
+            generation: 1,
+            acker: slow(tag, never),
+            dead_lettered: false,
+        };
+        commands.send(stuck(3)).unwrap();
+        commands.send(multiple(2, slow(7, quick))).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            *broker.lock().unwrap(),
+            vec![(7, "multiple")],
+            "the next channel waited"
+        );
+
+        commands.send(stuck(4)).unwrap();
+        commands.send(multiple(1, slow(6, quick))).unwrap();
+        drop(commands);
+        writer.await.unwrap();
+        assert_eq!(
+            *broker.lock().unwrap(),
+            vec![(7, "multiple"), (6, "multiple")]
+        );
+        let took = start.elapsed();
+        assert!(
+            took >= SEND_TIMEOUT && took < SEND_TIMEOUT + Duration::from_secs(2),
+            "the writer took {took:?}"
+        );
     }
 }

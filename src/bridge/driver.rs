@@ -413,7 +413,8 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
         let Some(held) = self.in_flight.pending(key) else {
             return;
         };
-        self.acks.nack(held.acker.clone());
+        let generation = self.session.as_ref().map_or(0, |s| s.generation);
+        self.acks.nack(generation, held.acker.clone());
         let to_entity = held.to_entity;
         if self.unsubmitted.as_ref().is_some_and(|(k, _, _)| *k == key) {
             self.unsubmitted = None;
