@@ -84,11 +84,11 @@ async fn unconfirmed_messages_are_republished_after_a_forced_close() {
         let order: CreateOrder = serde_json::from_slice(&message.delivery.data).unwrap();
         seen.insert(order.order_id);
     }
-    let published: HashSet<uuid::Uuid> = orders
+    let published: HashSet<warren::order::OrderId> = orders
         .published
         .values()
         .flatten()
-        .map(|(id, _)| *id)
+        .map(|(id, _)| (*id).into())
         .collect();
     assert_eq!(published.len(), total);
     assert!(

@@ -53,7 +53,7 @@ pub async fn fill_with(
     });
     for i in 0..messages {
         let order = CreateOrder {
-            order_id: Uuid::new_v4(),
+            order_id: Uuid::new_v4().into(),
             customer_id: (i % 10_000).to_string(),
             product_id: product(i).to_string(),
             quantity: (i % 9) as u32 + 1,

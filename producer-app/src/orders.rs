@@ -28,7 +28,7 @@ impl OrderGenerator {
     pub fn next_order(&mut self) -> CreateOrder {
         let product = self.rng.random_range(0..self.products.len());
         CreateOrder {
-            order_id: Uuid::new_v4(),
+            order_id: Uuid::new_v4().into(),
             customer_id: self.rng.random_range(0..10_000u32).to_string(),
             product_id: self.products[product].clone(),
             quantity: self.rng.random_range(1..=9),

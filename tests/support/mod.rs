@@ -638,8 +638,9 @@ impl Orders {
             let product = self.products[self.next % self.products.len()].clone();
             let quantity = (self.next % 9) as u32 + 1;
             self.next += 1;
+            let id = Uuid::new_v4();
             let order = CreateOrder {
-                order_id: Uuid::new_v4(),
+                order_id: id.into(),
                 customer_id: "c".into(),
                 product_id: product.clone(),
                 quantity,
@@ -651,7 +652,7 @@ impl Orders {
             self.published
                 .entry(product)
                 .or_default()
-                .push((order.order_id, quantity));
+                .push((id, quantity));
             self.raw(serde_json::to_vec(&json).unwrap()).await;
         }
         self.publisher.flush().await;
