@@ -111,3 +111,51 @@ async fn help_documents_every_flag_with_its_environment_twin() {
         assert_eq!(twins, flags, "{program} --help: {help}");
     }
 }
+
+/// One environment commonly serves both binaries: each skips the other's `WARREN_` sections (the
+/// error below is about the binary's own key, not the other's section), yet still refuses a
+/// misspelt section of its own.
+#[tokio::test]
+async fn each_binary_skips_the_other_binarys_environment_but_not_a_misspelt_section() {
+    refuse(
+        "warren-producer",
+        &["--products", ","],
+        &[
+            ("WARREN_CLUSTER__SECRET", "a-secret-for-the-consumers-only"),
+            ("WARREN_BRIDGE__MAX_IN_FLIGHT", "10"),
+            ("WARREN_ENTITY_STORE", "memory"),
+        ],
+        "publish.products",
+    )
+    .await;
+    refuse(
+        "warren-consumer",
+        &["--prefetch", "0"],
+        &[("WARREN_PUBLISH__RATE", "5")],
+        "bridge.prefetch",
+    )
+    .await;
+    refuse(
+        "warren-producer",
+        &[],
+        &[("WARREN_PUBLISHH__RATE", "5")],
+        "publishh",
+    )
+    .await;
+}
+
+/// `WARREN_CONFIG` is `--config`'s twin, not a setting: the file it names is read.
+#[tokio::test]
+async fn the_config_file_can_be_named_by_its_environment_variable() {
+    let file = std::env::temp_dir().join(format!("warren-cli-{}.toml", std::process::id()));
+    std::fs::write(&file, "[publish]\nproducts = \",\"\n").unwrap();
+    let path = file.to_string_lossy().into_owned();
+    refuse(
+        "warren-producer",
+        &[],
+        &[("WARREN_CONFIG", path.as_str())],
+        "publish.products",
+    )
+    .await;
+    let _ = std::fs::remove_file(&file);
+}

@@ -146,6 +146,35 @@ async fn a_node_whose_only_seed_is_unreachable_never_consumes_and_gives_up() {
     assert_eq!((counts.ready, counts.consumers), (ORDERS as u64, 0));
 }
 
+/// With `RUST_BACKTRACE=1` a failed gossip send is still one line, not a stack backtrace each
+/// (an IPv6 seed from an IPv4 socket fails every send, locally).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_gossip_sends_log_no_backtraces_even_with_rust_backtrace_set() {
+    let queue = TestQueue::new("seed-backtrace");
+    queue.declare().await;
+    let seed: SocketAddr = "[::1]:7399".parse().expect("an IPv6 address");
+    let lonely = node(
+        &queue,
+        "n2",
+        free_port([127, 0, 0, 1]),
+        &[seed],
+        SECRET,
+        "memory",
+        &[("RUST_BACKTRACE", "1")],
+    )
+    .await;
+    let log = eventually(
+        "three failed gossip sends in the log",
+        Duration::from_secs(30),
+        || async {
+            let log = std::fs::read_to_string(&lonely.log).unwrap_or_default();
+            (log.matches("Failed to gossip").count() >= 3).then_some(log)
+        },
+    )
+    .await;
+    assert!(!log.contains("Stack backtrace"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_wrong_secret_is_refused_and_neither_forms_a_cluster_nor_consumes() {
     let queue = TestQueue::new("seed-wrong-secret");

@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use warren::bridge_singleton;
 use warren::entity::store::StoreLocation;
 use warren::metrics;
@@ -49,6 +49,7 @@ enum Ended {
 }
 
 fn main() -> ExitCode {
+    backtraces_for_panics_only();
     let cli = Cli::parse();
     let config = match cli.load() {
         Ok(config) => config,
@@ -58,6 +59,9 @@ fn main() -> ExitCode {
         }
     };
     warren::telemetry::init(config.log.json);
+    for name in warren::config::skipped_env_vars(settings::PRODUCER_SECTIONS) {
+        debug!(%name, "ignored: a warren-producer setting");
+    }
     // One thread by default: the work per message is small and every cross-thread wake-up costs
     // CPU the broker (usually on the same few cores) would rather have. More threads pay off
     // only for entities that do real computation.
@@ -81,6 +85,17 @@ fn main() -> ExitCode {
             error!("{error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// With `RUST_BACKTRACE=1`, anyhow (inside chitchat) captures a backtrace for every error, and
+/// chitchat logs every failed gossip send with it: hundreds of lines a second while a seed is
+/// unreachable. `RUST_LIB_BACKTRACE=0`, unless set otherwise, keeps backtraces for panics only.
+fn backtraces_for_panics_only() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: the first thing `main` does; no other thread exists yet that could read or
+        // write the environment at the same time.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
 }
 

@@ -14,6 +14,10 @@ use warren::entity::store::StoreLocation;
 use warren::node::ClusterSettings;
 use warren::node::settings::StrategyName;
 
+/// `warren-producer`'s own sections: their `WARREN_` variables are skipped here (with a debug
+/// line), so one environment can serve both binaries.
+pub const PRODUCER_SECTIONS: &[&str] = &["publish"];
+
 /// Everything the consumer can be configured with.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -255,6 +259,16 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub cluster_secret: Option<String>,
+    /// Join a cluster without a shared secret: links are then neither authenticated nor
+    /// encrypted, so only on a network every host of which is trusted.
+    #[arg(
+        long,
+        env = "WARREN_CLUSTER__INSECURE",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub insecure: Option<bool>,
     /// Where products keep their state: memory, or a postgres:// URL shared by all nodes
     /// (default memory).
     #[arg(long, env = "WARREN_ENTITY_STORE", value_name = "STORE")]
@@ -266,7 +280,7 @@ impl Cli {
     pub fn load(&self) -> Result<ConsumerConfig, ConfigError> {
         let mut config: ConsumerConfig = self
             .common
-            .loader::<ConsumerConfig>()?
+            .loader::<ConsumerConfig>(PRODUCER_SECTIONS)?
             .flag("amqp.delivery_limit", self.delivery_limit)
             .flag("bridge.prefetch", self.prefetch)
             .flag("bridge.max_in_flight", self.max_in_flight)
@@ -297,6 +311,7 @@ impl Cli {
                 self.down_removal_margin.clone(),
             )
             .flag("cluster.secret", self.cluster_secret.clone())
+            .flag("cluster.insecure", self.insecure)
             .flag("entity_store", self.entity_store.clone())
             .extract()?;
         // The lease lives in the database the products live in, unless told otherwise.
@@ -319,6 +334,56 @@ mod tests {
     #[test]
     fn defaults_validate() {
         ConsumerConfig::default().validate().unwrap();
+    }
+
+    /// The refusal names the flag, and the flag exists.
+    #[test]
+    fn joining_without_a_secret_needs_the_insecure_flag() {
+        let joining = [
+            "warren-consumer",
+            "--seeds",
+            "127.0.0.1:7355",
+            "--listen",
+            "127.0.0.1:7356",
+        ];
+        let refused = Cli::parse_from(joining).load().unwrap_err().to_string();
+        assert!(refused.contains("--insecure"), "{refused}");
+        let insecure = Cli::parse_from(joining.iter().copied().chain(["--insecure"]))
+            .load()
+            .unwrap();
+        assert!(insecure.cluster.insecure);
+    }
+
+    #[test]
+    fn the_producers_sections_are_none_of_ours() {
+        let ours = serde_json::to_value(ConsumerConfig::default()).unwrap();
+        for section in PRODUCER_SECTIONS {
+            assert!(
+                ours.get(section).is_none(),
+                "{section} is the consumer's too"
+            );
+        }
+    }
+
+    /// The README's `warren.toml` says it shows every default: it loads, and to exactly them.
+    #[test]
+    fn the_readme_config_example_loads_to_the_defaults() {
+        let readme = include_str!("../../README.md");
+        let example = readme
+            .split("```toml\n")
+            .find(|block| block.starts_with("# warren.toml"))
+            .and_then(|block| block.split("```").next())
+            .expect("the README has a warren.toml example");
+        let file = std::env::temp_dir().join(format!("warren-readme-{}.toml", std::process::id()));
+        std::fs::write(&file, example).unwrap();
+        let path = file.to_string_lossy().into_owned();
+        let loaded = Cli::parse_from(["warren-consumer", "--config", path.as_str()]).load();
+        let _ = std::fs::remove_file(&file);
+        let loaded = loaded.unwrap_or_else(|error| panic!("the README's example: {error}"));
+        assert_eq!(
+            serde_json::to_value(&loaded).unwrap(),
+            serde_json::to_value(ConsumerConfig::default()).unwrap()
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use warren::amqp::{ConfirmedPublisher, OutgoingMessage, PublisherSettings};
 use warren::metrics;
 use warren::shutdown::watch_signals;
@@ -36,6 +36,9 @@ async fn main() -> ExitCode {
         }
     };
     warren::telemetry::init(config.log.json);
+    for name in warren::config::skipped_env_vars(settings::CONSUMER_SECTIONS) {
+        debug!(%name, "ignored: a warren-consumer setting");
+    }
     match run(config).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

@@ -8,6 +8,17 @@ use warren::amqp::AmqpSettings;
 use warren::config::cli::CommonArgs;
 use warren::config::{ConfigError, check};
 
+/// `warren-consumer`'s own sections: their `WARREN_` variables (`WARREN_CLUSTER__SECRET`, …)
+/// are skipped here (with a debug line), so one environment can serve both binaries.
+pub const CONSUMER_SECTIONS: &[&str] = &[
+    "bridge",
+    "delivery",
+    "cluster",
+    "entity_store",
+    "product",
+    "runtime",
+];
+
 /// Everything the producer can be configured with.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -143,7 +154,7 @@ impl Cli {
     pub fn load(&self) -> Result<ProducerConfig, ConfigError> {
         let config: ProducerConfig = self
             .common
-            .loader::<ProducerConfig>()?
+            .loader::<ProducerConfig>(CONSUMER_SECTIONS)?
             .flag("publish.count", self.count)
             .flag("publish.rate", self.rate)
             .flag("publish.products", self.products.clone())
@@ -158,6 +169,17 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_consumers_sections_are_none_of_ours() {
+        let ours = serde_json::to_value(ProducerConfig::default()).unwrap();
+        for section in CONSUMER_SECTIONS {
+            assert!(
+                ours.get(section).is_none(),
+                "{section} is the producer's too"
+            );
+        }
+    }
 
     #[test]
     fn products_are_a_count_or_a_list() {

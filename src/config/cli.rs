@@ -36,14 +36,20 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
-    /// Defaults, the config file and the environment for settings type `T`, with these flags
-    /// on top; add the binary's own flags, then extract.
-    pub fn loader<T: serde::Serialize + Default>(&self) -> Result<ConfigLoader, ConfigError> {
-        Ok(ConfigLoader::new::<T>(self.config.as_deref())?
-            .flag("amqp.uri", self.uri.clone())
-            .flag("amqp.queue", self.queue.clone())
-            .flag("amqp.queue_type", self.queue_type.clone())
-            .flag("amqp.connection_name", self.connection_name.clone())
-            .flag("log.json", self.log_json))
+    /// Defaults, the config file and the environment for settings type `T` (skipping the
+    /// variables of `other_sections`, the other binary's), with these flags on top; add the
+    /// binary's own flags, then extract.
+    pub fn loader<T: serde::Serialize + Default>(
+        &self,
+        other_sections: &'static [&'static str],
+    ) -> Result<ConfigLoader, ConfigError> {
+        Ok(
+            ConfigLoader::new::<T>(self.config.as_deref(), other_sections)?
+                .flag("amqp.uri", self.uri.clone())
+                .flag("amqp.queue", self.queue.clone())
+                .flag("amqp.queue_type", self.queue_type.clone())
+                .flag("amqp.connection_name", self.connection_name.clone())
+                .flag("log.json", self.log_json),
+        )
     }
 }

@@ -16,6 +16,35 @@ use serde::de::DeserializeOwned;
 /// Prefix of every environment variable that sets a configuration key.
 pub const ENV_PREFIX: &str = "WARREN_";
 
+/// `WARREN_` variables that are not settings: `WARREN_CONFIG` names the file (`--config`'s twin).
+const NOT_SETTINGS: &[&str] = &["config"];
+
+fn is_one_of(section: &str, sections: &[&str]) -> bool {
+    sections.iter().any(|s| s.eq_ignore_ascii_case(section))
+}
+
+/// Whether the environment key `key` (dotted, prefix stripped) is not this binary's to read: it
+/// is not a setting, or it sets one of `other_sections`. One shell (or one Kubernetes
+/// ConfigMap) commonly serves both binaries, so each skips the other's sections; a misspelt
+/// section or key of its own is still refused.
+fn skipped(key: &str, other_sections: &[&str]) -> bool {
+    let section = key.split('.').next().unwrap_or(key);
+    is_one_of(section, NOT_SETTINGS) || is_one_of(section, other_sections)
+}
+
+/// The `WARREN_` environment variables that set `other_sections`, which the loader skips; for
+/// the binary to log once its logging is up.
+pub fn skipped_env_vars(other_sections: &[&str]) -> Vec<String> {
+    std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| {
+            name.strip_prefix(ENV_PREFIX).is_some_and(|rest| {
+                is_one_of(rest.split("__").next().unwrap_or(rest), other_sections)
+            })
+        })
+        .collect()
+}
+
 /// Why a configuration could not be loaded. Nothing starts when this is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -58,8 +87,12 @@ pub struct ConfigLoader {
 }
 
 impl ConfigLoader {
-    /// Defaults from `T::default()`, then the optional TOML file, then the environment.
-    pub fn new<T: Serialize + Default>(file: Option<&Path>) -> Result<Self, ConfigError> {
+    /// Defaults from `T::default()`, then the optional TOML file, then the environment, without
+    /// the variables of `other_sections` (the other binary's; see [`skipped_env_vars`]).
+    pub fn new<T: Serialize + Default>(
+        file: Option<&Path>,
+        other_sections: &'static [&'static str],
+    ) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(T::default()));
         if let Some(path) = file {
             if !path.is_file() {
@@ -67,7 +100,10 @@ impl ConfigLoader {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        let env = Env::prefixed(ENV_PREFIX)
+            .split("__")
+            .filter(move |key| !skipped(key.as_str(), other_sections));
+        figment = figment.merge(env);
         Ok(ConfigLoader { figment })
     }
 
@@ -117,7 +153,7 @@ mod tests {
 
     #[test]
     fn flags_override_defaults_and_missing_flags_keep_them() {
-        let loaded: Sample = ConfigLoader::new::<Sample>(None)
+        let loaded: Sample = ConfigLoader::new::<Sample>(None, &[])
             .unwrap()
             .flag("outer.count", Some(9u16))
             .flag::<String>("outer.name", None)
@@ -129,7 +165,7 @@ mod tests {
 
     #[test]
     fn a_missing_config_file_is_an_error_naming_the_file() {
-        let err = ConfigLoader::new::<Sample>(Some(Path::new("/nonexistent/warren.toml")))
+        let err = ConfigLoader::new::<Sample>(Some(Path::new("/nonexistent/warren.toml")), &[])
             .err()
             .unwrap();
         assert!(
@@ -140,7 +176,7 @@ mod tests {
 
     #[test]
     fn a_wrongly_typed_value_names_its_key() {
-        let err = ConfigLoader::new::<Sample>(None)
+        let err = ConfigLoader::new::<Sample>(None, &[])
             .unwrap()
             .flag("outer.count", Some("many"))
             .extract::<Sample>()

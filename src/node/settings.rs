@@ -161,7 +161,7 @@ impl ClusterSettings {
             self.secret.is_some() || self.insecure || self.seeds.is_empty(),
             prefix,
             "secret",
-            "joining a cluster needs a shared secret (or `insecure = true` on a trusted network)",
+            "joining a cluster needs a shared secret (or `--insecure` / `insecure = true` on a trusted network)",
         )
     }
 
