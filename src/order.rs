@@ -14,17 +14,37 @@ use crate::entity::{EntityId, EntityMessage, InvalidMessage};
 /// Longest order id, in bytes: ample for any id scheme, and short enough to be a store key.
 pub const MAX_ORDER_ID_BYTES: usize = 255;
 
-/// Unique per order; entities deduplicate redeliveries on it. Any non-empty text of at most
-/// [`MAX_ORDER_ID_BYTES`] bytes without control characters. A UUID, in whatever form serde and
-/// `uuid` accept (capitals, no hyphens, braces), is one id in its lowercase hyphenated form, and
-/// is kept in 16 bytes: the form and size every earlier version stored.
+/// Unique per order; entities deduplicate redeliveries on it. Any text of 1 to
+/// [`MAX_ORDER_ID_BYTES`] bytes without control characters, taken as it is (spaces count). A
+/// UUID, in whatever form `uuid` parses (capitals, no hyphens, braces, URN), is one id in its
+/// lowercase hyphenated form, the form every earlier version stored, and takes no allocation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub enum OrderId {
-    /// A UUID.
+pub struct OrderId(Id);
+
+/// Private, so every id is built through the checks.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Id {
     Uuid(Uuid),
-    /// Any other id.
     Text(Box<str>),
+}
+
+/// Room for a UUID's text, for [`OrderId::as_text`] ([`OrderId::text_buffer`] makes one).
+pub type OrderIdBuffer = [u8; uuid::fmt::Hyphenated::LENGTH];
+
+impl OrderId {
+    /// An empty buffer for [`Self::as_text`].
+    pub fn text_buffer() -> OrderIdBuffer {
+        [0; uuid::fmt::Hyphenated::LENGTH]
+    }
+
+    /// The id as text (a store key, say), written into `buffer` if it is a UUID.
+    pub fn as_text<'a>(&'a self, buffer: &'a mut OrderIdBuffer) -> &'a str {
+        match &self.0 {
+            Id::Uuid(uuid) => uuid.hyphenated().encode_lower(buffer),
+            Id::Text(text) => text,
+        }
+    }
 }
 
 /// Why a text is not an order id.
@@ -46,7 +66,7 @@ impl FromStr for OrderId {
 
     fn from_str(text: &str) -> Result<Self, BadOrderId> {
         if let Ok(uuid) = Uuid::parse_str(text) {
-            return Ok(OrderId::Uuid(uuid));
+            return Ok(uuid.into());
         }
         if text.trim().is_empty() {
             return Err(BadOrderId::Empty);
@@ -57,7 +77,7 @@ impl FromStr for OrderId {
         if text.chars().any(char::is_control) {
             return Err(BadOrderId::ControlCharacter);
         }
-        Ok(OrderId::Text(text.into()))
+        Ok(OrderId(Id::Text(text.into())))
     }
 }
 
@@ -77,15 +97,15 @@ impl From<OrderId> for String {
 
 impl From<Uuid> for OrderId {
     fn from(uuid: Uuid) -> Self {
-        OrderId::Uuid(uuid)
+        OrderId(Id::Uuid(uuid))
     }
 }
 
 impl fmt::Display for OrderId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            OrderId::Uuid(uuid) => write!(f, "{}", uuid.hyphenated()),
-            OrderId::Text(text) => f.write_str(text),
+        match &self.0 {
+            Id::Uuid(uuid) => write!(f, "{}", uuid.hyphenated()),
+            Id::Text(text) => f.write_str(text),
         }
     }
 }
@@ -122,7 +142,7 @@ impl fmt::Display for CreateOrder {
 #[derive(Deserialize)]
 struct WireOrder {
     #[serde(alias = "OrderId")]
-    order_id: String,
+    order_id: WireOrderId,
     #[serde(alias = "CustomerId")]
     customer_id: String,
     #[serde(alias = "ProductId", default)]
@@ -131,14 +151,35 @@ struct WireOrder {
     quantity: u32,
 }
 
+/// Text, or a whole number (many producers number their orders), taken as its decimal text.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WireOrderId {
+    Text(String),
+    Number(serde_json::Number),
+}
+
+impl WireOrderId {
+    fn parse(self) -> Result<OrderId, InvalidMessage> {
+        let text = match self {
+            WireOrderId::Text(text) => text,
+            WireOrderId::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+            WireOrderId::Number(n) => {
+                return Err(InvalidMessage::Invalid(format!(
+                    "order_id {n} is not a whole number"
+                )));
+            }
+        };
+        text.parse()
+            .map_err(|e: BadOrderId| InvalidMessage::Invalid(e.to_string()))
+    }
+}
+
 impl EntityMessage for CreateOrder {
     fn decode(body: &[u8]) -> Result<Self, InvalidMessage> {
         let wire: WireOrder =
             serde_json::from_slice(body).map_err(|e| InvalidMessage::Malformed(e.to_string()))?;
-        let order_id = wire
-            .order_id
-            .parse()
-            .map_err(|e: BadOrderId| InvalidMessage::Invalid(e.to_string()))?;
+        let order_id = wire.order_id.parse()?;
         let product_id = match wire.product_id {
             Some(id) if !id.trim().is_empty() => id,
             _ => return Err(InvalidMessage::MissingEntityId("product_id")),
@@ -186,13 +227,20 @@ mod tests {
             uuid.hyphenated().to_string(),
             uuid.hyphenated().to_string().to_uppercase(),
             uuid.simple().to_string(),
+            uuid.braced().to_string(),
+            uuid.urn().to_string(),
         ];
         for form in forms {
             let id: OrderId = form.parse().unwrap();
-            assert_eq!(id, OrderId::Uuid(uuid), "{form}");
+            assert_eq!(id, OrderId::from(uuid), "{form}");
             assert_eq!(id.to_string(), uuid.hyphenated().to_string());
+            let mut buffer = OrderId::text_buffer();
+            assert_eq!(id.as_text(&mut buffer), uuid.hyphenated().to_string());
         }
-        let json = serde_json::to_string(&OrderId::Uuid(uuid)).unwrap();
+        let numbered = br#"{"OrderId":1001,"CustomerId":"c","ProductId":"p","Quantity":1}"#;
+        let order = CreateOrder::decode(numbered).unwrap();
+        assert_eq!(order.order_id.to_string(), "1001");
+        let json = serde_json::to_string(&OrderId::from(uuid)).unwrap();
         assert_eq!(json, format!("\"{}\"", uuid.hyphenated()));
         assert_eq!(serde_json::from_str::<OrderId>(&json).unwrap(), uuid.into());
         let longest = "x".repeat(MAX_ORDER_ID_BYTES);
@@ -243,6 +291,10 @@ mod tests {
                 r#"{"order_id":"a\u0000b","customer_id":"c","product_id":"p","quantity":1}"#
                     .to_owned(),
                 "control character",
+            ),
+            (
+                r#"{"order_id":1.5,"customer_id":"c","product_id":"p","quantity":1}"#.to_owned(),
+                "not a whole number",
             ),
         ];
         for (body, expected) in cases {

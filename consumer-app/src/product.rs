@@ -15,7 +15,6 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tracing::debug;
-use uuid::Uuid;
 use warren::entity::store::{Appended, Claim, EntityStore};
 use warren::entity::{Entity, EntityError, EntityFactory, EntityId};
 use warren::metrics::counter;
@@ -120,11 +119,8 @@ impl Entity for ProductActor {
         let record = serde_json::to_vec(&record)
             .map_err(|e| EntityError::new(format!("order does not serialize: {e}")))?;
         // The store key is the id's text; a UUID's is written without allocating.
-        let mut buffer = Uuid::encode_buffer();
-        let key: &str = match &order.order_id {
-            OrderId::Uuid(uuid) => uuid.hyphenated().encode_lower(&mut buffer),
-            OrderId::Text(text) => text,
-        };
+        let mut buffer = OrderId::text_buffer();
+        let key = order.order_id.as_text(&mut buffer);
         let Some(claim) = &self.claim else {
             return Err(EntityError::unavailable(
                 "the product has not loaded its state",
@@ -220,6 +216,7 @@ impl EntityFactory for ProductFactory {
 
 #[cfg(test)]
 mod tests {
+    use uuid::Uuid;
     use warren::entity::store::MemoryEntityStore;
 
     use super::*;
@@ -262,7 +259,10 @@ mod tests {
         product.handle(&first).await.unwrap();
         let snapshot = product.snapshot();
         assert_eq!(snapshot.total_quantity, 7);
-        assert_eq!(snapshot.orders, vec![first.order_id.clone(), second.order_id.clone()]);
+        assert_eq!(
+            snapshot.orders,
+            vec![first.order_id.clone(), second.order_id.clone()]
+        );
         assert_eq!(factory.metrics.duplicates.get(), 1);
         assert_eq!(factory.metrics.applied.get(), 2);
     }

@@ -9,10 +9,13 @@
 //! channel on an ack of a tag that is no longer unacked ("unknown delivery tag"), requeueing
 //! everything. lapin runs every ack as a task of its own, so handing frames over in order does
 //! not keep them in order: a `multiple` ack first waits until everything before it on its
-//! channel is written. Only on its channel: a send on a channel that died may never complete,
-//! and waiting for it stopped every ack on the next channel, whose window then stayed full.
-//! Every send is bounded by [`SEND_TIMEOUT`] all the same. Consecutive `multiple` acks on one
-//! channel collapse into the last one (never across a single ack, whose tag may be higher).
+//! channel is written. Only on its channel, and only while that channel lives: lapin never
+//! completes a send whose channel died under it, and waiting for one stopped every ack on the
+//! next channel, whose window then stayed full. A send or wait on a dead channel is given up
+//! (the broker requeued its deliveries); one on a live channel is never cut short, since a
+//! frame written late could land after a `multiple` ack that covers it. Consecutive `multiple`
+//! acks on one channel collapse into the last one (never across a single ack, whose tag may be
+//! higher).
 //!
 //! The queue cannot grow without bound: each command settles at least one delivery, and the
 //! broker never has more than `prefetch` deliveries unacked.
@@ -27,13 +30,13 @@ use lapin::Acker;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::metrics::BridgeMetrics;
 
-/// Longest wait for lapin to write one ack or nack; past it the channel is taken for dead (its
-/// deliveries come back from the broker) and the send counts as not made.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a send or a `multiple` ack's wait that is taking long checks whether its channel
+/// died.
+const CHANNEL_CHECK: Duration = Duration::from_millis(50);
 
 /// Settles one delivery at the broker: lapin's [`Acker`], or a recording fake in tests.
 trait Settle: Clone + Send + Sync + 'static {
@@ -42,6 +45,8 @@ trait Settle: Clone + Send + Sync + 'static {
     fn ack(&self, multiple: bool) -> impl Future<Output = bool> + Send;
     /// Returns the delivery to the queue.
     fn nack(&self) -> impl Future<Output = ()> + Send;
+    /// True once its channel is closed: nothing sent for it will be written any more.
+    fn gone(&self) -> bool;
 }
 
 impl Settle for Acker {
@@ -59,6 +64,10 @@ impl Settle for Acker {
         };
         // Requeued either way: by this nack, or by the broker when the channel died.
         let _ = Acker::nack(self, nack).await;
+    }
+
+    fn gone(&self) -> bool {
+        self.poisoned()
     }
 }
 
@@ -82,6 +91,15 @@ enum Command<A = Acker> {
 }
 
 impl<A> Command<A> {
+    /// The delivery it settles.
+    fn acker(&self) -> &A {
+        match self {
+            Command::Ack { acker, .. }
+            | Command::AckOne { acker, .. }
+            | Command::Nack { acker, .. } => acker,
+        }
+    }
+
     /// The channel it is about.
     fn generation(&self) -> u64 {
         match self {
@@ -158,10 +176,14 @@ async fn write<A: Settle>(mut rx: mpsc::UnboundedReceiver<Command<A>>, metrics: 
                 for command in coalesce(batch.drain(..)) {
                     let generation = command.generation();
                     if command.waits_for_earlier() {
-                        while unwritten.get(&generation).is_some_and(|n| *n > 0) {
-                            match sending.next().await {
-                                Some(written) => forget(&mut unwritten, written),
-                                None => break,
+                        // Ends when the channel's earlier sends are written, or it died.
+                        while unwritten.get(&generation).is_some_and(|n| *n > 0)
+                            && !command.acker().gone()
+                        {
+                            match tokio::time::timeout(CHANNEL_CHECK, sending.next()).await {
+                                Ok(Some(written)) => forget(&mut unwritten, written),
+                                Ok(None) => break,
+                                Err(_) => {}
                             }
                         }
                     }
@@ -188,13 +210,14 @@ fn forget(unwritten: &mut HashMap<u64, usize>, generation: u64) {
     }
 }
 
-/// `settle`, or false once [`SEND_TIMEOUT`] has passed.
-async fn within_timeout(generation: u64, settle: impl Future<Output = bool>) -> bool {
-    match tokio::time::timeout(SEND_TIMEOUT, settle).await {
-        Ok(sent) => sent,
-        Err(_) => {
-            warn!(generation, timeout = ?SEND_TIMEOUT, "an ack or nack was not written in time; taking its channel for dead");
-            false
+/// Waits for `settle` while `acker`'s channel lives; false once it is found dead first.
+async fn unless_gone<A: Settle>(acker: &A, settle: impl Future<Output = bool>) -> bool {
+    let mut settle = std::pin::pin!(settle);
+    loop {
+        match tokio::time::timeout(CHANNEL_CHECK, settle.as_mut()).await {
+            Ok(sent) => return sent,
+            Err(_) if acker.gone() => return false,
+            Err(_) => {}
         }
     }
 }
@@ -241,7 +264,7 @@ async fn send<A: Settle>(command: Command<A>, metrics: &BridgeMetrics) -> u64 {
             acked,
             dead_lettered,
         } => {
-            if within_timeout(generation, acker.ack(true)).await {
+            if unless_gone(&acker, acker.ack(true)).await {
                 metrics.acks_sent.inc();
                 metrics.deliveries.acked.inc_by(acked);
                 metrics.deliveries.dead_lettered.inc_by(dead_lettered);
@@ -255,7 +278,7 @@ async fn send<A: Settle>(command: Command<A>, metrics: &BridgeMetrics) -> u64 {
             acker,
             dead_lettered,
         } => {
-            let sent = within_timeout(generation, acker.ack(false)).await;
+            let sent = unless_gone(&acker, acker.ack(false)).await;
             let outcome = match (sent, dead_lettered) {
                 (false, _) => &metrics.deliveries.requeued,
                 (true, false) => &metrics.deliveries.acked,
@@ -269,7 +292,7 @@ async fn send<A: Settle>(command: Command<A>, metrics: &BridgeMetrics) -> u64 {
             }
         }
         Command::Nack { acker, .. } => {
-            within_timeout(generation, async {
+            unless_gone(&acker, async {
                 acker.nack().await;
                 true
             })
@@ -282,43 +305,70 @@ async fn send<A: Settle>(command: Command<A>, metrics: &BridgeMetrics) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     use super::*;
     use crate::metrics::Metrics;
 
+    type Log = Arc<Mutex<Vec<(u64, &'static str)>>>;
+
     /// A delivery whose settlement reaches the "broker" (the log) after its own delay, the way
-    /// lapin's separately scheduled acks can overtake each other.
+    /// lapin's separately scheduled acks can overtake each other. Once its channel is `gone`,
+    /// nothing it sends arrives, and a send under way never completes (as lapin's do not).
     #[derive(Clone)]
     struct Slow {
         tag: u64,
         delay: Duration,
-        broker: Arc<Mutex<Vec<(u64, &'static str)>>>,
+        broker: Log,
+        gone: Arc<AtomicBool>,
+    }
+
+    impl Slow {
+        async fn arrive(&self, kind: &'static str) -> bool {
+            if self.gone() {
+                return false;
+            }
+            tokio::time::sleep(self.delay).await;
+            if self.gone() {
+                std::future::pending::<()>().await;
+            }
+            self.broker.lock().unwrap().push((self.tag, kind));
+            true
+        }
     }
 
     impl Settle for Slow {
         async fn ack(&self, multiple: bool) -> bool {
-            tokio::time::sleep(self.delay).await;
-            let kind = if multiple { "multiple" } else { "one" };
-            self.broker.lock().unwrap().push((self.tag, kind));
-            true
+            self.arrive(if multiple { "multiple" } else { "one" }).await
         }
 
         async fn nack(&self) {
-            tokio::time::sleep(self.delay).await;
-            self.broker.lock().unwrap().push((self.tag, "nack"));
+            self.arrive("nack").await;
+        }
+
+        fn gone(&self) -> bool {
+            self.gone.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Makes deliveries of one channel that reach `broker`.
+    fn channel(broker: &Log) -> impl Fn(u64, Duration) -> Slow + use<> {
+        let (broker, gone) = (Arc::clone(broker), Arc::new(AtomicBool::new(false)));
+        move |tag, delay| Slow {
+            tag,
+            delay,
+            broker: Arc::clone(&broker),
+            gone: Arc::clone(&gone),
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_multiple_ack_reaches_the_broker_after_the_single_acks_and_nacks_before_it() {
-        let broker = Arc::new(Mutex::new(Vec::new()));
-        let slow = |tag, millis| Slow {
-            tag,
-            delay: Duration::from_millis(millis),
-            broker: Arc::clone(&broker),
-        };
+        let broker = Log::default();
+        let delivery = channel(&broker);
+        let slow = |tag, millis| delivery(tag, Duration::from_millis(millis));
         let metrics = Metrics::new().unwrap().bridge;
         let (commands, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write(rx, metrics));
@@ -364,34 +414,35 @@ mod tests {
         assert_eq!(arrived.len(), 4, "{arrived:?}");
     }
 
-    /// A send that is never written (its channel died under it) holds back neither the next
-    /// channel's `multiple` acks nor, past the send timeout, its own channel's.
+    /// A send that is not written holds back the next channel's `multiple` ack not at all, and
+    /// its own channel's for as long as that channel lives, however long (a late frame could
+    /// land after it); once its channel is found dead, it and what waited behind it are given
+    /// up, counted as requeued.
     #[tokio::test(start_paused = true)]
-    async fn a_send_never_written_holds_back_no_other_channel_and_its_own_only_until_the_timeout() {
-        let broker = Arc::new(Mutex::new(Vec::new()));
-        let slow = |tag, delay| Slow {
-            tag,
-            delay,
-            broker: Arc::clone(&broker),
-        };
-        let never = Duration::from_secs(3600);
-        let quick = Duration::from_millis(1);
+    async fn an_unwritten_send_holds_back_only_its_own_channel_and_only_while_it_lives() {
+        let broker = Log::default();
+        let (old, new) = (channel(&broker), channel(&broker));
+        let (never, quick) = (Duration::from_secs(3600), Duration::from_millis(1));
         let start = tokio::time::Instant::now();
+        let metrics = Metrics::new().unwrap().bridge;
         let (commands, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write(rx, Metrics::new().unwrap().bridge));
+        let writer = tokio::spawn(write(rx, metrics.clone()));
         let multiple = |generation, acker| Command::Ack {
             generation,
             acker,
             acked: 1,
             dead_lettered: 0,
         };
-        let stuck = |tag| Command::AckOne {
-            generation: 1,
-            acker: slow(tag, never),
-            dead_lettered: false,
-        };
-        commands.send(stuck(3)).unwrap();
-        commands.send(multiple(2, slow(7, quick))).unwrap();
+        let stuck = old(3, never);
+        let gone = Arc::clone(&stuck.gone);
+        commands
+            .send(Command::AckOne {
+                generation: 1,
+                acker: stuck,
+                dead_lettered: false,
+            })
+            .unwrap();
+        commands.send(multiple(2, new(7, quick))).unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(
             *broker.lock().unwrap(),
@@ -399,18 +450,24 @@ mod tests {
             "the next channel waited"
         );
 
-        commands.send(stuck(4)).unwrap();
-        commands.send(multiple(1, slow(6, quick))).unwrap();
+        commands.send(multiple(1, old(6, quick))).unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(
+            *broker.lock().unwrap(),
+            vec![(7, "multiple")],
+            "a multiple ack went out before an earlier send on its live channel"
+        );
+
+        gone.store(true, Ordering::SeqCst);
+        commands.send(multiple(2, new(9, quick))).unwrap();
         drop(commands);
         writer.await.unwrap();
         assert_eq!(
             *broker.lock().unwrap(),
-            vec![(7, "multiple"), (6, "multiple")]
+            vec![(7, "multiple"), (9, "multiple")]
         );
+        assert_eq!(metrics.deliveries.requeued.get(), 2);
         let took = start.elapsed();
-        assert!(
-            took >= SEND_TIMEOUT && took < SEND_TIMEOUT + Duration::from_secs(2),
-            "the writer took {took:?}"
-        );
+        assert!(took < Duration::from_secs(62), "{took:?}");
     }
 }

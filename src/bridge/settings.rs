@@ -11,11 +11,9 @@ use crate::entity::RunnerSettings;
 /// RabbitMQ 3.10 closes a channel whose oldest delivery stays unacked this long.
 const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
-/// The default prefetch as a multiple of `max_in_flight`. Measured with 100 in flight over 1,000
-/// products of 5 ms (13k msg/s): the broker counted 365–400 unacked while the bridge held 80–145
-/// of them, so the deliveries and acks on their way between the two took about 20 ms worth of
-/// the window; at four times the bridge found nothing to take with most slots free a tenth of
-/// the time (0.85 of the bound), at eight or more about 1 % (0.90–0.93).
+/// The default prefetch as a multiple of `max_in_flight`: deliveries and acks on their way
+/// between the broker and the bridge hold about 20 ms worth of the window, which at four times
+/// left the bridge with nothing to take a tenth of the time (README, "Slow entities").
 pub const PREFETCH_PER_IN_FLIGHT: u16 = 10;
 
 /// How much work the bridge takes on and how it treats failures.

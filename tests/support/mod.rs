@@ -25,7 +25,7 @@ use uuid::Uuid;
 use warren::amqp::{
     AmqpSettings, ConfirmedPublisher, OutgoingMessage, PublisherSettings, topology,
 };
-use warren::order::CreateOrder;
+use warren::order::{CreateOrder, OrderId};
 
 const MANAGEMENT: &str = "http://127.0.0.1:15672/api";
 
@@ -414,7 +414,7 @@ pub async fn close_connection(connection_name: &str) {
 pub struct ProductView {
     pub product_id: String,
     pub total_quantity: u64,
-    pub orders: Vec<Uuid>,
+    pub orders: Vec<OrderId>,
 }
 
 /// A running `warren-consumer`; killed when dropped.
@@ -691,7 +691,7 @@ impl Orders {
                 .product(product)
                 .await
                 .unwrap_or_else(|| panic!("product {product} unknown to the consumer"));
-            let expected_ids: Vec<Uuid> = orders.iter().map(|(id, _)| *id).collect();
+            let expected_ids: Vec<OrderId> = orders.iter().map(|(id, _)| (*id).into()).collect();
             let expected_total: u64 = orders.iter().map(|(_, q)| u64::from(*q)).sum();
             assert_eq!(view.total_quantity, expected_total, "total of {product}");
             assert_eq!(view.orders, expected_ids, "orders of {product}");
@@ -713,7 +713,8 @@ impl Orders {
                 .product(product)
                 .await
                 .unwrap_or_else(|| panic!("product {product} unknown to {}", node.base));
-            let mut expected_ids: Vec<Uuid> = orders.iter().map(|(id, _)| *id).collect();
+            let mut expected_ids: Vec<OrderId> =
+                orders.iter().map(|(id, _)| (*id).into()).collect();
             let mut applied = view.orders.clone();
             expected_ids.sort();
             applied.sort();
