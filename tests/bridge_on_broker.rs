@@ -119,6 +119,21 @@ async fn a_backlog_waits_in_the_broker_not_in_consumer_memory() {
     orders.assert_applied_exactly_once_in_order(&consumer).await;
 }
 
+/// An orchestrator's probes on the node that consumes: live, and ready because it is Up and
+/// connected to the broker it consumes from.
+#[tokio::test]
+async fn the_consuming_node_is_live_and_ready() {
+    let queue = TestQueue::new("probes");
+    queue.declare().await;
+    let consumer = Consumer::start(&queue, &[]).await;
+    let live = consumer.get("/livez").await.expect("/livez answers 200");
+    assert_eq!(live["status"], "live", "{live}");
+    let ready = consumer.get("/readyz").await.expect("/readyz answers 200");
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["consuming_here"], true, "{ready}");
+    assert_eq!(ready["amqp_connected"], true, "{ready}");
+}
+
 #[tokio::test]
 async fn twenty_thousand_orders_drain_with_an_exactly_once_effect() {
     let queue = TestQueue::new("drain");

@@ -79,6 +79,9 @@ async fn stay_out(
             assert_eq!(status["shards_here"], serde_json::json!([]), "{status}");
             assert_eq!(status["singletons_here"], serde_json::json!([]), "{status}");
             assert!(node.get("/health").await.is_none(), "healthy: {status}");
+            // Alive, but not ready for traffic while it is not an Up member.
+            assert!(node.get("/livez").await.is_some(), "not live: {status}");
+            assert!(node.get("/readyz").await.is_none(), "ready: {status}");
             last.push(status);
         }
         let counts = queue.counts().await;

@@ -1,4 +1,5 @@
-//! The consumer's HTTP endpoint: `/metrics` (Prometheus text), `/health`, `GET /products/{id}`
+//! The consumer's HTTP endpoint: `/metrics` (Prometheus text), `/livez` and `/readyz` (for
+//! an orchestrator's probes), `/health` (the cluster consumes the queue), `GET /products/{id}`
 //! (the product's state, answered by the product wherever its shard lives; 404 if it has no
 //! order) and `GET /cluster` (members, where each singleton runs, shards per node).
 
@@ -38,6 +39,8 @@ pub fn router(
         amqp_connected,
     };
     Router::new()
+        .route("/livez", get(live))
+        .route("/readyz", get(ready))
         .route("/health", get(health))
         .route("/products/{id}", get(product))
         .route("/cluster", get(cluster))
@@ -45,30 +48,84 @@ pub fn router(
         .merge(metrics)
 }
 
-/// 200 while this node is Up, some node holds the bridge, and, if that is this node, it is
-/// connected to the broker.
-async fn health(State(state): State<AppState>) -> Response {
-    let status = state.node.status();
-    let up = status
-        .members
-        .iter()
-        .any(|m| m.node == status.node && m.status == "up");
-    let bridge_node = status.singletons.get(BRIDGE_SINGLETON).cloned().flatten();
-    let consuming_here = bridge_node.as_deref() == Some(status.node.as_str());
-    let connected = state.amqp_connected.get() == 1;
-    let healthy = up && bridge_node.is_some() && (connected || !consuming_here);
-    let code = if healthy {
+/// Always 200: answering at all shows the process and its runtime run. A liveness probe must
+/// not depend on other nodes or the broker, or their outage would restart every node.
+async fn live() -> Response {
+    axum::Json(json!({ "status": "live" })).into_response()
+}
+
+/// What readiness and health are judged on.
+struct Standing {
+    node: String,
+    /// This node is an Up member.
+    up: bool,
+    /// The node that holds the bridge, if any.
+    bridge_node: Option<String>,
+    /// That node is this one.
+    consuming_here: bool,
+    /// This node's AMQP source is connected.
+    amqp_connected: bool,
+}
+
+impl Standing {
+    fn of(state: &AppState) -> Standing {
+        let status = state.node.status();
+        let up = status
+            .members
+            .iter()
+            .any(|m| m.node == status.node && m.status == "up");
+        let bridge_node = status.singletons.get(BRIDGE_SINGLETON).cloned().flatten();
+        Standing {
+            consuming_here: bridge_node.as_deref() == Some(status.node.as_str()),
+            up,
+            bridge_node,
+            node: status.node,
+            amqp_connected: state.amqp_connected.get() == 1,
+        }
+    }
+
+    /// Up, and connected to the broker if it consumes the queue.
+    fn ready(&self) -> bool {
+        self.up && (self.amqp_connected || !self.consuming_here)
+    }
+}
+
+fn answer(ok: bool, body: serde_json::Value) -> Response {
+    let code = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    (code, axum::Json(body)).into_response()
+}
+
+/// 200 while this node is Up in its cluster and, if it consumes the queue, connected to the
+/// broker: it may take traffic. 503 while it joins, leaves, or has lost the broker it needs.
+async fn ready(State(state): State<AppState>) -> Response {
+    let standing = Standing::of(&state);
+    let ready = standing.ready();
+    let body = json!({
+        "status": if ready { "ready" } else { "not ready" },
+        "node": standing.node,
+        "up": standing.up,
+        "consuming_here": standing.consuming_here,
+        "amqp_connected": standing.amqp_connected,
+    });
+    answer(ready, body)
+}
+
+/// 200 while this node is ready ([`ready`]) and some node holds the bridge: the cluster
+/// consumes the queue.
+async fn health(State(state): State<AppState>) -> Response {
+    let standing = Standing::of(&state);
+    let healthy = standing.ready() && standing.bridge_node.is_some();
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
-        "node": status.node,
-        "bridge_node": bridge_node,
-        "amqp_connected": connected,
+        "node": standing.node,
+        "bridge_node": standing.bridge_node,
+        "amqp_connected": standing.amqp_connected,
     });
-    (code, axum::Json(body)).into_response()
+    answer(healthy, body)
 }
 
 async fn product(State(state): State<AppState>, Path(id): Path<String>) -> Response {
