@@ -357,6 +357,11 @@ async fn a_two_to_one_split_while_shards_move_to_the_newest_node_keeps_one_owner
     partition_scenario("fault-partition-rebalance", cut).await;
 }
 
+/// Orders the broker holds (ready or unacked) when a node is killed: over 100 ms of work.
+const IN_HAND: u64 = 1_000;
+/// Most extra batches published to get there.
+const TOP_UPS: usize = 10;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_sigkills_of_random_nodes_lose_nothing_and_leave_nothing_stale() {
     let mut cluster = Cluster::start("fault-kills", &["--processing-delay-ms", "5"]).await;
@@ -365,12 +370,20 @@ async fn repeated_sigkills_of_random_nodes_lose_nothing_and_leave_nothing_stale(
     eprintln!("victims drawn with seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for round in 0..3 {
-        // Each kill lands on a cluster with work in hand: a third of the orders first.
+        // Each kill lands on a cluster with work in hand: a third of the orders first, then
+        // more while the cluster keeps up with publishing (a fast run drained the third).
         orders.publish(ORDERS / 3).await;
-        let counts = cluster.queue.counts().await;
+        let mut counts = cluster.queue.counts().await;
+        for _ in 0..TOP_UPS {
+            if counts.ready + counts.unacked >= IN_HAND {
+                break;
+            }
+            orders.publish(ORDERS / 10).await;
+            counts = cluster.queue.counts().await;
+        }
         assert!(
-            counts.ready + counts.unacked > 0,
-            "round {round}: nothing in flight to lose"
+            counts.ready + counts.unacked >= IN_HAND,
+            "round {round}: nothing in flight to lose ({counts:?})"
         );
         let victim = rng.random_range(0..NODES.len());
         let killed = Instant::now();
