@@ -168,15 +168,11 @@ async fn measure(row: Row) -> Measured {
     while std::time::Instant::now() < window_ends {
         let page = node.get("/metrics").await;
         for (sum, name) in gauges.iter_mut().zip([
-            "warren_in_flight ",
-            "warren_entities_with_work ",
-            "warren_entities_processing ",
+            "warren_in_flight",
+            "warren_entities_with_work",
+            "warren_entities_processing",
         ]) {
-            *sum += page
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0);
+            *sum += warren::metrics::sum_series(&page, name).unwrap_or(0.0);
         }
         samples += 1.0;
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -22,12 +22,13 @@ use lapin::options::{BasicGetOptions, QueueDeleteOptions};
 use lapin::types::AMQPValue;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+use warren::amqp::settings::partition_exchange;
 use warren::amqp::topology::{dead_letter_exchange, dead_letter_queue};
 use warren::amqp::{ConfirmedPublisher, ERROR_HEADER, OutgoingMessage, PublisherSettings};
 use warren::entity::store::{Claim, EntityStore, MemoryEntityStore};
 use warren::{AmqpSettings, BridgeSettings, ClusterNode, ClusterSettings, DeliverySettings};
 use warren::{Entity, EntityError, EntityFactory, EntityId, EntityMessage, InvalidMessage};
-use warren::{Metrics, bridge_singleton};
+use warren::{Metrics, bridge_singletons};
 
 type Result<T, E = Box<dyn Error>> = std::result::Result<T, E>;
 
@@ -190,14 +191,14 @@ async fn run(amqp: &AmqpSettings, admin: &Channel) -> Result<()> {
     let producer_stopped = CancellationToken::new();
     let bridge_metrics = metrics.bridge.clone();
     let singletons = |producer| {
-        vec![bridge_singleton(
+        bridge_singletons(
             bridge,
             amqp.clone(),
             "warren-example-ledger".into(),
             producer,
             bridge_metrics,
             producer_stopped.clone(),
-        )]
+        )
     };
     let accounts = Arc::new(Accounts(Arc::new(MemoryEntityStore::default())));
     let node = ClusterNode::start_with_singletons(
@@ -233,13 +234,18 @@ async fn publish_and_check(
         connection_name: "warren-example-ledger-publisher".into(),
     });
     // Settled: applied and acked, or refused and dead-lettered with the reason.
-    let (outcomes, total) = (&metrics.bridge.deliveries, transactions.len() as u64);
+    let bridge = metrics.bridge.partition(0);
+    let (outcomes, total) = (&bridge.deliveries, transactions.len() as u64);
     let settled = || outcomes.acked.get() + outcomes.dead_lettered.get();
     let publish_and_wait = async {
         for tx in &transactions {
             let (body, message_id) = (serde_json::to_vec(tx)?, Some(tx.id.clone()));
             publisher
-                .publish(OutgoingMessage { body, message_id })
+                .publish(OutgoingMessage {
+                    body,
+                    message_id,
+                    partition_key: tx.account.clone(),
+                })
                 .await;
         }
         publisher.flush().await;
@@ -302,15 +308,16 @@ async fn dead_letters(admin: &Channel) -> Result<BTreeMap<String, String>> {
     Ok(letters)
 }
 
-/// Deletes the example's queue, dead-letter queue and exchange (missing ones are no error).
+/// Deletes the example's queue, dead-letter queue and exchanges (missing ones are no error).
 async fn delete_queues(admin: &Channel) -> Result<()> {
     for queue in [QUEUE.to_owned(), dead_letter_queue(QUEUE)] {
         let options = QueueDeleteOptions::default();
         admin.queue_delete(queue.as_str().into(), options).await?;
     }
-    let (exchange, options) = (dead_letter_exchange(QUEUE), Default::default());
-    admin
-        .exchange_delete(exchange.as_str().into(), options)
-        .await?;
+    for exchange in [dead_letter_exchange(QUEUE), partition_exchange(QUEUE)] {
+        admin
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await?;
+    }
     Ok(())
 }

@@ -40,9 +40,15 @@ ensure_rabbitmq() {
       return 1
     fi
   fi
-  if ! port_open 15672 || ! port_open 15692; then
-    echo "==> enabling rabbitmq_management and rabbitmq_prometheus"
-    as_root rabbitmq-plugins enable rabbitmq_management rabbitmq_prometheus >/dev/null
+  # The consistent-hash exchange feeds partitioned queues (--partitions); it opens no port.
+  local plugins="rabbitmq_management rabbitmq_prometheus rabbitmq_consistent_hash_exchange"
+  local enabled
+  enabled=$(as_root rabbitmq-plugins list -e -m 2>/dev/null || true)
+  if ! port_open 15672 || ! port_open 15692 ||
+    ! grep -qx rabbitmq_consistent_hash_exchange <<<"$enabled"; then
+    echo "==> enabling $plugins"
+    # shellcheck disable=SC2086 # one word per plugin
+    as_root rabbitmq-plugins enable $plugins >/dev/null
     if ! wait_for "port_open 15672 && port_open 15692" 60; then
       echo "RabbitMQ management/prometheus plugins did not come up" >&2
       return 1

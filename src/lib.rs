@@ -9,8 +9,8 @@
 //!   to make one per id), storing what must survive in an [`entity::store::EntityStore`];
 //! - a node: [`ClusterNode::start_with_singletons`] with [`ClusterSettings`] and
 //!   [`DeliverySettings`], the entities' retries from [`BridgeSettings::runner`];
-//! - the bridge from a queue into the entities: [`bridge_singleton`], run by the node on the
-//!   oldest member with the [`BRIDGE_ROLE`].
+//! - the bridge from a queue into the entities: [`bridge_singletons`], one per partition
+//!   queue, run by the node on members with the [`BRIDGE_ROLE`].
 //!
 //! `examples/ledger.rs` does all three for bank accounts; `docs/protocol.md` describes the
 //! protocol underneath.
@@ -46,7 +46,7 @@ pub mod testkit;
 mod timer;
 
 pub use amqp::{AmqpSettings, SourceSettings};
-pub use bridge::{BRIDGE_ROLE, BridgeSettings, bridge_singleton};
+pub use bridge::{BRIDGE_ROLE, BridgeSettings, bridge_singleton_name, bridge_singletons};
 pub use cluster::singleton::driver::SingletonSpec;
 pub use delivery::DeliverySettings;
 pub use delivery::sharding::driver::{AskError, AskOutcome, ShardingProducerHandle};

@@ -10,7 +10,8 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +43,10 @@ pub struct Outcomes {
     pub requeued: IntCounter,
 }
 
-/// The bridge's series.
+/// The label that tells the bridges of a partitioned queue apart: the partition's number.
+pub const PARTITION_LABEL: &str = "partition";
+
+/// One bridge's series: those of its partition (`partition="0"` without partitions).
 #[derive(Clone, Debug)]
 pub struct BridgeMetrics {
     /// `warren_deliveries_total{outcome}`: deliveries settled, by outcome.
@@ -65,12 +69,54 @@ pub struct BridgeMetrics {
     pub source: SourceMetrics,
 }
 
+/// The bridges' series, labelled by partition; each bridge takes its own with
+/// [`BridgeSeries::partition`].
+#[derive(Clone, Debug)]
+pub struct BridgeSeries {
+    deliveries: IntCounterVec,
+    in_flight: IntGaugeVec,
+    entities_with_work: IntGaugeVec,
+    redelivered: IntCounterVec,
+    invalid_messages: IntCounterVec,
+    ack_latency: HistogramVec,
+    acks_sent: IntCounterVec,
+    reconnects: IntCounterVec,
+    connected: IntGaugeVec,
+}
+
+impl BridgeSeries {
+    /// The series of the bridge of `partition`, exported (as zeros) from this call on.
+    pub fn partition(&self, partition: u16) -> BridgeMetrics {
+        let label = partition.to_string();
+        let one = [label.as_str()];
+        // Resolved once: a label lookup hashes and locks, and settling happens per message.
+        let outcome = |name| self.deliveries.with_label_values(&[name, label.as_str()]);
+        BridgeMetrics {
+            deliveries: Outcomes {
+                acked: outcome(outcome::ACKED),
+                dead_lettered: outcome(outcome::DEAD_LETTERED),
+                requeued: outcome(outcome::REQUEUED),
+            },
+            in_flight: self.in_flight.with_label_values(&one),
+            entities_with_work: self.entities_with_work.with_label_values(&one),
+            redelivered: self.redelivered.with_label_values(&one),
+            invalid_messages: self.invalid_messages.clone(),
+            ack_latency: self.ack_latency.with_label_values(&one),
+            acks_sent: self.acks_sent.with_label_values(&one),
+            source: SourceMetrics {
+                reconnects: self.reconnects.with_label_values(&one),
+                connected: self.connected.with_label_values(&one),
+            },
+        }
+    }
+}
+
 /// Every series of one node.
 #[derive(Clone, Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// The bridge's series.
-    pub bridge: BridgeMetrics,
+    /// The bridges' series.
+    pub bridge: BridgeSeries,
     /// The entities' series.
     pub entities: EntityMetrics,
     /// Membership, transport, singleton and sharding series.
@@ -101,38 +147,34 @@ impl Metrics {
     }
 }
 
-/// The bridge's series, every label value exported from the start.
-fn register_bridge(registry: &Registry) -> Result<BridgeMetrics, prometheus::Error> {
-    let bridge = BridgeMetrics {
-        deliveries: {
-            let by_outcome = counter_vec(
-                registry,
-                "warren_deliveries_total",
-                "Deliveries settled, by outcome.",
-                &["outcome"],
-            )?;
-            // Resolved once (and exported from the start, so dashboards see zeros): a
-            // label lookup hashes and locks, and settling happens for every message.
-            Outcomes {
-                acked: by_outcome.with_label_values(&[outcome::ACKED]),
-                dead_lettered: by_outcome.with_label_values(&[outcome::DEAD_LETTERED]),
-                requeued: by_outcome.with_label_values(&[outcome::REQUEUED]),
-            }
-        },
-        in_flight: gauge(
+/// The bridges' series; a bridge's label values are exported once it takes its series.
+fn register_bridge(registry: &Registry) -> Result<BridgeSeries, prometheus::Error> {
+    let by_partition = [PARTITION_LABEL];
+    let gauge_vec = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
+        let gauge = IntGaugeVec::new(Opts::new(name, help), &by_partition)?;
+        registry.register(Box::new(gauge.clone()))?;
+        Ok(gauge)
+    };
+    let series = BridgeSeries {
+        deliveries: counter_vec(
             registry,
+            "warren_deliveries_total",
+            "Deliveries settled, by outcome.",
+            &["outcome", PARTITION_LABEL],
+        )?,
+        in_flight: gauge_vec(
             "warren_in_flight",
             "Deliveries taken from the broker and still with the entities.",
         )?,
-        entities_with_work: gauge(
-            registry,
+        entities_with_work: gauge_vec(
             "warren_entities_with_work",
             "Entities the bridge has deliveries out to.",
         )?,
-        redelivered: counter(
+        redelivered: counter_vec(
             registry,
             "warren_redelivered_total",
             "Deliveries the broker flagged as redelivered.",
+            &by_partition,
         )?,
         invalid_messages: counter_vec(
             registry,
@@ -147,33 +189,32 @@ fn register_bridge(registry: &Registry) -> Result<BridgeMetrics, prometheus::Err
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                         5.0, 10.0, 30.0, 60.0,
                     ]);
-            let histogram = Histogram::with_opts(opts)?;
+            let histogram = HistogramVec::new(opts, &by_partition)?;
             registry.register(Box::new(histogram.clone()))?;
             histogram
         },
-        acks_sent: counter(
+        acks_sent: counter_vec(
             registry,
             "warren_amqp_acks_total",
             "Ack frames sent to the broker; each may cover many deliveries.",
+            &by_partition,
         )?,
-        source: SourceMetrics {
-            reconnects: counter(
-                registry,
-                "warren_amqp_reconnects_total",
-                "AMQP sessions opened after the first one.",
-            )?,
-            connected: gauge(
-                registry,
-                "warren_amqp_connected",
-                "1 while the AMQP consumer is consuming.",
-            )?,
-        },
+        reconnects: counter_vec(
+            registry,
+            "warren_amqp_reconnects_total",
+            "AMQP sessions opened after the first one.",
+            &by_partition,
+        )?,
+        connected: gauge_vec(
+            "warren_amqp_connected",
+            "1 while the AMQP consumer is consuming.",
+        )?,
     };
     // Export every label value from the start, so dashboards and alerts see zeros.
     for kind in InvalidMessage::KINDS {
-        bridge.invalid_messages.with_label_values(&[kind]);
+        series.invalid_messages.with_label_values(&[kind]);
     }
-    Ok(bridge)
+    Ok(series)
 }
 
 /// The entities' series.
@@ -203,6 +244,37 @@ fn register_entities(registry: &Registry) -> Result<EntityMetrics, prometheus::E
             histogram
         },
     })
+}
+
+/// The value of `wanted` (`name` or `name{label="value",…}`) in a page of Prometheus text:
+/// the sum over the series of that name that carry at least `wanted`'s labels, so
+/// `warren_in_flight` adds up every partition's. `None` if no series matches.
+pub fn sum_series(page: &str, wanted: &str) -> Option<f64> {
+    let (wanted_name, wanted_labels) = split_series(wanted);
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (name, labels) = split_series(series);
+            name == wanted_name && wanted_labels.iter().all(|label| labels.contains(label))
+        })
+        .map(|(_, value)| value.parse::<f64>().unwrap_or(f64::NAN))
+        .fold(None, |sum, value| Some(sum.unwrap_or(0.0) + value))
+}
+
+/// A series' name and its `label="value"` pairs, as written.
+fn split_series(series: &str) -> (&str, Vec<&str>) {
+    match series.split_once('{') {
+        Some((name, labels)) => (
+            name,
+            labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|label| !label.is_empty())
+                .collect(),
+        ),
+        None => (series, Vec::new()),
+    }
 }
 
 /// The registry in Prometheus text format.
@@ -247,15 +319,18 @@ mod tests {
     #[test]
     fn every_series_is_registered_with_its_contract_name() {
         let metrics = Metrics::new().unwrap();
-        metrics.bridge.ack_latency.observe(0.01);
-        metrics.bridge.redelivered.inc();
+        let bridge = metrics.bridge.partition(0);
+        bridge.ack_latency.observe(0.01);
+        bridge.redelivered.inc();
+        metrics.bridge.partition(2).redelivered.inc_by(2);
         let text = encode(metrics.registry());
         for name in [
-            "warren_deliveries_total{outcome=\"acked\"}",
-            "warren_deliveries_total{outcome=\"dead_lettered\"}",
-            "warren_deliveries_total{outcome=\"requeued\"}",
-            "warren_in_flight",
-            "warren_redelivered_total 1",
+            "warren_deliveries_total{outcome=\"acked\",partition=\"0\"}",
+            "warren_deliveries_total{outcome=\"dead_lettered\",partition=\"0\"}",
+            "warren_deliveries_total{outcome=\"requeued\",partition=\"0\"}",
+            "warren_in_flight{partition=\"0\"}",
+            "warren_redelivered_total{partition=\"0\"} 1",
+            "warren_redelivered_total{partition=\"2\"} 2",
             "warren_ack_latency_seconds_bucket",
             "warren_amqp_reconnects_total",
             "warren_amqp_connected",
@@ -264,5 +339,16 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name}");
         }
+    }
+
+    #[test]
+    fn a_series_sums_over_the_label_sets_that_carry_its_labels() {
+        let page = "# HELP x\nx{outcome=\"acked\",partition=\"0\"} 3\n\
+                    x{outcome=\"acked\",partition=\"1\"} 4\n\
+                    x{outcome=\"requeued\",partition=\"0\"} 100\nxy 9\ny 1\n";
+        assert_eq!(sum_series(page, "x{outcome=\"acked\"}"), Some(7.0));
+        assert_eq!(sum_series(page, "x"), Some(107.0));
+        assert_eq!(sum_series(page, "x{partition=\"0\"}"), Some(103.0));
+        assert_eq!(sum_series(page, "z"), None);
     }
 }

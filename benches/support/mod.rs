@@ -63,6 +63,7 @@ pub async fn fill_with(
             .publish(OutgoingMessage {
                 body,
                 message_id: None,
+                partition_key: order.product_id,
             })
             .await;
     }
@@ -71,11 +72,13 @@ pub async fn fill_with(
     publisher.close().await;
 }
 
-/// Deletes the queue, its dead-letter queue and exchange.
+/// Deletes the queue (or its partition queues), its dead-letter queue and the exchanges.
 pub async fn delete(amqp: &AmqpSettings) {
     let connection = amqp.connect("warren-bench-cleanup").await.expect("broker");
     let channel = connection.create_channel().await.expect("channel");
-    for queue in [amqp.queue.clone(), topology::dead_letter_queue(&amqp.queue)] {
+    let mut queues = amqp.source_queues();
+    queues.push(topology::dead_letter_queue(&amqp.queue));
+    for queue in queues {
         let _ = channel
             .queue_delete(
                 ShortString::from(queue.as_str()),
@@ -83,12 +86,14 @@ pub async fn delete(amqp: &AmqpSettings) {
             )
             .await;
     }
-    let _ = channel
-        .exchange_delete(
-            ShortString::from(topology::dead_letter_exchange(&amqp.queue).as_str()),
-            Default::default(),
-        )
-        .await;
+    for exchange in [
+        topology::dead_letter_exchange(&amqp.queue),
+        warren::amqp::settings::partition_exchange(&amqp.queue),
+    ] {
+        let _ = channel
+            .exchange_delete(ShortString::from(exchange.as_str()), Default::default())
+            .await;
+    }
     let _ = connection.close(200, "done".into()).await;
 }
 
@@ -150,15 +155,10 @@ impl Node {
         }
     }
 
-    /// The value of one series (name with labels, exactly as exported), 0 if absent.
+    /// The value of a series, summed over the label sets that carry `series`' labels (every
+    /// partition's), 0 if absent.
     pub async fn metric(&self, series: &str) -> f64 {
-        let prefix = format!("{series} ");
-        self.get("/metrics")
-            .await
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
+        warren::metrics::sum_series(&self.get("/metrics").await, series).unwrap_or(0.0)
     }
 
     /// Deliveries acked so far.

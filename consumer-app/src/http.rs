@@ -1,8 +1,9 @@
 //! The consumer's HTTP endpoint: `/metrics` (Prometheus text), `/livez` and `/readyz` (for
-//! an orchestrator's probes), `/health` (the cluster consumes the queue), `GET /products/{id}`
+//! an orchestrator's probes), `/health` (the cluster consumes every queue), `GET /products/{id}`
 //! (the product's state, answered by the product wherever its shard lives; 404 if it has no
 //! order) and `GET /cluster` (members, where each singleton runs, shards per node).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,26 +18,27 @@ use warren::entity::EntityId;
 use warren::node::{ClusterNode, QueryError};
 use warren::order::CreateOrder;
 
-use warren::bridge::BRIDGE_SINGLETON;
-
 /// Longest wait for a product's answer (its node may have just died: the shard moves first).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One bridge singleton: its name and the gauge that says its consumer is connected.
+pub type BridgeGauge = (String, IntGauge);
 
 #[derive(Clone)]
 struct AppState {
     node: Arc<ClusterNode<CreateOrder>>,
-    amqp_connected: IntGauge,
+    bridges: Arc<[BridgeGauge]>,
 }
 
-/// All routes, `/metrics` included.
+/// All routes, `/metrics` included; `bridges` are the bridge singletons, one per partition.
 pub fn router(
     metrics: Router,
     node: Arc<ClusterNode<CreateOrder>>,
-    amqp_connected: IntGauge,
+    bridges: Vec<BridgeGauge>,
 ) -> Router {
     let state = AppState {
         node,
-        amqp_connected,
+        bridges: bridges.into(),
     };
     Router::new()
         .route("/livez", get(live))
@@ -59,11 +61,11 @@ struct Standing {
     node: String,
     /// This node is an Up member.
     up: bool,
-    /// The node that holds the bridge, if any.
-    bridge_node: Option<String>,
-    /// That node is this one.
+    /// Each bridge singleton and the node that holds it, if any.
+    bridge_nodes: BTreeMap<String, Option<String>>,
+    /// This node holds some bridge.
     consuming_here: bool,
-    /// This node's AMQP source is connected.
+    /// Every bridge this node holds is connected to the broker.
     amqp_connected: bool,
 }
 
@@ -74,14 +76,37 @@ impl Standing {
             .members
             .iter()
             .any(|m| m.node == status.node && m.status == "up");
-        let bridge_node = status.singletons.get(BRIDGE_SINGLETON).cloned().flatten();
+        let held_here = |name: &str| {
+            status.singletons.get(name).cloned().flatten().as_deref() == Some(status.node.as_str())
+        };
+        let consuming_here = state.bridges.iter().any(|(name, _)| held_here(name));
+        let amqp_connected = state
+            .bridges
+            .iter()
+            .filter(|(name, _)| held_here(name))
+            .all(|(_, connected)| connected.get() == 1);
+        let bridge_nodes = state
+            .bridges
+            .iter()
+            .map(|(name, _)| (name.clone(), status.singletons.get(name).cloned().flatten()))
+            .collect();
         Standing {
-            consuming_here: bridge_node.as_deref() == Some(status.node.as_str()),
+            consuming_here,
             up,
-            bridge_node,
+            bridge_nodes,
             node: status.node,
-            amqp_connected: state.amqp_connected.get() == 1,
+            amqp_connected: consuming_here && amqp_connected,
         }
+    }
+
+    /// The node holding the first (or only) bridge, if any.
+    fn bridge_node(&self) -> Option<String> {
+        self.bridge_nodes.values().next().cloned().flatten()
+    }
+
+    /// Every bridge is held by some node.
+    fn every_bridge_held(&self) -> bool {
+        self.bridge_nodes.values().all(Option::is_some)
     }
 
     /// Up, and connected to the broker if it consumes the queue.
@@ -114,15 +139,16 @@ async fn ready(State(state): State<AppState>) -> Response {
     answer(ready, body)
 }
 
-/// 200 while this node is ready ([`ready`]) and some node holds the bridge: the cluster
-/// consumes the queue.
+/// 200 while this node is ready ([`ready`]) and every bridge is held by some node: the
+/// cluster consumes every queue (each partition's).
 async fn health(State(state): State<AppState>) -> Response {
     let standing = Standing::of(&state);
-    let healthy = standing.ready() && standing.bridge_node.is_some();
+    let healthy = standing.ready() && standing.every_bridge_held();
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
         "node": standing.node,
-        "bridge_node": standing.bridge_node,
+        "bridge_node": standing.bridge_node(),
+        "bridge_nodes": standing.bridge_nodes,
         "amqp_connected": standing.amqp_connected,
     });
     answer(healthy, body)

@@ -17,12 +17,12 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-use warren::bridge_singleton;
 use warren::entity::store::StoreLocation;
 use warren::metrics;
 use warren::order::CreateOrder;
 use warren::shutdown::watch_signals;
 use warren::{ClusterNode, Metrics, ShardingProducerHandle, SingletonSpec};
+use warren::{bridge_singleton_name, bridge_singletons};
 
 use crate::product::{ProductFactory, ProductMetrics};
 use crate::settings::{Cli, ConsumerConfig};
@@ -116,7 +116,7 @@ async fn run(config: ConsumerConfig) -> anyhow::Result<Ended> {
     let routes = http::router(
         metrics::router(metrics.registry().clone()),
         Arc::clone(&node),
-        metrics.bridge.source.connected.clone(),
+        bridge_gauges(&config, &metrics),
     );
     let server = tokio::spawn(metrics::serve(listener, routes, http_stop.clone()));
     info!(%addr, queue = %config.amqp.queue, "serving /metrics, /health, /cluster and /products/{{id}}");
@@ -205,7 +205,7 @@ async fn start_node(
         runner,
         factory,
         metrics,
-        |producer| vec![bridge(&config, producer, metrics, broken.clone())],
+        |producer| bridges(&config, producer, metrics, broken.clone()),
     )
     .await
     .context("starting the cluster node")?;
@@ -229,15 +229,15 @@ async fn warn_when_joined_with_a_memory_store(
     }
 }
 
-/// The bridge singleton with this node's settings: the queue's one consumer, on the oldest Up
-/// node with the bridge role.
-fn bridge(
+/// The bridge singletons with this node's settings: the queues' consumers, one per partition,
+/// spread over the Up nodes with the bridge role.
+fn bridges(
     config: &ConsumerConfig,
     producer: ShardingProducerHandle<CreateOrder>,
     metrics: &Metrics,
     broken: CancellationToken,
-) -> SingletonSpec {
-    bridge_singleton(
+) -> Vec<SingletonSpec> {
+    bridge_singletons(
         config.bridge.clone(),
         config.amqp.clone(),
         config.amqp.connection_name_or("warren-consumer"),
@@ -245,4 +245,17 @@ fn bridge(
         metrics.bridge.clone(),
         broken,
     )
+}
+
+/// Each bridge singleton's name with its consumer's connected gauge, for readiness.
+fn bridge_gauges(config: &ConsumerConfig, metrics: &Metrics) -> Vec<http::BridgeGauge> {
+    let partitions = config.amqp.partitions;
+    (0..partitions.max(1))
+        .map(|partition| {
+            (
+                bridge_singleton_name(partitions, partition),
+                metrics.bridge.partition(partition).source.connected,
+            )
+        })
+        .collect()
 }

@@ -84,6 +84,10 @@ async fn run(config: ProducerConfig) -> anyhow::Result<bool> {
         max_outstanding: config.publish.max_outstanding,
         connection_name: config.amqp.connection_name_or("warren-producer"),
     });
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(false),
+        connected = publisher.connect() => connected.context("declaring the queues")?,
+    }
     let mut generator = OrderGenerator::new(config.publish.products.ids());
     let pacer = Pacer::new(config.publish.rate);
     let mut progress = Progress::new(producer_metrics);
@@ -106,6 +110,7 @@ async fn run(config: ProducerConfig) -> anyhow::Result<bool> {
         let message = OutgoingMessage {
             body: serde_json::to_vec(&order).context("encoding an order")?,
             message_id: Some(order.order_id.to_string()),
+            partition_key: order.product_id.clone(),
         };
         tokio::select! {
             _ = shutdown.cancelled() => break,

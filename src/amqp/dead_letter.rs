@@ -61,8 +61,13 @@ pub struct DeadLetterPublisher {
 }
 
 impl DeadLetterPublisher {
-    /// Opens a confirm-mode channel on `connection` for `queue`'s dead letters.
-    pub async fn open(connection: &Connection, queue: &str) -> Result<Self, AmqpError> {
+    /// Opens a confirm-mode channel on `connection` for the dead letters of `source_queue`,
+    /// one of the queues (or partition queues) of `queue`, which share its dead-letter queue.
+    pub async fn open(
+        connection: &Connection,
+        queue: &str,
+        source_queue: &str,
+    ) -> Result<Self, AmqpError> {
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -70,7 +75,7 @@ impl DeadLetterPublisher {
         Ok(DeadLetterPublisher {
             channel,
             exchange: ShortString::from(dead_letter_exchange(queue).as_str()),
-            source_queue: LongString::from(queue),
+            source_queue: LongString::from(source_queue),
         })
     }
 

@@ -39,6 +39,19 @@ pub enum AmqpError {
     /// The channel was not in confirm mode, so nothing is known about the message.
     #[error("publish was not confirmed")]
     NotConfirmed,
+    /// The broker holds the topology declared with another partition count and refused this
+    /// one. Changing the count needs the queues drained first (see the README).
+    #[error(
+        "the topology of `{queue}` was declared with another partition count than amqp.partitions = {configured} ({found}); set amqp.partitions (--partitions) to the count it was declared with, or drain the queues and delete them and the exchange `{queue}.partitions`"
+    )]
+    PartitionMismatch {
+        /// The configured queue stem.
+        queue: String,
+        /// The configured partition count.
+        configured: u16,
+        /// The broker's refusal.
+        found: String,
+    },
     /// The broker did not confirm in time; the message may or may not have been stored.
     #[error("broker did not confirm within {0:?}")]
     Timeout(std::time::Duration),

@@ -22,7 +22,8 @@ use crate::amqp::{AmqpError, topology};
 /// How the publisher connects and how far it pipelines.
 #[derive(Clone, Debug)]
 pub struct PublisherSettings {
-    /// Broker and queue (published through the default exchange, routed by queue name).
+    /// Broker and topology: published through the default exchange routed by queue name, or
+    /// with partitions through their exchange routed by each message's partition key.
     pub amqp: AmqpSettings,
     /// Most messages published but not yet confirmed.
     pub max_outstanding: usize,
@@ -37,6 +38,9 @@ pub struct OutgoingMessage {
     pub body: Vec<u8>,
     /// Set as the AMQP `message_id` when given (consumers may deduplicate on it).
     pub message_id: Option<String>,
+    /// The id of the entity the message is for: with partitions, the routing key that picks
+    /// its partition, so all of one entity's messages share one queue and keep their order.
+    pub partition_key: String,
 }
 
 /// Running totals, for progress lines and the final summary.
@@ -173,10 +177,14 @@ impl ConfirmedPublisher {
                 }
                 None => properties,
             };
+            let (exchange, routing_key) = self
+                .settings
+                .amqp
+                .publish_target(&pending.message.partition_key);
             let published = channel
                 .basic_publish(
-                    ShortString::from(""),
-                    ShortString::from(self.settings.amqp.queue.as_str()),
+                    ShortString::from(exchange),
+                    ShortString::from(routing_key),
                     BasicPublishOptions {
                         // Never `immediate`: RabbitMQ 3+ closes the connection for it.
                         mandatory: true,
@@ -259,6 +267,33 @@ impl ConfirmedPublisher {
         self.to_send = self.outstanding.keys().copied().collect();
     }
 
+    /// Connects and declares the topology before the first publish, waiting out an
+    /// unreachable broker; fails only when the broker's partition queues disagree with the
+    /// settings ([`AmqpError::PartitionMismatch`]), which no wait mends.
+    pub async fn connect(&mut self) -> Result<(), AmqpError> {
+        while self.link.is_none() {
+            if let Some(pause) = self.reconnect_pause.as_mut() {
+                let delay = pause.next().unwrap_or(self.settings.amqp.reconnect_max);
+                tokio::time::sleep(delay).await;
+            }
+            match open(&self.settings).await {
+                Ok((connection, channel)) => {
+                    self.generations += 1;
+                    self.link = Some(Link {
+                        connection,
+                        channel,
+                    });
+                }
+                Err(error @ AmqpError::PartitionMismatch { .. }) => return Err(error),
+                Err(error) => {
+                    warn!(%error, "cannot publish to the broker; retrying");
+                    self.start_backing_off();
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn ensure_link(&mut self) -> Channel {
         loop {
             if let Some(link) = &self.link {
@@ -299,8 +334,8 @@ impl ConfirmedPublisher {
 /// publisher's futures borrow only the (shareable) settings across the awaits.
 async fn open(settings: &PublisherSettings) -> Result<(Connection, Channel), AmqpError> {
     let connection = settings.amqp.connect(&settings.connection_name).await?;
+    topology::declare(&connection, &settings.amqp).await?;
     let channel = connection.create_channel().await?;
-    topology::declare(&channel, &settings.amqp).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;

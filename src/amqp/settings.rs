@@ -15,6 +15,20 @@ use crate::config::{ConfigError, check};
 /// than after the server's default of 60 s.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
+/// Most partitions a topology may have: each is a queue, a consumer, a connection and a
+/// singleton, and RabbitMQ 3.10's consistent-hash exchange is hurt by unbounded bucket counts.
+pub const MAX_PARTITIONS: u16 = 64;
+
+/// Name of partition `partition`'s queue.
+pub fn partition_queue(queue: &str, partition: u16) -> String {
+    format!("{queue}.p{partition}")
+}
+
+/// Name of the consistent-hash exchange that feeds the partition queues.
+pub fn partition_exchange(queue: &str) -> String {
+    format!("{queue}.partitions")
+}
+
 /// Kind of the source queue; RabbitMQ cannot change it after declaration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -31,8 +45,12 @@ pub enum QueueType {
 pub struct AmqpSettings {
     /// Broker URI, `amqp://user:password@host:port/vhost`; a `heartbeat=` query is honoured.
     pub uri: String,
-    /// The source queue; its dead-letter queue is `<queue>.dlq`.
+    /// The source queue; its dead-letter queue is `<queue>.dlq`. With more than one partition,
+    /// the stem of the partition queues `<queue>.p0` … and of their exchange.
     pub queue: String,
+    /// Partition queues, each with its own consumer; every message of one entity goes to one
+    /// of them. 1: the single queue `queue`.
+    pub partitions: u16,
     /// `classic` or `quorum`.
     pub queue_type: QueueType,
     /// Quorum queues only: deliveries after which the broker dead-letters a message itself.
@@ -52,6 +70,7 @@ impl Default for AmqpSettings {
         AmqpSettings {
             uri: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             queue: "orders".into(),
+            partitions: 1,
             queue_type: QueueType::Classic,
             delivery_limit: 20,
             reconnect_min: Duration::from_millis(100),
@@ -68,12 +87,18 @@ impl AmqpSettings {
             return check(false, prefix, "uri", &format!("not an AMQP URI: {reason}"));
         }
         check(!self.queue.is_empty(), prefix, "queue", "must not be empty")?;
-        // Queue names are short strings; the dead-letter names add five bytes.
+        // Queue names are short strings; the partition exchange's name adds eleven bytes.
         check(
-            self.queue.len() <= 250,
+            self.queue.len() <= 244,
             prefix,
             "queue",
-            "must be at most 250 bytes",
+            "must be at most 244 bytes",
+        )?;
+        check(
+            (1..=MAX_PARTITIONS).contains(&self.partitions),
+            prefix,
+            "partitions",
+            &format!("must be between 1 and {MAX_PARTITIONS}"),
         )?;
         check(
             self.delivery_limit >= 1,
@@ -99,6 +124,29 @@ impl AmqpSettings {
             "reconnect_max",
             "must be at most 1h",
         )
+    }
+
+    /// The queues consumers read, one per partition: `queue` itself when there is one
+    /// partition, else `<queue>.p0` … `<queue>.p{N-1}`.
+    pub fn source_queues(&self) -> Vec<String> {
+        if self.partitions <= 1 {
+            return vec![self.queue.clone()];
+        }
+        (0..self.partitions)
+            .map(|partition| partition_queue(&self.queue, partition))
+            .collect()
+    }
+
+    /// Where a publisher sends a message whose entity is `key`: the exchange and the routing
+    /// key. One partition: the default exchange, routed by queue name. More: the
+    /// consistent-hash exchange `<queue>.partitions`, routed by the entity's key, so every
+    /// message of one entity lands in the same partition queue.
+    pub fn publish_target<'a>(&'a self, key: &'a str) -> (String, &'a str) {
+        if self.partitions <= 1 {
+            (String::new(), self.queue.as_str())
+        } else {
+            (partition_exchange(&self.queue), key)
+        }
     }
 
     /// The connection name: the configured one, or `<program>-<pid>`.
@@ -134,6 +182,35 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         AmqpSettings::default().validate("amqp").unwrap();
+    }
+
+    #[test]
+    fn partitions_name_their_queues_and_route_by_entity_through_their_exchange() {
+        let one = AmqpSettings::default();
+        assert_eq!(one.source_queues(), vec!["orders"]);
+        assert_eq!(one.publish_target("p7"), (String::new(), "orders"));
+        let three = AmqpSettings {
+            partitions: 3,
+            ..AmqpSettings::default()
+        };
+        assert_eq!(
+            three.source_queues(),
+            vec!["orders.p0", "orders.p1", "orders.p2"]
+        );
+        assert_eq!(
+            three.publish_target("p7"),
+            ("orders.partitions".to_owned(), "p7")
+        );
+        for partitions in [0, MAX_PARTITIONS + 1] {
+            let err = AmqpSettings {
+                partitions,
+                ..AmqpSettings::default()
+            }
+            .validate("amqp")
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("`amqp.partitions`"), "{err}");
+        }
     }
 
     #[test]

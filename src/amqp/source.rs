@@ -18,7 +18,7 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::amqp::dead_letter::DeadLetterPublisher;
 use crate::amqp::settings::AmqpSettings;
@@ -40,8 +40,10 @@ const HANDOVER_CAPACITY: usize = 16;
 /// What the consumer needs beyond the shared broker settings.
 #[derive(Clone, Debug)]
 pub struct SourceSettings {
-    /// Broker and queue.
+    /// Broker and topology.
     pub amqp: AmqpSettings,
+    /// The queue this consumer reads: one of `amqp`'s source queues.
+    pub queue: String,
     /// Unacked deliveries the broker may push to this consumer.
     pub prefetch: u16,
     /// Shown in the management UI; also the consumer tag's stem.
@@ -168,7 +170,7 @@ async fn supervise(
                 }
                 let started = tokio::time::Instant::now();
                 metrics.connected.set(1);
-                info!(generation, queue = %settings.amqp.queue, prefetch = settings.prefetch, "consuming");
+                info!(generation, queue = %settings.queue, prefetch = settings.prefetch, "consuming");
                 let abort = CancellationToken::new();
                 let session = Session {
                     generation,
@@ -200,6 +202,9 @@ async fn supervise(
                     }
                 }
             }
+            Ok(Err(error @ AmqpError::PartitionMismatch { .. })) => {
+                error!(%error, queue = %settings.queue, "not consuming; retrying");
+            }
             Ok(Err(error)) => warn!(%error, "cannot consume from the broker; retrying"),
             Err(_) => warn!(timeout = ?OPEN_TIMEOUT, "broker did not answer; retrying"),
         }
@@ -213,8 +218,8 @@ async fn supervise(
 
 async fn open(settings: &SourceSettings, generation: u64) -> Result<Open, AmqpError> {
     let connection = settings.amqp.connect(&settings.connection_name).await?;
+    topology::declare(&connection, &settings.amqp).await?;
     let channel = connection.create_channel().await?;
-    topology::declare(&channel, &settings.amqp).await?;
     // Per consumer, before consuming: it applies only to consumers created afterwards, and it
     // is the only kind quorum queues accept.
     channel
@@ -223,7 +228,7 @@ async fn open(settings: &SourceSettings, generation: u64) -> Result<Open, AmqpEr
     let tag = format!("{}-{generation}", settings.connection_name);
     let consumer = channel
         .basic_consume(
-            ShortString::from(settings.amqp.queue.as_str()),
+            ShortString::from(settings.queue.as_str()),
             ShortString::from(tag.as_str()),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -233,8 +238,12 @@ async fn open(settings: &SourceSettings, generation: u64) -> Result<Open, AmqpEr
         .amqp
         .connect(&format!("{}-dead-letters", settings.connection_name))
         .await?;
-    let dead_letters =
-        DeadLetterPublisher::open(&dead_letter_connection, &settings.amqp.queue).await?;
+    let dead_letters = DeadLetterPublisher::open(
+        &dead_letter_connection,
+        &settings.amqp.queue,
+        &settings.queue,
+    )
+    .await?;
     Ok(Open {
         connection,
         channel,

@@ -1,13 +1,29 @@
 //! Declares the queue topology, idempotently, with the one function both binaries use: the
 //! durable source queue (single active consumer, dead-lettering to `<queue>.dlx`, and on quorum
 //! queues an explicit delivery limit) and the dead-letter exchange and queue `<queue>.dlq`.
+//!
+//! With partitions, the source queue is N partition queues `<queue>.p0` … like it, fed by the
+//! consistent-hash exchange `<queue>.partitions` (plugin `rabbitmq_consistent_hash_exchange`)
+//! that hashes the routing key, the entity's id, so one entity's messages all land in one
+//! partition; they share the one dead-letter queue. A different partition count than the
+//! topology was declared with would rebind the exchange and move entities between queues while
+//! their older messages wait in the old ones, so the declarations carry the count where the
+//! broker compares it ([`partition_exchange_kind`], [`DEAD_LETTER_ROUTING_KEY`]) and a mismatch
+//! is refused by the broker before anything changes.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::amqp::AmqpError;
-use crate::amqp::settings::{AmqpSettings, QueueType};
+use crate::amqp::settings::{AmqpSettings, QueueType, partition_exchange, partition_queue};
+
+/// The consistent-hash exchange's type name.
+const CONSISTENT_HASH: &str = "x-consistent-hash";
+
+/// Each partition queue's binding key: its weight, the number of hash buckets it gets. Equal
+/// weights share the keys evenly.
+const PARTITION_WEIGHT: &str = "1";
 
 /// Name of the fanout exchange that receives the source queue's dead letters.
 pub fn dead_letter_exchange(queue: &str) -> String {
@@ -19,13 +35,35 @@ pub fn dead_letter_queue(queue: &str) -> String {
     format!("{queue}.dlq")
 }
 
-/// Declares (or checks) the whole topology; a queue that exists with other arguments is a
-/// `PRECONDITION_FAILED` error from the broker, reported as is.
-pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> Result<(), AmqpError> {
+/// Declares (or checks) the whole topology on a channel of `connection`; a queue that exists
+/// with other arguments is a `PRECONDITION_FAILED` error from the broker, reported as is, and
+/// a topology declared with another partition count is [`AmqpError::PartitionMismatch`].
+pub async fn declare(connection: &Connection, settings: &AmqpSettings) -> Result<(), AmqpError> {
+    let channel = connection.create_channel().await?;
+    declare_on(&channel, settings).await?;
+    channel.close(200, ShortString::from("declared")).await?;
+    Ok(())
+}
+
+async fn declare_on(channel: &Channel, settings: &AmqpSettings) -> Result<(), AmqpError> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
+    let mismatch = |error: lapin::Error, marker: &str| partition_mismatch(error, marker, settings);
+    // First, so that a node configured with another count declares nothing.
+    channel
+        .exchange_declare(
+            ShortString::from(partition_exchange(&settings.queue).as_str()),
+            partition_exchange_kind(settings.partitions),
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|error| mismatch(error, "exchange"))?;
     let dlx = dead_letter_exchange(&settings.queue);
     let dlq = dead_letter_queue(&settings.queue);
     channel
@@ -55,17 +93,74 @@ pub async fn declare(channel: &Channel, settings: &AmqpSettings) -> Result<(), A
             FieldTable::default(),
         )
         .await?;
-    channel
-        .queue_declare(
-            ShortString::from(settings.queue.as_str()),
-            durable,
-            source_queue_arguments(settings),
-        )
-        .await?;
+    for (partition, queue) in (0u16..).zip(settings.source_queues()) {
+        channel
+            .queue_declare(
+                ShortString::from(queue.as_str()),
+                durable,
+                source_queue_arguments(settings, partition),
+            )
+            .await
+            .map_err(|error| mismatch(error, DEAD_LETTER_ROUTING_KEY))?;
+    }
+    if settings.partitions > 1 {
+        let exchange = partition_exchange(&settings.queue);
+        // Buckets are numbered in binding order; binding again with the same key is a no-op,
+        // so every declaration after the first leaves the ring as it was.
+        for queue in settings.source_queues() {
+            channel
+                .queue_bind(
+                    ShortString::from(queue.as_str()),
+                    ShortString::from(exchange.as_str()),
+                    ShortString::from(PARTITION_WEIGHT),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
     Ok(())
 }
 
-fn source_queue_arguments(settings: &AmqpSettings) -> FieldTable {
+/// The partition exchange's kind, which records whether the queue is partitioned: the
+/// consistent-hash exchange that routes to the partitions, or for one queue a direct exchange
+/// with nothing bound, there only so that the broker refuses a later declaration with
+/// partitions (an exchange's kind cannot change), and the other way round.
+fn partition_exchange_kind(partitions: u16) -> ExchangeKind {
+    if partitions > 1 {
+        ExchangeKind::Custom(CONSISTENT_HASH.into())
+    } else {
+        ExchangeKind::Direct
+    }
+}
+
+/// The argument that records a partition queue's place, `<queue>.p<i> of <N>`: the broker
+/// refuses to declare an existing queue with a different value, so a node configured with
+/// another partition count fails on the first partition queue. The dead-letter exchange is a
+/// fanout, so the key routes nothing; it names the partition on messages the broker itself
+/// dead-letters.
+const DEAD_LETTER_ROUTING_KEY: &str = "x-dead-letter-routing-key";
+
+/// AMQP reply code for a declaration that disagrees with what exists.
+const PRECONDITION_FAILED: u16 = 406;
+
+/// `error` as [`AmqpError::PartitionMismatch`] when the broker refused a declaration for a
+/// reason that names `marker`; any other error as it is.
+fn partition_mismatch(error: lapin::Error, marker: &str, settings: &AmqpSettings) -> AmqpError {
+    if let lapin::ErrorKind::ProtocolError(refusal) = error.kind()
+        && refusal.get_id() == PRECONDITION_FAILED
+        && refusal.get_message().as_str().contains(marker)
+    {
+        return AmqpError::PartitionMismatch {
+            queue: settings.queue.clone(),
+            configured: settings.partitions,
+            found: refusal.get_message().to_string(),
+        };
+    }
+    error.into()
+}
+
+fn source_queue_arguments(settings: &AmqpSettings, partition: u16) -> FieldTable {
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-dead-letter-exchange".into(),
@@ -73,6 +168,17 @@ fn source_queue_arguments(settings: &AmqpSettings) -> FieldTable {
             dead_letter_exchange(&settings.queue).as_str(),
         )),
     );
+    if settings.partitions > 1 {
+        let place = format!(
+            "{} of {}",
+            partition_queue(&settings.queue, partition),
+            settings.partitions
+        );
+        arguments.insert(
+            DEAD_LETTER_ROUTING_KEY.into(),
+            AMQPValue::LongString(LongString::from(place.as_str())),
+        );
+    }
     // A broker-side fence: even two nodes that both believe they hold the consumer role cannot
     // both receive.
     arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
@@ -96,14 +202,17 @@ mod tests {
 
     #[test]
     fn quorum_queues_get_an_explicit_delivery_limit_and_classic_ones_do_not() {
-        let classic = source_queue_arguments(&AmqpSettings::default());
+        let classic = source_queue_arguments(&AmqpSettings::default(), 0);
         assert!(!classic.contains_key("x-delivery-limit"));
         assert!(classic.contains_key("x-single-active-consumer"));
-        let quorum = source_queue_arguments(&AmqpSettings {
-            queue_type: QueueType::Quorum,
-            delivery_limit: 7,
-            ..AmqpSettings::default()
-        });
+        let quorum = source_queue_arguments(
+            &AmqpSettings {
+                queue_type: QueueType::Quorum,
+                delivery_limit: 7,
+                ..AmqpSettings::default()
+            },
+            0,
+        );
         assert_eq!(
             quorum.inner().get("x-delivery-limit"),
             Some(&AMQPValue::LongLongInt(7))

@@ -369,7 +369,7 @@ mod tests {
         let broker = Log::default();
         let delivery = channel(&broker);
         let slow = |tag, millis| delivery(tag, Duration::from_millis(millis));
-        let metrics = Metrics::new().unwrap().bridge;
+        let metrics = Metrics::new().unwrap().bridge.partition(0);
         let (commands, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write(rx, metrics));
         // Tags 3 and 4 settle ahead of the unsettled head (acked alone, nacked); then the
@@ -424,7 +424,7 @@ mod tests {
         let (old, new) = (channel(&broker), channel(&broker));
         let (never, quick) = (Duration::from_secs(3600), Duration::from_millis(1));
         let start = tokio::time::Instant::now();
-        let metrics = Metrics::new().unwrap().bridge;
+        let metrics = Metrics::new().unwrap().bridge.partition(0);
         let (commands, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write(rx, metrics.clone()));
         let multiple = |generation, acker| Command::Ack {

@@ -12,4 +12,4 @@ pub mod singleton;
 
 pub use driver::{Bridge, BridgeError};
 pub use settings::BridgeSettings;
-pub use singleton::{BRIDGE_ROLE, BRIDGE_SINGLETON, bridge_singleton};
+pub use singleton::{BRIDGE_ROLE, BRIDGE_SINGLETON, bridge_singleton_name, bridge_singletons};

@@ -131,6 +131,22 @@ impl ClusterView {
             .min_by(|a, b| a.age_key().cmp(&b.age_key()))
     }
 
+    /// The Up member with `role` at `rank`, oldest first, counting round when `rank` is
+    /// larger than their number: rank 0 is [`Self::oldest_up`], and ranks 0 … k−1 name k
+    /// different members while there are at least k, which spreads singletons over them.
+    pub fn nth_oldest_up(&self, role: &str, rank: usize) -> Option<&Member> {
+        let mut up: Vec<&Member> = self
+            .members
+            .values()
+            .filter(|m| m.status == MemberStatus::Up && m.has_role(role))
+            .collect();
+        if up.is_empty() {
+            return None;
+        }
+        up.sort_by(|a, b| a.age_key().cmp(&b.age_key()));
+        Some(up[rank % up.len()])
+    }
+
     /// How many members have each status.
     pub fn count_by_status(&self) -> BTreeMap<MemberStatus, usize> {
         let mut counts: BTreeMap<MemberStatus, usize> =
@@ -185,6 +201,27 @@ mod tests {
             member("x", 7, MemberStatus::Up),
         ]);
         assert_eq!(ties.oldest_up("").map(|m| m.addr.id.as_str()), Some("x"));
+    }
+
+    #[test]
+    fn ranks_name_distinct_up_members_oldest_first_and_count_round() {
+        let mut d = member("d", 5, MemberStatus::Up);
+        d.roles.clear();
+        let v = view(vec![
+            member("a", 30, MemberStatus::Up),
+            member("b", 10, MemberStatus::Leaving),
+            member("c", 20, MemberStatus::Up),
+            d,
+            member("e", 40, MemberStatus::Up),
+        ]);
+        let at = |rank| {
+            v.nth_oldest_up("shard-host", rank)
+                .map(|m| m.addr.id.as_str())
+        };
+        assert_eq!([at(0), at(1), at(2)], [Some("c"), Some("a"), Some("e")]);
+        assert_eq!([at(3), at(4)], [Some("c"), Some("a")], "counting round");
+        assert_eq!(at(0), v.oldest_up("shard-host").map(|m| m.addr.id.as_str()));
+        assert!(v.nth_oldest_up("bridge", 0).is_none());
     }
 
     #[test]

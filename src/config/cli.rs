@@ -18,6 +18,10 @@ pub struct CommonArgs {
     /// The queue (its dead letters go to the queue of the same name ending in .dlq).
     #[arg(long, env = "WARREN_AMQP__QUEUE")]
     pub queue: Option<String>,
+    /// Partition queues, each with its own consumer (default 1: the one queue). Producers and
+    /// consumers of one queue must agree; a mismatch with the broker's queues is refused.
+    #[arg(long, env = "WARREN_AMQP__PARTITIONS", value_name = "N")]
+    pub partitions: Option<u16>,
     /// Queue type used when declaring the queue: classic or quorum (default classic).
     #[arg(long, env = "WARREN_AMQP__QUEUE_TYPE", value_name = "TYPE")]
     pub queue_type: Option<String>,
@@ -47,6 +51,7 @@ impl CommonArgs {
             ConfigLoader::new::<T>(self.config.as_deref(), other_sections)?
                 .flag("amqp.uri", self.uri.clone())
                 .flag("amqp.queue", self.queue.clone())
+                .flag("amqp.partitions", self.partitions)
                 .flag("amqp.queue_type", self.queue_type.clone())
                 .flag("amqp.connection_name", self.connection_name.clone())
                 .flag("log.json", self.log_json),

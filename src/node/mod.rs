@@ -33,10 +33,10 @@ use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId
 use crate::cluster::membership::downing::DownReason;
 use crate::cluster::membership::join::JoinState;
 use crate::cluster::membership::{Membership, MembershipError};
-use crate::cluster::singleton::SingletonMsg;
 use crate::cluster::singleton::driver::{
     self as singletons, SingletonHandle, SingletonSettings, SingletonSpec,
 };
+use crate::cluster::singleton::{Placement, SingletonMsg};
 use crate::cluster::transport::{self, Inbound, TransportHandle};
 use crate::config::ConfigError;
 use crate::delivery::durable::wall_clock_millis;
@@ -118,8 +118,8 @@ pub struct ClusterNode<M> {
     singletons: SingletonHandle,
     queries: Arc<Queries>,
     leave_timeout: Duration,
-    /// Every singleton's name and role, to tell where each runs.
-    singleton_roles: Vec<(String, String)>,
+    /// Every singleton's name and placement, to tell where each runs.
+    singleton_placements: Vec<(String, Placement)>,
     downing: &'static str,
     shutdown: CancellationToken,
 }
@@ -208,7 +208,7 @@ where
             coordinator.clone(),
         )];
         specs.extend(singletons(producer.clone()));
-        let (singletons, singleton_tx, singleton_roles) =
+        let (singletons, singleton_tx, singleton_placements) =
             spawn_singletons(&node, specs, &transport);
 
         spawn_watchers(&node, &membership, &region, &producer, settings.down_after);
@@ -232,7 +232,7 @@ where
             singletons,
             queries,
             leave_timeout: settings.leave_timeout,
-            singleton_roles,
+            singleton_placements,
             downing: settings.downing.settings().strategy.name(),
             shutdown: node.shutdown,
         })
@@ -438,7 +438,7 @@ fn sharding_producer<M: Clone + 'static>(
 }
 
 /// Starts the singleton manager with `specs`; returns it, the queue of its messages from
-/// other nodes, and every singleton's name and role.
+/// other nodes, and every singleton's name and placement.
 fn spawn_singletons<M: Send + 'static>(
     node: &NodeContext,
     specs: Vec<SingletonSpec>,
@@ -446,11 +446,11 @@ fn spawn_singletons<M: Send + 'static>(
 ) -> (
     SingletonHandle,
     mpsc::Sender<Inbound<SingletonMsg>>,
-    Vec<(String, String)>,
+    Vec<(String, Placement)>,
 ) {
-    let roles = specs
+    let placements = specs
         .iter()
-        .map(|spec| (spec.name.clone(), spec.role.clone()))
+        .map(|spec| (spec.name.clone(), spec.placement.clone()))
         .collect();
     let (inbox_tx, inbox) = mpsc::channel(SINGLETON_QUEUE);
     let handle = singletons::spawn(
@@ -460,7 +460,7 @@ fn spawn_singletons<M: Send + 'static>(
         inbox,
         SingletonSettings::default(),
     );
-    (handle, inbox_tx, roles)
+    (handle, inbox_tx, placements)
 }
 
 /// Starts what watches membership on the node's behalf: stopping everything when the node

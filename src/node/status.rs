@@ -149,10 +149,10 @@ where
                 .collect(),
             coordinator: region.coordinator.as_ref().map(|c| c.id.to_string()),
             singletons: self
-                .singleton_roles
+                .singleton_placements
                 .iter()
-                .map(|(name, role)| {
-                    let holder = view.oldest_up(role).map(|m| m.addr.id.to_string());
+                .map(|(name, placement)| {
+                    let holder = placement.host(view).map(|m| m.addr.id.to_string());
                     (name.clone(), holder)
                 })
                 .collect(),

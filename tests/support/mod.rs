@@ -183,6 +183,8 @@ pub struct QueueCounts {
 pub struct TestQueue {
     pub name: String,
     pub queue_type: warren::amqp::QueueType,
+    /// Partition queues (1: the one queue `name`).
+    pub partitions: u16,
     /// A private broker's URI and node name; the shared broker when `None`.
     pub broker: Option<(String, String)>,
 }
@@ -194,8 +196,16 @@ impl TestQueue {
         TestQueue {
             name: format!("warren-test-{test}-{}", &suffix[..8]),
             queue_type: warren::amqp::QueueType::Classic,
+            partitions: 1,
             broker: None,
         }
+    }
+
+    /// Like [`Self::new`], split into `partitions` partition queues.
+    pub fn partitioned(test: &str, partitions: u16) -> Self {
+        let mut queue = Self::new(test);
+        queue.partitions = partitions;
+        queue
     }
 
     /// Like [`Self::new`], on a private broker.
@@ -224,6 +234,7 @@ impl TestQueue {
                 .as_ref()
                 .map_or(defaults.uri, |(uri, _)| uri.clone()),
             queue: self.name.clone(),
+            partitions: self.partitions,
             queue_type: self.queue_type,
             connection_name: Some(format!("{}-test", self.name)),
             ..AmqpSettings::default()
@@ -233,14 +244,21 @@ impl TestQueue {
     /// Declares the topology now (so messages can be published before a consumer exists).
     pub async fn declare(&self) {
         let connection = self.amqp().connect("warren-test-declare").await.unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        topology::declare(&channel, &self.amqp()).await.unwrap();
+        topology::declare(&connection, &self.amqp()).await.unwrap();
         connection.close(200, "done".into()).await.unwrap();
     }
 
-    /// Live counts from `rabbitmqctl` (the management API lags by its stats interval).
+    /// Live counts from `rabbitmqctl` (the management API lags by its stats interval), summed
+    /// over the partition queues.
     pub async fn counts(&self) -> QueueCounts {
-        counts_of(&self.name, self.node()).await
+        let mut sum = QueueCounts::default();
+        for queue in self.amqp().source_queues() {
+            let counts = counts_of(&queue, self.node()).await;
+            sum.ready += counts.ready;
+            sum.unacked += counts.unacked;
+            sum.consumers += counts.consumers;
+        }
+        sum
     }
 
     pub async fn dlq_counts(&self) -> QueueCounts {
@@ -299,14 +317,18 @@ impl Drop for TestQueue {
             return;
         }
         let queue = |name: &str| format!("{MANAGEMENT}/queues/%2F/{name}");
-        let urls = [
-            queue(&self.name),
+        let exchange = |name: &str| format!("{MANAGEMENT}/exchanges/%2F/{name}");
+        let mut urls: Vec<String> = self
+            .amqp()
+            .source_queues()
+            .iter()
+            .map(|q| queue(q))
+            .collect();
+        urls.extend([
             queue(&self.dlq()),
-            format!(
-                "{MANAGEMENT}/exchanges/%2F/{}",
-                topology::dead_letter_exchange(&self.name)
-            ),
-        ];
+            exchange(&topology::dead_letter_exchange(&self.name)),
+            exchange(&warren::amqp::settings::partition_exchange(&self.name)),
+        ]);
         // A plain thread: blocking HTTP may not run on the test's async runtime.
         let cleanup = std::thread::spawn(move || {
             let client = reqwest::blocking::Client::new();
@@ -457,6 +479,7 @@ impl Consumer {
         let mut child = Command::new(binary("warren-consumer"))
             .args(["--uri", &uri])
             .args(["--queue", &queue.name, "--queue-type", queue_type])
+            .args(["--partitions", &queue.partitions.to_string()])
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--connection-name", &connection_name])
             .args(extra)
@@ -496,8 +519,10 @@ impl Consumer {
             .expect("exit status")
     }
 
-    /// A metric's value (summed over its label sets matching `name` exactly, labels included).
-    /// Panics if no series matches: every series the tests read is exported from the start
+    /// A metric's value, summed over the series with `name`'s metric name that carry at least
+    /// `name`'s labels (`warren_in_flight` sums every partition's; `…{outcome="acked"}` every
+    /// partition's acked). Panics if no series matches: every series the tests read is
+    /// exported from the start
     /// (plain counters and gauges at 0, labelled outcomes pre-resolved), so a missing one means
     /// a renamed metric or changed labels, which would otherwise read as 0.
     pub async fn metric(&self, name: &str) -> f64 {
@@ -510,19 +535,8 @@ impl Consumer {
             .text()
             .await
             .expect("metrics text");
-        let values: Vec<f64> = text
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| line.rsplit_once(' '))
-            .filter(|(series, _)| *series == name)
-            .map(|(series, value)| {
-                value
-                    .parse::<f64>()
-                    .unwrap_or_else(|e| panic!("{series} has value {value:?}: {e}"))
-            })
-            .collect();
-        assert!(!values.is_empty(), "{} exports no series {name}", self.base);
-        values.iter().sum()
+        warren::metrics::sum_series(&text, name)
+            .unwrap_or_else(|| panic!("{} exports no series {name}", self.base))
     }
 
     /// A JSON page of the node's HTTP endpoint, or `None` if it does not answer with 200.
@@ -650,10 +664,11 @@ impl Orders {
                 json["padding"] = serde_json::Value::String("x".repeat(padding));
             }
             self.published
-                .entry(product)
+                .entry(product.clone())
                 .or_default()
                 .push((id, quantity));
-            self.raw(serde_json::to_vec(&json).unwrap()).await;
+            self.keyed(serde_json::to_vec(&json).unwrap(), product)
+                .await;
         }
         self.publisher.flush().await;
         let stats = self.publisher.stats();
@@ -663,10 +678,16 @@ impl Orders {
 
     /// Publishes a body as is (for malformed input).
     pub async fn raw(&mut self, body: Vec<u8>) {
+        self.keyed(body, String::new()).await;
+    }
+
+    /// Publishes a body with the partition key of the entity it is for.
+    pub async fn keyed(&mut self, body: Vec<u8>, partition_key: String) {
         self.publisher
             .publish(OutgoingMessage {
                 body,
                 message_id: None,
+                partition_key,
             })
             .await;
     }

@@ -1,5 +1,6 @@
-//! One singleton's decisions on one node, sans IO. The singleton runs on the oldest Up member
-//! with its role. A node that sees itself there is the candidate: before it starts the
+//! One singleton's decisions on one node, sans IO. The singleton runs where its [`Placement`]
+//! puts it: the oldest Up member with its role, or for a ranked singleton the member at its
+//! rank in age order, so several singletons of one role spread over the members. A node that sees itself there is the candidate: before it starts the
 //! instance it asks every other live member with the role to release it, and starts once all
 //! of them said so (or went Down). A node that is not the oldest stops its instance if it runs
 //! one, and releases once it has stopped. A candidate releases to nobody, so within one view
@@ -17,7 +18,33 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::cluster::member::{ClusterView, MemberStatus, NodeAddr};
+use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr};
+
+/// Which member runs a singleton: the Up member with `role` at `rank` in age order (oldest
+/// first, counting round). Every node computes it from its own view, so all agree once their
+/// views do; when members join or leave, ranked singletons may move, each with a handover.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// Members that may run it (empty: any member).
+    pub role: String,
+    /// Position among them, oldest first; 0 is the oldest.
+    pub rank: usize,
+}
+
+impl Placement {
+    /// On the oldest Up member with `role`.
+    pub fn oldest(role: impl Into<String>) -> Self {
+        Placement {
+            role: role.into(),
+            rank: 0,
+        }
+    }
+
+    /// The member that should run the singleton in `view`, if any may.
+    pub fn host<'v>(&self, view: &'v ClusterView) -> Option<&'v Member> {
+        view.nth_oldest_up(&self.role, self.rank)
+    }
+}
 
 /// What singleton managers say to each other.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +80,7 @@ enum Instance {
 /// One singleton's state machine on one node.
 pub struct SingletonCore {
     name: String,
-    role: String,
+    placement: Placement,
     me: NodeAddr,
     retry_interval: Duration,
     view: Option<ClusterView>,
@@ -68,11 +95,11 @@ pub struct SingletonCore {
 }
 
 impl SingletonCore {
-    /// The singleton `name` for members with `role` (empty: any member), on node `me`.
-    pub fn new(name: &str, role: &str, me: NodeAddr, retry_interval: Duration) -> Self {
+    /// The singleton `name`, placed by `placement`, on node `me`.
+    pub fn new(name: &str, placement: Placement, me: NodeAddr, retry_interval: Duration) -> Self {
         SingletonCore {
             name: name.to_owned(),
-            role: role.to_owned(),
+            placement,
             me,
             retry_interval,
             view: None,
@@ -89,7 +116,7 @@ impl SingletonCore {
     pub fn is_candidate(&self) -> bool {
         self.view
             .as_ref()
-            .and_then(|v| v.oldest_up(&self.role))
+            .and_then(|v| self.placement.host(v))
             .is_some_and(|m| m.addr == self.me)
     }
 
@@ -185,7 +212,9 @@ impl SingletonCore {
         view.members
             .values()
             .filter(|m| {
-                m.addr != self.me && m.status != MemberStatus::Down && m.has_role(&self.role)
+                m.addr != self.me
+                    && m.status != MemberStatus::Down
+                    && m.has_role(&self.placement.role)
             })
             .map(|m| m.addr.clone())
             .filter(|addr| !self.released.contains(addr))

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use crate::cluster::context::NodeContext;
 use crate::cluster::member::ClusterView;
 use crate::cluster::metrics::ClusterMetrics;
-use crate::cluster::singleton::core::{SingletonCore, SingletonEvent, SingletonMsg};
+use crate::cluster::singleton::core::{Placement, SingletonCore, SingletonEvent, SingletonMsg};
 use crate::cluster::transport::{Inbound, Outbox};
 use crate::timer::sleep_until;
 
@@ -33,8 +33,8 @@ pub type SingletonFactory =
 pub struct SingletonSpec {
     /// Unique in the cluster; a metric label, so keep it short.
     pub name: String,
-    /// Members that may run it (empty: any member).
-    pub role: String,
+    /// Which member runs it.
+    pub placement: Placement,
     /// Starts the instance.
     pub factory: SingletonFactory,
 }
@@ -49,9 +49,17 @@ impl SingletonSpec {
     {
         SingletonSpec {
             name: name.into(),
-            role: role.into(),
+            placement: Placement::oldest(role),
             factory: Arc::new(move |stop| Box::pin(run(stop))),
         }
+    }
+
+    /// Runs on the member at `rank` among those with the role (oldest first) instead of the
+    /// oldest: singletons of one role given ranks 0 … k−1 run on k different members while
+    /// there are that many.
+    pub fn at_rank(mut self, rank: usize) -> Self {
+        self.placement.rank = rank;
+        self
     }
 }
 
@@ -117,8 +125,12 @@ pub fn spawn(
     let slots = specs
         .into_iter()
         .map(|spec| {
-            let core =
-                SingletonCore::new(&spec.name, &spec.role, me.clone(), settings.retry_interval);
+            let core = SingletonCore::new(
+                &spec.name,
+                spec.placement.clone(),
+                me.clone(),
+                settings.retry_interval,
+            );
             metrics
                 .singleton_active
                 .with_label_values(&[spec.name.as_str()])

@@ -4,7 +4,7 @@
 pub mod core;
 pub mod driver;
 
-pub use core::{SingletonCore, SingletonEvent, SingletonMsg};
+pub use core::{Placement, SingletonCore, SingletonEvent, SingletonMsg};
 
 #[cfg(test)]
 mod tests;

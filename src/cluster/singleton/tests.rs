@@ -41,12 +41,22 @@ struct Harness {
 
 impl Harness {
     fn new(ids: &[&str]) -> Self {
+        Self::ranked(ids, 0)
+    }
+
+    /// Cores of a singleton placed on the member at `rank`.
+    fn ranked(ids: &[&str], rank: usize) -> Self {
         // Each starts, as a node does, with a view of itself joining.
         let clock = Clock::new();
+        let placement = Placement {
+            role: "host".to_owned(),
+            rank,
+        };
         let cores = ids
             .iter()
             .map(|id| {
-                let mut core = SingletonCore::new("s", "host", addr(id), Duration::from_secs(1));
+                let mut core =
+                    SingletonCore::new("s", placement.clone(), addr(id), Duration::from_secs(1));
                 let alone = ClusterView::alone(member(id, 0, MemberStatus::Joining));
                 core.handle_view(alone, clock.now());
                 (addr(id), core)
@@ -182,6 +192,32 @@ fn a_leaving_holder_stops_before_the_next_oldest_starts() {
     assert_eq!(h.running(), vec!["a"], "b waits however long a takes");
     h.finish_stopping();
     assert_eq!(h.running(), vec!["b"]);
+}
+
+#[test]
+fn a_ranked_singleton_runs_on_the_member_at_its_rank_and_moves_only_after_it_stopped() {
+    let mut h = Harness::ranked(&["a", "b", "c"], 1);
+    h.view_all(&three_up());
+    h.advance(Duration::from_secs(1));
+    assert_eq!(h.running(), vec!["b"], "the second oldest");
+
+    // b leaves: c is second oldest among a and c, and starts once b has stopped.
+    let mut leaving = three_up();
+    leaving[1].status = MemberStatus::Leaving;
+    h.view_all(&leaving);
+    h.advance(Duration::from_secs(3));
+    assert_eq!(h.running(), vec!["b"], "c waits however long b takes");
+    h.finish_stopping();
+    assert_eq!(h.running(), vec!["c"]);
+
+    // c goes down too: rank 1 of one member counts round to a.
+    let mut alone = leaving.clone();
+    alone[1].status = MemberStatus::Down;
+    alone[2].status = MemberStatus::Down;
+    h.dead.insert(addr("c"));
+    h.view("a", &alone);
+    h.running.remove(&addr("c"));
+    assert_eq!(h.running(), vec!["a"]);
 }
 
 #[test]
@@ -322,7 +358,7 @@ mod with_the_driver {
     fn spec(census: Arc<Census>) -> SingletonSpec {
         SingletonSpec {
             name: "s".to_owned(),
-            role: "host".to_owned(),
+            placement: Placement::oldest("host"),
             factory: Arc::new(move |cancel: CancellationToken| {
                 let census = Arc::clone(&census);
                 Box::pin(async move {
