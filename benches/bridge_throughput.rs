@@ -18,13 +18,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{FieldTable, ShortString};
 use uuid::Uuid;
 use warren::amqp::AmqpSettings;
 
-use support::{Node, cpu_seconds, delete, fill, free_port, median};
+use support::{Node, bare_consumer, delete, fill, free_port, median};
 
 const PREFETCH: u16 = 200;
 const MAX_IN_FLIGHT: u16 = PREFETCH / 2;
@@ -50,7 +47,7 @@ async fn main() {
     let (mut ceiling, mut one, mut three) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ceiling_cpu, mut one_cpu, mut three_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let c = measure(messages, bare_consumer).await;
+        let c = measure(messages, |amqp, n| bare_consumer(amqp, n, PREFETCH)).await;
         let w = measure(messages, |amqp, n| warren_consumer(amqp, n, store.clone())).await;
         let k = measure(messages, |amqp, n| warren_cluster(amqp, n, store.clone())).await;
         println!(
@@ -115,45 +112,6 @@ where
         rate: messages as f64 / elapsed.as_secs_f64(),
         cpu_per_message: cpu * 1e6 / messages as f64,
     }
-}
-
-/// The ceiling: consume, and after each batch of ready deliveries ack the last with `multiple`.
-/// Returns the time and the CPU this process spent.
-async fn bare_consumer(amqp: AmqpSettings, messages: usize) -> (Duration, f64) {
-    let connection = amqp.connect("warren-bench-ceiling").await.expect("broker");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions { global: false })
-        .await
-        .expect("qos");
-    let start = Instant::now();
-    let cpu_before = cpu_seconds(std::process::id());
-    let mut consumer = channel
-        .basic_consume(
-            ShortString::from(amqp.queue.as_str()),
-            ShortString::from("bench"),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
-    let mut received = 0;
-    while received < messages {
-        let mut last = consumer.next().await.expect("stream").expect("delivery");
-        received += 1;
-        while let Some(Some(Ok(delivery))) = consumer.next().now_or_never() {
-            last = delivery;
-            received += 1;
-        }
-        last.acker
-            .ack(BasicAckOptions { multiple: true })
-            .await
-            .expect("ack");
-    }
-    let elapsed = start.elapsed();
-    let cpu = cpu_seconds(std::process::id()) - cpu_before;
-    let _ = connection.close(200, "done".into()).await;
-    (elapsed, cpu)
 }
 
 /// The real binary alone, from process start until its metrics count every message acked.

@@ -1,8 +1,9 @@
 # Shared by scripts/test, scripts/demo, scripts/bench and scripts/cluster-bench: make sure a
-# RabbitMQ broker answers on 127.0.0.1:5672 with the plugins Warren's tests and demo read
-# (management, prometheus), and (for the tests) that PostgreSQL answers on 127.0.0.1:5432 with a
-# login role warren. Installs rabbitmq-server and postgresql with apt and starts them when
-# needed; never restarts a running one.
+# RabbitMQ broker answers on 127.0.0.1:5672 with the plugins Warren's tests and demo use
+# (management, prometheus, and the consistent-hash exchange that partitioned queues need), and
+# (for the tests) that PostgreSQL answers on 127.0.0.1:5432 with a login role warren. Installs
+# rabbitmq-server and postgresql with apt and starts them when needed; never restarts a running
+# one.
 
 warren_root() {
   cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd

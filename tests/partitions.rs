@@ -227,6 +227,10 @@ async fn three_nodes_consume_three_partitions_in_order_and_take_over_a_killed_no
     cluster.converged(&survivors).await;
     orders.publish(3_000).await;
     let after = bridge_holders(&cluster).await;
+    eprintln!(
+        "partitions before the kill {holders:?}, after {after:?}; {} ready and {} unacked at the kill",
+        in_hand.ready, in_hand.unacked
+    );
     assert!(
         after
             .values()

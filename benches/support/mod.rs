@@ -7,8 +7,9 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use lapin::options::QueueDeleteOptions;
-use lapin::types::ShortString;
+use futures::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::types::{FieldTable, ShortString};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use uuid::Uuid;
 use warren::amqp::{
@@ -28,6 +29,23 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         .sum();
     // USER_HZ is 100 on Linux.
     ticks / 100.0
+}
+
+/// The whole machine's busy and total CPU ticks so far, from /proc/stat (idle and iowait are
+/// not busy): how close a run came to using every core.
+pub fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (total - idle, total)
 }
 
 pub fn median(values: &mut [f64]) -> f64 {
@@ -126,6 +144,12 @@ impl Node {
     pub async fn start(amqp: &AmqpSettings, store: &str, args: &[&str]) -> Node {
         let mut child = tokio::process::Command::new(Self::binary())
             .args(["--queue", &amqp.queue, "--metrics-addr", "127.0.0.1:0"])
+            // Only when partitioned, so that BENCH_CONSUMER may be a build without the flag.
+            .args(if amqp.partitions > 1 {
+                vec!["--partitions".to_owned(), amqp.partitions.to_string()]
+            } else {
+                Vec::new()
+            })
             .args(["--entity-store", store])
             .args(args)
             // Per-order INFO lines would measure the terminal, not the bridge.
@@ -200,4 +224,43 @@ pub fn free_port() -> std::net::SocketAddr {
             return addr;
         }
     }
+}
+
+/// The ceiling: consume `amqp`'s queue with `prefetch`, and after each batch of ready
+/// deliveries ack the last with `multiple`. Returns the time and the CPU this process spent.
+pub async fn bare_consumer(amqp: AmqpSettings, messages: usize, prefetch: u16) -> (Duration, f64) {
+    let connection = amqp.connect("warren-bench-ceiling").await.expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_qos(prefetch, BasicQosOptions { global: false })
+        .await
+        .expect("qos");
+    let start = Instant::now();
+    let cpu_before = cpu_seconds(std::process::id());
+    let mut consumer = channel
+        .basic_consume(
+            ShortString::from(amqp.queue.as_str()),
+            ShortString::from("bench"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut received = 0;
+    while received < messages {
+        let mut last = consumer.next().await.expect("stream").expect("delivery");
+        received += 1;
+        while let Some(Some(Ok(delivery))) = consumer.next().now_or_never() {
+            last = delivery;
+            received += 1;
+        }
+        last.acker
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .expect("ack");
+    }
+    let elapsed = start.elapsed();
+    let cpu = cpu_seconds(std::process::id()) - cpu_before;
+    let _ = connection.close(200, "done".into()).await;
+    (elapsed, cpu)
 }
