@@ -42,6 +42,7 @@ async fn main() {
         "partitioned consumption: {messages} persistent messages per run over {PRODUCTS} products, 3 nodes with memory state, {rounds} rounds, classic queues on the local broker"
     );
     let (mut ceiling, mut single, mut split) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut gains, mut busy_one, mut busy_many) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
         let c = {
             let amqp = fresh(1);
@@ -66,6 +67,9 @@ async fn main() {
         ceiling.push(c);
         single.push(one.rate);
         split.push(many.rate);
+        gains.push(many.rate / one.rate);
+        busy_one.push(one.busy * 100.0);
+        busy_many.push(many.busy * 100.0);
     }
     let (c, one, many) = (
         median(&mut ceiling),
@@ -75,13 +79,19 @@ async fn main() {
     println!("median (msg/s, ratio to the ceiling):");
     println!("  ceiling: bare lapin consumer, one queue  {c:>7.0}");
     println!(
-        "  3 nodes, one queue                       {one:>7.0}  {:.2}",
-        one / c
+        "  3 nodes, one queue                       {one:>7.0}  {:.2}  (machine CPU {:.0} % busy)",
+        one / c,
+        median(&mut busy_one)
     );
     println!(
-        "  3 nodes, {partitions} partitions                  {many:>7.0}  {:.2}  ({:.2}x one queue, goal > 1.3)",
+        "  3 nodes, {partitions} partitions                   {many:>7.0}  {:.2}  (machine CPU {:.0} % busy)",
         many / c,
-        many / one
+        median(&mut busy_many)
+    );
+    println!(
+        "  partitions / one queue: {:.2}x (of the medians), {:.2}x (median of the rounds' ratios); goal > 1.3",
+        many / one,
+        median(&mut gains)
     );
 }
 
