@@ -17,12 +17,15 @@ use lapin::types::ShortString;
 use serde::Deserialize;
 use tokio::process::Command;
 
-use support::cluster::{ACKED, Cluster, DRAIN, NODES};
+use support::cluster::{ACKED, Cluster, DRAIN, NODES, publish_in_background};
 use support::{Consumer, Orders, TestDb, TestQueue, binary, eventually, message_count};
 use warren::bridge_singleton_name;
 use warren::order::CreateOrder;
 
 const PARTITIONS: u16 = 3;
+
+/// Orders the broker holds (ready or unacked) at least when a consuming node is killed.
+const IN_HAND: u64 = 1_000;
 
 #[tokio::test]
 async fn the_producer_binary_sends_every_order_of_a_product_to_one_partition() {
@@ -82,22 +85,22 @@ async fn the_producer_binary_sends_every_order_of_a_product_to_one_partition() {
 async fn a_partition_count_other_than_the_declared_one_is_refused_by_both_binaries() {
     let queue = TestQueue::partitioned("partition-mismatch", PARTITIONS);
     queue.declare().await;
+    let mut orders = Orders::new(&queue, 5);
+    orders.publish(30).await;
     for partitions in ["1", "2", "4"] {
-        let output = Command::new(binary("warren-producer"))
-            .args(["--queue", &queue.name, "--partitions", partitions])
-            .args(["--count", "10", "--rate", "0"])
-            .output()
-            .await
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "--partitions {partitions} ran");
+        let stderr = refused_producer(&queue.name, partitions).await;
         assert!(
             stderr.contains("another partition count than amqp.partitions"),
             "--partitions {partitions}: {stderr}"
         );
     }
-    // Nothing was published anywhere, and no queue of another layout was created.
-    assert_eq!(queue.counts().await.ready, 0);
+    // Nothing was published, and no queue of another layout was created.
+    assert_eq!(queue.counts().await.ready, 30);
+    let queues = queue_names().await;
+    assert!(
+        !queues.contains(&format!("{}.p3", queue.name)),
+        "{queues:?}"
+    );
 
     // The consumer keeps refusing (and says why) rather than consuming a subset.
     let wrong = TestQueue {
@@ -114,7 +117,62 @@ async fn a_partition_count_other_than_the_declared_one_is_refused_by_both_binari
             .then_some(())
     })
     .await;
-    assert_eq!(consumer.metric(ACKED).await, 0.0);
+    assert_eq!(queue.counts().await.ready, 30, "nothing was consumed");
+}
+
+#[tokio::test]
+async fn a_backlog_in_the_queue_from_before_it_was_partitioned_is_refused() {
+    // The layout of a version without partitions: the single queue, holding orders, and no
+    // partition exchange.
+    let queue = TestQueue::new("partition-upgrade");
+    queue.declare().await;
+    Orders::new(&queue, 5).publish(10).await;
+    reqwest::Client::new()
+        .delete(format!(
+            "http://127.0.0.1:15672/api/exchanges/%2F/{}.partitions",
+            queue.name
+        ))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+
+    let stderr = refused_producer(&queue.name, "3").await;
+    assert!(
+        stderr.contains(&format!(
+            "the unpartitioned queue `{}` holds 10 messages",
+            queue.name
+        )),
+        "{stderr}"
+    );
+    assert_eq!(queue.counts().await.ready, 10, "the backlog is untouched");
+}
+
+/// Runs warren-producer on `queue` with `--partitions partitions`, which must fail; its stderr.
+async fn refused_producer(queue: &str, partitions: &str) -> String {
+    let output = Command::new(binary("warren-producer"))
+        .args(["--queue", queue, "--partitions", partitions])
+        .args(["--count", "10", "--rate", "0"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success(), "--partitions {partitions} ran");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Every queue on the shared broker.
+async fn queue_names() -> Vec<String> {
+    let output = Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name"])
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Which node every running node says holds each partition's bridge, once they all agree and
@@ -148,13 +206,15 @@ struct ConsumerRow {
 }
 
 /// Samples the broker's consumers of `queues` until `stop`: the most any queue had at once,
-/// and every consumer tag seen per queue.
+/// and every connection (a consumer tag without its session number) seen per queue.
 async fn watch_consumers(
     queues: Vec<String>,
     stop: Arc<AtomicBool>,
 ) -> (usize, BTreeMap<String, BTreeSet<String>>) {
-    let (mut most, mut tags) = (0, BTreeMap::<String, BTreeSet<String>>::new());
+    let (mut most, mut connections) = (0, BTreeMap::<String, BTreeSet<String>>::new());
     while !stop.load(Ordering::Relaxed) {
+        // Each sample starts an Erlang VM: leave the two cores to the broker and the nodes.
+        tokio::time::sleep(SAMPLE_PAUSE).await;
         let output = Command::new("rabbitmqctl")
             .args(["list_consumers", "-q", "queue_name", "consumer_tag"])
             .args(["--formatter", "json"])
@@ -167,22 +227,33 @@ async fn watch_consumers(
         let mut now: BTreeMap<&str, usize> = BTreeMap::new();
         for row in rows.iter().filter(|r| queues.contains(&r.queue_name)) {
             *now.entry(row.queue_name.as_str()).or_default() += 1;
-            tags.entry(row.queue_name.clone())
+            let connection = row
+                .consumer_tag
+                .rsplit_once('-')
+                .map_or(row.consumer_tag.as_str(), |(connection, _session)| {
+                    connection
+                });
+            connections
+                .entry(row.queue_name.clone())
                 .or_default()
-                .insert(row.consumer_tag.clone());
+                .insert(connection.to_owned());
         }
         most = most.max(now.values().copied().max().unwrap_or(0));
     }
-    (most, tags)
+    (most, connections)
 }
+
+/// Between two samples of the broker's consumers.
+const SAMPLE_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_consume_three_partitions_in_order_and_take_over_a_killed_nodes_partition() {
     let queue = TestQueue::partitioned("partitions-cluster", PARTITIONS);
     let db = TestDb::create("partitions_cluster").await;
     let store = db.url();
-    // 5 ms products keep the orders going for seconds, so the kill lands mid-run.
-    let extra = ["--processing-delay-ms", "5"];
+    // 60 products of 50 ms drain at most 1,200 orders a second, well below what the publisher
+    // confirms, so a backlog builds and the kill lands on work in hand.
+    let extra = ["--processing-delay-ms", "50"];
     let mut cluster = Cluster::start_with(queue, &extra, Some(db), store).await;
 
     // Partition i runs on the i-th oldest node: all three consume.
@@ -195,22 +266,17 @@ async fn three_nodes_consume_three_partitions_in_order_and_take_over_a_killed_no
         cluster.queue.amqp().source_queues(),
         Arc::clone(&stop),
     ));
-    let mut orders = Orders::new(&cluster.queue, 60);
-    orders.publish(6_000).await;
-    eventually("every node to ack some orders", DRAIN, || async {
+    let publishing = publish_in_background(Orders::new(&cluster.queue, 60), 12_000);
+    let in_hand = eventually("every node acking, with a backlog", DRAIN, || async {
         for node in cluster.running() {
-            if node.metric(ACKED).await < 100.0 {
+            if node.metric(ACKED).await < 50.0 {
                 return None;
             }
         }
-        Some(())
+        let counts = cluster.queue.counts().await;
+        (counts.ready + counts.unacked >= IN_HAND).then_some(counts)
     })
     .await;
-    let in_hand = cluster.queue.counts().await;
-    assert!(
-        in_hand.ready + in_hand.unacked > 0,
-        "the kill must come mid-run: {in_hand:?}"
-    );
 
     // SIGKILL the node holding partition 1; the survivors take every partition.
     let victim = NODES
@@ -225,7 +291,7 @@ async fn three_nodes_consume_three_partitions_in_order_and_take_over_a_killed_no
         .map(|(_, n)| *n)
         .collect();
     cluster.converged(&survivors).await;
-    orders.publish(3_000).await;
+    let orders = publishing.await.expect("publishing finished");
     let after = bridge_holders(&cluster).await;
     eprintln!(
         "partitions before the kill {holders:?}, after {after:?}; {} ready and {} unacked at the kill",
@@ -241,18 +307,18 @@ async fn three_nodes_consume_three_partitions_in_order_and_take_over_a_killed_no
 
     cluster.queue.wait_drained(DRAIN).await;
     stop.store(true, Ordering::Relaxed);
-    let (most, tags) = watcher.await.expect("watcher");
+    let (most, connections) = watcher.await.expect("watcher");
     assert_eq!(message_count(&cluster.queue.dlq()).await, 0, "dead letters");
     let node = cluster.running().next().expect("a survivor");
     orders.assert_applied_exactly_once_in_order(node).await;
-    assert_eq!(orders.total(), 9_000);
+    assert_eq!(orders.total(), 12_000);
     assert_eq!(
         most, 1,
-        "a partition queue had two consumers at once: {tags:?}"
+        "a partition queue had two consumers at once: {connections:?}"
     );
     let p1 = &cluster.queue.amqp().source_queues()[1];
     assert!(
-        tags.get(p1).is_some_and(|t| t.len() >= 2),
-        "partition 1 was consumed before and after the kill: {tags:?}"
+        connections.get(p1).is_some_and(|c| c.len() >= 2),
+        "partition 1 was consumed by two nodes' connections, before and after the kill: {connections:?}"
     );
 }

@@ -95,7 +95,8 @@ pub async fn delete(amqp: &AmqpSettings) {
     let connection = amqp.connect("warren-bench-cleanup").await.expect("broker");
     let channel = connection.create_channel().await.expect("channel");
     let mut queues = amqp.source_queues();
-    queues.push(topology::dead_letter_queue(&amqp.queue));
+    // With partitions the single queue stays declared too.
+    queues.extend([amqp.queue.clone(), topology::dead_letter_queue(&amqp.queue)]);
     for queue in queues {
         let _ = channel
             .queue_delete(

@@ -52,7 +52,23 @@ pub enum AmqpError {
         /// The broker's refusal.
         found: String,
     },
+    /// The broker does not know the consistent-hash exchange type that partitions need.
+    #[error(
+        "amqp.partitions > 1 needs RabbitMQ's consistent-hash exchange: enable the plugin with `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange`"
+    )]
+    NoConsistentHashExchange,
     /// The broker did not confirm in time; the message may or may not have been stored.
     #[error("broker did not confirm within {0:?}")]
     Timeout(std::time::Duration),
+}
+
+impl AmqpError {
+    /// The broker's topology does not fit the settings: waiting and reconnecting does not
+    /// mend it, an operator must.
+    pub fn is_refused_topology(&self) -> bool {
+        matches!(
+            self,
+            AmqpError::PartitionMismatch { .. } | AmqpError::NoConsistentHashExchange
+        )
+    }
 }

@@ -268,27 +268,15 @@ impl ConfirmedPublisher {
     }
 
     /// Connects and declares the topology before the first publish, waiting out an
-    /// unreachable broker; fails only when the broker's partition queues disagree with the
-    /// settings ([`AmqpError::PartitionMismatch`]), which no wait mends.
+    /// unreachable broker; fails only when the broker's topology disagrees with the settings
+    /// ([`AmqpError::PartitionMismatch`], [`AmqpError::NoConsistentHashExchange`]), which no
+    /// wait mends.
     pub async fn connect(&mut self) -> Result<(), AmqpError> {
         while self.link.is_none() {
-            if let Some(pause) = self.reconnect_pause.as_mut() {
-                let delay = pause.next().unwrap_or(self.settings.amqp.reconnect_max);
-                tokio::time::sleep(delay).await;
-            }
-            match open(&self.settings).await {
-                Ok((connection, channel)) => {
-                    self.generations += 1;
-                    self.link = Some(Link {
-                        connection,
-                        channel,
-                    });
-                }
-                Err(error @ AmqpError::PartitionMismatch { .. }) => return Err(error),
-                Err(error) => {
-                    warn!(%error, "cannot publish to the broker; retrying");
-                    self.start_backing_off();
-                }
+            if let Err(error) = self.try_link().await
+                && error.is_refused_topology()
+            {
+                return Err(error);
             }
         }
         Ok(())
@@ -299,26 +287,35 @@ impl ConfirmedPublisher {
             if let Some(link) = &self.link {
                 return link.channel.clone();
             }
-            if let Some(pause) = self.reconnect_pause.as_mut() {
-                let delay = pause.next().unwrap_or(self.settings.amqp.reconnect_max);
-                tokio::time::sleep(delay).await;
+            // A refused topology is logged and retried: the producer checked it at start.
+            let _ = self.try_link().await;
+        }
+    }
+
+    /// One attempt to open the link, after the backoff's pause if one is running; a failure
+    /// is logged and starts the backoff.
+    async fn try_link(&mut self) -> Result<(), AmqpError> {
+        if let Some(pause) = self.reconnect_pause.as_mut() {
+            let delay = pause.next().unwrap_or(self.settings.amqp.reconnect_max);
+            tokio::time::sleep(delay).await;
+        }
+        match open(&self.settings).await {
+            Ok((connection, channel)) => {
+                self.generations += 1;
+                if self.generations > 1 {
+                    self.stats.reconnects += 1;
+                    info!(generation = self.generations, "publisher reconnected");
+                }
+                self.link = Some(Link {
+                    connection,
+                    channel,
+                });
+                Ok(())
             }
-            match open(&self.settings).await {
-                Ok((connection, channel)) => {
-                    self.generations += 1;
-                    if self.generations > 1 {
-                        self.stats.reconnects += 1;
-                        info!(generation = self.generations, "publisher reconnected");
-                    }
-                    self.link = Some(Link {
-                        connection,
-                        channel,
-                    });
-                }
-                Err(error) => {
-                    warn!(%error, "cannot publish to the broker; retrying");
-                    self.start_backing_off();
-                }
+            Err(error) => {
+                warn!(%error, "cannot publish to the broker");
+                self.start_backing_off();
+                Err(error)
             }
         }
     }

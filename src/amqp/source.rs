@@ -202,7 +202,7 @@ async fn supervise(
                     }
                 }
             }
-            Ok(Err(error @ AmqpError::PartitionMismatch { .. })) => {
+            Ok(Err(error)) if error.is_refused_topology() => {
                 error!(%error, queue = %settings.queue, "not consuming; retrying");
             }
             Ok(Err(error)) => warn!(%error, "cannot consume from the broker; retrying"),

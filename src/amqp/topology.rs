@@ -63,7 +63,10 @@ async fn declare_on(channel: &Channel, settings: &AmqpSettings) -> Result<(), Am
             FieldTable::default(),
         )
         .await
-        .map_err(|error| mismatch(error, "exchange"))?;
+        .map_err(|error| match refusal_code(&error) {
+            Some(COMMAND_INVALID) if settings.partitions > 1 => AmqpError::NoConsistentHashExchange,
+            _ => mismatch(error, "inequivalent arg 'type'"),
+        })?;
     let dlx = dead_letter_exchange(&settings.queue);
     let dlq = dead_letter_queue(&settings.queue);
     channel
@@ -93,6 +96,29 @@ async fn declare_on(channel: &Channel, settings: &AmqpSettings) -> Result<(), Am
             FieldTable::default(),
         )
         .await?;
+    if settings.partitions > 1 {
+        // The single queue stays declared, empty: messages still published to it the
+        // unpartitioned way wait there instead of being dropped, and a backlog left from before
+        // the queue was partitioned (which no partition's consumer would read) is refused.
+        let single = channel
+            .queue_declare(
+                ShortString::from(settings.queue.as_str()),
+                durable,
+                unpartitioned_queue_arguments(settings),
+            )
+            .await?;
+        if single.message_count() > 0 {
+            return Err(AmqpError::PartitionMismatch {
+                queue: settings.queue.clone(),
+                configured: settings.partitions,
+                found: format!(
+                    "the unpartitioned queue `{}` holds {} messages",
+                    settings.queue,
+                    single.message_count()
+                ),
+            });
+        }
+    }
     for (partition, queue) in (0u16..).zip(settings.source_queues()) {
         channel
             .queue_declare(
@@ -106,8 +132,12 @@ async fn declare_on(channel: &Channel, settings: &AmqpSettings) -> Result<(), Am
     if settings.partitions > 1 {
         let exchange = partition_exchange(&settings.queue);
         // Buckets are numbered in binding order; binding again with the same key is a no-op,
-        // so every declaration after the first leaves the ring as it was.
-        for queue in settings.source_queues() {
+        // so every declaration after the first leaves the ring as it was. A restarted broker
+        // rebuilds the ring from its bindings sorted by queue name, so bind in that order
+        // (p0, p1, p10, p11, …, p2), or entities would move to other partitions on a restart.
+        let mut by_name = settings.source_queues();
+        by_name.sort();
+        for queue in by_name {
             channel
                 .queue_bind(
                     ShortString::from(queue.as_str()),
@@ -144,6 +174,17 @@ const DEAD_LETTER_ROUTING_KEY: &str = "x-dead-letter-routing-key";
 /// AMQP reply code for a declaration that disagrees with what exists.
 const PRECONDITION_FAILED: u16 = 406;
 
+/// AMQP reply code for an unknown exchange type, among others.
+const COMMAND_INVALID: u16 = 503;
+
+/// The reply code of a refusal by the broker, if `error` is one.
+fn refusal_code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(refusal) => Some(refusal.get_id()),
+        _ => None,
+    }
+}
+
 /// `error` as [`AmqpError::PartitionMismatch`] when the broker refused a declaration for a
 /// reason that names `marker`; any other error as it is.
 fn partition_mismatch(error: lapin::Error, marker: &str, settings: &AmqpSettings) -> AmqpError {
@@ -160,14 +201,10 @@ fn partition_mismatch(error: lapin::Error, marker: &str, settings: &AmqpSettings
     error.into()
 }
 
+/// Partition `partition`'s queue arguments: the single queue's, and with more than one
+/// partition the [`DEAD_LETTER_ROUTING_KEY`] that records the count.
 fn source_queue_arguments(settings: &AmqpSettings, partition: u16) -> FieldTable {
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(
-            dead_letter_exchange(&settings.queue).as_str(),
-        )),
-    );
+    let mut arguments = unpartitioned_queue_arguments(settings);
     if settings.partitions > 1 {
         let place = format!(
             "{} of {}",
@@ -179,6 +216,18 @@ fn source_queue_arguments(settings: &AmqpSettings, partition: u16) -> FieldTable
             AMQPValue::LongString(LongString::from(place.as_str())),
         );
     }
+    arguments
+}
+
+/// The single queue's arguments, as every version has declared them.
+fn unpartitioned_queue_arguments(settings: &AmqpSettings) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(
+            dead_letter_exchange(&settings.queue).as_str(),
+        )),
+    );
     // A broker-side fence: even two nodes that both believe they hold the consumer role cannot
     // both receive.
     arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));

@@ -324,7 +324,9 @@ impl Drop for TestQueue {
             .iter()
             .map(|q| queue(q))
             .collect();
+        // With partitions the single queue stays declared too.
         urls.extend([
+            queue(&self.name),
             queue(&self.dlq()),
             exchange(&topology::dead_letter_exchange(&self.name)),
             exchange(&warren::amqp::settings::partition_exchange(&self.name)),

@@ -1,9 +1,10 @@
 //! One singleton's decisions on one node, sans IO. The singleton runs where its [`Placement`]
 //! puts it: the oldest Up member with its role, or for a ranked singleton the member at its
-//! rank in age order, so several singletons of one role spread over the members. A node that sees itself there is the candidate: before it starts the
-//! instance it asks every other live member with the role to release it, and starts once all
-//! of them said so (or went Down). A node that is not the oldest stops its instance if it runs
-//! one, and releases once it has stopped. A candidate releases to nobody, so within one view
+//! rank in age order, so several singletons of one role spread over the members. A node that
+//! sees itself there is the candidate: before it starts the instance it asks every other live
+//! member with the role to release it, and starts once all of them said so (or went Down). A
+//! node that is no longer the candidate stops its instance if it runs one, and releases once it
+//! has stopped. A candidate releases to nobody, so within one view
 //! two instances never run: the new one starts only after the old one stopped (graceful
 //! handover) or its node is Down (takeover).
 //!
@@ -49,12 +50,12 @@ impl Placement {
 /// What singleton managers say to each other.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SingletonMsg {
-    /// "I am the oldest: release the singleton (stop it if you run it)."
+    /// "It is mine to run: release the singleton (stop it if you run it)."
     Ask {
         /// Which singleton.
         singleton: String,
     },
-    /// "I do not run it, and will not while you are the oldest."
+    /// "I do not run it, and will not while it is yours."
     Released {
         /// Which singleton.
         singleton: String,

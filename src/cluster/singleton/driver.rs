@@ -208,8 +208,17 @@ impl Manager {
                     let name = match &inbound.message {
                         SingletonMsg::Ask { singleton } | SingletonMsg::Released { singleton } => singleton.clone(),
                     };
-                    if let Some(slot) = self.slots.get_mut(&name) {
-                        slot.core.handle_message(inbound.from, inbound.message, Instant::now());
+                    match (self.slots.get_mut(&name), inbound.message) {
+                        (Some(slot), message) => {
+                            slot.core.handle_message(inbound.from, message, Instant::now());
+                        }
+                        // A singleton this node does not have (another configuration, such as
+                        // more partitions) never runs here: release it, or its candidate would
+                        // wait for this node forever.
+                        (None, SingletonMsg::Ask { singleton }) => {
+                            (self.outbox)(&inbound.from, SingletonMsg::Released { singleton });
+                        }
+                        (None, SingletonMsg::Released { .. }) => {}
                     }
                 }
                 Some((name, asked)) = self.instances.next(), if !self.instances.is_empty() => {

@@ -381,6 +381,11 @@ mod with_the_driver {
     }
 
     fn start(network: &SimNetwork<SingletonMsg>, id: &str, census: &Arc<Census>) -> Node {
+        start_with(network, id, vec![spec(Arc::clone(census))])
+    }
+
+    /// A node running the manager with `specs`.
+    fn start_with(network: &SimNetwork<SingletonMsg>, id: &str, specs: Vec<SingletonSpec>) -> Node {
         let me = member(id, 0, MemberStatus::Joining);
         let (view, view_rx) = watch::channel(ClusterView::alone(me.clone()));
         let (inbox, outbox) = network.join(&me.addr, 64);
@@ -391,13 +396,7 @@ mod with_the_driver {
             metrics: ClusterMetrics::unregistered(),
             shutdown: stop.clone(),
         };
-        let handle = driver::spawn(
-            &node,
-            vec![spec(Arc::clone(census))],
-            outbox,
-            inbox,
-            SingletonSettings::default(),
-        );
+        let handle = driver::spawn(&node, specs, outbox, inbox, SingletonSettings::default());
         Node { view, handle, stop }
     }
 
@@ -420,6 +419,21 @@ mod with_the_driver {
         .await
         .expect("the singleton starts here")
         .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_without_the_singleton_releases_it_so_that_it_still_starts() {
+        // c is configured without "s" (as a node with fewer partitions lacks their bridges):
+        // a must still hear a release from it.
+        let network = SimNetwork::new(Faults::default(), 3);
+        let census = Arc::new(Census::default());
+        let a = start(&network, "a", &census);
+        let b = start(&network, "b", &census);
+        let c = start_with(&network, "c", Vec::new());
+        set_view(&[&a, &b, &c], &three_up());
+        until_running(&a).await;
+        assert_eq!(census.started.load(Ordering::SeqCst), 1);
+        assert!(c.handle.running().borrow().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
