@@ -8,8 +8,9 @@
 //! partition; they share the one dead-letter queue. A different partition count than the
 //! topology was declared with would rebind the exchange and move entities between queues while
 //! their older messages wait in the old ones, so the declarations carry the count where the
-//! broker compares it ([`partition_exchange_kind`], [`DEAD_LETTER_ROUTING_KEY`]) and a mismatch
-//! is refused by the broker before anything changes.
+//! broker compares it (the partition exchange's kind, each partition queue's
+//! `x-dead-letter-routing-key`) and a mismatch is refused by the broker before anything is
+//! published or consumed.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
