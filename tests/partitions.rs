@@ -150,6 +150,35 @@ async fn a_backlog_in_the_queue_from_before_it_was_partitioned_is_refused() {
     assert_eq!(queue.counts().await.ready, 10, "the backlog is untouched");
 }
 
+#[tokio::test]
+async fn partition_queues_hold_the_hash_buckets_a_restarted_broker_gives_them() {
+    // A restarted broker rebuilds the consistent-hash ring from the exchange's bindings sorted
+    // by queue name (p0, p1, p10, p11, p2, …); had the first declaration bound them in another
+    // order, a restart would move entities between partitions.
+    let queue = TestQueue::partitioned("partition-ring", 12);
+    queue.declare().await;
+    let output = Command::new("rabbitmq-diagnostics")
+        .args(["consistent_hash_exchange_ring_state", "-p", "/"])
+        .arg(warren::amqp::settings::partition_exchange(&queue.name))
+        .output()
+        .await
+        .expect("rabbitmq-diagnostics runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    // Lines read "Ring index: 4, queue: '<name>.p2'".
+    let mut ring: Vec<(usize, String)> = text
+        .lines()
+        .filter_map(|line| {
+            let (index, queue) = line.strip_prefix("Ring index: ")?.split_once(", queue: ")?;
+            Some((index.parse().ok()?, queue.trim_matches('\'').to_owned()))
+        })
+        .collect();
+    ring.sort();
+    let mut by_name = queue.amqp().source_queues();
+    by_name.sort();
+    let expected: Vec<(usize, String)> = by_name.into_iter().enumerate().collect();
+    assert_eq!(ring, expected, "{text}");
+}
+
 /// Runs warren-producer on `queue` with `--partitions partitions`, which must fail; its stderr.
 async fn refused_producer(queue: &str, partitions: &str) -> String {
     let output = Command::new(binary("warren-producer"))
