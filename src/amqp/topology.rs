@@ -46,12 +46,16 @@ pub async fn declare(connection: &Connection, settings: &AmqpSettings) -> Result
     Ok(())
 }
 
+/// The durable options every queue is declared with.
+const DURABLE: QueueDeclareOptions = QueueDeclareOptions {
+    passive: false,
+    durable: true,
+    exclusive: false,
+    auto_delete: false,
+    nowait: false,
+};
+
 async fn declare_on(channel: &Channel, settings: &AmqpSettings) -> Result<(), AmqpError> {
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    let mismatch = |error: lapin::Error, marker: &str| partition_mismatch(error, marker, settings);
     // First, so that a node configured with another count declares nothing.
     channel
         .exchange_declare(
@@ -66,10 +70,32 @@ async fn declare_on(channel: &Channel, settings: &AmqpSettings) -> Result<(), Am
         .await
         .map_err(|error| match refusal_code(&error) {
             Some(COMMAND_INVALID) if settings.partitions > 1 => AmqpError::NoConsistentHashExchange,
-            _ => mismatch(error, "inequivalent arg 'type'"),
+            _ => partition_mismatch(error, "inequivalent arg 'type'", settings),
         })?;
-    let dlx = dead_letter_exchange(&settings.queue);
-    let dlq = dead_letter_queue(&settings.queue);
+    declare_dead_letters(channel, &settings.queue).await?;
+    if settings.partitions > 1 {
+        refuse_an_unpartitioned_backlog(channel, settings).await?;
+    }
+    for (partition, queue) in (0u16..).zip(settings.source_queues()) {
+        channel
+            .queue_declare(
+                ShortString::from(queue.as_str()),
+                DURABLE,
+                source_queue_arguments(settings, partition),
+            )
+            .await
+            .map_err(|error| partition_mismatch(error, DEAD_LETTER_ROUTING_KEY, settings))?;
+    }
+    if settings.partitions > 1 {
+        bind_partitions(channel, settings).await?;
+    }
+    Ok(())
+}
+
+/// The dead-letter exchange and queue of `queue`.
+async fn declare_dead_letters(channel: &Channel, queue: &str) -> Result<(), AmqpError> {
+    let dlx = dead_letter_exchange(queue);
+    let dlq = dead_letter_queue(queue);
     channel
         .exchange_declare(
             ShortString::from(dlx.as_str()),
@@ -84,7 +110,7 @@ async fn declare_on(channel: &Channel, settings: &AmqpSettings) -> Result<(), Am
     channel
         .queue_declare(
             ShortString::from(dlq.as_str()),
-            durable,
+            DURABLE,
             FieldTable::default(),
         )
         .await?;
@@ -97,58 +123,56 @@ async fn declare_on(channel: &Channel, settings: &AmqpSettings) -> Result<(), Am
             FieldTable::default(),
         )
         .await?;
-    if settings.partitions > 1 {
-        // The single queue stays declared, empty: messages still published to it the
-        // unpartitioned way wait there instead of being dropped, and a backlog left from before
-        // the queue was partitioned (which no partition's consumer would read) is refused.
-        let single = channel
-            .queue_declare(
-                ShortString::from(settings.queue.as_str()),
-                durable,
-                unpartitioned_queue_arguments(settings),
+    Ok(())
+}
+
+/// Beside the partitions the single queue stays declared, empty: messages still published to
+/// it the unpartitioned way wait there instead of being dropped, and a backlog left from before
+/// the queue was partitioned (which no partition's consumer would read) is refused.
+async fn refuse_an_unpartitioned_backlog(
+    channel: &Channel,
+    settings: &AmqpSettings,
+) -> Result<(), AmqpError> {
+    let single = channel
+        .queue_declare(
+            ShortString::from(settings.queue.as_str()),
+            DURABLE,
+            unpartitioned_queue_arguments(settings),
+        )
+        .await?;
+    if single.message_count() == 0 {
+        return Ok(());
+    }
+    Err(AmqpError::PartitionMismatch {
+        queue: settings.queue.clone(),
+        configured: settings.partitions,
+        found: format!(
+            "the unpartitioned queue `{}` holds {} messages",
+            settings.queue,
+            single.message_count()
+        ),
+    })
+}
+
+/// Binds the partition queues to their exchange. Buckets are numbered in binding order;
+/// binding again with the same key is a no-op, so every declaration after the first leaves the
+/// ring as it was. A restarted broker rebuilds the ring from its bindings sorted by queue name,
+/// so bind in that order (p0, p1, p10, p11, …, p2), or entities would move to other partitions
+/// on a restart.
+async fn bind_partitions(channel: &Channel, settings: &AmqpSettings) -> Result<(), AmqpError> {
+    let exchange = partition_exchange(&settings.queue);
+    let mut by_name = settings.source_queues();
+    by_name.sort();
+    for queue in by_name {
+        channel
+            .queue_bind(
+                ShortString::from(queue.as_str()),
+                ShortString::from(exchange.as_str()),
+                ShortString::from(PARTITION_WEIGHT),
+                QueueBindOptions::default(),
+                FieldTable::default(),
             )
             .await?;
-        if single.message_count() > 0 {
-            return Err(AmqpError::PartitionMismatch {
-                queue: settings.queue.clone(),
-                configured: settings.partitions,
-                found: format!(
-                    "the unpartitioned queue `{}` holds {} messages",
-                    settings.queue,
-                    single.message_count()
-                ),
-            });
-        }
-    }
-    for (partition, queue) in (0u16..).zip(settings.source_queues()) {
-        channel
-            .queue_declare(
-                ShortString::from(queue.as_str()),
-                durable,
-                source_queue_arguments(settings, partition),
-            )
-            .await
-            .map_err(|error| mismatch(error, DEAD_LETTER_ROUTING_KEY))?;
-    }
-    if settings.partitions > 1 {
-        let exchange = partition_exchange(&settings.queue);
-        // Buckets are numbered in binding order; binding again with the same key is a no-op,
-        // so every declaration after the first leaves the ring as it was. A restarted broker
-        // rebuilds the ring from its bindings sorted by queue name, so bind in that order
-        // (p0, p1, p10, p11, …, p2), or entities would move to other partitions on a restart.
-        let mut by_name = settings.source_queues();
-        by_name.sort();
-        for queue in by_name {
-            channel
-                .queue_bind(
-                    ShortString::from(queue.as_str()),
-                    ShortString::from(exchange.as_str()),
-                    ShortString::from(PARTITION_WEIGHT),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
     }
     Ok(())
 }
