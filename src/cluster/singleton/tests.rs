@@ -290,12 +290,19 @@ fn a_joining_older_node_does_not_displace_a_running_instance_until_up() {
 /// it belongs.
 #[test]
 fn random_membership_changes_never_run_two_instances() {
+    // Ranked singletons move on every join and leave, the oldest only when it goes.
+    for rank in 0..4 {
+        random_membership_changes_at_rank(rank);
+    }
+}
+
+fn random_membership_changes_at_rank(rank: usize) {
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
     for seed in 0..100u64 {
         let mut rng = SmallRng::seed_from_u64(seed);
         let ids = ["a", "b", "c", "d"];
-        let mut h = Harness::new(&ids);
+        let mut h = Harness::ranked(&ids, rank);
         let mut members: Vec<Member> = ids
             .iter()
             .enumerate()
@@ -309,13 +316,25 @@ fn random_membership_changes_never_run_two_instances() {
                 _ => MemberStatus::Leaving,
             };
             h.view_all(&members);
-            assert!(h.running.len() <= 1, "seed {seed}: {:?}", h.running());
+            assert!(
+                h.running.len() <= 1,
+                "rank {rank} seed {seed}: {:?}",
+                h.running()
+            );
             if rng.random_bool(0.5) {
                 h.finish_stopping();
-                assert!(h.running.len() <= 1, "seed {seed}: {:?}", h.running());
+                assert!(
+                    h.running.len() <= 1,
+                    "rank {rank} seed {seed}: {:?}",
+                    h.running()
+                );
             }
             h.advance(Duration::from_millis(rng.random_range(0..1500)));
-            assert!(h.running.len() <= 1, "seed {seed}: {:?}", h.running());
+            assert!(
+                h.running.len() <= 1,
+                "rank {rank} seed {seed}: {:?}",
+                h.running()
+            );
         }
         for m in members.iter_mut() {
             m.status = MemberStatus::Up;
@@ -325,7 +344,7 @@ fn random_membership_changes_never_run_two_instances() {
         h.advance(Duration::from_secs(1));
         h.finish_stopping();
         h.advance(Duration::from_secs(1));
-        assert_eq!(h.running(), vec!["a"], "seed {seed}");
+        assert_eq!(h.running(), vec![ids[rank]], "rank {rank} seed {seed}");
     }
 }
 
