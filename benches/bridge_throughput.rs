@@ -21,19 +21,12 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 use warren::amqp::AmqpSettings;
 
-use support::{Node, bare_consumer, delete, fill, free_port, median};
+use support::{Node, bare_consumer, delete, env_or, fill, free_port, median};
 
 const PREFETCH: u16 = 200;
 const MAX_IN_FLIGHT: u16 = PREFETCH / 2;
 const PRODUCTS: usize = 100;
 const SETTLE: Duration = Duration::from_secs(3);
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 use warren::amqp::AmqpSettings;
 
-use support::{Node, bare_consumer, delete, fill, free_port, machine_ticks, median};
+use support::{Node, bare_consumer, delete, env_or, fill, free_port, machine_ticks, median};
 
 const PRODUCTS: usize = 1000;
 const PREFETCH: u16 = 1000;
@@ -25,13 +25,6 @@ const SETTLE: Duration = Duration::from_secs(3);
 const WARM_UP: Duration = Duration::from_secs(2);
 const WINDOW: Duration = Duration::from_secs(4);
 const ACKED: &str = "warren_deliveries_total{outcome=\"acked\"}";
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

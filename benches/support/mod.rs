@@ -48,6 +48,14 @@ pub fn machine_ticks() -> (u64, u64) {
     (total - idle, total)
 }
 
+/// The variable `name` as a number, or `default` when unset or not a number.
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
