@@ -471,13 +471,20 @@ async fn broker_outage_scenario(test: &str, how: BrokerStop) {
     let broker = PrivateRabbitMq::start();
     let db = TestDb::create(&test.replace('-', "_")).await;
     let store = db.url();
-    let flags = ["--processing-delay-ms", "20"];
-    let cluster = Cluster::start_with(TestQueue::on(test, &broker), &flags, Some(db), store).await;
-    let mut orders = Orders::new(&cluster.queue, PRODUCTS);
+    // The first half waits in the broker before any node consumes, and 100 ms products drain at
+    // most 1,000 orders a second, so the backlog outlives the check below by seconds however fast
+    // or slow the publisher is (a backlog published while 20 ms products drained was once gone
+    // before the check on a loaded machine).
+    let queue = TestQueue::on(test, &broker);
+    queue.declare().await;
+    let mut orders = Orders::new(&queue, PRODUCTS);
     orders.publish(ORDERS / 2).await;
-    cluster.acked_at_least(0, 1_000.0).await;
+    let flags = ["--processing-delay-ms", "100"];
+    let cluster = Cluster::start_with(queue, &flags, Some(db), store).await;
+    cluster.acked_at_least(0, 500.0).await;
+    let in_broker = cluster.queue.counts().await;
     assert!(
-        cluster.queue.counts().await.ready > 0,
+        in_broker.ready + in_broker.unacked > 0,
         "the outage must come with a backlog in the broker"
     );
     broker.stop(how);
