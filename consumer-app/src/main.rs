@@ -4,6 +4,7 @@
 //! only after the product confirmed. Alone (no seeds) it is a cluster of one. Wiring only: the
 //! work happens in the `warren` library and in [`product`].
 
+mod dlq;
 mod http;
 mod product;
 mod settings;
@@ -25,7 +26,7 @@ use warren::{ClusterNode, Metrics, ShardingProducerHandle, SingletonSpec};
 use warren::{bridge_singleton_name, bridge_singletons};
 
 use crate::product::{ProductFactory, ProductMetrics};
-use crate::settings::{Cli, ConsumerConfig};
+use crate::settings::{Cli, Command, ConsumerConfig};
 
 /// How much longer than the bridge's own drain a leave may take (hand-offs, gossip).
 const LEAVE_MARGIN: Duration = Duration::from_secs(10);
@@ -74,10 +75,23 @@ fn main() -> ExitCode {
             .enable_all()
             .build(),
     };
-    let result = match runtime {
-        Ok(runtime) => runtime.block_on(run(config)),
-        Err(error) => Err(anyhow::Error::new(error).context("starting the async runtime")),
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            error!("starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
     };
+    if let Some(Command::Dlq(command)) = &cli.command {
+        return match runtime.block_on(dlq::run(command, &config)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                error!("{error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let result = runtime.block_on(run(config));
     match result {
         Ok(Ended::Stopped) => ExitCode::SUCCESS,
         Ok(Ended::GaveUpJoining) => ExitCode::from(EXIT_GAVE_UP_JOINING),

@@ -153,10 +153,18 @@ impl ConsumerConfig {
 #[derive(Debug, Parser)]
 #[command(name = "warren-consumer", version)]
 pub struct Cli {
+    /// A one-off operation instead of running a node.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub common: CommonArgs,
     /// Quorum queues: deliveries after which the broker itself dead-letters a message.
-    #[arg(long, env = "WARREN_AMQP__DELIVERY_LIMIT", value_name = "N")]
+    #[arg(
+        long,
+        env = "WARREN_AMQP__DELIVERY_LIMIT",
+        value_name = "N",
+        global = true
+    )]
     pub delivery_limit: Option<u32>,
     /// Unacked deliveries the broker may push (default: ten times --max-in-flight).
     #[arg(long, env = "WARREN_BRIDGE__PREFETCH", value_name = "N")]
@@ -165,7 +173,12 @@ pub struct Cli {
     #[arg(long, env = "WARREN_BRIDGE__MAX_IN_FLIGHT", value_name = "N")]
     pub max_in_flight: Option<u16>,
     /// Bodies above this many bytes are dead-lettered undecoded (default 65536).
-    #[arg(long, env = "WARREN_BRIDGE__MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "WARREN_BRIDGE__MAX_MESSAGE_BYTES",
+        value_name = "BYTES",
+        global = true
+    )]
     pub max_message_bytes: Option<usize>,
     /// Processing attempts per message before it is dead-lettered (default 5).
     #[arg(long, env = "WARREN_BRIDGE__MAX_ATTEMPTS", value_name = "N")]
@@ -273,6 +286,51 @@ pub struct Cli {
     /// (default memory).
     #[arg(long, env = "WARREN_ENTITY_STORE", value_name = "STORE")]
     pub entity_store: Option<String>,
+}
+
+/// One-off operations.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// The dead-letter queue (`<queue>.dlq`): list it, or replay from it.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// What to do with the dead-letter queue.
+#[derive(Debug, clap::Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first, with their reasons; all stay in place.
+    Inspect {
+        /// List at most this many.
+        #[arg(long, default_value_t = 1000, value_name = "N")]
+        limit: usize,
+        /// One JSON object per dead letter instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish copies of selected dead letters where a producer would publish them, each
+    /// removed from the dead-letter queue only after the broker confirmed its copy. Those the
+    /// consumer would dead-letter again as undecodable stay, unless --force.
+    #[command(group(
+        clap::ArgGroup::new("selection")
+            .required(true)
+            .multiple(true)
+            .args(["all", "reason", "count"])
+    ))]
+    Replay {
+        /// Every dead letter (or every one --reason selects).
+        #[arg(long)]
+        all: bool,
+        /// Only dead letters whose reason contains this text.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// At most this many.
+        #[arg(long, value_name = "N")]
+        count: Option<usize>,
+        /// Replay undecodable ones too (to their source queue), e.g. for a fixed consumer.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 impl Cli {

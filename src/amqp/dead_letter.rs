@@ -16,10 +16,11 @@ pub const ERROR_HEADER: &str = "x-warren-error";
 /// Header that names the queue a dead letter came from.
 pub const SOURCE_QUEUE_HEADER: &str = "x-warren-source-queue";
 
-/// The original's properties for the copy, persistent, less two that would hurt: `expiration`
-/// (the copy would silently vanish from the dead-letter queue once the original is acked) and
-/// `user_id` (the broker refuses a publish whose user id is not the publishing connection's).
-fn dead_letter_properties(original: &BasicProperties) -> BasicProperties {
+/// The original's properties for a copy (a dead letter, or a dead letter's replay), persistent,
+/// less two that would hurt: `expiration` (the copy would silently vanish from its queue once
+/// the original is acked) and `user_id` (the broker refuses a publish whose user id is not the
+/// publishing connection's). Headers are the caller's to set.
+pub fn copy_properties(original: &BasicProperties) -> BasicProperties {
     let mut copy = BasicProperties::default().with_delivery_mode(2);
     let short = |value: &Option<ShortString>| value.clone();
     if let Some(v) = short(original.content_type()) {
@@ -95,7 +96,7 @@ impl DeadLetterPublisher {
             SOURCE_QUEUE_HEADER.into(),
             AMQPValue::LongString(self.source_queue.clone()),
         );
-        let properties = dead_letter_properties(properties).with_headers(headers);
+        let properties = copy_properties(properties).with_headers(headers);
         let confirm = self
             .channel
             .basic_publish(
@@ -133,7 +134,7 @@ mod tests {
             .with_expiration("60000".into())
             .with_user_id("someone-else".into())
             .with_delivery_mode(1);
-        let copy = dead_letter_properties(&original);
+        let copy = copy_properties(&original);
         assert_eq!(copy.message_id(), &Some("m-1".into()));
         assert_eq!(copy.content_type(), &Some("application/json".into()));
         assert_eq!(copy.delivery_mode(), &Some(2));

@@ -25,7 +25,7 @@ use crate::bridge::acks::AckWriter;
 use crate::bridge::inflight::{DeliveryKey, Entry, InFlight, Settlement};
 use crate::bridge::settings::BridgeSettings;
 use crate::delivery::sharding::driver::{AskError, AskOutcome, Outcome, ShardingProducerHandle};
-use crate::entity::{EntityId, EntityMessage, InvalidMessage};
+use crate::entity::{EntityId, EntityMessage};
 use crate::metrics::BridgeMetrics;
 use crate::timer::sleep_until;
 
@@ -263,7 +263,7 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
         if delivery.redelivered {
             self.metrics.redelivered.inc();
         }
-        let decoded = self.decode(&delivery.data);
+        let decoded = self.settings.decode::<M>(&delivery.data);
         let Delivery {
             data,
             properties,
@@ -337,16 +337,6 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
             });
         }
         Ok(())
-    }
-
-    fn decode(&self, body: &[u8]) -> Result<M, InvalidMessage> {
-        if body.len() > self.settings.max_message_bytes {
-            return Err(InvalidMessage::Oversize {
-                size: body.len(),
-                limit: self.settings.max_message_bytes,
-            });
-        }
-        M::decode(body)
     }
 
     /// Settles a delivery its entity confirmed (ack) or gave up on (dead-letter).

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, check};
 use crate::delivery::settings::ConsumerSettings;
-use crate::entity::RunnerSettings;
+use crate::entity::{EntityMessage, InvalidMessage, RunnerSettings};
 
 /// RabbitMQ 3.10 closes a channel whose oldest delivery stays unacked this long.
 const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -66,6 +66,18 @@ impl BridgeSettings {
     pub fn effective_prefetch(&self) -> u16 {
         self.prefetch
             .unwrap_or_else(|| self.max_in_flight.saturating_mul(PREFETCH_PER_IN_FLIGHT))
+    }
+
+    /// Decodes a message body as the bridge does: above `max_message_bytes` it is not even
+    /// decoded. The dead-letter redrive judges replays with the same rule.
+    pub fn decode<M: EntityMessage>(&self, body: &[u8]) -> Result<M, InvalidMessage> {
+        if body.len() > self.max_message_bytes {
+            return Err(InvalidMessage::Oversize {
+                size: body.len(),
+                limit: self.max_message_bytes,
+            });
+        }
+        M::decode(body)
     }
 
     /// The entities' runner settings: how often and how patiently an entity retries a message

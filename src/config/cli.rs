@@ -6,32 +6,44 @@ use std::path::PathBuf;
 
 use crate::config::{ConfigError, ConfigLoader};
 
-/// Flags common to `warren-consumer` and `warren-producer`; `#[command(flatten)]` them.
+/// Flags common to `warren-consumer` and `warren-producer`; `#[command(flatten)]` them. Each is
+/// global, so it may follow a subcommand too (`warren-consumer dlq inspect --queue orders`).
 #[derive(Clone, Debug, clap::Args)]
 pub struct CommonArgs {
     /// TOML config file; flags and environment variables override it.
-    #[arg(long, env = "WARREN_CONFIG")]
+    #[arg(long, env = "WARREN_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Broker URI.
-    #[arg(long, env = "WARREN_AMQP__URI", value_name = "URI")]
+    #[arg(long, env = "WARREN_AMQP__URI", value_name = "URI", global = true)]
     pub uri: Option<String>,
     /// The queue (its dead letters go to the queue of the same name ending in .dlq).
-    #[arg(long, env = "WARREN_AMQP__QUEUE")]
+    #[arg(long, env = "WARREN_AMQP__QUEUE", global = true)]
     pub queue: Option<String>,
     /// Partition queues, each with its own consumer (default 1: the one queue). Producers and
     /// consumers of one queue must agree; a mismatch with the broker's queues is refused.
-    #[arg(long, env = "WARREN_AMQP__PARTITIONS", value_name = "N")]
+    #[arg(long, env = "WARREN_AMQP__PARTITIONS", value_name = "N", global = true)]
     pub partitions: Option<u16>,
     /// Queue type used when declaring the queue: classic or quorum (default classic).
-    #[arg(long, env = "WARREN_AMQP__QUEUE_TYPE", value_name = "TYPE")]
+    #[arg(
+        long,
+        env = "WARREN_AMQP__QUEUE_TYPE",
+        value_name = "TYPE",
+        global = true
+    )]
     pub queue_type: Option<String>,
     /// AMQP connection name, shown by the broker (default: program name and process id).
-    #[arg(long, env = "WARREN_AMQP__CONNECTION_NAME", value_name = "NAME")]
+    #[arg(
+        long,
+        env = "WARREN_AMQP__CONNECTION_NAME",
+        value_name = "NAME",
+        global = true
+    )]
     pub connection_name: Option<String>,
     /// Log JSON lines instead of text (the filter is RUST_LOG).
     #[arg(
         long,
         env = "WARREN_LOG__JSON",
+        global = true,
         num_args = 0..=1,
         default_missing_value = "true",
         value_name = "BOOL"
