@@ -18,7 +18,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-use warren::entity::store::StoreLocation;
+use warren::entity::store::{StoreLocation, StoreMetrics};
 use warren::metrics;
 use warren::order::CreateOrder;
 use warren::shutdown::watch_signals;
@@ -200,6 +200,9 @@ async fn start_node(
     let store = store_location
         .open("product")
         .context("opening the entity store")?;
+    let store = StoreMetrics::register(metrics.registry())
+        .context("registering metrics")?
+        .wrap(store);
     let runner = config
         .bridge
         .runner(config.delivery.consumer_controller.clone());

@@ -27,6 +27,9 @@ pub mod refusal {
 pub struct ClusterMetrics {
     /// `warren_cluster_members{status}`: members in this node's view, by status.
     pub members: IntGaugeVec,
+    /// `warren_cluster_unreachable_members`: members this node's failure detector cannot
+    /// reach now (the downing strategy decides about them once the set is stable).
+    pub unreachable: IntGauge,
     /// `warren_gossip_untrusted_records`: gossiped member records ignored now (unsigned,
     /// forged or malformed).
     pub gossip_untrusted: IntGauge,
@@ -59,6 +62,11 @@ impl ClusterMetrics {
                 "warren_cluster_members",
                 "Members in this node's view, by status.",
                 &["status"],
+            )?,
+            unreachable: gauge(
+                registry,
+                "warren_cluster_unreachable_members",
+                "Members this node cannot reach now.",
             )?,
             gossip_untrusted: gauge(
                 registry,
@@ -126,13 +134,14 @@ impl ClusterMetrics {
         Self::register(&Registry::new()).unwrap_or_else(|_| unreachable!())
     }
 
-    /// Records the members of `view` by status.
+    /// Records the members of `view` by status, and how many it cannot reach.
     pub fn observe_view(&self, view: &ClusterView) {
         for (status, count) in view.count_by_status() {
             self.members
                 .with_label_values(&[status.as_str()])
                 .set(count as i64);
         }
+        self.unreachable.set(view.unreachable.len() as i64);
     }
 }
 

@@ -11,14 +11,17 @@
 //! partition cannot add to an entity's history behind the back of its new owner.
 //!
 //! [`MemoryEntityStore`] keeps records in this process (one node, or tests);
-//! [`PostgresEntityStore`] keeps them in a shared database (what a multi-node cluster uses).
+//! [`PostgresEntityStore`] keeps them in a shared database (what a multi-node cluster uses);
+//! [`StoreMetrics::wrap`] times and counts the calls of either.
 
 mod memory;
+mod metered;
 mod postgres;
 
 use async_trait::async_trait;
 
 pub use memory::MemoryEntityStore;
+pub use metered::StoreMetrics;
 pub use postgres::PostgresEntityStore;
 
 use crate::entity::EntityError;
