@@ -148,3 +148,16 @@ ensure_iptables() {
   as_root iptables -w -L INPUT -n >/dev/null
   echo "==> $(iptables -V) can cut loopback links"
 }
+
+# The monitoring test (tests/monitoring.rs) runs its own Prometheus, and promtool checks the
+# alert rules: Debian's prometheus package has both. Its service is never started here (the
+# package's own start is refused where no init system runs, which is fine).
+ensure_prometheus() {
+  if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    echo "==> installing prometheus"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      prometheus >/dev/null
+  fi
+  echo "==> $(prometheus --version 2>&1 | head -n 1)"
+}
