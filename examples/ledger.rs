@@ -245,6 +245,7 @@ async fn publish_and_check(
                     body,
                     message_id,
                     partition_key: tx.account.clone(),
+                    traceparent: None,
                 })
                 .await;
         }

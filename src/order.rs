@@ -125,6 +125,10 @@ pub struct CreateOrder {
     /// How many, at least 1.
     #[serde(alias = "Quantity")]
     pub quantity: u32,
+    /// The trace this order is part of (a W3C `traceparent`), carried across the cluster while
+    /// traces are exported; never in the JSON a producer publishes (it goes in a header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_context: Option<String>,
 }
 
 impl fmt::Display for CreateOrder {
@@ -194,11 +198,20 @@ impl EntityMessage for CreateOrder {
             customer_id: wire.customer_id,
             product_id,
             quantity: wire.quantity,
+            trace_context: None,
         })
     }
 
     fn entity_id(&self) -> EntityId {
         EntityId::new(self.product_id.as_str())
+    }
+
+    fn trace_context(&self) -> Option<&str> {
+        self.trace_context.as_deref()
+    }
+
+    fn set_trace_context(&mut self, traceparent: String) {
+        self.trace_context = Some(traceparent);
     }
 }
 
@@ -254,6 +267,7 @@ mod tests {
             customer_id: "c".into(),
             product_id: "p".into(),
             quantity: 3,
+            trace_context: None,
         };
         let body = serde_json::to_vec(&order).unwrap();
         assert_eq!(CreateOrder::decode(&body).unwrap(), order);

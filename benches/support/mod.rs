@@ -83,6 +83,7 @@ pub async fn fill_with(
             customer_id: (i % 10_000).to_string(),
             product_id: product(i).to_string(),
             quantity: (i % 9) as u32 + 1,
+            trace_context: None,
         };
         let body = serde_json::to_vec(&order).expect("order encodes");
         publisher
@@ -90,6 +91,7 @@ pub async fn fill_with(
                 body,
                 message_id: None,
                 partition_key: order.product_id,
+                traceparent: None,
             })
             .await;
     }

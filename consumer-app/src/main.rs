@@ -59,7 +59,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    warren::telemetry::init(config.log.json);
+    let _telemetry = warren::telemetry::init_with_traces(
+        config.log.json,
+        &config.tracing,
+        "warren-consumer",
+        &config.cluster.node_id,
+    );
     for name in warren::config::skipped_env_vars(settings::PRODUCER_SECTIONS) {
         debug!(%name, "ignored: a warren-producer setting");
     }

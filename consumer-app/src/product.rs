@@ -245,6 +245,7 @@ mod tests {
             customer_id: "c".into(),
             product_id: product.into(),
             quantity,
+            trace_context: None,
         }
     }
 

@@ -13,6 +13,7 @@ use warren::delivery::DeliverySettings;
 use warren::entity::store::StoreLocation;
 use warren::node::ClusterSettings;
 use warren::node::settings::StrategyName;
+use warren::telemetry::TracingSettings;
 
 /// `warren-producer`'s own sections: their `WARREN_` variables are skipped here (with a debug
 /// line), so one environment can serve both binaries.
@@ -39,6 +40,8 @@ pub struct ConsumerConfig {
     pub http: HttpSettings,
     /// `[log]`: log format.
     pub log: LogSettings,
+    /// `[tracing]`: where traces go (off unless an OTLP endpoint is set).
+    pub tracing: TracingSettings,
     /// `[runtime]`: threads.
     pub runtime: RuntimeSettings,
 }
@@ -54,6 +57,7 @@ impl Default for ConsumerConfig {
             product: ProductSettings::default(),
             http: HttpSettings::default(),
             log: LogSettings::default(),
+            tracing: TracingSettings::default(),
             runtime: RuntimeSettings::default(),
         }
     }
@@ -114,6 +118,7 @@ impl ConsumerConfig {
         self.bridge.validate("bridge")?;
         self.delivery.validate("delivery")?;
         self.cluster.validate("cluster")?;
+        self.tracing.validate("tracing")?;
         self.store_location()?;
         check(
             usize::from(self.bridge.max_in_flight)

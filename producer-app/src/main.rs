@@ -13,10 +13,11 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 use warren::amqp::{ConfirmedPublisher, OutgoingMessage, PublisherSettings};
 use warren::metrics;
 use warren::shutdown::watch_signals;
+use warren::telemetry::{JOURNEY, traceparent};
 
 use crate::orders::{OrderGenerator, Pacer};
 use crate::progress::{ProducerMetrics, Progress};
@@ -35,7 +36,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    warren::telemetry::init(config.log.json);
+    let connection_name = config.amqp.connection_name_or("warren-producer");
+    let _telemetry = warren::telemetry::init_with_traces(
+        config.log.json,
+        &config.tracing,
+        "warren-producer",
+        &connection_name,
+    );
     for name in warren::config::skipped_env_vars(settings::CONSUMER_SECTIONS) {
         debug!(%name, "ignored: a warren-consumer setting");
     }
@@ -107,14 +114,22 @@ async fn run(config: ProducerConfig) -> anyhow::Result<bool> {
             }
         }
         let order = generator.next_order();
+        // Each order starts a trace (when traces are exported) that the consumers continue.
+        let span = tracing::info_span!(
+            target: JOURNEY,
+            "warren.publish",
+            otel.kind = "producer",
+            entity = order.product_id.as_str(),
+        );
         let message = OutgoingMessage {
             body: serde_json::to_vec(&order).context("encoding an order")?,
             message_id: Some(order.order_id.to_string()),
             partition_key: order.product_id.clone(),
+            traceparent: traceparent(&span),
         };
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = publisher.publish(message) => {}
+            _ = publisher.publish(message).instrument(span) => {}
         }
         sent += 1;
         progress.tick(&publisher.stats());

@@ -32,6 +32,7 @@ impl OrderGenerator {
             customer_id: self.rng.random_range(0..10_000u32).to_string(),
             product_id: self.products[product].clone(),
             quantity: self.rng.random_range(1..=9),
+            trace_context: None,
         }
     }
 }

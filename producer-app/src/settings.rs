@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use warren::amqp::AmqpSettings;
 use warren::config::cli::CommonArgs;
 use warren::config::{ConfigError, check};
+use warren::telemetry::TracingSettings;
 
 /// `warren-consumer`'s own sections: their `WARREN_` variables (`WARREN_CLUSTER__SECRET`, …)
 /// are skipped here (with a debug line), so one environment can serve both binaries.
@@ -31,6 +32,8 @@ pub struct ProducerConfig {
     pub http: HttpSettings,
     /// `[log]`: log format.
     pub log: LogSettings,
+    /// `[tracing]`: where traces go (off unless an OTLP endpoint is set).
+    pub tracing: TracingSettings,
 }
 
 /// What to publish and how fast.
@@ -108,6 +111,7 @@ impl ProducerConfig {
     /// Rejects values the producer cannot run with, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate("amqp")?;
+        self.tracing.validate("tracing")?;
         check(
             !self.publish.products.ids().is_empty(),
             "publish",

@@ -12,12 +12,13 @@ use std::time::Duration;
 use futures::stream::FuturesUnordered;
 use futures::{Future, FutureExt, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tracing::{info, warn};
 
 use crate::amqp::settings::AmqpSettings;
 use crate::amqp::{AmqpError, topology};
+use crate::telemetry::traces::TRACEPARENT;
 
 /// How the publisher connects and how far it pipelines.
 #[derive(Clone, Debug)]
@@ -41,6 +42,8 @@ pub struct OutgoingMessage {
     /// The id of the entity the message is for: with partitions, the routing key that picks
     /// its partition, so all of one entity's messages share one queue and keep their order.
     pub partition_key: String,
+    /// The W3C trace context to send along in a `traceparent` header, if the message is traced.
+    pub traceparent: Option<String>,
 }
 
 /// Running totals, for progress lines and the final summary.
@@ -174,6 +177,17 @@ impl ConfirmedPublisher {
             let properties = match &pending.message.message_id {
                 Some(message_id) => {
                     properties.with_message_id(ShortString::from(message_id.as_str()))
+                }
+                None => properties,
+            };
+            let properties = match &pending.message.traceparent {
+                Some(context) => {
+                    let mut headers = FieldTable::default();
+                    headers.insert(
+                        TRACEPARENT.into(),
+                        AMQPValue::LongString(LongString::from(context.as_str())),
+                    );
+                    properties.with_headers(headers)
                 }
                 None => properties,
             };

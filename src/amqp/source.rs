@@ -95,6 +95,7 @@ pub enum SourceEvent {
 
 /// Handle to the supervised consumer task.
 pub struct AmqpSource {
+    queue: String,
     events: mpsc::Receiver<SourceEvent>,
     close: CancellationToken,
     task: JoinHandle<()>,
@@ -105,12 +106,19 @@ impl AmqpSource {
     pub fn spawn(settings: SourceSettings, metrics: SourceMetrics) -> Self {
         let (tx, events) = mpsc::channel(HANDOVER_CAPACITY);
         let close = CancellationToken::new();
+        let queue = settings.queue.clone();
         let task = tokio::spawn(supervise(settings, metrics, tx, close.clone()));
         AmqpSource {
+            queue,
             events,
             close,
             task,
         }
+    }
+
+    /// The queue consumed.
+    pub fn queue(&self) -> &str {
+        &self.queue
     }
 
     /// The next event; `None` once the source has stopped.

@@ -18,15 +18,17 @@ use lapin::BasicProperties;
 use lapin::message::Delivery;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, Span, info, warn};
 
 use crate::amqp::{AmqpError, AmqpSource, Session, SourceEvent};
 use crate::bridge::acks::AckWriter;
 use crate::bridge::inflight::{DeliveryKey, Entry, InFlight, Settlement};
+use crate::bridge::journey;
 use crate::bridge::settings::BridgeSettings;
 use crate::delivery::sharding::driver::{AskError, AskOutcome, Outcome, ShardingProducerHandle};
 use crate::entity::{EntityId, EntityMessage};
 use crate::metrics::BridgeMetrics;
+use crate::telemetry::traceparent;
 use crate::timer::sleep_until;
 
 /// Longest wait for the broker to confirm a dead-letter copy.
@@ -96,6 +98,10 @@ struct Held {
     properties: BasicProperties,
     /// Headed to an entity (false: dead-lettered before reaching one).
     to_entity: bool,
+    /// Its `warren.delivery` span, ended when the delivery is dropped.
+    span: Span,
+    /// The span of the step it is in (submitted, acked, dead-lettered, requeued).
+    step: Span,
 }
 
 /// Why the bridge stopped other than by shutdown.
@@ -263,7 +269,8 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
         if delivery.redelivered {
             self.metrics.redelivered.inc();
         }
-        let decoded = self.settings.decode::<M>(&delivery.data);
+        let span = journey::delivery_span(self.source.queue(), &delivery);
+        let decoded = journey::decode(&span).in_scope(|| self.settings.decode::<M>(&delivery.data));
         let Delivery {
             data,
             properties,
@@ -272,14 +279,20 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
         } = delivery;
         let now = Instant::now();
         match decoded {
-            Ok(message) => {
+            Ok(mut message) => {
                 let entity = message.entity_id();
+                let step = journey::submit(&span, entity.as_str());
+                if let Some(context) = traceparent(&step) {
+                    message.set_trace_context(context);
+                }
                 let key = self.in_flight.insert(
                     Held {
                         acker,
                         body: data,
                         properties,
                         to_entity: true,
+                        span,
+                        step,
                     },
                     now,
                 );
@@ -301,6 +314,8 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
                         body: data,
                         properties,
                         to_entity: false,
+                        span,
+                        step: Span::none(),
                     },
                     now,
                 );
@@ -347,6 +362,10 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
     ) -> Result<(), BridgeError> {
         match outcome {
             Ok(AskOutcome::Confirmed) => {
+                if let Some(held) = self.in_flight.pending_mut(key) {
+                    journey::settled(&held.span, "acked", None);
+                    held.step = journey::ack(&held.span);
+                }
                 self.in_flight.settle(key, Settlement::Acked);
             }
             Ok(AskOutcome::Rejected(reason)) => {
@@ -364,20 +383,26 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
 
     /// Publishes a copy to the dead-letter exchange; the delivery is acked once it is confirmed.
     fn dead_letter(&mut self, key: DeliveryKey, reason: String) {
-        let (Some(held), Some(session)) = (self.in_flight.pending(key), &self.session) else {
+        let (Some(held), Some(session)) = (self.in_flight.pending_mut(key), &self.session) else {
             return;
         };
         let publisher = session.dead_letters.clone();
         let body = held.body.clone();
         let properties = held.properties.clone();
+        journey::settled(&held.span, "dead_lettered", Some(&reason));
+        held.step = journey::dead_letter(&held.span, &reason);
+        let step = held.step.clone();
         self.in_flight.mark_settling(key);
-        self.dead_letters.push(Box::pin(async move {
-            let publish = publisher.publish(&body, &properties, &reason);
-            let result = tokio::time::timeout(DEAD_LETTER_TIMEOUT, publish)
-                .await
-                .unwrap_or(Err(AmqpError::Timeout(DEAD_LETTER_TIMEOUT)));
-            (key, result)
-        }));
+        self.dead_letters.push(Box::pin(
+            async move {
+                let publish = publisher.publish(&body, &properties, &reason);
+                let result = tokio::time::timeout(DEAD_LETTER_TIMEOUT, publish)
+                    .await
+                    .unwrap_or(Err(AmqpError::Timeout(DEAD_LETTER_TIMEOUT)));
+                (key, result)
+            }
+            .instrument(step),
+        ));
     }
 
     fn on_dead_lettered(&mut self, key: DeliveryKey, result: Result<(), AmqpError>) {
@@ -400,9 +425,11 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
     /// place in the in-flight bound until its outcome arrives (then ignored), so copies cannot
     /// pile up behind a stuck entity.
     fn requeue(&mut self, key: DeliveryKey) {
-        let Some(held) = self.in_flight.pending(key) else {
+        let Some(held) = self.in_flight.pending_mut(key) else {
             return;
         };
+        journey::settled(&held.span, "requeued", None);
+        held.step = journey::requeue(&held.span);
         let generation = self.session.as_ref().map_or(0, |s| s.generation);
         self.acks.nack(generation, held.acker.clone());
         let to_entity = held.to_entity;

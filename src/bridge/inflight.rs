@@ -142,6 +142,13 @@ impl<T> InFlight<T> {
             .map(|e| &e.held)
     }
 
+    /// Like [`Self::pending`], to change what is held.
+    pub fn pending_mut(&mut self, key: DeliveryKey) -> Option<&mut T> {
+        self.entry_mut(key)
+            .filter(|e| e.settlement.is_none())
+            .map(|e| &mut e.held)
+    }
+
     /// Exempts a pending delivery from its deadline while it is being dead-lettered.
     pub fn mark_settling(&mut self, key: DeliveryKey) {
         if let Some(entry) = self.entry_mut(key) {

@@ -7,6 +7,7 @@
 pub mod acks;
 pub mod driver;
 pub mod inflight;
+mod journey;
 pub mod redrive;
 pub mod settings;
 pub mod singleton;

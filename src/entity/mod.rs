@@ -55,6 +55,18 @@ pub trait EntityMessage: Send + Sync + Sized + 'static {
     fn decode(body: &[u8]) -> Result<Self, InvalidMessage>;
     /// The entity that must process it.
     fn entity_id(&self) -> EntityId;
+    /// The W3C `traceparent` this message carries to wherever its entity runs, so the hosting
+    /// node's spans join the trace it arrived with. Only a message type with a field for it
+    /// (one its cluster wire format carries) keeps one; by default none is kept, and the
+    /// entity's spans start traces of their own.
+    fn trace_context(&self) -> Option<&str> {
+        None
+    }
+    /// Keeps `traceparent` for [`Self::trace_context`]; the bridge calls it while traces are
+    /// exported.
+    fn set_trace_context(&mut self, traceparent: String) {
+        let _ = traceparent;
+    }
 }
 
 /// A processing failure. The runner retries it with backoff; a failure of the message counts

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::cluster::member::NodeAddr;
 use crate::cluster::transport::Outbox;
@@ -22,9 +22,10 @@ use crate::delivery::sharding::driver::{Rejection, ToProducer};
 use crate::entity::runner::{
     ActiveGuard, EntityMetrics, GaugeFlag, NotProcessed, RunnerSettings, process, recover,
 };
-use crate::entity::{Entity, EntityFactory};
+use crate::entity::{Entity, EntityFactory, EntityMessage};
 use crate::ids::EntityId;
 use crate::sharding::driver::{EntityFailure, EntityRun, EntitySpawner};
+use crate::telemetry::{JOURNEY, continue_trace};
 use crate::timer::sleep_until;
 
 /// What travels to a sharded entity.
@@ -216,11 +217,23 @@ where
         let mut processing = GaugeFlag::new(&metrics.processing);
         processing.set(true);
         let started = Instant::now();
-        let processed = process(&mut self.entity, &delivery.message, settings, metrics).await;
+        let span = handle_span(&self.id, delivery.message.trace_context());
+        let processed = process(&mut self.entity, &delivery.message, settings, metrics)
+            .instrument(span.clone())
+            .await;
         metrics
             .handle_seconds
             .observe(started.elapsed().as_secs_f64());
         drop(processing);
+        span.record(
+            "outcome",
+            match &processed {
+                Ok(()) => "confirmed",
+                Err(NotProcessed::Fenced(_)) => "fenced",
+                Err(NotProcessed::GaveUp(_)) => "gave_up",
+                Err(NotProcessed::Rejected(_)) => "rejected",
+            },
+        );
         let rejected = match processed {
             Ok(()) => None,
             // Its state may be stale; the message goes to the incarnation that fenced it.
@@ -248,6 +261,19 @@ where
         let _ = self.consumer.confirm(&delivery.producer_id, Instant::now());
         Ok(true)
     }
+}
+
+/// The `warren.entity.handle` span of one message (retries and storing included), in the trace
+/// the message carries (see [`crate::telemetry::traces`]); disabled unless traces are exported.
+fn handle_span(entity: &EntityId, trace_context: Option<&str>) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: JOURNEY,
+        "warren.entity.handle",
+        entity = entity.as_str(),
+        outcome = tracing::field::Empty,
+    );
+    continue_trace(&span, trace_context);
+    span
 }
 
 /// The producers an entity has heard from: usually one or two, so a Vec sized exactly

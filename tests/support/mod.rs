@@ -660,6 +660,7 @@ impl Orders {
                 customer_id: "c".into(),
                 product_id: product.clone(),
                 quantity,
+                trace_context: None,
             };
             let mut json = serde_json::to_value(&order).unwrap();
             if padding > 0 {
@@ -690,6 +691,7 @@ impl Orders {
                 body,
                 message_id: None,
                 partition_key,
+                traceparent: None,
             })
             .await;
     }

@@ -1,16 +1,19 @@
 //! An [`EntityStore`] that times every call and counts its failures by kind, around any other:
 //! the store's latency and an outage are what an operator needs to see when entities slow
 //! down or wait (`warren_entity_store_seconds{operation}`,
-//! `warren_entity_store_errors_total{operation,error}`).
+//! `warren_entity_store_errors_total{operation,error}`). While traces are exported, each call
+//! is also a `warren.store.<operation>` span inside the entity's.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Registry};
+use tracing::Instrument;
 
 use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
 use crate::ids::EntityId;
 use crate::series::counter_vec;
+use crate::telemetry::JOURNEY;
 
 /// The operations timed, as the `operation` label says them.
 const OPERATIONS: [&str; 3] = ["claim", "load", "append"];
@@ -86,7 +89,8 @@ struct MeteredStore {
 impl EntityStore for MeteredStore {
     async fn claim(&self, entity: &EntityId) -> Result<Claim, StoreError> {
         let started = std::time::Instant::now();
-        let result = self.inner.claim(entity).await;
+        let span = tracing::info_span!(target: JOURNEY, "warren.store.claim");
+        let result = self.inner.claim(entity).instrument(span).await;
         let elapsed = started.elapsed().as_secs_f64();
         self.metrics.observe("claim", &result, elapsed);
         result
@@ -94,7 +98,8 @@ impl EntityStore for MeteredStore {
 
     async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError> {
         let started = std::time::Instant::now();
-        let result = self.inner.load(entity).await;
+        let span = tracing::info_span!(target: JOURNEY, "warren.store.load");
+        let result = self.inner.load(entity).instrument(span).await;
         let elapsed = started.elapsed().as_secs_f64();
         self.metrics.observe("load", &result, elapsed);
         result
@@ -107,7 +112,8 @@ impl EntityStore for MeteredStore {
         record: &[u8],
     ) -> Result<Appended, StoreError> {
         let started = std::time::Instant::now();
-        let result = self.inner.append(claim, key, record).await;
+        let span = tracing::info_span!(target: JOURNEY, "warren.store.append");
+        let result = self.inner.append(claim, key, record).instrument(span).await;
         let elapsed = started.elapsed().as_secs_f64();
         self.metrics.observe("append", &result, elapsed);
         result

@@ -1,5 +1,6 @@
 //! Logging setup for the binaries: `RUST_LOG` filters (default `info`, lapin quieter), plain
-//! text for people or JSON lines for log pipelines.
+//! text for people or JSON lines for log pipelines; and, when configured, the message
+//! journey's traces ([`traces`]).
 //!
 //! Gossip runs on UDP, where anyone can send a datagram: chitchat logs a warning for every one
 //! it cannot decode, so a stray scanner (or an attacker) could fill the logs. Those warnings are
@@ -12,35 +13,88 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use prometheus::IntCounter;
 use tracing::Metadata;
 use tracing::subscriber::Interest;
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::Layer;
+use tracing_subscriber::filter::{FilterExt, Targets};
 use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+pub mod traces;
+
+pub use traces::{JOURNEY, TracingSettings, continue_trace, traceparent};
 
 /// At most one undecodable-datagram warning per this interval.
 pub const NOISY_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Installs the global subscriber; call once, first thing in `main`.
+/// Installs the global subscriber for logs only; call once, first thing in `main`.
 pub fn init(json: bool) {
-    let filter = EnvFilter::try_from_default_env()
+    drop(init_with_traces(
+        json,
+        &TracingSettings::default(),
+        "warren",
+        "",
+    ));
+}
+
+/// Keeps the trace exporter; dropping it exports what is still buffered (up to a few seconds)
+/// and stops it.
+#[must_use = "traces stop being exported when this is dropped"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber: logs (filtered by `RUST_LOG`) and, when `tracing` names an
+/// endpoint, the message journey's spans exported as `service` (instance `instance`, e.g. the
+/// node id). Call once, first thing in `main`, and keep the result until the end.
+pub fn init_with_traces(
+    json: bool,
+    tracing: &TracingSettings,
+    service: &'static str,
+    instance: &str,
+) -> Telemetry {
+    let mut logs = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,amq_protocol=warn"));
-    let registry = tracing_subscriber::registry().with(filter);
+    // The journey's spans are for the exporter only (see `traces`).
+    if let Ok(directive) = format!("{JOURNEY}=off").parse() {
+        logs = logs.add_directive(directive);
+    }
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(true)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    if json {
-        registry
-            .with(fmt.json().with_filter(InvalidDatagrams::new()))
-            .init();
+    let log_filter = logs.and(InvalidDatagrams::new());
+    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![if json {
+        Box::new(fmt.json().with_filter(log_filter))
     } else {
-        registry
-            .with(fmt.with_filter(InvalidDatagrams::new()))
-            .init();
+        Box::new(fmt.with_filter(log_filter))
+    }];
+    let (provider, failed) = match traces::provider(tracing, service, instance) {
+        Ok(provider) => (provider, None),
+        Err(error) => (None, Some(error)),
+    };
+    if let Some(provider) = &provider {
+        let journey = Targets::new().with_target(JOURNEY, tracing::Level::TRACE);
+        let exporting = tracing_opentelemetry::layer()
+            .with_tracer(traces::tracer(provider))
+            .with_filter(journey);
+        layers.push(Box::new(exporting));
     }
+    tracing_subscriber::registry().with(layers).init();
+    if let Some(error) = failed {
+        tracing::error!(%error, "traces are not exported: the OTLP exporter cannot be built");
+    }
+    Telemetry { provider }
 }
 
 /// Undecodable gossip datagrams seen (by the log filter, so only where it is installed).
