@@ -220,6 +220,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_trace_context_crosses_the_cluster_and_an_untraced_order_encodes_as_before() {
+        let mut order = CreateOrder::decode(
+            br#"{"order_id":"o-1","customer_id":"c","product_id":"p","quantity":2}"#,
+        )
+        .unwrap();
+        let untraced = rmp_serde::to_vec(&order).unwrap();
+        let json = serde_json::to_string(&order).unwrap();
+        assert!(!json.contains("trace"), "{json}");
+        order.set_trace_context("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        let traced: CreateOrder =
+            rmp_serde::from_slice(&rmp_serde::to_vec(&order).unwrap()).unwrap();
+        assert_eq!(traced, order);
+        // A node of the version before traces sends orders without the field.
+        let old: CreateOrder = rmp_serde::from_slice(&untraced).unwrap();
+        assert_eq!(old.trace_context(), None);
+        assert_eq!(old.order_id, order.order_id);
+    }
+
+    #[test]
     fn decodes_the_dotnet_sample_format_with_its_metadata_keys() {
         let body = br#"{"$id":"1","$type":"ReliableRabbitMQ.Shared.Messages.CreateOrder, ReliableRabbitMQ.Shared",
             "OrderId":"46a3b798-2bd0-4a2c-9f1b-3c3c1b9d2f10","CustomerId":"4070","ProductId":"88","Quantity":8}"#;

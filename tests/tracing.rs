@@ -1,6 +1,7 @@
 //! A message's journey as one trace: `warren-producer` injects a `traceparent` header, the
-//! consuming node continues that trace, and the node hosting the product joins it across the
-//! cluster link. A real OTLP/HTTP receiver here decodes the protobuf the processes export.
+//! consuming node continues that trace and sends it over the cluster link, and the node hosting
+//! the product joins it (link, handling, store). A real OTLP/HTTP receiver here decodes the
+//! protobuf the processes export.
 
 mod support;
 
@@ -168,6 +169,12 @@ async fn a_message_is_one_trace_from_the_producer_through_both_nodes() {
                         && s.name == "warren.entity.handle"
                         && s.parent == submit.span
                 })?;
+                // Sent over the link by n1, received from it by n2.
+                for (node, name) in [("n1", "warren.link.send"), ("n2", "warren.link.receive")] {
+                    trace.iter().find(|s| {
+                        s.instance == node && s.name == name && s.parent == submit.span
+                    })?;
+                }
                 // Stored inside the handling.
                 trace.iter().find(|s| {
                     s.instance == "n2" && s.name == "warren.store.append" && s.parent == handle.span

@@ -7,6 +7,7 @@
 //! [`ClusterNode::leave`] is the graceful way out: announce Leaving, let the coordinator move
 //! this node's shards and the singleton move to the next oldest node, then stop.
 
+mod journey;
 mod queries;
 mod router;
 pub mod settings;
@@ -47,7 +48,7 @@ use crate::delivery::sharding::driver::{
 };
 use crate::delivery::sharding::{ShardingProducerController, ShardingProducerError};
 use crate::entity::runner::RunnerSettings;
-use crate::entity::{Entity, EntityFactory};
+use crate::entity::{Entity, EntityFactory, EntityMessage};
 use crate::ids::EntityId;
 use crate::metrics::Metrics;
 use crate::sharding::driver::{
@@ -126,7 +127,7 @@ pub struct ClusterNode<M> {
 
 impl<M> ClusterNode<M>
 where
-    M: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+    M: EntityMessage + Clone + Serialize + DeserializeOwned,
 {
     /// Starts a node hosting entities made by `factory` (when it has the shard-host role).
     pub async fn start<F>(
@@ -176,7 +177,7 @@ where
             &node,
             SHARD_HOST_ROLE,
             settings.region.clone(),
-            transport.outbox(NodeMsg::Sharding),
+            transport.outbox(journey::send_sharding::<M>),
             sharded_entities(
                 factory,
                 Arc::new(runner),

@@ -12,11 +12,13 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use crate::cluster::singleton::SingletonMsg;
 use crate::cluster::transport::{Inbound, TransportHandle};
 use crate::delivery::sharding::driver::ToProducer;
+use crate::entity::EntityMessage;
+use crate::node::journey;
 use crate::node::queries::{Answer, Queries};
 use crate::node::status::shard_numbers;
 use crate::node::wire::NodeMsg;
@@ -47,7 +49,7 @@ pub(crate) struct Router<M> {
     pub(crate) transport: TransportHandle<NodeMsg<M>>,
 }
 
-impl<M: Clone + Send + Sync + 'static> Router<M> {
+impl<M: EntityMessage + Clone> Router<M> {
     /// Routes until the node stops or the transport closes.
     pub(crate) async fn run(
         self,
@@ -72,7 +74,12 @@ impl<M: Clone + Send + Sync + 'static> Router<M> {
                     self.coordinator.deliver(from, message);
                 }
                 NodeMsg::Sharding(message) => {
-                    let _ = self.region.handle_remote(from, message).await;
+                    let span = journey::receive_span(&message);
+                    let _ = self
+                        .region
+                        .handle_remote(from, message)
+                        .instrument(span)
+                        .await;
                 }
                 NodeMsg::ToProducer(answer) => {
                     let _ = self.answers.send(answer).await;
