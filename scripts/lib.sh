@@ -161,3 +161,13 @@ ensure_prometheus() {
   fi
   echo "==> $(prometheus --version 2>&1 | head -n 1)"
 }
+
+# scripts/diagrams renders the README's diagrams with Graphviz's dot.
+ensure_graphviz() {
+  if ! command -v dot >/dev/null 2>&1; then
+    echo "==> installing graphviz"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      graphviz >/dev/null
+  fi
+}

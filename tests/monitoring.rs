@@ -212,6 +212,61 @@ async fn producer(queue: &TestQueue) -> (Child, String) {
     (producer, host_port(&base))
 }
 
+/// `docs/dashboard.md`: the dashboard described panel by panel, from its own titles,
+/// descriptions and queries, so the description cannot drift from the dashboard.
+const DASHBOARD_DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/dashboard.md");
+
+fn describe_dashboard() -> String {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).expect("the dashboard"))
+            .expect("the dashboard is JSON");
+    let mut panels: Vec<&serde_json::Value> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .collect();
+    let at = |panel: &serde_json::Value, key: &str| panel["gridPos"][key].as_u64().unwrap_or(0);
+    panels.sort_by_key(|panel| (at(panel, "y"), at(panel, "x")));
+    let mut doc = String::from(
+        "# The Grafana dashboard, described\n\n\
+         `images/grafana/dashboards/warren.json` (provisioned as \"Warren\" by \
+         `docker-compose.yml`), panel by panel, top left to bottom right: what each shows and \
+         the queries behind it. `$queue` is the queue's name (default `orders`). \
+         `tests/monitoring.rs` evaluates every query against a real Prometheus scraping a running \
+         cluster, and writes this page from the dashboard (`WARREN_WRITE_DOCS=1`), failing when \
+         it is out of date.\n",
+    );
+    for panel in panels {
+        let text = |key: &str| panel[key].as_str().unwrap_or_default().to_owned();
+        doc.push_str(&format!(
+            "\n## {}\n\n{}\n\n",
+            text("title"),
+            text("description")
+        ));
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            match target["legendFormat"].as_str() {
+                Some(legend) => doc.push_str(&format!("- `{expr}`: {legend}\n")),
+                None => doc.push_str(&format!("- `{expr}`\n")),
+            }
+        }
+    }
+    doc
+}
+
+#[test]
+fn the_dashboard_description_is_the_dashboards() {
+    let wanted = describe_dashboard();
+    if std::env::var_os("WARREN_WRITE_DOCS").is_some() {
+        std::fs::write(DASHBOARD_DOC, &wanted).expect("docs/dashboard.md written");
+    }
+    let found = std::fs::read_to_string(DASHBOARD_DOC).unwrap_or_default();
+    assert!(
+        found == wanted,
+        "docs/dashboard.md is out of date: run WARREN_WRITE_DOCS=1 cargo test --test monitoring the_dashboard_description"
+    );
+}
+
 #[test]
 fn promtool_accepts_the_alert_rules() {
     support::run("promtool", &["check", "rules", ALERTS]);

@@ -153,6 +153,16 @@ impl Node {
 
     /// Starts the consumer on `amqp`'s queue with `store` and extra flags.
     pub async fn start(amqp: &AmqpSettings, store: &str, args: &[&str]) -> Node {
+        Self::start_with_env(amqp, store, args, &[]).await
+    }
+
+    /// Like [`Self::start`], with extra environment variables.
+    pub async fn start_with_env(
+        amqp: &AmqpSettings,
+        store: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
         let mut child = tokio::process::Command::new(Self::binary())
             .args(["--queue", &amqp.queue, "--metrics-addr", "127.0.0.1:0"])
             // Only when partitioned, so that BENCH_CONSUMER may be a build without the flag.
@@ -166,6 +176,7 @@ impl Node {
             // Per-order INFO lines would measure the terminal, not the bridge.
             .env("RUST_LOG", "warn")
             .env("WARREN_CLUSTER__SECRET", "warren-bench-secret-0123456789")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()

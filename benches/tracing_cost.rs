@@ -1,0 +1,111 @@
+//! What exporting traces costs: one `warren-consumer` node draining the same prefilled queue
+//! with traces off and with every message traced (sampling 1.0, exported over OTLP/HTTP to a
+//! receiver in this process that decodes nothing and answers 200). Rounds alternate; medians
+//! and their ratio are printed, with the CPU the consumer spent per message. The queue's
+//! messages carry no `traceparent`, so every delivery starts a trace of its own: with a
+//! parent-based sampler that is what 100 % sampling costs. Run with
+//! `scripts/bench tracing_cost` (release build, local broker).
+//!
+//! `BENCH_MESSAGES` (default 50000) and `BENCH_ROUNDS` (default 5) tune it.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::post;
+use uuid::Uuid;
+use warren::amqp::AmqpSettings;
+
+use support::{Node, delete, env_or, fill, median};
+
+const PRODUCTS: usize = 100;
+const SETTLE: Duration = Duration::from_secs(3);
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let messages = env_or("BENCH_MESSAGES", 50_000);
+    let rounds = env_or("BENCH_ROUNDS", 5);
+    let received = Arc::new(AtomicU64::new(0));
+    let endpoint = otlp_sink(received.clone()).await;
+    println!(
+        "tracing cost: {messages} persistent messages per run, {PRODUCTS} products, {rounds} rounds, one node, memory store"
+    );
+    let (mut off, mut on, mut off_cpu, mut on_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let quiet = measure(messages, &[]).await;
+        let before = received.load(Ordering::Relaxed);
+        let traced = measure(
+            messages,
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                ("WARREN_TRACING__SAMPLE_RATIO", "1.0"),
+            ],
+        )
+        .await;
+        let exported = received.load(Ordering::Relaxed) - before;
+        println!(
+            "round {round}: off {:>7.0} msg/s {:>5.1} µs | traced {:>7.0} msg/s {:>5.1} µs ({:.2}), {:.1} KB exported per 1000 messages",
+            quiet.0,
+            quiet.1,
+            traced.0,
+            traced.1,
+            traced.0 / quiet.0,
+            exported as f64 / messages as f64,
+        );
+        off.push(quiet.0);
+        on.push(traced.0);
+        off_cpu.push(quiet.1);
+        on_cpu.push(traced.1);
+    }
+    let (a, b) = (median(&mut off), median(&mut on));
+    let (ac, bc) = (median(&mut off_cpu), median(&mut on_cpu));
+    println!("median (msg/s, consumer CPU per message):");
+    println!("  traces off           {a:>7.0} msg/s {ac:>5.1} µs");
+    println!(
+        "  every message traced {b:>7.0} msg/s {bc:>5.1} µs  {:.2} of off",
+        b / a
+    );
+}
+
+/// Fills a fresh queue and drains it with one node run with `env`; its rate and CPU per message
+/// (µs), from process start until every message was acked (export may lag behind).
+async fn measure(messages: usize, env: &[(&str, &str)]) -> (f64, f64) {
+    let amqp = AmqpSettings {
+        queue: format!("warren-bench-{}", &Uuid::new_v4().simple().to_string()[..8]),
+        ..AmqpSettings::default()
+    };
+    fill(&amqp, messages, PRODUCTS).await;
+    tokio::time::sleep(SETTLE).await;
+    let start = Instant::now();
+    let node = Node::start_with_env(&amqp, "memory", &[], env).await;
+    let elapsed = node.until_acked(messages, start).await;
+    let cpu = node.stop().await;
+    delete(&amqp).await;
+    (
+        messages as f64 / elapsed.as_secs_f64(),
+        cpu * 1e6 / messages as f64,
+    )
+}
+
+/// An OTLP/HTTP endpoint that counts the bytes posted to it; returns its base URL.
+async fn otlp_sink(received: Arc<AtomicU64>) -> String {
+    async fn take(State(received): State<Arc<AtomicU64>>, body: Bytes) -> &'static str {
+        received.fetch_add(body.len() as u64, Ordering::Relaxed);
+        ""
+    }
+    let app = Router::new()
+        .route("/v1/traces", post(take))
+        .with_state(received);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port for the OTLP sink");
+    let base = format!("http://{}", listener.local_addr().expect("its address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
