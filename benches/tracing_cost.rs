@@ -6,7 +6,9 @@
 //! parent-based sampler that is what 100 % sampling costs. Run with
 //! `scripts/bench tracing_cost` (release build, local broker).
 //!
-//! `BENCH_MESSAGES` (default 50000) and `BENCH_ROUNDS` (default 5) tune it.
+//! `BENCH_MESSAGES` (default 50000) and `BENCH_ROUNDS` (default 5) tune it. `BENCH_BASELINE`
+//! names a `warren-consumer` built without tracing (an earlier commit) to run alongside, which
+//! shows what the tracing code costs while it is off.
 
 mod support;
 
@@ -35,12 +37,22 @@ async fn main() {
     println!(
         "tracing cost: {messages} persistent messages per run, {PRODUCTS} products, {rounds} rounds, one node, memory store"
     );
+    let baseline = std::env::var_os("BENCH_BASELINE").map(std::path::PathBuf::from);
     let (mut off, mut on, mut off_cpu, mut on_cpu) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut before, mut before_cpu) = (Vec::new(), Vec::new());
+    let current = Node::binary();
     for round in 1..=rounds {
-        let quiet = measure(messages, &[]).await;
-        let before = received.load(Ordering::Relaxed);
+        if let Some(binary) = &baseline {
+            let (rate, cpu) = measure(binary, messages, &[]).await;
+            println!("round {round}: without tracing code {rate:>7.0} msg/s {cpu:>5.1} µs");
+            before.push(rate);
+            before_cpu.push(cpu);
+        }
+        let quiet = measure(&current, messages, &[]).await;
+        let sent = received.load(Ordering::Relaxed);
         let traced = measure(
+            &current,
             messages,
             &[
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
@@ -48,7 +60,7 @@ async fn main() {
             ],
         )
         .await;
-        let exported = received.load(Ordering::Relaxed) - before;
+        let exported = received.load(Ordering::Relaxed) - sent;
         println!(
             "round {round}: off {:>7.0} msg/s {:>5.1} µs | traced {:>7.0} msg/s {:>5.1} µs ({:.2}), {:.1} KB exported per 1000 messages",
             quiet.0,
@@ -66,6 +78,13 @@ async fn main() {
     let (a, b) = (median(&mut off), median(&mut on));
     let (ac, bc) = (median(&mut off_cpu), median(&mut on_cpu));
     println!("median (msg/s, consumer CPU per message):");
+    if !before.is_empty() {
+        let (r, c) = (median(&mut before), median(&mut before_cpu));
+        println!(
+            "  without tracing code {r:>7.0} msg/s {c:>5.1} µs  (off is {:.2} of it)",
+            a / r
+        );
+    }
     println!("  traces off           {a:>7.0} msg/s {ac:>5.1} µs");
     println!(
         "  every message traced {b:>7.0} msg/s {bc:>5.1} µs  {:.2} of off",
@@ -73,9 +92,9 @@ async fn main() {
     );
 }
 
-/// Fills a fresh queue and drains it with one node run with `env`; its rate and CPU per message
+/// Fills a fresh queue and drains it with one node of `binary` run with `env`; its rate and CPU per message
 /// (µs), from process start until every message was acked (export may lag behind).
-async fn measure(messages: usize, env: &[(&str, &str)]) -> (f64, f64) {
+async fn measure(binary: &std::path::Path, messages: usize, env: &[(&str, &str)]) -> (f64, f64) {
     let amqp = AmqpSettings {
         queue: format!("warren-bench-{}", &Uuid::new_v4().simple().to_string()[..8]),
         ..AmqpSettings::default()
@@ -83,7 +102,7 @@ async fn measure(messages: usize, env: &[(&str, &str)]) -> (f64, f64) {
     fill(&amqp, messages, PRODUCTS).await;
     tokio::time::sleep(SETTLE).await;
     let start = Instant::now();
-    let node = Node::start_with_env(&amqp, "memory", &[], env).await;
+    let node = Node::launch(binary, &amqp, "memory", &[], env).await;
     let elapsed = node.until_acked(messages, start).await;
     let cpu = node.stop().await;
     delete(&amqp).await;

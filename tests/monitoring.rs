@@ -267,6 +267,48 @@ fn the_dashboard_description_is_the_dashboards() {
     );
 }
 
+/// The alert rules as a Kubernetes ConfigMap, for a Prometheus running in the cluster.
+const ALERTS_CONFIG_MAP: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/kubernetes/warren-alerts.yaml"
+);
+
+fn alerts_config_map() -> String {
+    let rules = std::fs::read_to_string(ALERTS).expect("the alert rules");
+    let mut map = String::from(
+        "# Warren's alert rules (images/prometheus/alerts.yml, verbatim) for a Prometheus in\n\
+         # Kubernetes: mount the key alerts.yml and list it under rule_files. Replace `orders` in\n\
+         # the queue matchers with your queue. tests/monitoring.rs writes this file from the rules\n\
+         # (WARREN_WRITE_DOCS=1) and fails when it is out of date.\n\
+         apiVersion: v1\n\
+         kind: ConfigMap\n\
+         metadata:\n  name: warren-alerts\n  labels:\n    app.kubernetes.io/name: warren\n    \
+         app.kubernetes.io/component: monitoring\n\
+         data:\n  alerts.yml: |\n",
+    );
+    for line in rules.lines() {
+        if line.is_empty() {
+            map.push('\n');
+        } else {
+            map.push_str(&format!("    {line}\n"));
+        }
+    }
+    map
+}
+
+#[test]
+fn the_kubernetes_alert_rules_are_the_alert_rules() {
+    let wanted = alerts_config_map();
+    if std::env::var_os("WARREN_WRITE_DOCS").is_some() {
+        std::fs::write(ALERTS_CONFIG_MAP, &wanted).expect("the ConfigMap written");
+    }
+    let found = std::fs::read_to_string(ALERTS_CONFIG_MAP).unwrap_or_default();
+    assert!(
+        found == wanted,
+        "deploy/kubernetes/warren-alerts.yaml is out of date: run WARREN_WRITE_DOCS=1 cargo test --test monitoring the_kubernetes_alert_rules"
+    );
+}
+
 #[test]
 fn promtool_accepts_the_alert_rules() {
     support::run("promtool", &["check", "rules", ALERTS]);

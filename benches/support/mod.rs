@@ -134,7 +134,8 @@ pub struct Node {
 }
 
 impl Node {
-    fn binary() -> std::path::PathBuf {
+    /// The `warren-consumer` benchmarked: `BENCH_CONSUMER`, else the release build's.
+    pub fn binary() -> std::path::PathBuf {
         if let Some(path) = std::env::var_os("BENCH_CONSUMER") {
             return path.into();
         }
@@ -163,7 +164,18 @@ impl Node {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Node {
-        let mut child = tokio::process::Command::new(Self::binary())
+        Self::launch(&Self::binary(), amqp, store, args, env).await
+    }
+
+    /// Like [`Self::start_with_env`], running `binary` (another build, to compare with).
+    pub async fn launch(
+        binary: &std::path::Path,
+        amqp: &AmqpSettings,
+        store: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
+        let mut child = tokio::process::Command::new(binary)
             .args(["--queue", &amqp.queue, "--metrics-addr", "127.0.0.1:0"])
             // Only when partitioned, so that BENCH_CONSUMER may be a build without the flag.
             .args(if amqp.partitions > 1 {
