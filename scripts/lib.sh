@@ -149,9 +149,10 @@ ensure_iptables() {
   echo "==> $(iptables -V) can cut loopback links"
 }
 
-# The monitoring test (tests/monitoring.rs) runs its own Prometheus, and promtool checks the
-# alert rules: Debian's prometheus package has both. Its service is never started here (the
-# package's own start is refused where no init system runs, which is fine).
+# The monitoring test (tests/monitoring.rs) runs its own Prometheus on a free port, and
+# promtool checks the alert rules: Debian's prometheus package has both. Nothing here starts
+# its service; where the package's install starts it (an init system that allows it), it
+# listens on :9090, which no test uses.
 ensure_prometheus() {
   if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
     echo "==> installing prometheus"

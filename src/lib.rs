@@ -20,8 +20,9 @@
 //! Each module uses only the ones below it (`tests/layering.rs` checks it): [`node`] composes
 //! everything; [`bridge`] (the stream stage) sits on [`metrics`], [`sharding`] (where entities
 //! run) and [`entity`]; below them [`delivery`] (the protocol), [`cluster`] (membership, links,
-//! singletons) and [`amqp`] (the broker), which know nothing of each other; at the bottom
-//! [`ids`], [`config`], [`series`], [`telemetry`] and small helpers. [`order`] is the message
+//! singletons) and [`amqp`] (the broker), which know nothing of each other; below them
+//! [`telemetry`] (logs and traces), and at the bottom [`ids`], [`config`], [`series`] and small
+//! helpers. [`order`] is the message
 //! contract of the two binaries.
 
 #![warn(missing_docs, unreachable_pub)]

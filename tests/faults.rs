@@ -471,15 +471,15 @@ async fn broker_outage_scenario(test: &str, how: BrokerStop) {
     let broker = PrivateRabbitMq::start();
     let db = TestDb::create(&test.replace('-', "_")).await;
     let store = db.url();
-    // The first half waits in the broker before any node consumes, and 100 ms products drain at
-    // most 1,000 orders a second, so the backlog outlives the check below by seconds however fast
-    // or slow the publisher is (a backlog published while 20 ms products drained was once gone
-    // before the check on a loaded machine).
+    // The first half waits in the broker before any node consumes, and 250 ms products drain at
+    // most 400 orders a second, so the backlog outlives starting the cluster and the check below
+    // by many seconds however fast or slow the publisher is (a backlog published while 20 ms
+    // products drained was once gone before the check on a loaded machine).
     let queue = TestQueue::on(test, &broker);
     queue.declare().await;
     let mut orders = Orders::new(&queue, PRODUCTS);
     orders.publish(ORDERS / 2).await;
-    let flags = ["--processing-delay-ms", "100"];
+    let flags = ["--processing-delay-ms", "250"];
     let cluster = Cluster::start_with(queue, &flags, Some(db), store).await;
     cluster.acked_at_least(0, 500.0).await;
     let in_broker = cluster.queue.counts().await;

@@ -15,16 +15,10 @@ use std::path::{Path, PathBuf};
 /// The library's top-level modules, bottom layer first. A module may import only modules of
 /// lower layers (and itself); two modules of one layer know nothing of each other.
 const LAYERS: &[&[&str]] = &[
-    // Names, clocks, configuration and observability helpers every layer uses.
-    &[
-        "ids",
-        "timer",
-        "backoff",
-        "shutdown",
-        "config",
-        "telemetry",
-        "series",
-    ],
+    // Names, clocks, configuration and metric helpers every layer uses.
+    &["ids", "timer", "backoff", "shutdown", "config", "series"],
+    // Logs and traces (their settings are validated like any config).
+    &["telemetry"],
     // The reliable-delivery protocol; the cluster (membership, links, singletons); the broker.
     &["delivery", "cluster", "amqp"],
     // Entities and where they keep their state.

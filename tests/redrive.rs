@@ -1,6 +1,7 @@
 //! The dead-letter redrive on a real broker and database: `warren-consumer dlq inspect` lists
 //! what the bridge dead-lettered with each reason, and `dlq replay` brings back the orders that
-//! failed while refusing the ones that would only be dead-lettered again.
+//! failed while refusing the ones that would only be dead-lettered again (unless forced, and
+//! then once per walk).
 
 mod support;
 
@@ -91,6 +92,20 @@ async fn failed_orders_are_replayed_once_and_undecodable_ones_stay_dead_lettered
 
     queue.wait_drained(DRAIN).await;
     orders.assert_applied_exactly_once(&consumer).await;
+
+    // Forced, the undecodable ones go back to the queue and are dead-lettered again at once,
+    // while the walk is still going: it replays each once, not again from the DLQ's tail.
+    let forced = dlq(&queue, &["replay", "--all", "--force"]).await;
+    assert!(
+        forced.starts_with("replayed 50, kept 0 refused"),
+        "{forced}"
+    );
+    eventually("the forced ones dead-lettered again", DRAIN, || async {
+        (queue.dlq_counts().await.ready == 50).then_some(())
+    })
+    .await;
+    let listing = dlq(&queue, &["inspect"]).await;
+    assert_eq!(listing.matches("replayed 1 times").count(), 50, "{listing}");
     let letters = queue.take_dead_letters().await;
     let left: BTreeSet<Vec<u8>> = letters.iter().map(|(body, _)| body.clone()).collect();
     assert_eq!(left, bad, "exactly the undecodable ones stay");

@@ -11,6 +11,9 @@ use crate::settings::{ConsumerConfig, DlqCommand};
 
 /// Runs one `dlq` command against the configured broker and queue.
 pub async fn run(command: &DlqCommand, config: &ConsumerConfig) -> anyhow::Result<()> {
+    if let DlqCommand::Inspect { limit, .. } = command {
+        anyhow::ensure!(*limit >= 1, "--limit must be at least 1");
+    }
     let amqp = &config.amqp;
     let connection = amqp
         .connect(&amqp.connection_name_or("warren-consumer-dlq"))
@@ -18,7 +21,12 @@ pub async fn run(command: &DlqCommand, config: &ConsumerConfig) -> anyhow::Resul
         .context("connecting to the broker at amqp.uri")?;
     let redrive = Redrive::open(&connection, amqp)
         .await
-        .context("opening the dead-letter queue")?;
+        .with_context(|| {
+            format!(
+                "opening the dead-letter queue {}.dlq (does amqp.queue name the queue the consumers use?)",
+                amqp.queue
+            )
+        })?;
     match command {
         DlqCommand::Inspect { limit, json } => {
             let listing = redrive.list(*limit).await.context("listing dead letters")?;

@@ -281,6 +281,7 @@ impl<M: EntityMessage + Send + 'static> Bridge<M> {
         match decoded {
             Ok(mut message) => {
                 let entity = message.entity_id();
+                span.record("entity", entity.as_str());
                 let step = journey::submit(&span, entity.as_str());
                 if let Some(context) = traceparent(&step) {
                     message.set_trace_context(context);

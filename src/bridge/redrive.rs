@@ -2,8 +2,10 @@
 //! chosen dead letters the way a producer publishes them.
 //!
 //! A walk takes the dead-letter queue's messages one by one with `basic.get` and holds each
-//! unacked, so it sees every message once and ends when none is ready; whatever it does not
-//! replay is requeued when it ends (RabbitMQ puts requeued messages back in their places). A
+//! unacked, so it sees every message once; it ends after the messages that were ready when it
+//! began (a replayed message dead-lettered again meanwhile waits for the next walk instead of
+//! being replayed in a loop). Whatever it does not replay is requeued when it ends (RabbitMQ
+//! puts requeued messages back in their places). A
 //! replayed dead letter is acked, which removes it, only after the broker confirmed its copy: a
 //! crash in between leaves the message in both queues, never in neither, and its entity
 //! recognises the second copy by its order id.
@@ -15,13 +17,14 @@ use std::time::Duration;
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use serde::Serialize;
 
 use crate::amqp::dead_letter::{SOURCE_QUEUE_HEADER, copy_properties};
-use crate::amqp::topology::{self, dead_letter_queue};
+use crate::amqp::topology::dead_letter_queue;
 use crate::amqp::{AmqpError, AmqpSettings, ERROR_HEADER};
 use crate::bridge::settings::BridgeSettings;
 use crate::entity::EntityMessage;
@@ -289,6 +292,12 @@ pub struct ReplayReport {
     pub refused: Vec<(DeadLetter, String)>,
 }
 
+/// How many of the messages ready when a walk began it has yet to take.
+#[derive(Default)]
+struct Walk {
+    left: Option<u32>,
+}
+
 /// A walk over one queue's dead letters, on a confirm-mode channel of its own.
 pub struct Redrive {
     channel: Channel,
@@ -296,17 +305,25 @@ pub struct Redrive {
 }
 
 impl Redrive {
-    /// Declares the topology (refusing a partition count the broker's queues disagree with)
-    /// and opens the channel.
+    /// Opens the channel on the existing dead-letter queue of `amqp`'s queue: a passive
+    /// declare, so a mistyped queue name fails (the broker says NOT_FOUND) instead of creating
+    /// a topology, and the queue's type and arguments need not be repeated.
     pub async fn open(connection: &Connection, amqp: &AmqpSettings) -> Result<Self, AmqpError> {
-        topology::declare(connection, amqp).await?;
         let channel = connection.create_channel().await?;
+        let dead_letter_queue = ShortString::from(dead_letter_queue(&amqp.queue).as_str());
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(dead_letter_queue.clone(), passive, FieldTable::default())
+            .await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         Ok(Redrive {
             channel,
-            dead_letter_queue: ShortString::from(dead_letter_queue(&amqp.queue).as_str()),
+            dead_letter_queue,
         })
     }
 
@@ -314,8 +331,9 @@ impl Redrive {
     pub async fn list(&self, limit: usize) -> Result<Listing, AmqpError> {
         let mut listing = Listing::default();
         let mut last_tag = None;
+        let mut walk = Walk::default();
         while listing.letters.len() < limit {
-            let Some(message) = self.take().await? else {
+            let Some(message) = self.take(&mut walk).await? else {
                 break;
             };
             let delivery = message.delivery;
@@ -337,8 +355,9 @@ impl Redrive {
     ) -> Result<ReplayReport, AmqpError> {
         let mut report = ReplayReport::default();
         let mut last_held = None;
+        let mut walk = Walk::default();
         while !judge.is_done() {
-            let Some(message) = self.take().await? else {
+            let Some(message) = self.take(&mut walk).await? else {
                 break;
             };
             let delivery = message.delivery;
@@ -370,15 +389,29 @@ impl Redrive {
         Ok(report)
     }
 
-    /// The next ready dead letter, held unacked.
-    async fn take(&self) -> Result<Option<lapin::message::BasicGetMessage>, AmqpError> {
-        Ok(self
+    /// The next ready dead letter of `walk`, held unacked; `None` once the messages ready when
+    /// it began are taken.
+    async fn take(
+        &self,
+        walk: &mut Walk,
+    ) -> Result<Option<lapin::message::BasicGetMessage>, AmqpError> {
+        if walk.left == Some(0) {
+            return Ok(None);
+        }
+        let message = self
             .channel
             .basic_get(
                 self.dead_letter_queue.clone(),
                 BasicGetOptions { no_ack: false },
             )
-            .await?)
+            .await?;
+        if let Some(message) = &message {
+            // The first answer says how many more were ready then; later arrivals queue
+            // behind them.
+            let left = walk.left.unwrap_or(message.message_count.saturating_add(1));
+            walk.left = Some(left.saturating_sub(1));
+        }
+        Ok(message)
     }
 
     /// Requeues every dead letter still held, up to the delivery tag `last` (one nack with

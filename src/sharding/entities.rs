@@ -103,7 +103,12 @@ where
 {
     let _active = ActiveGuard::new(&metrics.active);
     // Messages wait in the inbox (and unconfirmed at their producer) while this loads.
-    recover(&id, &mut entity, &settings).await;
+    // A trace of its own (no message started it): claiming and loading show up under it.
+    let recovering =
+        tracing::info_span!(target: JOURNEY, "warren.entity.recover", entity = id.as_str());
+    recover(&id, &mut entity, &settings)
+        .instrument(recovering)
+        .await;
     let mut task = EntityTask {
         consumer: ShardingConsumerController::new(settings.consumer.clone()),
         producers: Producers::new(settings.consumer.flow_control_window),

@@ -2,7 +2,8 @@
 //! the store's latency and an outage are what an operator needs to see when entities slow
 //! down or wait (`warren_entity_store_seconds{operation}`,
 //! `warren_entity_store_errors_total{operation,error}`). While traces are exported, each call
-//! is also a `warren.store.<operation>` span inside the entity's.
+//! is also a `warren.store.<operation>` span, inside the entity's span (`warren.entity.handle`
+//! for an append, `warren.entity.recover` for the claim and load when it starts).
 
 use std::sync::Arc;
 
