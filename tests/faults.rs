@@ -364,11 +364,12 @@ const TOP_UPS: usize = 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_sigkills_of_random_nodes_lose_nothing_and_leave_nothing_stale() {
-    // Products slow enough (50 ms: 100 of them drain at most 2,000 orders a second) that the
-    // cluster cannot drain a batch as fast as it is published. With 5 ms, and once with 20 ms
-    // on a loaded machine whose publisher confirmed slower, the cluster kept up and left no
-    // work in hand to kill.
-    let mut cluster = Cluster::start("fault-kills", &["--processing-delay-ms", "50"]).await;
+    // Products slow enough (200 ms: 100 of them drain at most 500 orders a second) that the
+    // cluster cannot drain a batch as fast as it is published: a third of the orders leaves
+    // the work in hand below even if the publisher confirms only 600 a second. With 5 ms, and
+    // once with 20 ms on a loaded machine whose publisher confirmed slower, the cluster kept up
+    // and left no work in hand to kill; 50 ms held so far, with a margin of about 2.
+    let mut cluster = Cluster::start("fault-kills", &["--processing-delay-ms", "200"]).await;
     let mut orders = Orders::new(&cluster.queue, PRODUCTS);
     let seed: u64 = rand::random();
     eprintln!("victims drawn with seed {seed}");
