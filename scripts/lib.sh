@@ -172,3 +172,13 @@ ensure_graphviz() {
       graphviz >/dev/null
   fi
 }
+
+# scripts/check-deploy validates the Kubernetes manifests offline with kubernetes-validate
+# (PyPI; it carries the API schemas, so no cluster is needed).
+ensure_kubernetes_validate() {
+  if ! python3 -m kubernetes_validate --version >/dev/null 2>&1; then
+    echo "==> installing kubernetes-validate"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+      kubernetes-validate
+  fi
+}
