@@ -5,10 +5,11 @@
 //! is also a `warren.store.<operation>` span, inside the entity's span (`warren.entity.handle`
 //! for an append, `warren.entity.recover` for the claim and load when it starts).
 
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Registry};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Registry};
 use tracing::Instrument;
 
 use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
@@ -16,17 +17,55 @@ use crate::ids::EntityId;
 use crate::series::counter_vec;
 use crate::telemetry::JOURNEY;
 
-/// The operations timed, as the `operation` label says them.
-const OPERATIONS: [&str; 3] = ["claim", "load", "append"];
-
-/// The failure kinds counted, as the `error` label says them.
+/// The failure kinds counted, as the `error` label says them, in [`error_index`] order.
 const ERRORS: [&str; 3] = ["unavailable", "query", "fenced"];
+
+fn error_index(error: &StoreError) -> usize {
+    match error {
+        StoreError::Unavailable(_) => 0,
+        StoreError::Query(_) => 1,
+        StoreError::Fenced { .. } => 2,
+    }
+}
+
+/// One operation's series, resolved once: a call then costs an atomic update, not a label
+/// lookup (every applied order appends).
+#[derive(Clone, Debug)]
+struct OperationSeries {
+    seconds: Histogram,
+    errors: [IntCounter; ERRORS.len()],
+}
+
+impl OperationSeries {
+    fn resolve(seconds: &HistogramVec, errors: &IntCounterVec, operation: &str) -> Self {
+        OperationSeries {
+            seconds: seconds.with_label_values(&[operation]),
+            errors: ERRORS.map(|error| errors.with_label_values(&[operation, error])),
+        }
+    }
+
+    /// Runs `call` inside `span`, timing it and counting its failure.
+    async fn time<T>(
+        &self,
+        span: tracing::Span,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let result = call.instrument(span).await;
+        self.seconds.observe(started.elapsed().as_secs_f64());
+        if let Err(error) = &result {
+            self.errors[error_index(error)].inc();
+        }
+        result
+    }
+}
 
 /// The store's series, registered once per node.
 #[derive(Clone, Debug)]
 pub struct StoreMetrics {
-    seconds: HistogramVec,
-    errors: IntCounterVec,
+    claim: OperationSeries,
+    load: OperationSeries,
+    append: OperationSeries,
 }
 
 impl StoreMetrics {
@@ -48,13 +87,12 @@ impl StoreMetrics {
             "Entity store calls that failed, by operation and kind (unavailable: the database cannot answer now).",
             &["operation", "error"],
         )?;
-        for operation in OPERATIONS {
-            seconds.with_label_values(&[operation]);
-            for error in ERRORS {
-                errors.with_label_values(&[operation, error]);
-            }
-        }
-        Ok(StoreMetrics { seconds, errors })
+        let operation = |name| OperationSeries::resolve(&seconds, &errors, name);
+        Ok(StoreMetrics {
+            claim: operation("claim"),
+            load: operation("load"),
+            append: operation("append"),
+        })
     }
 
     /// `store`, timed and counted in these series.
@@ -63,20 +101,6 @@ impl StoreMetrics {
             inner: store,
             metrics: self.clone(),
         })
-    }
-
-    fn observe<T>(&self, operation: &str, result: &Result<T, StoreError>, seconds: f64) {
-        self.seconds
-            .with_label_values(&[operation])
-            .observe(seconds);
-        if let Err(error) = result {
-            let kind = match error {
-                StoreError::Unavailable(_) => "unavailable",
-                StoreError::Query(_) => "query",
-                StoreError::Fenced { .. } => "fenced",
-            };
-            self.errors.with_label_values(&[operation, kind]).inc();
-        }
     }
 }
 
@@ -89,21 +113,16 @@ struct MeteredStore {
 #[async_trait]
 impl EntityStore for MeteredStore {
     async fn claim(&self, entity: &EntityId) -> Result<Claim, StoreError> {
-        let started = std::time::Instant::now();
         let span = tracing::info_span!(target: JOURNEY, "warren.store.claim");
-        let result = self.inner.claim(entity).instrument(span).await;
-        let elapsed = started.elapsed().as_secs_f64();
-        self.metrics.observe("claim", &result, elapsed);
-        result
+        self.metrics
+            .claim
+            .time(span, self.inner.claim(entity))
+            .await
     }
 
     async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError> {
-        let started = std::time::Instant::now();
         let span = tracing::info_span!(target: JOURNEY, "warren.store.load");
-        let result = self.inner.load(entity).instrument(span).await;
-        let elapsed = started.elapsed().as_secs_f64();
-        self.metrics.observe("load", &result, elapsed);
-        result
+        self.metrics.load.time(span, self.inner.load(entity)).await
     }
 
     async fn append(
@@ -112,12 +131,9 @@ impl EntityStore for MeteredStore {
         key: &str,
         record: &[u8],
     ) -> Result<Appended, StoreError> {
-        let started = std::time::Instant::now();
         let span = tracing::info_span!(target: JOURNEY, "warren.store.append");
-        let result = self.inner.append(claim, key, record).instrument(span).await;
-        let elapsed = started.elapsed().as_secs_f64();
-        self.metrics.observe("append", &result, elapsed);
-        result
+        let append = self.inner.append(claim, key, record);
+        self.metrics.append.time(span, append).await
     }
 }
 
@@ -135,12 +151,20 @@ mod tests {
         let stale = store.claim(&entity).await.unwrap();
         let _newer = store.claim(&entity).await.unwrap();
         assert!(store.append(&stale, "k", b"r").await.is_err());
-        let seconds = |op: &str| metrics.seconds.with_label_values(&[op]).get_sample_count();
-        assert_eq!(seconds("claim"), 2);
-        assert_eq!(seconds("append"), 1);
-        let errors = |op: &str, kind: &str| metrics.errors.with_label_values(&[op, kind]).get();
-        assert_eq!(errors("append", "fenced"), 1);
-        assert_eq!(errors("append", "unavailable"), 0);
+        assert_eq!(metrics.claim.seconds.get_sample_count(), 2);
+        assert_eq!(metrics.append.seconds.get_sample_count(), 1);
+        let [unavailable, _, fenced] = &metrics.append.errors;
+        assert_eq!(fenced.get(), 1);
+        assert_eq!(unavailable.get(), 0);
+        // The series are the registered ones, not copies.
+        let page = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap();
+        assert!(
+            page.contains(
+                "warren_entity_store_errors_total{error=\"fenced\",operation=\"append\"} 1"
+            )
+        );
         assert_eq!(registry.gather().len(), 2);
     }
 }
