@@ -3,11 +3,12 @@
 //! confirm mode; the original is acked only after the broker confirmed the copy. A crash in
 //! between leaves the message both dead-lettered and redelivered: nothing is lost.
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::ConfirmSelectOptions;
 use lapin::types::{AMQPValue, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 
 use crate::amqp::AmqpError;
+use crate::amqp::publisher::publish_confirmed;
 use crate::amqp::topology::dead_letter_exchange;
 
 /// Header that names why a message was dead-lettered.
@@ -97,28 +98,14 @@ impl DeadLetterPublisher {
             AMQPValue::LongString(self.source_queue.clone()),
         );
         let properties = copy_properties(properties).with_headers(headers);
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.exchange.clone(),
-                ShortString::from(""),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await?;
-        match confirm.await? {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) => Err(AmqpError::Returned {
-                exchange: self.exchange.to_string(),
-                reply: returned.reply_text.to_string(),
-            }),
-            Confirmation::Nack(_) => Err(AmqpError::Nacked),
-            Confirmation::NotRequested => Err(AmqpError::NotConfirmed),
-        }
+        publish_confirmed(
+            &self.channel,
+            self.exchange.clone(),
+            ShortString::from(""),
+            body,
+            properties,
+        )
+        .await
     }
 }
 

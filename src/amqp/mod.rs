@@ -6,6 +6,7 @@
 //! qos and consumer itself, and every delivery of a dead channel is abandoned, never acked.
 
 pub mod dead_letter;
+pub mod headers;
 pub mod publisher;
 pub mod settings;
 pub mod source;

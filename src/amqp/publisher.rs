@@ -352,3 +352,31 @@ async fn open(settings: &PublisherSettings) -> Result<(Connection, Channel), Amq
         .await?;
     Ok((connection, channel))
 }
+
+/// Publishes one message with the `mandatory` flag on `channel` (in confirm mode) and waits for
+/// the broker's confirm: `Ok` only when it acked the message without returning it. For one-off
+/// copies (dead letters, replays); [`ConfirmedPublisher`] pipelines a stream.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: ShortString,
+    routing_key: ShortString,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), AmqpError> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let confirm = channel
+        .basic_publish(exchange.clone(), routing_key, options, body, properties)
+        .await?;
+    match confirm.await? {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) => Err(AmqpError::Returned {
+            exchange: exchange.to_string(),
+            reply: returned.reply_text.to_string(),
+        }),
+        Confirmation::Nack(_) => Err(AmqpError::Nacked),
+        Confirmation::NotRequested => Err(AmqpError::NotConfirmed),
+    }
+}

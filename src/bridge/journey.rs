@@ -5,9 +5,9 @@
 //! disabled, and costs nothing, unless traces are exported.
 
 use lapin::message::Delivery;
-use lapin::types::AMQPValue;
 use tracing::{Span, field};
 
+use crate::amqp::headers::header_text;
 use crate::telemetry::traces::TRACEPARENT;
 use crate::telemetry::{JOURNEY, continue_trace};
 
@@ -26,14 +26,7 @@ pub(crate) fn delivery_span(queue: &str, delivery: &Delivery) -> Span {
         reason = field::Empty,
     );
     if !span.is_disabled() {
-        let header = delivery.properties.headers().as_ref().and_then(|headers| {
-            match headers.inner().get(TRACEPARENT)? {
-                AMQPValue::LongString(value) => std::str::from_utf8(value.as_bytes()).ok(),
-                AMQPValue::ShortString(value) => Some(value.as_str()),
-                _ => None,
-            }
-        });
-        continue_trace(&span, header);
+        continue_trace(&span, header_text(&delivery.properties, TRACEPARENT));
     }
     span
 }

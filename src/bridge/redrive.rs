@@ -16,14 +16,15 @@ use std::marker::PhantomData;
 use std::time::Duration;
 
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
 use crate::amqp::dead_letter::{SOURCE_QUEUE_HEADER, copy_properties};
+use crate::amqp::headers;
+use crate::amqp::publisher::publish_confirmed;
 use crate::amqp::topology::dead_letter_queue;
 use crate::amqp::{AmqpError, AmqpSettings, ERROR_HEADER};
 use crate::bridge::settings::BridgeSettings;
@@ -122,11 +123,7 @@ fn first_death(value: &AMQPValue) -> Option<&FieldTable> {
 }
 
 fn text(value: &AMQPValue) -> Option<String> {
-    match value {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
+    headers::text(value).map(str::to_owned)
 }
 
 fn count(value: &AMQPValue) -> Option<u32> {
@@ -248,18 +245,17 @@ impl<'a, M: EntityMessage> Judge<'a, M> {
 /// A replayed copy's properties: the dead letter's, with the dead-lettering headers replaced
 /// by a replay count and the reason it had been dead-lettered for.
 pub fn replay_properties(original: &BasicProperties, letter: &DeadLetter) -> BasicProperties {
-    let mut headers = original.headers().clone().unwrap_or_default();
-    let mut kept = FieldTable::default();
-    for (name, value) in headers.inner() {
+    let mut headers = FieldTable::default();
+    let original_headers = original.headers().as_ref().map(FieldTable::inner);
+    for (name, value) in original_headers.into_iter().flatten() {
         let name_str = name.as_str();
         if name_str != ERROR_HEADER
             && name_str != SOURCE_QUEUE_HEADER
             && !BROKER_DEATH_HEADERS.contains(&name_str)
         {
-            kept.insert(name.clone(), value.clone());
+            headers.insert(name.clone(), value.clone());
         }
     }
-    headers = kept;
     headers.insert(
         REPLAYS_HEADER.into(),
         AMQPValue::LongUInt(letter.replays.saturating_add(1)),
@@ -427,39 +423,23 @@ impl Redrive {
         Ok(())
     }
 
+    /// Publishes one replayed copy and waits (up to [`CONFIRM_TIMEOUT`]) for its confirm.
     async fn publish(
         &self,
         route: &Route,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), AmqpError> {
-        let exchange = ShortString::from(route.exchange.as_str());
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange,
-                ShortString::from(route.routing_key.as_str()),
-                options,
-                body,
-                properties,
-            )
-            .await?;
-        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+        let publish = publish_confirmed(
+            &self.channel,
+            ShortString::from(route.exchange.as_str()),
+            ShortString::from(route.routing_key.as_str()),
+            body,
+            properties,
+        );
+        tokio::time::timeout(CONFIRM_TIMEOUT, publish)
             .await
-            .map_err(|_| AmqpError::Timeout(CONFIRM_TIMEOUT))??;
-        match confirmation {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) => Err(AmqpError::Returned {
-                exchange: route.exchange.clone(),
-                reply: returned.reply_text.to_string(),
-            }),
-            Confirmation::Nack(_) => Err(AmqpError::Nacked),
-            Confirmation::NotRequested => Err(AmqpError::NotConfirmed),
-        }
+            .unwrap_or(Err(AmqpError::Timeout(CONFIRM_TIMEOUT)))
     }
 }
 
