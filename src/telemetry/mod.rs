@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use prometheus::IntCounter;
 use tracing::Metadata;
@@ -31,12 +32,7 @@ pub const NOISY_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Installs the global subscriber for logs only; call once, first thing in `main`.
 pub fn init(json: bool) {
-    drop(init_with_traces(
-        json,
-        &TracingSettings::default(),
-        "warren",
-        "",
-    ));
+    tracing_subscriber::registry().with(log_layer(json)).init();
 }
 
 /// Keeps the trace exporter; dropping it exports what is still buffered (up to a few seconds)
@@ -63,22 +59,7 @@ pub fn init_with_traces(
     service: &'static str,
     instance: &str,
 ) -> Telemetry {
-    let mut logs = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,amq_protocol=warn"));
-    // The journey's spans are for the exporter only (see `traces`).
-    if let Ok(directive) = format!("{JOURNEY}=off").parse() {
-        logs = logs.add_directive(directive);
-    }
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_target(true)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let log_filter = logs.and(InvalidDatagrams::new());
-    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![if json {
-        Box::new(fmt.json().with_filter(log_filter))
-    } else {
-        Box::new(fmt.with_filter(log_filter))
-    }];
+    let mut layers = vec![log_layer(json)];
     let (provider, failed) = match traces::provider(tracing, service, instance) {
         Ok(provider) => (provider, None),
         Err(error) => (None, Some(error)),
@@ -86,7 +67,7 @@ pub fn init_with_traces(
     if let Some(provider) = &provider {
         let journey = Targets::new().with_target(JOURNEY, tracing::Level::TRACE);
         let exporting = tracing_opentelemetry::layer()
-            .with_tracer(traces::tracer(provider))
+            .with_tracer(provider.tracer("warren"))
             .with_filter(journey);
         layers.push(Box::new(exporting));
     }
@@ -95,6 +76,26 @@ pub fn init_with_traces(
         tracing::error!(%error, "traces are not exported: the OTLP exporter cannot be built");
     }
     Telemetry { provider }
+}
+
+/// Log lines to stderr, filtered by `RUST_LOG` (the journey's spans never: they are for the
+/// exporter only, see [`traces`]), plain or JSON.
+fn log_layer(json: bool) -> Box<dyn Layer<Registry> + Send + Sync> {
+    let mut logs = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,amq_protocol=warn"));
+    if let Ok(directive) = format!("{JOURNEY}=off").parse() {
+        logs = logs.add_directive(directive);
+    }
+    let filter = logs.and(InvalidDatagrams::new());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_target(true)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if json {
+        Box::new(fmt.json().with_filter(filter))
+    } else {
+        Box::new(fmt.with_filter(filter))
+    }
 }
 
 /// Undecodable gossip datagrams seen (by the log filter, so only where it is installed).

@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{SpanExporter, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -108,11 +107,6 @@ pub(crate) fn provider(
             .with_resource(resource)
             .build(),
     ))
-}
-
-/// The tracer the journey's spans are exported with.
-pub(crate) fn tracer(provider: &SdkTracerProvider) -> opentelemetry_sdk::trace::SdkTracer {
-    provider.tracer("warren")
 }
 
 /// The W3C `traceparent` of `span`: `None` unless traces are exported and `span` is recorded.
