@@ -90,23 +90,23 @@ impl Prometheus {
         prometheus
     }
 
-    /// Evaluates `expr` now; panics if Prometheus refuses it (a syntax or type error).
-    async fn query(&self, expr: &str) -> Vec<f64> {
-        let answer: serde_json::Value = self
-            .http
-            .get(
-                reqwest::Url::parse_with_params(
-                    &format!("{}/api/v1/query", self.base),
-                    &[("query", expr)],
-                )
-                .expect("a query URL"),
-            )
+    /// A page of Prometheus' HTTP API, as JSON.
+    async fn get(&self, path: &str, query: &[(&str, &str)]) -> serde_json::Value {
+        let url = reqwest::Url::parse_with_params(&format!("{}{path}", self.base), query)
+            .expect("an API URL");
+        self.http
+            .get(url)
             .send()
             .await
             .expect("Prometheus answers")
             .json()
             .await
-            .expect("a JSON answer");
+            .expect("a JSON answer")
+    }
+
+    /// Evaluates `expr` now; panics if Prometheus refuses it (a syntax or type error).
+    async fn query(&self, expr: &str) -> Vec<f64> {
+        let answer = self.get("/api/v1/query", &[("query", expr)]).await;
         assert_eq!(answer["status"], "success", "{expr}: {answer}");
         answer["data"]["result"]
             .as_array()
@@ -118,15 +118,7 @@ impl Prometheus {
 
     /// The alert rules Prometheus loaded: each one's name, expression and health.
     async fn rules(&self) -> Vec<(String, String, String)> {
-        let answer: serde_json::Value = self
-            .http
-            .get(format!("{}/api/v1/rules", self.base))
-            .send()
-            .await
-            .expect("Prometheus answers")
-            .json()
-            .await
-            .expect("a JSON answer");
+        let answer = self.get("/api/v1/rules", &[]).await;
         let text =
             |rule: &serde_json::Value, key: &str| rule[key].as_str().unwrap_or("").to_owned();
         answer["data"]["groups"]
@@ -146,15 +138,7 @@ impl Prometheus {
 
     /// Every alert pending or firing now: its name and state (`pending`, `firing`).
     async fn alert_states(&self) -> Vec<(String, String)> {
-        let answer: serde_json::Value = self
-            .http
-            .get(format!("{}/api/v1/alerts", self.base))
-            .send()
-            .await
-            .expect("Prometheus answers")
-            .json()
-            .await
-            .expect("a JSON answer");
+        let answer = self.get("/api/v1/alerts", &[]).await;
         answer["data"]["alerts"]
             .as_array()
             .into_iter()
@@ -176,11 +160,15 @@ impl Prometheus {
     }
 }
 
+/// The Grafana dashboard's JSON.
+fn dashboard() -> serde_json::Value {
+    let text = std::fs::read_to_string(DASHBOARD).expect("the dashboard");
+    serde_json::from_str(&text).expect("the dashboard is JSON")
+}
+
 /// Every expression of the dashboard, with its panel's title, as Prometheus gets it.
 fn dashboard_expressions(queue: &str) -> Vec<(String, String)> {
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).expect("the dashboard"))
-            .expect("the dashboard is JSON");
+    let dashboard = dashboard();
     let mut exprs = Vec::new();
     for panel in dashboard["panels"].as_array().expect("panels") {
         for target in panel["targets"].as_array().expect("targets") {
@@ -241,9 +229,7 @@ async fn producer(queue: &TestQueue) -> (Child, String) {
 const DASHBOARD_DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/dashboard.md");
 
 fn describe_dashboard() -> String {
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).expect("the dashboard"))
-            .expect("the dashboard is JSON");
+    let dashboard = dashboard();
     let mut panels: Vec<&serde_json::Value> = dashboard["panels"]
         .as_array()
         .expect("panels")
@@ -280,15 +266,7 @@ fn describe_dashboard() -> String {
 
 #[test]
 fn the_dashboard_description_is_the_dashboards() {
-    let wanted = describe_dashboard();
-    if std::env::var_os("WARREN_WRITE_DOCS").is_some() {
-        std::fs::write(DASHBOARD_DOC, &wanted).expect("docs/dashboard.md written");
-    }
-    let found = std::fs::read_to_string(DASHBOARD_DOC).unwrap_or_default();
-    assert!(
-        found == wanted,
-        "docs/dashboard.md is out of date: run WARREN_WRITE_DOCS=1 cargo test --test monitoring the_dashboard_description"
-    );
+    written_or_checked(DASHBOARD_DOC, &describe_dashboard());
 }
 
 /// The alert rules as a Kubernetes ConfigMap, for a Prometheus running in the cluster.
@@ -322,14 +300,19 @@ fn alerts_config_map() -> String {
 
 #[test]
 fn the_kubernetes_alert_rules_are_the_alert_rules() {
-    let wanted = alerts_config_map();
+    written_or_checked(ALERTS_CONFIG_MAP, &alerts_config_map());
+}
+
+/// A file generated from another: written from `wanted` with `WARREN_WRITE_DOCS=1`, and
+/// otherwise required to be exactly that.
+fn written_or_checked(path: &str, wanted: &str) {
     if std::env::var_os("WARREN_WRITE_DOCS").is_some() {
-        std::fs::write(ALERTS_CONFIG_MAP, &wanted).expect("the ConfigMap written");
+        std::fs::write(path, wanted).expect("the generated file written");
     }
-    let found = std::fs::read_to_string(ALERTS_CONFIG_MAP).unwrap_or_default();
+    let found = std::fs::read_to_string(path).unwrap_or_default();
     assert!(
         found == wanted,
-        "deploy/kubernetes/warren-alerts.yaml is out of date: run WARREN_WRITE_DOCS=1 cargo test --test monitoring the_kubernetes_alert_rules"
+        "{path} is out of date: run WARREN_WRITE_DOCS=1 cargo test --test monitoring"
     );
 }
 
