@@ -18,15 +18,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use uuid::Uuid;
 use warren::amqp::AmqpSettings;
 
-use support::{Node, bare_consumer, delete, env_or, fill, free_port, median};
+use support::{Node, bare_consumer, delete, env_or, fill_settled, free_port, fresh_queue, median};
 
 const PREFETCH: u16 = 200;
 const MAX_IN_FLIGHT: u16 = PREFETCH / 2;
 const PRODUCTS: usize = 100;
-const SETTLE: Duration = Duration::from_secs(3);
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -91,14 +89,8 @@ where
     F: FnOnce(AmqpSettings, usize) -> Fut,
     Fut: std::future::Future<Output = (Duration, f64)>,
 {
-    let amqp = AmqpSettings {
-        queue: format!("warren-bench-{}", &Uuid::new_v4().simple().to_string()[..8]),
-        ..AmqpSettings::default()
-    };
-    fill(&amqp, messages, PRODUCTS).await;
-    // The broker keeps writing a fresh persistent backlog to disk for a while; measuring
-    // during that would charge its background work to whichever consumer runs first.
-    tokio::time::sleep(SETTLE).await;
+    let amqp = fresh_queue();
+    fill_settled(&amqp, messages, PRODUCTS).await;
     let (elapsed, cpu) = consume(amqp.clone(), messages).await;
     delete(&amqp).await;
     Run {

@@ -13,14 +13,15 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use uuid::Uuid;
 use warren::amqp::AmqpSettings;
 
-use support::{Node, bare_consumer, delete, env_or, fill, free_port, machine_ticks, median};
+use support::{
+    Node, bare_consumer, delete, env_or, fill_settled, free_port, fresh_queue, machine_ticks,
+    median,
+};
 
 const PRODUCTS: usize = 1000;
 const PREFETCH: u16 = 1000;
-const SETTLE: Duration = Duration::from_secs(3);
 /// From the first ack on, before the window opens: every bridge has started and filled up.
 const WARM_UP: Duration = Duration::from_secs(2);
 const WINDOW: Duration = Duration::from_secs(4);
@@ -39,8 +40,7 @@ async fn main() {
     for round in 1..=rounds {
         let c = {
             let amqp = fresh(1);
-            fill(&amqp, messages, PRODUCTS).await;
-            tokio::time::sleep(SETTLE).await;
+            fill_settled(&amqp, messages, PRODUCTS).await;
             let (elapsed, _) = bare_consumer(amqp.clone(), messages, PREFETCH).await;
             delete(&amqp).await;
             messages as f64 / elapsed.as_secs_f64()
@@ -91,17 +91,15 @@ async fn main() {
 /// A fresh queue name with `partitions` partitions.
 fn fresh(partitions: u16) -> AmqpSettings {
     AmqpSettings {
-        queue: format!("warren-bench-{}", &Uuid::new_v4().simple().to_string()[..8]),
         partitions,
-        ..AmqpSettings::default()
+        ..fresh_queue()
     }
 }
 
 /// Fills `amqp`'s queues, starts three nodes on them and measures the cluster's ack rate over
 /// the window.
 async fn three_nodes(amqp: AmqpSettings, messages: usize) -> Run {
-    fill(&amqp, messages, PRODUCTS).await;
-    tokio::time::sleep(SETTLE).await;
+    fill_settled(&amqp, messages, PRODUCTS).await;
     let ports: Vec<String> = (0..3).map(|_| free_port().to_string()).collect();
     let prefetch = PREFETCH.to_string();
     let mut nodes = Vec::new();

@@ -20,10 +20,8 @@ use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use uuid::Uuid;
-use warren::amqp::AmqpSettings;
 
-use support::{Node, cpu_seconds, delete, fill_with, median};
+use support::{Node, cpu_seconds, delete, fill_with, fresh_queue, median};
 
 /// Steady state is reached well within this.
 const WARM_UP: Duration = Duration::from_secs(2);
@@ -137,10 +135,7 @@ async fn main() {
 
 /// One run of `row`: a backlog that outlasts the warm-up and the window at the bound's rate.
 async fn measure(row: Row) -> Measured {
-    let amqp = AmqpSettings {
-        queue: format!("warren-bench-{}", &Uuid::new_v4().simple().to_string()[..8]),
-        ..AmqpSettings::default()
-    };
+    let amqp = fresh_queue();
     // Enough for the fastest the products could go, every one of them always busy.
     let busiest = row.in_flight.min(row.products) as f64 / (row.delay_ms as f64 / 1e3);
     let messages = (busiest * (WARM_UP + WINDOW).as_secs_f64() * 1.3) as usize;

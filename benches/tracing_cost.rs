@@ -14,19 +14,16 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
-use uuid::Uuid;
-use warren::amqp::AmqpSettings;
 
-use support::{Node, delete, env_or, fill, median};
+use support::{Node, delete, env_or, fill_settled, fresh_queue, median};
 
 const PRODUCTS: usize = 100;
-const SETTLE: Duration = Duration::from_secs(3);
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -95,12 +92,8 @@ async fn main() {
 /// Fills a fresh queue and drains it with one node of `binary` run with `env`; its rate and CPU per message
 /// (µs), from process start until every message was acked (export may lag behind).
 async fn measure(binary: &std::path::Path, messages: usize, env: &[(&str, &str)]) -> (f64, f64) {
-    let amqp = AmqpSettings {
-        queue: format!("warren-bench-{}", &Uuid::new_v4().simple().to_string()[..8]),
-        ..AmqpSettings::default()
-    };
-    fill(&amqp, messages, PRODUCTS).await;
-    tokio::time::sleep(SETTLE).await;
+    let amqp = fresh_queue();
+    fill_settled(&amqp, messages, PRODUCTS).await;
     let start = Instant::now();
     let node = Node::launch(binary, &amqp, "memory", &[], env).await;
     let elapsed = node.until_acked(messages, start).await;

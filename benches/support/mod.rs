@@ -61,6 +61,25 @@ pub fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+/// How long a fresh persistent backlog is left to the broker before a run: it keeps writing
+/// it to disk for a while, and measuring during that would charge its background work to
+/// whichever consumer runs first.
+pub const SETTLE: Duration = Duration::from_secs(3);
+
+/// Settings for a queue of this run's own, named `warren-bench-<random>`.
+pub fn fresh_queue() -> AmqpSettings {
+    AmqpSettings {
+        queue: format!("warren-bench-{}", &Uuid::new_v4().simple().to_string()[..8]),
+        ..AmqpSettings::default()
+    }
+}
+
+/// [`fill`], then [`SETTLE`].
+pub async fn fill_settled(amqp: &AmqpSettings, messages: usize, products: usize) {
+    fill(amqp, messages, products).await;
+    tokio::time::sleep(SETTLE).await;
+}
+
 /// Publishes `messages` persistent orders round-robin over `products` products, confirmed.
 pub async fn fill(amqp: &AmqpSettings, messages: usize, products: usize) {
     fill_with(amqp, messages, |i| i % products).await;
