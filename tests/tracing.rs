@@ -17,10 +17,10 @@ use axum::routing::post;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
+use support::cluster::SECRET;
 use support::{Consumer, TestDb, TestQueue, binary, eventually, free_port, up_members};
 
 const WAIT: Duration = Duration::from_secs(120);
-const SECRET: &str = "warren-test-secret-0123456789";
 
 /// One exported span, as much of it as the test looks at.
 #[derive(Clone, Debug)]

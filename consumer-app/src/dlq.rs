@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
+use warren::amqp::topology::dead_letter_queue;
 use warren::bridge::redrive::{DeadLetter, Judge, Redrive, Selection};
 use warren::order::CreateOrder;
 
@@ -19,14 +20,12 @@ pub async fn run(command: &DlqCommand, config: &ConsumerConfig) -> anyhow::Resul
         .connect(&amqp.connection_name_or("warren-consumer-dlq"))
         .await
         .context("connecting to the broker at amqp.uri")?;
-    let redrive = Redrive::open(&connection, amqp)
-        .await
-        .with_context(|| {
-            format!(
-                "opening the dead-letter queue {}.dlq (does amqp.queue name the queue the consumers use?)",
-                amqp.queue
-            )
-        })?;
+    let redrive = Redrive::open(&connection, amqp).await.with_context(|| {
+        format!(
+            "opening the dead-letter queue {} (does amqp.queue name the queue the consumers use?)",
+            dead_letter_queue(&amqp.queue)
+        )
+    })?;
     match command {
         DlqCommand::Inspect { limit, json } => {
             let listing = redrive.list(*limit).await.context("listing dead letters")?;
