@@ -10,12 +10,14 @@ pub mod headers;
 pub mod publisher;
 pub mod settings;
 pub mod source;
+pub mod tls;
 pub mod topology;
 
 pub use dead_letter::{DeadLetterPublisher, ERROR_HEADER};
 pub use publisher::{ConfirmedPublisher, OutgoingMessage, PublisherSettings, PublisherStats};
 pub use settings::{AmqpSettings, QueueType};
 pub use source::{AmqpSource, Session, SourceEvent, SourceSettings};
+pub use tls::AmqpTls;
 
 /// A failure talking to the broker.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +28,23 @@ pub enum AmqpError {
     /// The broker or the connection failed; the channel involved is unusable afterwards.
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+    /// No connection to the broker: unreachable, TLS refused (unknown CA, expired, wrong
+    /// host), or login refused.
+    #[error("cannot connect to the broker at {broker}: {source}")]
+    Connect {
+        /// `amqp(s)://host:port` of the link.
+        broker: String,
+        /// lapin's reason, with rustls' for a refused certificate.
+        source: lapin::Error,
+    },
+    /// A TLS file named in `[amqp.tls]` could not be read at connection time.
+    #[error("cannot read amqp.tls file `{}`: {reason}", file.display())]
+    TlsFile {
+        /// The file.
+        file: std::path::PathBuf,
+        /// The operating system's reason.
+        reason: String,
+    },
     /// A mandatory message was returned as unroutable: the target exchange has no bound queue.
     #[error("message returned as unroutable by exchange `{exchange}`: {reply}")]
     Returned {

@@ -4,11 +4,12 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
 use serde::{Deserialize, Serialize};
 
 use crate::amqp::AmqpError;
+use crate::amqp::tls::AmqpTls;
 use crate::config::{ConfigError, check};
 
 /// Heartbeat asked for when the URI names none, so a dead broker is noticed in seconds rather
@@ -43,8 +44,11 @@ pub enum QueueType {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpSettings {
-    /// Broker URI, `amqp://user:password@host:port/vhost`; a `heartbeat=` query is honoured.
+    /// Broker URI, `amqp://user:password@host:port/vhost`, or `amqps://` for TLS; the
+    /// `heartbeat=` and `auth_mechanism=` queries are honoured.
     pub uri: String,
+    /// Certificates for an `amqps://` URI.
+    pub tls: AmqpTls,
     /// The source queue; its dead-letter queue is `<queue>.dlq`. With more than one partition,
     /// the stem of the partition queues `<queue>.p0` … and of their exchange.
     pub queue: String,
@@ -69,6 +73,7 @@ impl Default for AmqpSettings {
     fn default() -> Self {
         AmqpSettings {
             uri: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            tls: AmqpTls::default(),
             queue: "orders".into(),
             partitions: 1,
             queue_type: QueueType::Classic,
@@ -83,9 +88,13 @@ impl Default for AmqpSettings {
 impl AmqpSettings {
     /// Rejects settings the broker would refuse, naming the key under `prefix`.
     pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
-        if let Err(reason) = AMQPUri::from_str(&self.uri) {
-            return check(false, prefix, "uri", &format!("not an AMQP URI: {reason}"));
-        }
+        let uri = match AMQPUri::from_str(&self.uri) {
+            Ok(uri) => uri,
+            Err(reason) => {
+                return check(false, prefix, "uri", &format!("not an AMQP URI: {reason}"));
+            }
+        };
+        self.tls.validate(prefix, &uri)?;
         check(!self.queue.is_empty(), prefix, "queue", "must not be empty")?;
         // Queue names are short strings; the partition exchange's name adds eleven bytes.
         check(
@@ -157,15 +166,30 @@ impl AmqpSettings {
     }
 
     /// Opens a connection named `connection_name` (it shows in the management UI and in
-    /// `rabbitmqctl list_connections`).
+    /// `rabbitmqctl list_connections`), over TLS for an `amqps://` URI. A failure names the
+    /// broker it was for, so a refused certificate reads as the broker link's.
     pub async fn connect(&self, connection_name: &str) -> Result<Connection, AmqpError> {
         let mut uri = AMQPUri::from_str(&self.uri).map_err(AmqpError::InvalidUri)?;
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
         }
+        let broker = format!(
+            "{}://{}:{}",
+            if uri.scheme == AMQPScheme::AMQPS {
+                "amqps"
+            } else {
+                "amqp"
+            },
+            uri.authority.host,
+            uri.authority.port
+        );
         let properties =
             ConnectionProperties::default().with_connection_name(connection_name.into());
-        Ok(Connection::connect_uri(uri, properties).await?)
+        let tls = self.tls.lapin_config()?;
+        let runtime = lapin::runtime::default_runtime()?;
+        Connection::connect_uri_with_config(uri, properties, tls, runtime)
+            .await
+            .map_err(|source| AmqpError::Connect { broker, source })
     }
 
     /// Pauses between reconnection attempts: exponential with jitter, never giving up, never

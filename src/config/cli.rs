@@ -39,6 +39,31 @@ pub struct CommonArgs {
         global = true
     )]
     pub connection_name: Option<String>,
+    /// For an amqps:// URI: a PEM CA certificate trusted besides the system's roots.
+    #[arg(
+        long,
+        env = "WARREN_AMQP__TLS__CA_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub amqp_ca_file: Option<PathBuf>,
+    /// For an amqps:// URI: this client's PEM certificate chain (with
+    /// ?auth_mechanism=external in the URI, the login).
+    #[arg(
+        long,
+        env = "WARREN_AMQP__TLS__CERT_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub amqp_cert_file: Option<PathBuf>,
+    /// The PEM private key of --amqp-cert-file.
+    #[arg(
+        long,
+        env = "WARREN_AMQP__TLS__KEY_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub amqp_key_file: Option<PathBuf>,
     /// Log JSON lines instead of text (the filter is RUST_LOG).
     #[arg(
         long,
@@ -66,6 +91,9 @@ impl CommonArgs {
                 .flag("amqp.partitions", self.partitions)
                 .flag("amqp.queue_type", self.queue_type.clone())
                 .flag("amqp.connection_name", self.connection_name.clone())
+                .flag("amqp.tls.ca_file", self.amqp_ca_file.clone())
+                .flag("amqp.tls.cert_file", self.amqp_cert_file.clone())
+                .flag("amqp.tls.key_file", self.amqp_key_file.clone())
                 .flag("log.json", self.log_json),
         )
     }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod certs;
 pub mod cluster;
 pub mod partition;
 pub mod private_postgres;

@@ -1,7 +1,7 @@
 //! A RabbitMQ node of one test's own, on its own AMQP and distribution ports, node name and
 //! data folder, that the test may stop, kill and start again (never the shared broker
 //! `scripts/test` runs). No plugins: tests read its queues with `rabbitmqctl -n`. Removed when
-//! dropped.
+//! dropped. [`PrivateRabbitMq::start_tls`] makes one that listens only for TLS.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -27,16 +27,58 @@ pub struct PrivateRabbitMq {
     port: u16,
     dist_port: u16,
     base: PathBuf,
+    /// Listens for `amqps://` only.
+    tls: bool,
+}
+
+/// What a TLS-only node presents and trusts.
+pub struct BrokerTls<'a> {
+    /// Its certificate and key.
+    pub server: &'a super::certs::Pair,
+    /// The CA whose client certificates it accepts (and EXTERNAL logs in by common name).
+    pub client_ca: &'a std::path::Path,
 }
 
 impl PrivateRabbitMq {
     /// Starts a fresh node and waits until it serves.
     pub fn start() -> PrivateRabbitMq {
+        Self::start_with(None)
+    }
+
+    /// Starts a fresh node that listens only for TLS, asks clients for a certificate (without
+    /// requiring one) and offers EXTERNAL login by the certificate's common name besides PLAIN.
+    pub fn start_tls(tls: BrokerTls<'_>) -> PrivateRabbitMq {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<BrokerTls<'_>>) -> PrivateRabbitMq {
         let id = Uuid::new_v4().simple().to_string()[..8].to_owned();
         let base = std::env::temp_dir().join(format!("warren-rabbit-{id}"));
         std::fs::create_dir_all(&base).expect("broker folder");
-        std::fs::write(base.join("enabled_plugins"), "[].\n").expect("plugins file");
         let port = super::free_port([127, 0, 0, 1]).port();
+        let plugins = match &tls {
+            None => "[].\n",
+            Some(tls) => {
+                let config = format!(
+                    "listeners.tcp = none\n\
+                     listeners.ssl.default = 127.0.0.1:{port}\n\
+                     ssl_options.cacertfile = {}\n\
+                     ssl_options.certfile = {}\n\
+                     ssl_options.keyfile = {}\n\
+                     ssl_options.verify = verify_peer\n\
+                     ssl_options.fail_if_no_peer_cert = false\n\
+                     auth_mechanisms.1 = PLAIN\n\
+                     auth_mechanisms.2 = EXTERNAL\n\
+                     ssl_cert_login_from = common_name\n",
+                    path(tls.client_ca),
+                    path(&tls.server.cert),
+                    path(&tls.server.key),
+                );
+                std::fs::write(base.join("rabbitmq.conf"), config).expect("config file");
+                "[rabbitmq_auth_mechanism_ssl].\n"
+            }
+        };
+        std::fs::write(base.join("enabled_plugins"), plugins).expect("plugins file");
         // Erlang's distribution port must differ from every other node's.
         let dist_port = super::free_port([127, 0, 0, 1]).port();
         // The server scripts run as the rabbitmq user.
@@ -46,14 +88,21 @@ impl PrivateRabbitMq {
             port,
             dist_port,
             base,
+            tls: tls.is_some(),
         };
         broker.start_again();
         broker
     }
 
-    /// Its AMQP URI.
+    /// Its AMQP URI (`amqps://` for a TLS-only node).
     pub fn uri(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        format!("{scheme}://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Starts the node (again) on its data, waiting until it serves.
@@ -126,8 +175,6 @@ impl PrivateRabbitMq {
         command
             .current_dir("/")
             .env("RABBITMQ_NODENAME", &self.node)
-            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("RABBITMQ_MNESIA_BASE", self.base.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", self.base.join("log"))
@@ -136,11 +183,17 @@ impl PrivateRabbitMq {
                 "RABBITMQ_ENABLED_PLUGINS_FILE",
                 self.base.join("enabled_plugins"),
             )
-            .env("RABBITMQ_CONFIG_FILE", self.base.join("none"))
+            .env("RABBITMQ_CONFIG_FILE", self.base.join("rabbitmq.conf"))
             .env(
                 "RABBITMQ_ADVANCED_CONFIG_FILE",
                 self.base.join("none-advanced.config"),
             );
+        if !self.tls {
+            // The plain listener; a TLS-only node has `listeners.tcp = none` in its file.
+            command
+                .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+                .env("RABBITMQ_NODE_PORT", self.port.to_string());
+        }
         command
     }
 }

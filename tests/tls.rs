@@ -1,0 +1,142 @@
+//! TLS on the broker link and the store link, against real servers that accept nothing else:
+//! a private RabbitMQ node with only a TLS listener, and a private PostgreSQL server with
+//! `ssl = on`. Certificates come from a CA the test makes; the refusals must name the link.
+
+mod support;
+
+use std::time::Duration;
+
+use support::certs::TestCa;
+use support::private_rabbitmq::{BrokerTls, PrivateRabbitMq};
+use support::{Consumer, TestQueue, binary, eventually, path};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_producer_and_a_consumer_drain_2000_orders_over_amqps_to_a_tls_only_broker() {
+    let ca = TestCa::new("amqps");
+    let server = ca.server("broker", &["127.0.0.1"]);
+    let client = ca.client("consumer", "warren-tls-consumer");
+    let broker = PrivateRabbitMq::start_tls(BrokerTls {
+        server: &server,
+        client_ca: &ca.cert,
+    });
+    // The consumer logs in as its certificate's common name (EXTERNAL): no password at all.
+    broker.ctl(&["add_user", "warren-tls-consumer", "never-used"]);
+    broker.ctl(&["clear_password", "warren-tls-consumer"]);
+    broker.ctl(&["set_permissions", "warren-tls-consumer", ".*", ".*", ".*"]);
+    let mut queue = TestQueue::on("amqps", &broker);
+    queue.broker = Some((
+        format!(
+            "amqps://127.0.0.1:{}/%2f?auth_mechanism=external",
+            broker.port()
+        ),
+        broker.node.clone(),
+    ));
+    let consumer = Consumer::start(
+        &queue,
+        &[
+            "--amqp-ca-file",
+            path(&ca.cert),
+            "--amqp-cert-file",
+            path(&client.cert),
+            "--amqp-key-file",
+            path(&client.key),
+        ],
+    )
+    .await;
+
+    // The producer logs in with a password, over TLS trusting the same private CA.
+    let producer = tokio::process::Command::new(binary("warren-producer"))
+        .args(["--uri", &broker.uri(), "--queue", &queue.name])
+        .args(["--count", "2000", "--rate", "0", "--products", "50"])
+        .args(["--amqp-ca-file", path(&ca.cert)])
+        .env("RUST_LOG", "warn")
+        .status()
+        .await
+        .expect("warren-producer runs");
+    assert!(producer.success(), "the producer failed over amqps://");
+    queue.wait_drained(WAIT).await;
+    assert_eq!(
+        consumer
+            .metric("warren_deliveries_total{outcome=\"acked\"}")
+            .await,
+        2000.0
+    );
+
+    // What the broker saw: the consumer's connections are TLS and logged in by certificate.
+    let connections = broker.ctl(&["list_connections", "user", "ssl", "auth_mechanism"]);
+    let consumers: Vec<&str> = connections
+        .lines()
+        .filter(|line| line.starts_with("warren-tls-consumer"))
+        .collect();
+    assert!(
+        !consumers.is_empty(),
+        "no consumer connection: {connections}"
+    );
+    for line in consumers {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            fields,
+            ["warren-tls-consumer", "true", "EXTERNAL"],
+            "{line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_certificate_that_does_not_verify_is_refused_naming_the_link() {
+    let ca = TestCa::new("amqps-trusted");
+    let stranger = TestCa::new("amqps-stranger");
+    let server = ca.server("broker", &["127.0.0.1"]);
+    let broker = PrivateRabbitMq::start_tls(BrokerTls {
+        server: &server,
+        client_ca: &ca.cert,
+    });
+    let mut queue = TestQueue::on("amqps-refused", &broker);
+    let link = format!(
+        "cannot connect to the broker at amqps://127.0.0.1:{}",
+        broker.port()
+    );
+
+    // Signed by a CA the consumer does not trust.
+    let untrusting = Consumer::launch(&queue, &["--amqp-ca-file", path(&stranger.cert)], &[]).await;
+    logged(&untrusting, &[&link, "UnknownIssuer"]).await;
+
+    // Trusted, but not issued for the name the consumer dialled.
+    queue.broker = Some((
+        format!("amqps://guest:guest@localhost:{}/%2f", broker.port()),
+        broker.node.clone(),
+    ));
+    let misnamed = Consumer::launch(&queue, &["--amqp-ca-file", path(&ca.cert)], &[]).await;
+    let link = format!(
+        "cannot connect to the broker at amqps://localhost:{}",
+        broker.port()
+    );
+    logged(
+        &misnamed,
+        &[&link, "certificate not valid for name \"localhost\""],
+    )
+    .await;
+
+    // Neither got in, and neither gave up: both are still running, retrying.
+    assert_eq!(broker.ctl(&["list_connections", "user"]).trim(), "");
+    for consumer in [&untrusting, &misnamed] {
+        assert!(
+            consumer.get("/livez").await.is_some(),
+            "{}",
+            consumer.log_tail()
+        );
+    }
+}
+
+/// Waits until `consumer`'s log has a line with every one of `parts`.
+async fn logged(consumer: &Consumer, parts: &[&str]) {
+    eventually(&format!("a log line with {parts:?}"), WAIT, || async {
+        let log = std::fs::read_to_string(&consumer.log).unwrap_or_default();
+        log.lines()
+            .any(|line| parts.iter().all(|part| line.contains(part)))
+            .then_some(())
+    })
+    .await;
+}
