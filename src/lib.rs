@@ -21,8 +21,8 @@
 //! everything; [`bridge`] (the stream stage) sits on [`metrics`], [`sharding`] (where entities
 //! run) and [`entity`]; below them [`delivery`] (the protocol), [`cluster`] (membership, links,
 //! singletons) and [`amqp`] (the broker), which know nothing of each other; below them
-//! [`telemetry`] (logs and traces), and at the bottom [`ids`], [`config`], [`series`] and small
-//! helpers. [`order`] is the message
+//! [`telemetry`] (logs and traces), and at the bottom [`ids`], [`config`], [`series`],
+//! [`postgres`] (reaching the database as libpq would) and small helpers. [`order`] is the message
 //! contract of the two binaries.
 
 #![warn(missing_docs, unreachable_pub)]
@@ -38,6 +38,7 @@ pub mod ids;
 pub mod metrics;
 pub mod node;
 pub mod order;
+pub mod postgres;
 pub mod series;
 pub mod sharding;
 pub mod shutdown;

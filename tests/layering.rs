@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 /// lower layers (and itself); two modules of one layer know nothing of each other.
 const LAYERS: &[&[&str]] = &[
     // Names, clocks, configuration and metric helpers every layer uses.
-    &["ids", "timer", "backoff", "shutdown", "config", "series"],
+    &[
+        "ids", "timer", "backoff", "shutdown", "config", "series", "postgres",
+    ],
     // Logs and traces (their settings are validated like any config).
     &["telemetry"],
     // The reliable-delivery protocol; the cluster (membership, links, singletons); the broker.

@@ -7,8 +7,12 @@ mod support;
 use std::time::Duration;
 
 use support::certs::TestCa;
+use support::private_postgres::{PrivatePostgres, Stop};
 use support::private_rabbitmq::{BrokerTls, PrivateRabbitMq};
-use support::{Consumer, TestQueue, binary, eventually, path};
+use support::{Consumer, Orders, TestQueue, binary, eventually, path};
+use warren::EntityId;
+use warren::entity::store::{EntityStore, PostgresEntityStore};
+use warren::postgres::PostgresTarget;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -128,6 +132,105 @@ async fn a_broker_certificate_that_does_not_verify_is_refused_naming_the_link() 
             consumer.log_tail()
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_consumer_keeps_its_products_in_postgres_over_verify_full_tls() {
+    let ca = TestCa::new("pg");
+    let postgres = PrivatePostgres::start_tls(&ca.server("postgres", &["127.0.0.1"]));
+    let url = format!(
+        "postgres://warren@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        postgres.port(),
+        path(&ca.cert)
+    );
+    let queue = TestQueue::new("pg-tls");
+    let mut orders = Orders::new(&queue, 20);
+    let consumer = Consumer::start(&queue, &["--entity-store", &url]).await;
+    orders.publish(500).await;
+    queue.wait_drained(WAIT).await;
+    orders.assert_applied_exactly_once(&consumer).await;
+
+    // The server saw the consumer's connections encrypted (and refuses any that are not).
+    let target = PostgresTarget::parse(&url).unwrap();
+    let (client, connection) = target.config.connect(target.tls).await.unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+             FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'warren'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (encrypted, clear): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        encrypted >= 1 && clear == 0,
+        "{encrypted} encrypted, {clear} clear"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_certificate_that_does_not_verify_is_refused_naming_the_link() {
+    let ca = TestCa::new("pg-trusted");
+    let stranger = TestCa::new("pg-stranger");
+    let postgres = PrivatePostgres::start_tls(&ca.server("postgres", &["127.0.0.1"]));
+    let port = postgres.port();
+    let url = |host: &str, mode: &str, root: &TestCa| {
+        format!(
+            "postgres://warren@{host}:{port}/postgres?sslmode={mode}&sslrootcert={}",
+            path(&root.cert)
+        )
+    };
+    let link =
+        |host: &str, mode: &str| format!("postgres://{host}:{port}/postgres (sslmode={mode})");
+
+    let unknown = refusal(&url("127.0.0.1", "verify-full", &stranger)).await;
+    assert!(
+        unknown.contains(&link("127.0.0.1", "verify-full")) && unknown.contains("UnknownIssuer"),
+        "{unknown}"
+    );
+    let misnamed = refusal(&url("localhost", "verify-full", &ca)).await;
+    assert!(
+        misnamed.contains(&link("localhost", "verify-full"))
+            && misnamed.contains("not valid for name"),
+        "{misnamed}"
+    );
+    // verify-ca checks the chain only: the same name is fine.
+    claim(&url("localhost", "verify-ca", &ca)).await.unwrap();
+    let clear = refusal(&format!(
+        "postgres://warren@127.0.0.1:{port}/postgres?sslmode=disable"
+    ))
+    .await;
+    assert!(
+        clear.contains(&link("127.0.0.1", "disable")) && clear.contains("no encryption"),
+        "{clear}"
+    );
+
+    // The same server presenting an expired certificate of the trusted CA.
+    postgres.stop(Stop::Fast);
+    postgres.replace_certificate(&ca.expired_server("expired", &["127.0.0.1"]));
+    postgres.start_again();
+    let expired = refusal(&url("127.0.0.1", "verify-full", &ca)).await;
+    assert!(
+        expired.contains(&link("127.0.0.1", "verify-full")) && expired.contains("certificate expired"),
+        "{expired}"
+    );
+}
+
+async fn claim(url: &str) -> Result<(), String> {
+    let store = PostgresEntityStore::new(url, "tls-test").map_err(|e| e.to_string())?;
+    store
+        .claim(&EntityId::new("p1"))
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+async fn refusal(url: &str) -> String {
+    claim(url)
+        .await
+        .expect_err("the store link must be refused")
 }
 
 /// Waits until `consumer`'s log has a line with every one of `parts`.

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::postgres::{PostgresTarget, link_failure};
 
 /// Why the lease could not be asked for.
 #[derive(Debug, thiserror::Error)]
@@ -56,25 +58,36 @@ const ACQUIRE: &str = "
 /// asked for once per partition.
 pub struct PostgresLease {
     config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    /// The database, for errors about reaching it.
+    link: String,
     name: String,
 }
 
 impl PostgresLease {
     /// The lease `name` in the database at `url`.
     pub fn new(url: &str, name: &str) -> Result<Self, LeaseError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| unavailable(e))?;
+        let PostgresTarget {
+            mut config,
+            tls,
+            link,
+        } = PostgresTarget::parse(url).map_err(unavailable)?;
         config.connect_timeout(TIMEOUT);
         config.application_name("warren-lease");
         Ok(PostgresLease {
             config,
+            tls,
+            link,
             name: name.to_owned(),
         })
     }
 
     async fn client(&self) -> Result<tokio_postgres::Client, LeaseError> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(unavailable)?;
+        let (client, connection) = self
+            .config
+            .connect(self.tls.clone())
+            .await
+            .map_err(|e| unavailable(link_failure(&self.link, &e)))?;
         tokio::spawn(connection);
         let exists = client
             .query_one(

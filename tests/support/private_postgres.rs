@@ -29,6 +29,45 @@ pub struct PrivatePostgres {
 impl PrivatePostgres {
     /// Creates a cluster (superuser `warren`, trust on loopback) and starts it.
     pub fn start() -> PrivatePostgres {
+        let server = Self::create();
+        server.start_again();
+        server
+    }
+
+    /// Like [`Self::start`], with `ssl = on` presenting `server`'s certificate, and every
+    /// connection over TCP without TLS refused (`hostnossl … reject`).
+    pub fn start_tls(server: &super::certs::Pair) -> PrivatePostgres {
+        let postgres = Self::create();
+        let data = &postgres.data;
+        postgres.replace_certificate(server);
+        let mut conf =
+            std::fs::read_to_string(data.join("postgresql.conf")).expect("postgresql.conf");
+        conf.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(data.join("postgresql.conf"), conf).expect("postgresql.conf");
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .expect("pg_hba.conf");
+        postgres.start_again();
+        postgres
+    }
+
+    /// Puts `server`'s certificate and key in place of the ones it presents (takes effect at
+    /// the next start).
+    pub fn replace_certificate(&self, server: &super::certs::Pair) {
+        for (from, to, mode) in [
+            (&server.cert, "server.crt", "644"),
+            (&server.key, "server.key", "600"),
+        ] {
+            let to = self.data.join(to);
+            std::fs::copy(from, &to).expect("certificate copied");
+            run("chown", &["postgres:postgres", path(&to)]);
+            run("chmod", &[mode, path(&to)]);
+        }
+    }
+
+    fn create() -> PrivatePostgres {
         let bin = server_bin();
         let data = std::env::temp_dir().join(format!(
             "warren-pg-{}",
@@ -49,9 +88,12 @@ impl PrivatePostgres {
             ],
         );
         let port = super::free_port([127, 0, 0, 1]).port();
-        let server = PrivatePostgres { bin, data, port };
-        server.start_again();
-        server
+        PrivatePostgres { bin, data, port }
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// A URL for database `postgres` (tests create what they need in it).

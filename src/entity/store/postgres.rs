@@ -13,10 +13,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::OnceCell;
-use tokio_postgres::NoTls;
 
 use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
 use crate::ids::EntityId;
+use crate::postgres::{PostgresTarget, link_failure};
 
 /// Connections per node; entities wait for one when all are busy.
 const POOL_SIZE: usize = 8;
@@ -73,23 +73,28 @@ const APPEND: &str = "
 /// An [`EntityStore`] in PostgreSQL.
 pub struct PostgresEntityStore {
     pool: Pool,
+    /// The database, for errors that come before any statement (connecting, TLS).
+    link: String,
     kind: String,
     schema: OnceCell<()>,
 }
 
-/// Checks that `url` is a usable connection string, without connecting.
+/// Checks that `url` is a usable connection string and its `sslrootcert` readable, without
+/// connecting.
 pub(super) fn check_url(url: &str) -> Result<(), String> {
-    url.parse::<tokio_postgres::Config>()
+    PostgresTarget::parse(url)
         .map(|_| ())
-        .map_err(|e| format!("not a usable PostgreSQL URL: {e}"))
+        .map_err(|e| e.to_string())
 }
 
 impl PostgresEntityStore {
     /// A store for entities of `kind` in the database at `url`; connects on first use.
     pub fn new(url: &str, kind: &str) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::Unavailable(e.to_string()))?;
+        let PostgresTarget {
+            mut config,
+            tls,
+            link,
+        } = PostgresTarget::parse(url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -98,7 +103,7 @@ impl PostgresEntityStore {
         }
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -112,6 +117,7 @@ impl PostgresEntityStore {
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(PostgresEntityStore {
             pool,
+            link,
             kind: kind.to_owned(),
             schema: OnceCell::new(),
         })
@@ -122,7 +128,7 @@ impl PostgresEntityStore {
             .pool
             .get()
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(|e| StoreError::Unavailable(link_failure(&self.link, &e)))?;
         self.schema
             .get_or_try_init(|| async {
                 // Usually another node made it already; asking first keeps the server from
