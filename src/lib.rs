@@ -21,8 +21,9 @@
 //! everything; [`bridge`] (the stream stage) sits on [`metrics`], [`sharding`] (where entities
 //! run) and [`entity`]; below them [`delivery`] (the protocol), [`cluster`] (membership, links,
 //! singletons) and [`amqp`] (the broker), which know nothing of each other; below them
-//! [`telemetry`] (logs and traces), and at the bottom [`ids`], [`config`], [`series`],
-//! [`postgres`] (reaching the database as libpq would) and small helpers. [`order`] is the message
+//! [`telemetry`] (logs and traces) and [`postgres`] (reaching the database as libpq would), and
+//! at the bottom [`ids`], [`config`], [`series`], [`tls`] (PEM files, verifiers) and small
+//! helpers. [`order`] is the message
 //! contract of the two binaries.
 
 #![warn(missing_docs, unreachable_pub)]
@@ -46,6 +47,7 @@ pub mod telemetry;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 mod timer;
+pub mod tls;
 
 pub use amqp::{AmqpSettings, SourceSettings};
 pub use bridge::{BRIDGE_ROLE, BridgeSettings, bridge_singleton_name, bridge_singletons};

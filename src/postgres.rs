@@ -16,16 +16,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use rustls::ClientConfig;
 use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::client::danger::ServerCertVerifier;
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::tls::{self, ChainOnly, TlsFileError, Unverified};
 
 /// A connection URL that cannot be used; the text names the parameter.
 #[derive(Debug, thiserror::Error)]
@@ -37,13 +34,8 @@ pub enum PostgresUrlError {
     #[error("sslmode `{0}` is not one of disable, prefer, require, verify-ca, verify-full")]
     SslMode(String),
     /// `sslrootcert` names a file that holds no certificate.
-    #[error("sslrootcert `{}`: {reason}", file.display())]
-    RootCert {
-        /// The file.
-        file: PathBuf,
-        /// Why it cannot be used.
-        reason: String,
-    },
+    #[error("sslrootcert {0}")]
+    RootCert(TlsFileError),
 }
 
 /// How far the server's certificate is checked.
@@ -201,7 +193,7 @@ fn client_config(
     verify: Verify,
     root_cert: Option<PathBuf>,
 ) -> Result<ClientConfig, PostgresUrlError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = tls::provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| PostgresUrlError::Invalid(e.to_string()))?;
@@ -211,14 +203,16 @@ fn client_config(
             .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
             .with_no_client_auth()
     } else {
-        let roots = Arc::new(roots(root_cert)?);
-        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
-            .build()
-            .map_err(|e| PostgresUrlError::Invalid(e.to_string()))?;
+        let roots = match &root_cert {
+            Some(file) => tls::roots_from(file).map_err(PostgresUrlError::RootCert)?,
+            None => tls::system_roots(),
+        };
         let verifier: Arc<dyn ServerCertVerifier> = if verify == Verify::Chain {
-            Arc::new(ChainOnly(webpki))
+            Arc::new(ChainOnly::new(roots).map_err(PostgresUrlError::RootCert)?)
         } else {
-            webpki
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| PostgresUrlError::Invalid(e.to_string()))?
         };
         builder
             .dangerous()
@@ -226,129 +220,6 @@ fn client_config(
             .with_no_client_auth()
     };
     Ok(config)
-}
-
-/// The roots a verifying mode trusts: `sslrootcert`'s certificates, else the system's.
-fn roots(root_cert: Option<PathBuf>) -> Result<RootCertStore, PostgresUrlError> {
-    let mut roots = RootCertStore::empty();
-    match root_cert {
-        Some(file) => {
-            let refused = |reason: String| PostgresUrlError::RootCert {
-                file: file.clone(),
-                reason,
-            };
-            let certs = CertificateDer::pem_file_iter(&file)
-                .map_err(|e| refused(e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| refused(e.to_string()))?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(refused("holds no usable certificate".into()));
-            }
-        }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(native.certs);
-        }
-    }
-    Ok(roots)
-}
-
-/// `verify-ca`: the chain must lead to a trusted root; which host it names does not matter.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` and `require` without a root certificate: encrypted, not authenticated (libpq's
-/// meaning; the handshake's signatures are still checked).
-#[derive(Debug)]
-struct Unverified(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]

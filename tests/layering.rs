@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 /// The library's top-level modules, bottom layer first. A module may import only modules of
 /// lower layers (and itself); two modules of one layer know nothing of each other.
 const LAYERS: &[&[&str]] = &[
-    // Names, clocks, configuration and metric helpers every layer uses.
+    // Names, clocks, configuration, metric helpers and TLS files every layer uses.
     &[
-        "ids", "timer", "backoff", "shutdown", "config", "series", "postgres",
+        "ids", "timer", "backoff", "shutdown", "config", "series", "tls",
     ],
-    // Logs and traces (their settings are validated like any config).
-    &["telemetry"],
+    // Logs and traces (their settings are validated like any config); reaching PostgreSQL.
+    &["telemetry", "postgres"],
     // The reliable-delivery protocol; the cluster (membership, links, singletons); the broker.
     &["delivery", "cluster", "amqp"],
     // Entities and where they keep their state.

@@ -1,15 +1,17 @@
-//! TLS on the broker link and the store link, against real servers that accept nothing else:
-//! a private RabbitMQ node with only a TLS listener, and a private PostgreSQL server with
-//! `ssl = on`. Certificates come from a CA the test makes; the refusals must name the link.
+//! TLS on every link, against real servers that accept nothing else: a private RabbitMQ node
+//! with only a TLS listener, a private PostgreSQL server with `ssl = on`, and three
+//! `warren-consumer` nodes whose links need a certificate of the cluster CA. Certificates come
+//! from CAs the test makes; the refusals must name the link.
 
 mod support;
 
 use std::time::Duration;
 
 use support::certs::TestCa;
+use support::cluster::{Cluster, NODES, SECRET, node_ip, sigkill_the_singleton_holder_mid_run};
 use support::private_postgres::{PrivatePostgres, Stop};
 use support::private_rabbitmq::{BrokerTls, PrivateRabbitMq};
-use support::{Consumer, Orders, TestQueue, binary, eventually, path};
+use support::{Consumer, Orders, TestQueue, binary, eventually, free_port, path, up_members};
 use warren::EntityId;
 use warren::entity::store::{EntityStore, PostgresEntityStore};
 use warren::postgres::PostgresTarget;
@@ -213,7 +215,8 @@ async fn a_store_certificate_that_does_not_verify_is_refused_naming_the_link() {
     postgres.start_again();
     let expired = refusal(&url("127.0.0.1", "verify-full", &ca)).await;
     assert!(
-        expired.contains(&link("127.0.0.1", "verify-full")) && expired.contains("certificate expired"),
+        expired.contains(&link("127.0.0.1", "verify-full"))
+            && expired.contains("certificate expired"),
         "{expired}"
     );
 }
@@ -231,6 +234,111 @@ async fn refusal(url: &str) -> String {
     claim(url)
         .await
         .expect_err("the store link must be refused")
+}
+
+/// `--cluster-*-file` flags for a node certificate of `ca` valid on every test node's address.
+fn cluster_tls(ca: &TestCa) -> Vec<String> {
+    let names: Vec<String> = (0..=NODES.len())
+        .map(|i| std::net::IpAddr::from(node_ip(i)).to_string())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let node = ca.peer("node", &names);
+    [
+        ("--cluster-ca-file", &ca.cert),
+        ("--cluster-cert-file", &node.cert),
+        ("--cluster-key-file", &node.key),
+    ]
+    .into_iter()
+    .flat_map(|(flag, file)| [flag.to_owned(), path(file).to_owned()])
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_over_mutual_tls_lose_nothing_when_the_singleton_holder_is_sigkilled() {
+    let ca = TestCa::new("cluster");
+    let mut extra = cluster_tls(&ca);
+    extra.extend(["--processing-delay-ms".to_owned(), "20".to_owned()]);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let cluster = Cluster::start("tls-kill", &extra).await;
+    sigkill_the_singleton_holder_mid_run(cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_certificate_of_the_cluster_ca_is_refused_naming_the_link() {
+    let ca = TestCa::new("cluster-trusted");
+    let stranger = TestCa::new("cluster-stranger");
+    let trusted = cluster_tls(&ca);
+    let cluster = Cluster::start(
+        "tls-refused",
+        &trusted.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let seed = cluster.listen[0].to_string();
+    let intruder = |name: &'static str, tls: Vec<String>| {
+        let queue = &cluster.queue;
+        let store = cluster.store.clone();
+        let seed = seed.clone();
+        async move {
+            let listen = free_port(node_ip(3)).to_string();
+            let mut args = vec![
+                "--node-id".to_owned(),
+                name.to_owned(),
+                "--listen".to_owned(),
+                listen,
+                "--seeds".to_owned(),
+                seed,
+                "--cluster-secret".to_owned(),
+                SECRET.to_owned(),
+                "--entity-store".to_owned(),
+                store,
+            ];
+            args.extend(tls);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Consumer::launch(queue, &args, &[]).await
+        }
+    };
+    // Holds the secret, but its certificate and CA are another cluster's: it cannot verify
+    // the seed, nor the seed it.
+    let foreign = intruder("foreign", cluster_tls(&stranger)).await;
+    let blocker = join_blocker(&foreign, "invalid peer certificate: UnknownIssuer").await;
+    assert!(
+        blocker.contains("TLS handshake on the cluster link to"),
+        "{blocker}"
+    );
+    // Holds the secret and speaks no TLS at all.
+    let plain = intruder("plain", Vec::new()).await;
+    let blocker = join_blocker(&plain, "refused").await;
+    assert!(blocker.contains(&seed), "{blocker}");
+
+    // Neither got in, nor formed a cluster of its own, and the cluster never saw them.
+    for outsider in [&foreign, &plain] {
+        let status = outsider
+            .get("/cluster")
+            .await
+            .expect("the outsider answers");
+        assert_eq!(status["join"], "joining", "{status}");
+        assert!(up_members(&status).is_empty(), "{status}");
+    }
+    for node in cluster.running() {
+        let status = node.get("/cluster").await.expect("a member answers");
+        let members = status["members"].to_string();
+        assert!(
+            !members.contains("foreign") && !members.contains("plain"),
+            "{status}"
+        );
+    }
+    cluster.converged(&NODES).await;
+}
+
+/// Waits until `node`'s `/cluster` page says its join is blocked for a reason with `part`;
+/// returns that reason.
+async fn join_blocker(node: &Consumer, part: &str) -> String {
+    eventually(&format!("a join blocker with {part:?}"), WAIT, || async {
+        let status = node.get("/cluster").await?;
+        let blocker = status["join_blocker"].as_str()?.to_owned();
+        blocker.contains(part).then_some(blocker)
+    })
+    .await
 }
 
 /// Waits until `consumer`'s log has a line with every one of `parts`.

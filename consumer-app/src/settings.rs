@@ -277,8 +277,9 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub cluster_secret: Option<String>,
-    /// Join a cluster without a shared secret: links are then neither authenticated nor
-    /// encrypted, so only on a network every host of which is trusted.
+    /// Join a cluster without a shared secret: gossip is then not authenticated, nor are links
+    /// unless --cluster-ca-file sets mutual TLS; only on a network every host of which is
+    /// trusted.
     #[arg(
         long,
         env = "WARREN_CLUSTER__INSECURE",
@@ -287,6 +288,15 @@ pub struct Cli {
         value_name = "BOOL"
     )]
     pub insecure: Option<bool>,
+    /// Mutual TLS on links between nodes: the PEM CA that signs every node's certificate.
+    #[arg(long, env = "WARREN_CLUSTER__TLS__CA_FILE", value_name = "FILE")]
+    pub cluster_ca_file: Option<std::path::PathBuf>,
+    /// This node's PEM certificate, signed by --cluster-ca-file (server and client alike).
+    #[arg(long, env = "WARREN_CLUSTER__TLS__CERT_FILE", value_name = "FILE")]
+    pub cluster_cert_file: Option<std::path::PathBuf>,
+    /// The PEM private key of --cluster-cert-file.
+    #[arg(long, env = "WARREN_CLUSTER__TLS__KEY_FILE", value_name = "FILE")]
+    pub cluster_key_file: Option<std::path::PathBuf>,
     /// Where products keep their state: memory, or a postgres:// URL shared by all nodes
     /// (default memory).
     #[arg(long, env = "WARREN_ENTITY_STORE", value_name = "STORE")]
@@ -375,6 +385,9 @@ impl Cli {
             )
             .flag("cluster.secret", self.cluster_secret.clone())
             .flag("cluster.insecure", self.insecure)
+            .flag("cluster.tls.ca_file", self.cluster_ca_file.clone())
+            .flag("cluster.tls.cert_file", self.cluster_cert_file.clone())
+            .flag("cluster.tls.key_file", self.cluster_key_file.clone())
             .flag("entity_store", self.entity_store.clone())
             .extract()?;
         // The lease lives in the database the products live in, unless told otherwise.

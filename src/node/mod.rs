@@ -38,7 +38,7 @@ use crate::cluster::singleton::driver::{
     self as singletons, SingletonHandle, SingletonSettings, SingletonSpec,
 };
 use crate::cluster::singleton::{Placement, SingletonMsg};
-use crate::cluster::transport::{self, Inbound, TransportHandle};
+use crate::cluster::transport::{self, Inbound, LinkTls, TransportHandle};
 use crate::config::ConfigError;
 use crate::delivery::durable::wall_clock_millis;
 use crate::delivery::protocol::{ProducerId, SequencedMessage};
@@ -166,12 +166,18 @@ where
         settings.validate("cluster")?;
         delivery.validate("delivery")?;
         let security = settings.security()?;
+        let tls = settings.link_tls()?;
         let lease = settings.downing.lease(&settings.cluster_name)?;
         let core = sharding_producer(settings, delivery)?;
         let (listener, membership, node, listen) =
-            join(settings, &security, lease, metrics).await?;
-        let (transport, inbound) =
-            transport::start::<NodeMsg<M>>(&node, security, listener, settings.transport.clone());
+            join(settings, &security, tls.clone(), lease, metrics).await?;
+        let (transport, inbound) = transport::start::<NodeMsg<M>>(
+            &node,
+            security,
+            tls,
+            listener,
+            settings.transport.clone(),
+        );
 
         let region = spawn_region(
             &node,
@@ -400,6 +406,7 @@ where
 async fn join(
     settings: &ClusterSettings,
     security: &Security,
+    tls: Option<Arc<LinkTls>>,
     lease: Option<Arc<dyn Lease>>,
     metrics: &Metrics,
 ) -> Result<(TcpListener, Membership, NodeContext, SocketAddr), NodeError> {
@@ -410,6 +417,7 @@ async fn join(
         listen,
         settings.membership(),
         security.clone(),
+        tls,
         lease,
         metrics.cluster.clone(),
     )

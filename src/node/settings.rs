@@ -13,7 +13,7 @@ use crate::cluster::auth::{ClusterSecret, Security};
 use crate::cluster::lease::{Lease, PostgresLease};
 use crate::cluster::membership::MembershipSettings;
 use crate::cluster::membership::downing::{DowningSettings, Strategy};
-use crate::cluster::transport::TransportSettings;
+use crate::cluster::transport::{ClusterTlsSettings, LinkTls, TransportSettings};
 use crate::config::{ConfigError, check};
 use crate::entity::store::StoreLocation;
 use crate::sharding::{CoordinatorSettings, RegionSettings};
@@ -64,6 +64,8 @@ pub struct ClusterSettings {
     pub leave_timeout: Duration,
     /// Node-to-node links.
     pub transport: TransportSettings,
+    /// Mutual TLS on node-to-node links (`[cluster.tls]`); gossip stays signed by `secret`.
+    pub tls: ClusterTlsSettings,
     /// Shard regions.
     pub region: RegionSettings,
     /// The shard coordinator.
@@ -89,6 +91,7 @@ impl Default for ClusterSettings {
             give_up_joining_after: membership.give_up_after,
             leave_timeout: Duration::from_secs(30),
             transport: TransportSettings::default(),
+            tls: ClusterTlsSettings::default(),
             region: RegionSettings::default(),
             coordinator: CoordinatorSettings::default(),
         }
@@ -157,12 +160,22 @@ impl ClusterSettings {
                 "must be at least 16 bytes",
             )?;
         }
+        self.tls.validate(prefix)?;
         check(
             self.secret.is_some() || self.insecure || self.seeds.is_empty(),
             prefix,
             "secret",
             "joining a cluster needs a shared secret (or `--insecure` / `insecure = true` on a trusted network)",
         )
+    }
+
+    /// The TLS ends of this node's links, or `None` without `[cluster.tls]`; call after
+    /// [`Self::validate`].
+    pub fn link_tls(&self) -> Result<Option<Arc<LinkTls>>, ConfigError> {
+        self.tls.build().map_err(|e| ConfigError::OutOfRange {
+            key: format!("cluster.{}", e.key),
+            reason: e.source.to_string(),
+        })
     }
 
     /// How this node authenticates peers; call after [`Self::validate`].

@@ -264,3 +264,53 @@ pub async fn takeover_time(cluster: &Cluster, killed: Instant) -> Duration {
     })
     .await
 }
+
+/// The SIGKILL test: with 10,000 orders in flight the node that consumes the queue is killed;
+/// another takes over, the killed node comes back as the youngest, and in the end every order
+/// was applied exactly once (at most a prefetch redelivered) and every shard lives on one node.
+/// `cluster` must run 20 ms products, so the kill lands mid-run.
+pub async fn sigkill_the_singleton_holder_mid_run(mut cluster: Cluster) {
+    assert_eq!(cluster.bridge_holder().await, 0, "the oldest node consumes");
+    let mut orders = Orders::new(&cluster.queue, 100);
+    orders.publish(10_000).await;
+    cluster.acked_at_least(0, 2_000.0).await;
+    assert!(
+        cluster.node(0).metric(ACKED).await < 10_000.0,
+        "the kill must come mid-run"
+    );
+
+    cluster.kill(0).await;
+    let killed = Instant::now();
+    let publishing = publish_in_background(orders, 20_000);
+    let takeover = takeover_time(&cluster, killed).await;
+    eprintln!(
+        "singleton takeover after SIGKILL: {takeover:?} (kill → first ack by the new holder)"
+    );
+    let new_holder = cluster.bridge_holder().await;
+    assert_ne!(new_holder, 0);
+
+    // Back later, as the youngest node: it hosts shards but does not take the queue back.
+    let orders = publishing.await.expect("publishing finished");
+    cluster.nodes[0] = Some(cluster.launch(0).await);
+    cluster.converged(&NODES).await;
+    assert_eq!(cluster.bridge_holder().await, new_holder);
+    cluster.assert_everything_applied_once(&orders).await;
+    assert_eq!(orders.total(), 30_000);
+    // Only what n1 had applied and not yet acked came back: at most a prefetch.
+    cluster.assert_duplicates_at_most(prefetch()).await;
+
+    // Any node tells where every shard is: each on one node, the killed node's elsewhere now.
+    // Shards may still move (n1 is back), so two answers in a row must agree.
+    let spread = eventually("n2 to report three nodes' shards", DRAIN, || async {
+        let first = shard_spread(cluster.node(1)).await?;
+        let second = shard_spread(cluster.node(1)).await?;
+        (first.len() == 3 && first == second).then_some(first)
+    })
+    .await;
+    let mut all: Vec<u64> = spread.values().flatten().copied().collect();
+    let hosted = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), hosted, "a shard on two nodes: {spread:?}");
+    assert!(hosted > 0, "{spread:?}");
+}

@@ -36,6 +36,7 @@ use crate::cluster::lease::Lease;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::transport::probe::{ProbeOutcome, probe};
+use crate::cluster::transport::tls::LinkTls;
 use downing::{DownReason, DowningSettings, LeaseRequest, Resolver, Strategy};
 use join::{JoinDecision, JoinRule, JoinState, SeedRole};
 use view::{GossipNode, GossipRead, KnownMembers, own_keys, view_from_gossip};
@@ -114,6 +115,7 @@ impl Membership {
         gossip_addr: SocketAddr,
         settings: MembershipSettings,
         security: Security,
+        tls: Option<Arc<LinkTls>>,
         lease: Option<Arc<dyn Lease>>,
         metrics: ClusterMetrics,
     ) -> Result<Self, MembershipError> {
@@ -124,7 +126,14 @@ impl Membership {
         );
         let config = ChitchatConfig {
             chitchat_id,
-            cluster_id: security.gossip_cluster_id(&settings.cluster_name),
+            cluster_id: match &tls {
+                Some(tls) => format!(
+                    "{}-ca-{}",
+                    security.gossip_cluster_id(&settings.cluster_name),
+                    tls.ca_fingerprint()
+                ),
+                None => security.gossip_cluster_id(&settings.cluster_name),
+            },
             gossip_interval: settings.gossip_interval,
             listen_addr: gossip_addr,
             seed_nodes: settings.seeds.clone(),
@@ -174,6 +183,7 @@ impl Membership {
                 seeds.others,
                 me.addr.clone(),
                 security.clone(),
+                tls,
                 join.clone(),
                 probes_tx,
             ));
@@ -323,6 +333,7 @@ async fn probe_seeds(
     seeds: Vec<String>,
     me: NodeAddr,
     security: Security,
+    tls: Option<Arc<LinkTls>>,
     mut join: watch::Receiver<JoinState>,
     outcomes: mpsc::Sender<(String, ProbeOutcome)>,
 ) {
@@ -331,7 +342,7 @@ async fn probe_seeds(
         for seed in &seeds {
             let outcome = match tokio::net::lookup_host(seed.as_str()).await {
                 Ok(mut addrs) => match addrs.next() {
-                    Some(addr) => probe(addr, &me, &security, PROBE_TIMEOUT).await,
+                    Some(addr) => probe(addr, &me, &security, tls.as_deref(), PROBE_TIMEOUT).await,
                     None => ProbeOutcome::Unreachable("resolves to no address".to_owned()),
                 },
                 Err(error) => ProbeOutcome::Unreachable(format!("does not resolve: {error}")),

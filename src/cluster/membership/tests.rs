@@ -63,6 +63,7 @@ async fn start_node(
         settings,
         security,
         None,
+        None,
         ClusterMetrics::unregistered(),
     )
     .await

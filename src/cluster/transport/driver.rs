@@ -32,6 +32,7 @@ use crate::cluster::metrics::{ClusterMetrics, refusal};
 use crate::cluster::transport::frame::{Frame, decode, encode};
 use crate::cluster::transport::handshake::{self, Refusal};
 use crate::cluster::transport::link_error::LinkError;
+use crate::cluster::transport::tls::{LinkStream, LinkTls, accepted, dialled};
 use crate::cluster::transport::{Outbox, TransportSettings};
 
 /// Handshakes in progress at most; more connections wait to be accepted.
@@ -43,7 +44,7 @@ const STABLE_LINK: Duration = Duration::from_secs(10);
 /// Most frames written with one flush; bounds the latency of the first behind a burst.
 const WRITE_BATCH: usize = 64;
 
-type Link = Framed<TcpStream, LengthDelimitedCodec>;
+type Link = Framed<LinkStream, LengthDelimitedCodec>;
 type Routes<T> = Arc<RwLock<HashMap<NodeAddr, mpsc::Sender<T>>>>;
 
 /// A message that arrived for this node's services.
@@ -133,6 +134,7 @@ impl<T> TransportHandle<T> {
 pub fn start<T>(
     node: &NodeContext,
     security: Security,
+    tls: Option<Arc<LinkTls>>,
     listener: TcpListener,
     settings: TransportSettings,
 ) -> (TransportHandle<T>, mpsc::Receiver<Inbound<T>>)
@@ -153,6 +155,7 @@ where
         me,
         local_ip,
         security,
+        tls,
         counters: Counters::new(&metrics),
         metrics,
         settings,
@@ -176,6 +179,8 @@ struct Shared<T> {
     /// The address this node listens on; links are dialled from it too.
     local_ip: Option<std::net::IpAddr>,
     security: Security,
+    /// TLS around every link, when `[cluster.tls]` is set.
+    tls: Option<Arc<LinkTls>>,
     settings: TransportSettings,
     metrics: ClusterMetrics,
     counters: Counters,
@@ -441,6 +446,7 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> PeerTask<T> {
                 .await
                 .map_err(|e| format!("connect {addr}: {e}"))?;
             let _ = stream.set_nodelay(true);
+            let stream = dialled(self.shared.tls.as_deref(), stream, addr).await?;
             let mut link = framed(stream, settings.max_frame_bytes);
             let nonce: [u8; 32] = rand::rng().random();
             let hello = handshake::hello::<T>(&self.shared.security, &self.shared.me, nonce)
@@ -601,7 +607,7 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> PeerTask<T> {
     }
 }
 
-pub(super) fn framed(stream: TcpStream, max_frame_bytes: usize) -> Link {
+pub(super) fn framed(stream: LinkStream, max_frame_bytes: usize) -> Link {
     LengthDelimitedCodec::builder()
         .max_frame_length(max_frame_bytes)
         .new_framed(stream)
@@ -676,8 +682,9 @@ async fn accept<T: Serialize + DeserializeOwned>(
     stream: TcpStream,
 ) -> Result<(NodeAddr, Link), Refused> {
     let _ = stream.set_nodelay(true);
-    let mut link = framed(stream, shared.settings.max_frame_bytes);
     timeout(shared.settings.handshake_timeout, async {
+        let stream = accepted(shared.tls.as_deref(), stream).await?;
+        let mut link = framed(stream, shared.settings.max_frame_bytes);
         let hello = next_frame::<T>(&mut link).await?;
         let nonce: [u8; 32] = rand::rng().random();
         let (welcome, accepting) =

@@ -1,6 +1,6 @@
 //! The node-to-node transport: one authenticated TCP link per pair of nodes, carrying
 //! length-delimited frames ([`frame`]) after a handshake that proves both ends hold the
-//! cluster secret ([`handshake`]). [`driver`] owns the sockets; [`probe`] checks a seed for a
+//! cluster secret ([`handshake`]), inside mutual TLS when configured ([`tls`]). [`driver`] owns the sockets; [`probe`] checks a seed for a
 //! node that is still joining.
 //!
 //! Delivery is at most once and in order per link: a frame queued while a link is down waits
@@ -12,6 +12,7 @@ pub mod frame;
 pub mod handshake;
 pub mod link_error;
 pub mod probe;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use crate::cluster::member::NodeAddr;
 
 pub use driver::{Inbound, SendOutcome, TransportHandle, start};
 pub use link_error::LinkError;
+pub use tls::{ClusterTlsSettings, LinkTls};
 
 /// Sends one kind of message to a node without waiting: the transport (wrapping the message
 /// into the node's message type), or an in-memory network in tests. Services take this, so

@@ -17,6 +17,7 @@ use crate::cluster::member::NodeAddr;
 use crate::cluster::transport::driver::{framed, next_frame, refuse, send_frame};
 use crate::cluster::transport::frame::Frame;
 use crate::cluster::transport::handshake;
+use crate::cluster::transport::tls::{LinkTls, dialled};
 
 /// Largest frame a probe reads: a Welcome is a few hundred bytes.
 const PROBE_MAX_FRAME: usize = 64 * 1024;
@@ -37,12 +38,18 @@ pub async fn probe(
     addr: SocketAddr,
     me: &NodeAddr,
     security: &Security,
+    tls: Option<&LinkTls>,
     limit: Duration,
 ) -> ProbeOutcome {
     let attempt = async {
         let stream = match TcpStream::connect(addr).await {
             Ok(stream) => stream,
             Err(error) => return ProbeOutcome::Unreachable(error.to_string()),
+        };
+        // A seed that refuses our certificate (or we its) refused us, as a wrong secret would.
+        let stream = match dialled(tls, stream, addr).await {
+            Ok(stream) => stream,
+            Err(error) => return ProbeOutcome::Refused(error),
         };
         let mut link = framed(stream, PROBE_MAX_FRAME);
         let nonce: [u8; 32] = rand::rng().random();
@@ -132,8 +139,13 @@ mod tests {
             metrics: metrics.clone(),
             shutdown: stop.clone(),
         };
-        let (_handle, _inbound) =
-            start::<String>(&node, security, listener, TransportSettings::default());
+        let (_handle, _inbound) = start::<String>(
+            &node,
+            security,
+            None,
+            listener,
+            TransportSettings::default(),
+        );
         // The handle and inbound may go: the listener runs until `stop`.
         Seed {
             at,
@@ -151,6 +163,7 @@ mod tests {
             at,
             &addr("joiner"),
             &secret("the shared cluster secret"),
+            None,
             LIMIT,
         )
         .await;
@@ -179,6 +192,7 @@ mod tests {
             at,
             &addr("joiner"),
             &secret("some other secret value"),
+            None,
             LIMIT,
         )
         .await;
@@ -186,7 +200,7 @@ mod tests {
             matches!(&wrong, ProbeOutcome::Refused(why) if why.contains("secret")),
             "{wrong:?}"
         );
-        let open = probe(at, &addr("joiner"), &Security::Insecure, LIMIT).await;
+        let open = probe(at, &addr("joiner"), &Security::Insecure, None, LIMIT).await;
         assert!(matches!(open, ProbeOutcome::Refused(_)), "{open:?}");
         seed.stop.cancel();
 
@@ -197,6 +211,7 @@ mod tests {
             nobody,
             &addr("joiner"),
             &secret("the shared cluster secret"),
+            None,
             LIMIT,
         )
         .await;

@@ -70,7 +70,7 @@ async fn node_on(listener: TcpListener, id: &str, security: Security) -> Node {
         metrics: metrics.clone(),
         shutdown: stop.clone(),
     };
-    let (handle, inbound) = start(&node, security, listener, settings());
+    let (handle, inbound) = start(&node, security, None, listener, settings());
     Node {
         member: me,
         handle,
