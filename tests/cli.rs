@@ -80,6 +80,65 @@ async fn invalid_values_are_refused_naming_their_key() {
 }
 
 #[tokio::test]
+async fn tls_misconfigurations_are_refused_naming_their_key() {
+    let empty = std::env::temp_dir().join(format!("warren-cli-tls-{}.pem", std::process::id()));
+    std::fs::write(&empty, "no PEM in here").unwrap();
+    let empty = support::path(&empty);
+    for program in ["warren-consumer", "warren-producer"] {
+        // A CA for a link that is not TLS.
+        refuse(program, &["--amqp-ca-file", empty], &[], "amqp.tls").await;
+        // A file without a certificate.
+        let tls_uri = [
+            "--uri",
+            "amqps://127.0.0.1:5671/%2f",
+            "--amqp-ca-file",
+            empty,
+        ];
+        refuse(program, &tls_uri, &[], "amqp.tls.ca_file").await;
+        // EXTERNAL without a client certificate.
+        let external = [
+            "--uri",
+            "amqps://127.0.0.1:5671/%2f?auth_mechanism=external",
+        ];
+        refuse(program, &external, &[], "amqp.tls.cert_file").await;
+    }
+    // Half a node identity, and a CA file that holds none.
+    refuse(
+        "warren-consumer",
+        &["--cluster-cert-file", empty],
+        &[],
+        "cluster.tls.ca_file",
+    )
+    .await;
+    let node = [
+        "--cluster-ca-file",
+        empty,
+        "--cluster-cert-file",
+        empty,
+        "--cluster-key-file",
+        empty,
+    ];
+    refuse("warren-consumer", &node, &[], "cluster.tls.ca_file").await;
+    // libpq's modes only, and a root certificate that exists.
+    let bogus = "postgres://127.0.0.1/x?sslmode=verify-everything";
+    refuse(
+        "warren-consumer",
+        &["--entity-store", bogus],
+        &[],
+        "entity_store",
+    )
+    .await;
+    let missing = "postgres://127.0.0.1/x?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem";
+    refuse(
+        "warren-consumer",
+        &["--entity-store", missing],
+        &[],
+        "entity_store",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_missing_config_file_is_refused() {
     refuse(
         "warren-producer",

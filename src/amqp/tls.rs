@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::amqp::AmqpError;
 use crate::config::{ConfigError, check};
+use crate::tls::{self, TlsFileError};
 
 /// Files for an `amqps://` link; all PEM.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,7 +28,8 @@ pub struct AmqpTls {
 
 impl AmqpTls {
     /// Rejects files without the scheme that uses them, half a client identity, EXTERNAL
-    /// without a certificate, and files that cannot be read — naming the key under `prefix`
+    /// without a certificate, and files that cannot be read or hold no PEM of their kind —
+    /// naming the key under `prefix`
     /// (`amqp`), before anything connects.
     pub fn validate(&self, prefix: &str, uri: &AMQPUri) -> Result<(), ConfigError> {
         let tls = uri.scheme == AMQPScheme::AMQPS;
@@ -50,18 +52,22 @@ impl AmqpTls {
             "tls.cert_file",
             "auth_mechanism=external logs in with a client certificate: set amqp.tls.cert_file and amqp.tls.key_file",
         )?;
-        for (key, file) in [
-            ("tls.ca_file", &self.ca_file),
-            ("tls.cert_file", &self.cert_file),
-            ("tls.key_file", &self.key_file),
-        ] {
-            if let Some(file) = file {
-                let readable = std::fs::read(file).map(|_| ());
-                let reason = match &readable {
-                    Ok(()) => String::new(),
-                    Err(e) => format!("cannot read `{}`: {e}", file.display()),
-                };
-                check(readable.is_ok(), prefix, key, &reason)?;
+        // Read and parsed now, so a wrong file fails at start, not at the first connection.
+        type Parse = fn(&Path) -> Result<(), TlsFileError>;
+        let files: [(&str, &Option<PathBuf>, Parse); 3] = [
+            ("tls.ca_file", &self.ca_file, |f| {
+                tls::certificates(f).map(drop)
+            }),
+            ("tls.cert_file", &self.cert_file, |f| {
+                tls::certificates(f).map(drop)
+            }),
+            ("tls.key_file", &self.key_file, |f| {
+                tls::private_key(f).map(drop)
+            }),
+        ];
+        for (key, file, parse) in files {
+            if let Some(Err(error)) = file.as_deref().map(parse) {
+                check(false, prefix, key, &error.to_string())?;
             }
         }
         Ok(())
@@ -119,13 +125,13 @@ mod tests {
     #[test]
     fn misconfigurations_are_refused_naming_the_key() {
         let file = std::env::temp_dir().join(format!("warren-tls-{}.pem", std::process::id()));
-        std::fs::write(&file, "not checked here").unwrap();
+        std::fs::write(&file, "no PEM in here").unwrap();
         let ca = AmqpTls {
             ca_file: Some(file.clone()),
             ..AmqpTls::default()
         };
         assert!(refusal(&ca, "amqp://127.0.0.1").contains("`amqp.tls`"));
-        ca.validate("amqp", &uri("amqps://127.0.0.1")).unwrap();
+        assert!(refusal(&ca, "amqps://127.0.0.1").contains("`amqp.tls.ca_file`"));
 
         let half = AmqpTls {
             cert_file: Some(file.clone()),
