@@ -112,7 +112,9 @@ async fn warren_consumer(amqp: AmqpSettings, messages: usize, store: String) -> 
 /// joins them; from its process start until it acked every message. Returns the time and the
 /// CPU all three spent.
 async fn warren_cluster(amqp: AmqpSettings, messages: usize, store: String) -> (Duration, f64) {
-    let ports: Vec<String> = (0..3).map(|_| free_port().to_string()).collect();
+    let ports: Vec<String> = (0..3)
+        .map(|_| free_port([127, 0, 0, 1]).to_string())
+        .collect();
     let host = |i: usize, seeds: &str| {
         let id = format!("host{i}");
         let mut args = vec![

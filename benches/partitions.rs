@@ -100,7 +100,9 @@ fn fresh(partitions: u16) -> AmqpSettings {
 /// the window.
 async fn three_nodes(amqp: AmqpSettings, messages: usize) -> Run {
     fill_settled(&amqp, messages, PRODUCTS).await;
-    let ports: Vec<String> = (0..3).map(|_| free_port().to_string()).collect();
+    let ports: Vec<String> = (0..3)
+        .map(|_| free_port([127, 0, 0, 1]).to_string())
+        .collect();
     let prefetch = PREFETCH.to_string();
     let mut nodes = Vec::new();
     for (i, port) in ports.iter().enumerate() {

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren::cluster::MemberStatus;
+use warren::cluster::transport::ClusterTlsSettings;
 use warren::delivery::settings::DeliverySettings;
 use warren::delivery::sharding::driver::AskOutcome;
 use warren::entity::{
@@ -56,6 +57,15 @@ struct Cli {
     /// Accept peers without a secret (trusted networks only).
     #[arg(long)]
     insecure: bool,
+    /// Mutual TLS on links: the PEM CA that signs every node's certificate.
+    #[arg(long, env = "WARREN_CLUSTER__TLS__CA_FILE")]
+    cluster_ca_file: Option<std::path::PathBuf>,
+    /// This node's PEM certificate, signed by --cluster-ca-file.
+    #[arg(long, env = "WARREN_CLUSTER__TLS__CERT_FILE")]
+    cluster_cert_file: Option<std::path::PathBuf>,
+    /// The PEM private key of --cluster-cert-file.
+    #[arg(long, env = "WARREN_CLUSTER__TLS__KEY_FILE")]
+    cluster_key_file: Option<std::path::PathBuf>,
     /// HTTP address for /cluster, /progress, /entities/{id} and /metrics.
     #[arg(long, default_value = "127.0.0.1:0")]
     http: SocketAddr,
@@ -207,6 +217,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ..ClusterSettings::default()
     };
     settings.region.shards = cli.shards;
+    settings.tls = ClusterTlsSettings {
+        ca_file: cli.cluster_ca_file.clone(),
+        cert_file: cli.cluster_cert_file.clone(),
+        key_file: cli.cluster_key_file.clone(),
+    };
     let delivery = DeliverySettings::default();
     let runner = RunnerSettings {
         consumer: delivery.consumer_controller.clone(),

@@ -26,6 +26,7 @@ async fn a_producer_and_a_consumer_drain_2000_orders_over_amqps_to_a_tls_only_br
     let broker = PrivateRabbitMq::start_tls(BrokerTls {
         server: &server,
         client_ca: &ca.cert,
+        plain_too: false,
     });
     // The consumer logs in as its certificate's common name (EXTERNAL): no password at all.
     broker.ctl(&["add_user", "warren-tls-consumer", "never-used"]);
@@ -98,6 +99,7 @@ async fn a_broker_certificate_that_does_not_verify_is_refused_naming_the_link() 
     let broker = PrivateRabbitMq::start_tls(BrokerTls {
         server: &server,
         client_ca: &ca.cert,
+        plain_too: false,
     });
     let mut queue = TestQueue::on("amqps-refused", &broker);
     let link = format!(

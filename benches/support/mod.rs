@@ -4,6 +4,16 @@
 
 #![allow(dead_code)] // each benchmark uses a different part
 
+// The tests' own private broker and certificates, for benchmarks that need a broker of their own.
+#[path = "../../tests/support/certs.rs"]
+pub mod certs;
+#[path = "../../tests/support/private_rabbitmq.rs"]
+pub mod private_rabbitmq;
+#[path = "../../tests/support/process.rs"]
+pub mod process;
+
+pub use process::{free_port, path, run};
+
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -265,17 +275,6 @@ impl Node {
         }
         let _ = self.child.wait().await;
         cpu
-    }
-}
-
-/// A port free for both TCP and UDP (a cluster port carries both).
-pub fn free_port() -> std::net::SocketAddr {
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = tcp.local_addr().expect("address");
-        if std::net::UdpSocket::bind(addr).is_ok() {
-            return addr;
-        }
     }
 }
 

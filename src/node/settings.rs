@@ -56,6 +56,9 @@ pub struct ClusterSettings {
     /// The first seed forms the cluster if it meets no Up member by then.
     #[serde(with = "humantime_serde")]
     pub join_timeout: Duration,
+    /// When the first seed is a DNS name for every node (a headless Service), the addresses
+    /// it must resolve to before the lowest of them may form the cluster.
+    pub required_seed_addresses: usize,
     /// Any other node that has not joined by then gives up and exits; `off` waits forever.
     #[serde(with = "duration_or_off")]
     pub give_up_joining_after: Option<Duration>,
@@ -88,6 +91,7 @@ impl Default for ClusterSettings {
             down_after: membership.down_after,
             downing: DowningConfig::default(),
             join_timeout: membership.join_timeout,
+            required_seed_addresses: membership.required_seed_addresses,
             give_up_joining_after: membership.give_up_after,
             leave_timeout: Duration::from_secs(30),
             transport: TransportSettings::default(),
@@ -147,6 +151,12 @@ impl ClusterSettings {
             "must be longer than join_timeout (or off)",
         )?;
         check(
+            self.required_seed_addresses >= 1,
+            prefix,
+            "required_seed_addresses",
+            "must be at least 1",
+        )?;
+        check(
             self.phi_threshold > 0.0,
             prefix,
             "phi_threshold",
@@ -202,6 +212,7 @@ impl ClusterSettings {
             down_after: self.down_after,
             downing: self.downing.settings(),
             join_timeout: self.join_timeout,
+            required_seed_addresses: self.required_seed_addresses,
             give_up_after: self.give_up_joining_after,
             ..MembershipSettings::default()
         }

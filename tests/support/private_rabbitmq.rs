@@ -27,8 +27,10 @@ pub struct PrivateRabbitMq {
     port: u16,
     dist_port: u16,
     base: PathBuf,
-    /// Listens for `amqps://` only.
+    /// Listens for `amqps://` on `port`.
     tls: bool,
+    /// A TLS node's plain listener, if it has one.
+    plain_port: Option<u16>,
 }
 
 /// What a TLS-only node presents and trusts.
@@ -37,6 +39,8 @@ pub struct BrokerTls<'a> {
     pub server: &'a super::certs::Pair,
     /// The CA whose client certificates it accepts (and EXTERNAL logs in by common name).
     pub client_ca: &'a std::path::Path,
+    /// Also listen without TLS, on [`PrivateRabbitMq::plain_uri`] (to compare the two).
+    pub plain_too: bool,
 }
 
 impl PrivateRabbitMq {
@@ -56,11 +60,19 @@ impl PrivateRabbitMq {
         let base = std::env::temp_dir().join(format!("warren-rabbit-{id}"));
         std::fs::create_dir_all(&base).expect("broker folder");
         let port = super::free_port([127, 0, 0, 1]).port();
+        let plain_port = tls
+            .as_ref()
+            .filter(|tls| tls.plain_too)
+            .map(|_| super::free_port([127, 0, 0, 1]).port());
         let plugins = match &tls {
             None => "[].\n",
             Some(tls) => {
+                let tcp = match plain_port {
+                    Some(plain) => format!("listeners.tcp.default = 127.0.0.1:{plain}"),
+                    None => "listeners.tcp = none".to_owned(),
+                };
                 let config = format!(
-                    "listeners.tcp = none\n\
+                    "{tcp}\n\
                      listeners.ssl.default = 127.0.0.1:{port}\n\
                      ssl_options.cacertfile = {}\n\
                      ssl_options.certfile = {}\n\
@@ -89,6 +101,7 @@ impl PrivateRabbitMq {
             dist_port,
             base,
             tls: tls.is_some(),
+            plain_port,
         };
         broker.start_again();
         broker
@@ -98,6 +111,12 @@ impl PrivateRabbitMq {
     pub fn uri(&self) -> String {
         let scheme = if self.tls { "amqps" } else { "amqp" };
         format!("{scheme}://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// A TLS node's plain URI, when it listens without TLS too.
+    pub fn plain_uri(&self) -> Option<String> {
+        self.plain_port
+            .map(|port| format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
     }
 
     /// Its port.

@@ -1,6 +1,7 @@
 //! The seed-join rule, as a pure decision over explicit time (Akka's seed-node process). A node
 //! without seeds forms a cluster at once: a deliberate cluster of one. The node listed first
-//! in its own seed list may form a cluster too, but only once `join_timeout` has passed without
+//! in its own seed list (of a first seed that names several addresses, the lowest: see
+//! [`super::seeds`]) may form a cluster too, but only once `join_timeout` has passed without
 //! meeting an Up member. Every other node keeps joining until it meets one, and gives up after
 //! `give_up_after`. So a node that cannot reach its seeds (a blip at start, a typo, a firewall,
 //! a wrong secret) never starts a second cluster of its own, with its own singletons.
@@ -17,7 +18,8 @@ use tokio::time::Instant;
 
 use crate::cluster::transport::probe::ProbeOutcome;
 
-/// What this node may do about forming a cluster, fixed by its seed list.
+/// What this node may do about forming a cluster, from its seed list (and, for a seed given by
+/// a DNS name, from what the name resolves to: it may change while the node joins).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SeedRole {
     /// No seeds: the node is a cluster of one from the start.
@@ -117,6 +119,9 @@ pub struct JoinRule {
     join_timeout: Duration,
     give_up_after: Option<Duration>,
     started: Instant,
+    /// Since when the role has been what it is: the first seed's `join_timeout` counts from
+    /// here, so a node that only now resolves as the first seed waits its full timeout.
+    role_since: Instant,
     /// Whether an Up member was seen: Up follows one observation later, so this node has
     /// had a gossip round to learn who else is there (and agrees with them on who is oldest).
     met_up_member: bool,
@@ -138,6 +143,7 @@ impl JoinRule {
             join_timeout,
             give_up_after,
             started: now,
+            role_since: now,
             met_up_member: false,
             probes: BTreeMap::new(),
             met: Vec::new(),
@@ -153,6 +159,16 @@ impl JoinRule {
     /// How long this node has been joining at `now`.
     pub fn waited(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.started)
+    }
+
+    /// The seed list resolved anew at `now`: this node's role, and the seeds there are to probe
+    /// (what earlier probes said of any other is forgotten).
+    pub fn handle_seeds(&mut self, role: SeedRole, seeds: &[String], now: Instant) {
+        if role != self.role {
+            self.role = role;
+            self.role_since = now;
+        }
+        self.probes.retain(|seed, _| seeds.contains(seed));
     }
 
     /// Records what the latest handshake probe of `seed` said.
@@ -177,7 +193,10 @@ impl JoinRule {
         let decision = match self.role {
             SeedRole::Alone => JoinDecision::BecomeUp,
             _ if self.met_up_member => JoinDecision::BecomeUp,
-            SeedRole::FirstSeed if waited >= self.join_timeout && !others_up => {
+            SeedRole::FirstSeed
+                if now.saturating_duration_since(self.role_since) >= self.join_timeout
+                    && !others_up =>
+            {
                 JoinDecision::BecomeUp
             }
             _ if self.give_up_after.is_some_and(|limit| waited >= limit) => JoinDecision::GiveUp,
@@ -283,6 +302,40 @@ mod tests {
             rule.handle_view(start + GIVE_UP * 2, false, &[]),
             JoinDecision::BecomeUp
         );
+    }
+
+    #[test]
+    fn a_node_that_becomes_the_first_seed_while_joining_waits_a_whole_join_timeout_from_then() {
+        let start = Instant::now();
+        let mut rule = rule(SeedRole::Joiner, start);
+        let others = names(&["n2"]);
+        assert_eq!(
+            rule.handle_view(start + JOIN * 2, false, &others),
+            JoinDecision::Wait
+        );
+        // The seed name now resolves with this node lowest: the timeout starts over.
+        let resolved = start + JOIN * 2;
+        rule.handle_seeds(
+            SeedRole::FirstSeed,
+            &names(&["warren:7351 (10.0.0.2:7351)"]),
+            resolved,
+        );
+        assert_eq!(rule.role(), SeedRole::FirstSeed);
+        let almost = resolved + JOIN - Duration::from_millis(1);
+        assert_eq!(rule.handle_view(almost, false, &others), JoinDecision::Wait);
+        assert_eq!(
+            rule.handle_view(resolved + JOIN, false, &others),
+            JoinDecision::BecomeUp
+        );
+    }
+
+    #[test]
+    fn probes_of_seeds_no_longer_resolved_are_forgotten() {
+        let start = Instant::now();
+        let mut rule = rule(SeedRole::Joiner, start);
+        rule.handle_probe("a", ProbeOutcome::Refused("wrong secret".into()));
+        rule.handle_seeds(SeedRole::Joiner, &names(&["b"]), start);
+        assert_eq!(rule.blocker(), JoinBlocker::Starting);
     }
 
     #[test]

@@ -10,13 +10,14 @@
 //! `down_after` without a break.
 //!
 //! The join rule is Akka's: only a node without seeds, or the node listed first in its own
-//! seeds, may form a cluster (the latter after `join_timeout` without meeting an Up member);
+//! seeds (of a name for several nodes, the lowest address: [`seeds`]), may form a cluster (the latter after `join_timeout` without meeting an Up member);
 //! every other node keeps joining, probing its seeds with backoff to say why it cannot, and
 //! gives up after `give_up_after`. Nodes started together all wait for the first seed, so they
 //! agree on who is oldest. A node cut off from its seeds never forms a second cluster.
 
 pub mod downing;
 pub mod join;
+pub mod seeds;
 pub mod view;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -35,10 +36,10 @@ use crate::cluster::auth::Security;
 use crate::cluster::lease::Lease;
 use crate::cluster::member::{ClusterView, Member, MemberStatus, NodeAddr, NodeId};
 use crate::cluster::metrics::ClusterMetrics;
-use crate::cluster::transport::probe::{ProbeOutcome, probe};
 use crate::cluster::transport::tls::LinkTls;
 use downing::{DownReason, DowningSettings, LeaseRequest, Resolver, Strategy};
 use join::{JoinDecision, JoinRule, JoinState, SeedRole};
+use seeds::{Prober, SeedEvent};
 use view::{GossipNode, GossipRead, KnownMembers, own_keys, view_from_gossip};
 
 /// How membership gossips and decides.
@@ -60,6 +61,9 @@ pub struct MembershipSettings {
     pub downing: DowningSettings,
     /// How long the first seed waits to meet an Up member before forming a cluster.
     pub join_timeout: Duration,
+    /// Addresses the first seed entry must resolve to before the lowest of them may form the
+    /// cluster (a DNS name for all nodes: how many must be found first).
+    pub required_seed_addresses: usize,
     /// How long any other node keeps joining before it gives up; `None` waits forever.
     pub give_up_after: Option<Duration>,
     /// How long a down node's state is kept before it is forgotten.
@@ -76,6 +80,7 @@ impl Default for MembershipSettings {
             down_after: Duration::from_millis(1500),
             downing: DowningSettings::default(),
             join_timeout: Duration::from_secs(3),
+            required_seed_addresses: 1,
             give_up_after: Some(Duration::from_secs(300)),
             dead_node_grace_period: Duration::from_secs(3600),
         }
@@ -119,37 +124,9 @@ impl Membership {
         lease: Option<Arc<dyn Lease>>,
         metrics: ClusterMetrics,
     ) -> Result<Self, MembershipError> {
-        let chitchat_id = ChitchatId::new(
-            me.addr.id.as_str().to_owned(),
-            me.addr.generation,
-            gossip_addr,
-        );
-        let config = ChitchatConfig {
-            chitchat_id,
-            cluster_id: match &tls {
-                Some(tls) => format!(
-                    "{}-ca-{}",
-                    security.gossip_cluster_id(&settings.cluster_name),
-                    tls.ca_fingerprint()
-                ),
-                None => security.gossip_cluster_id(&settings.cluster_name),
-            },
-            gossip_interval: settings.gossip_interval,
-            listen_addr: gossip_addr,
-            seed_nodes: settings.seeds.clone(),
-            failure_detector_config: FailureDetectorConfig {
-                phi_threshold: settings.phi_threshold,
-                sampling_window_size: 1000,
-                max_interval: settings.gossip_interval * 10,
-                initial_interval: settings.gossip_interval,
-                dead_node_grace_period: settings.dead_node_grace_period,
-            },
-            marked_for_deletion_grace_period: settings.dead_node_grace_period,
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-            protocol_version: chitchat::ProtocolVersion::V0,
-        };
-        let seeds = SeedList::resolve(&settings.seeds, gossip_addr).await;
+        let config = gossip_config(&me, gossip_addr, &settings, &security, tls.as_deref());
+        let resolved = seeds::resolve(&settings.seeds).await;
+        let seeds = seeds::assess(&resolved, gossip_addr, settings.required_seed_addresses);
         let chitchat = spawn_chitchat(
             config,
             own_keys(&me, &BTreeSet::new(), &security),
@@ -176,17 +153,18 @@ impl Membership {
         let (join_tx, join) = watch::channel(rule.state());
         let (downed_self_tx, downed_self) = watch::channel(None);
         let (changes, changes_rx) = mpsc::channel(8);
-        // Bounded by the number of seeds: the prober waits for room.
+        // Bounded: the prober waits for room.
         let (probes_tx, probes_rx) = mpsc::channel(8);
         if rule.role() != SeedRole::Alone {
-            tokio::spawn(probe_seeds(
-                seeds.others,
-                me.addr.clone(),
-                security.clone(),
+            let prober = Prober {
+                seeds: settings.seeds.clone(),
+                me_at: gossip_addr,
+                me: me.addr.clone(),
+                required: settings.required_seed_addresses,
+                security: security.clone(),
                 tls,
-                join.clone(),
-                probes_tx,
-            ));
+            };
+            tokio::spawn(prober.run(join.clone(), probes_tx));
         }
         let task = tokio::spawn(
             Tracker {
@@ -283,79 +261,44 @@ impl Membership {
     }
 }
 
-/// This node's seeds, as the join rule needs them.
-struct SeedList {
-    role: SeedRole,
-    /// The seeds other than this node, as configured (`host:port`).
-    others: Vec<String>,
-}
-
-impl SeedList {
-    /// Finds out whether this node, listening on `me`, is the first of `seeds` (a seed given by
-    /// name is looked up once; one that does not resolve is not this node).
-    async fn resolve(seeds: &[String], me: SocketAddr) -> Self {
-        let mut others = Vec::new();
-        let mut first_is_me = false;
-        for (i, seed) in seeds.iter().enumerate() {
-            let is_me = match tokio::net::lookup_host(seed.as_str()).await {
-                Ok(mut addrs) => addrs.any(|addr| addr == me),
-                Err(error) => {
-                    warn!(%seed, %error, "seed address does not resolve");
-                    false
-                }
-            };
-            if is_me {
-                first_is_me |= i == 0;
-            } else {
-                others.push(seed.clone());
-            }
-        }
-        let role = match (seeds.is_empty(), first_is_me) {
-            (true, _) => SeedRole::Alone,
-            (false, true) => SeedRole::FirstSeed,
-            (false, false) => SeedRole::Joiner,
-        };
-        SeedList { role, others }
-    }
-}
-
-/// First pause between two rounds of seed probes; it doubles up to [`PROBE_PAUSE_MAX`].
-const PROBE_PAUSE_MIN: Duration = Duration::from_secs(1);
-/// Longest pause between two rounds of seed probes.
-const PROBE_PAUSE_MAX: Duration = Duration::from_secs(30);
-/// How long one probe may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Probes every other seed, round after round with backoff, while this node is joining, and
-/// hands each outcome to the tracker (gossip alone cannot tell a dead seed from one that refuses
-/// our secret: chitchat drops both silently).
-async fn probe_seeds(
-    seeds: Vec<String>,
-    me: NodeAddr,
-    security: Security,
-    tls: Option<Arc<LinkTls>>,
-    mut join: watch::Receiver<JoinState>,
-    outcomes: mpsc::Sender<(String, ProbeOutcome)>,
-) {
-    let mut pauses = crate::backoff::jittered(PROBE_PAUSE_MIN, PROBE_PAUSE_MAX);
-    while matches!(*join.borrow(), JoinState::Joining(_)) {
-        for seed in &seeds {
-            let outcome = match tokio::net::lookup_host(seed.as_str()).await {
-                Ok(mut addrs) => match addrs.next() {
-                    Some(addr) => probe(addr, &me, &security, tls.as_deref(), PROBE_TIMEOUT).await,
-                    None => ProbeOutcome::Unreachable("resolves to no address".to_owned()),
-                },
-                Err(error) => ProbeOutcome::Unreachable(format!("does not resolve: {error}")),
-            };
-            if outcomes.send((seed.clone(), outcome)).await.is_err() {
-                return;
-            }
-        }
-        let pause = pauses.next().unwrap_or(PROBE_PAUSE_MAX);
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            changed = join.changed() => if changed.is_err() { return },
-        }
+/// Chitchat's settings for this node. The cluster id carries the secret's fingerprint and, with
+/// TLS, the cluster CA's: nodes of another secret or CA never mix their gossip with ours.
+fn gossip_config(
+    me: &Member,
+    gossip_addr: SocketAddr,
+    settings: &MembershipSettings,
+    security: &Security,
+    tls: Option<&LinkTls>,
+) -> ChitchatConfig {
+    let chitchat_id = ChitchatId::new(
+        me.addr.id.as_str().to_owned(),
+        me.addr.generation,
+        gossip_addr,
+    );
+    ChitchatConfig {
+        chitchat_id,
+        cluster_id: match tls {
+            Some(tls) => format!(
+                "{}-ca-{}",
+                security.gossip_cluster_id(&settings.cluster_name),
+                tls.ca_fingerprint()
+            ),
+            None => security.gossip_cluster_id(&settings.cluster_name),
+        },
+        gossip_interval: settings.gossip_interval,
+        listen_addr: gossip_addr,
+        seed_nodes: settings.seeds.clone(),
+        failure_detector_config: FailureDetectorConfig {
+            phi_threshold: settings.phi_threshold,
+            sampling_window_size: 1000,
+            max_interval: settings.gossip_interval * 10,
+            initial_interval: settings.gossip_interval,
+            dead_node_grace_period: settings.dead_node_grace_period,
+        },
+        marked_for_deletion_grace_period: settings.dead_node_grace_period,
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: chitchat::ProtocolVersion::V0,
     }
 }
 
@@ -393,7 +336,7 @@ impl Tracker {
     async fn run(
         mut self,
         mut changes: mpsc::Receiver<Change>,
-        mut probes: mpsc::Receiver<(String, ProbeOutcome)>,
+        mut probes: mpsc::Receiver<SeedEvent>,
     ) {
         let mut tick = tokio::time::interval(self.settings.gossip_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -406,8 +349,16 @@ impl Tracker {
                         self.set_status(status).await;
                     }
                 }
-                Some((seed, outcome)) = probes.recv() => {
-                    self.rule.handle_probe(&seed, outcome);
+                Some(event) = probes.recv() => {
+                    match event {
+                        SeedEvent::Probed(seed, outcome) => self.rule.handle_probe(&seed, outcome),
+                        SeedEvent::Resolved(role, seeds) => {
+                            if role != self.rule.role() {
+                                info!(?role, "the seeds resolve anew");
+                            }
+                            self.rule.handle_seeds(role, &seeds, Instant::now());
+                        }
+                    }
                     continue;
                 }
             }
