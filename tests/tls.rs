@@ -245,10 +245,26 @@ fn cluster_tls(ca: &TestCa) -> Vec<String> {
         .collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let node = ca.peer("node", &names);
+    node_flags(&ca.cert, &node.cert, &node.key)
+}
+
+/// `--cluster-*-file` flags for what `scripts/cluster-certs` makes in `dir`: what the README
+/// tells an operator to use (one node certificate without names, for every node).
+fn cluster_certs_script(dir: &std::path::Path) -> Vec<String> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster-certs");
+    support::run(path(&script), &[path(dir), "1"]);
+    node_flags(
+        &dir.join("ca.pem"),
+        &dir.join("node.pem"),
+        &dir.join("node.key"),
+    )
+}
+
+fn node_flags(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Vec<String> {
     [
-        ("--cluster-ca-file", &ca.cert),
-        ("--cluster-cert-file", &node.cert),
-        ("--cluster-key-file", &node.key),
+        ("--cluster-ca-file", ca),
+        ("--cluster-cert-file", cert),
+        ("--cluster-key-file", key),
     ]
     .into_iter()
     .flat_map(|(flag, file)| [flag.to_owned(), path(file).to_owned()])
@@ -257,8 +273,9 @@ fn cluster_tls(ca: &TestCa) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_over_mutual_tls_lose_nothing_when_the_singleton_holder_is_sigkilled() {
-    let ca = TestCa::new("cluster");
-    let mut extra = cluster_tls(&ca);
+    // Certificates as an operator makes them; the refusal test below uses the test's own CA.
+    let folder = TestCa::new("cluster");
+    let mut extra = cluster_certs_script(&folder.dir.join("operator"));
     extra.extend(["--processing-delay-ms".to_owned(), "20".to_owned()]);
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let cluster = Cluster::start("tls-kill", &extra).await;
