@@ -5,10 +5,15 @@
 //! | `sslmode` | TLS | verifies |
 //! |---|---|---|
 //! | `disable` | never | — |
-//! | `prefer` (the default) | if the server offers it | nothing, unless `sslrootcert` is set (then as `verify-ca`) |
+//! | `allow`, `prefer` (the default) | if the server offers it | nothing, unless `sslrootcert` is set (then as `verify-ca`) |
 //! | `require` | always | nothing, unless `sslrootcert` is set (then as `verify-ca`) |
-//! | `verify-ca` | always | the chain, against `sslrootcert` or the system's roots |
-//! | `verify-full` | always | the chain and that the certificate names the host |
+//! | `verify-ca` | always | the chain, against `sslrootcert` (required, as in libpq) |
+//! | `verify-full` | always | the chain, against `sslrootcert` or (`sslrootcert=system`, or none) the system's roots, and that the certificate names the host |
+//!
+//! `allow` (libpq: plain first, TLS if refused) is taken as `prefer`, which is no weaker.
+//! `verify-ca` with the system's roots would accept any publicly issued certificate for any
+//! host, so it needs a root file of the database's own CA. libpq's environment variables
+//! (`PGSSLMODE`, …) and `~/.postgresql/root.crt` are not read: everything is in the URL.
 //!
 //! tokio-postgres knows only `disable`, `prefer` and `require`, and no `sslrootcert`, so those
 //! are taken out of the URL here and the rest is left to it.
@@ -31,8 +36,14 @@ pub enum PostgresUrlError {
     #[error("not a usable PostgreSQL URL: {0}")]
     Invalid(String),
     /// `sslmode` is none of libpq's.
-    #[error("sslmode `{0}` is not one of disable, prefer, require, verify-ca, verify-full")]
+    #[error("sslmode `{0}` is not one of disable, allow, prefer, require, verify-ca, verify-full")]
     SslMode(String),
+    /// `verify-ca` needs the database's CA: against the system's roots it would accept any
+    /// public certificate of any host.
+    #[error(
+        "sslmode=verify-ca needs sslrootcert=<the database CA's file> (or use verify-full, which also checks the host name)"
+    )]
+    VerifyCaWithoutRoot,
     /// `sslrootcert` names a file that holds no certificate.
     #[error("sslrootcert {0}")]
     RootCert(TlsFileError),
@@ -65,9 +76,11 @@ impl PostgresTarget {
         let mut config: tokio_postgres::Config = rest
             .parse()
             .map_err(|e: tokio_postgres::Error| PostgresUrlError::Invalid(e.to_string()))?;
-        let root_cert = ssl.root_cert.map(PathBuf::from);
+        // libpq's `system` names the operating system's roots, for verify-full only.
+        let system = ssl.root_cert.as_deref() == Some("system");
+        let root_cert = ssl.root_cert.filter(|_| !system).map(PathBuf::from);
         let (mode, verify) = match ssl.mode.as_deref() {
-            None | Some("prefer") => (SslMode::Prefer, Verify::Nothing),
+            None | Some("prefer" | "allow") => (SslMode::Prefer, Verify::Nothing),
             Some("disable") => (SslMode::Disable, Verify::Nothing),
             Some("require") => (SslMode::Require, Verify::Nothing),
             Some("verify-ca") => (SslMode::Require, Verify::Chain),
@@ -77,8 +90,12 @@ impl PostgresTarget {
         // libpq: with a root certificate at hand, `prefer` and `require` verify the chain.
         let verify = match (verify, &root_cert) {
             (Verify::Nothing, Some(_)) => Verify::Chain,
+            (Verify::Chain, None) => return Err(PostgresUrlError::VerifyCaWithoutRoot),
             (verify, _) => verify,
         };
+        if system && verify != Verify::ChainAndHost {
+            return Err(PostgresUrlError::VerifyCaWithoutRoot);
+        }
         config.ssl_mode(mode);
         let tls = MakeRustlsConnect::new(client_config(verify, root_cert)?);
         let link = link(&config, ssl.mode.as_deref().unwrap_or("prefer"));
@@ -208,7 +225,8 @@ fn client_config(
             None => tls::system_roots(),
         };
         let verifier: Arc<dyn ServerCertVerifier> = if verify == Verify::Chain {
-            Arc::new(ChainOnly::new(roots).map_err(PostgresUrlError::RootCert)?)
+            let file = root_cert.clone().unwrap_or_default();
+            Arc::new(ChainOnly::new(roots, &file).map_err(PostgresUrlError::RootCert)?)
         } else {
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
@@ -266,6 +284,22 @@ mod tests {
         let target =
             PostgresTarget::parse("postgres://u:secret@db:6432/x?sslmode=require").unwrap();
         assert_eq!(target.link, "postgres://db:6432/x (sslmode=require)");
+        assert_eq!(
+            mode("postgres://db/x?sslmode=allow").unwrap(),
+            SslMode::Prefer
+        );
+        assert!(matches!(
+            mode("postgres://db/x?sslmode=verify-ca"),
+            Err(PostgresUrlError::VerifyCaWithoutRoot)
+        ));
+        assert!(matches!(
+            mode("postgres://db/x?sslmode=verify-ca&sslrootcert=system"),
+            Err(PostgresUrlError::VerifyCaWithoutRoot)
+        ));
+        assert_eq!(
+            mode("postgres://db/x?sslmode=verify-full&sslrootcert=system").unwrap(),
+            SslMode::Require
+        );
         let err = mode("postgres://db/x?sslmode=verify-everything").unwrap_err();
         assert!(err.to_string().contains("verify-everything"), "{err}");
         let err =

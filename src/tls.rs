@@ -77,15 +77,12 @@ pub fn system_roots() -> RootCertStore {
 pub struct ChainOnly(Arc<WebPkiServerVerifier>);
 
 impl ChainOnly {
-    /// Verifies chains against `roots`.
-    pub fn new(roots: RootCertStore) -> Result<Self, TlsFileError> {
+    /// Verifies chains against `roots`, read from `file`.
+    pub fn new(roots: RootCertStore, file: &Path) -> Result<Self, TlsFileError> {
         WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
             .map(ChainOnly)
-            .map_err(|e| TlsFileError::Unusable {
-                file: PathBuf::new(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| unusable(file, e))
     }
 }
 

@@ -86,7 +86,7 @@ async fn tls_misconfigurations_are_refused_naming_their_key() {
     let empty = support::path(&empty);
     for program in ["warren-consumer", "warren-producer"] {
         // A CA for a link that is not TLS.
-        refuse(program, &["--amqp-ca-file", empty], &[], "amqp.tls").await;
+        refuse(program, &["--amqp-ca-file", empty], &[], "`amqp.tls`").await;
         // A file without a certificate.
         let tls_uri = [
             "--uri",

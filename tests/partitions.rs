@@ -108,6 +108,7 @@ async fn a_partition_count_other_than_the_declared_one_is_refused_by_both_binari
         partitions: 2,
         queue_type: queue.queue_type,
         broker: None,
+        declare: queue.declare,
     };
     let consumer = Consumer::launch(&wrong, &[], &[]).await;
     eventually("the consumer to refuse the topology", DRAIN, || async {

@@ -347,6 +347,26 @@ async fn a_node_without_a_certificate_of_the_cluster_ca_is_refused_naming_the_li
         );
     }
     cluster.converged(&NODES).await;
+    drop((foreign, plain));
+
+    // Trusts the cluster CA and holds the secret, but its own certificate is another CA's:
+    // the seed must refuse it (the client-certificate check), though the intruder trusts the
+    // seed. Its gossip may still show it for a while (gossip trusts the secret, see the
+    // README); no link to it ever carries anything.
+    let refusals = "warren_transport_refused_total{reason=\"handshake\"}";
+    let before = cluster.node(0).metric(refusals).await;
+    let names: Vec<String> = (0..=NODES.len())
+        .map(|i| std::net::IpAddr::from(node_ip(i)).to_string())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let forged = stranger.peer("forged", &names);
+    let _forged = intruder("forged", node_flags(&ca.cert, &forged.cert, &forged.key)).await;
+    eventually(
+        "the seed to refuse the forged certificate",
+        WAIT,
+        || async { (cluster.node(0).metric(refusals).await > before).then_some(()) },
+    )
+    .await;
 }
 
 /// Waits until `node`'s `/cluster` page says its join is blocked for a reason with `part`;

@@ -15,7 +15,7 @@ pub mod topology;
 
 pub use dead_letter::{DeadLetterPublisher, ERROR_HEADER};
 pub use publisher::{ConfirmedPublisher, OutgoingMessage, PublisherSettings, PublisherStats};
-pub use settings::{AmqpSettings, QueueType};
+pub use settings::{AmqpSettings, DeclareMode, QueueType};
 pub use source::{AmqpSource, Session, SourceEvent, SourceSettings};
 pub use tls::AmqpTls;
 
@@ -72,6 +72,14 @@ pub enum AmqpError {
         /// The broker's refusal.
         found: String,
     },
+    /// `amqp.declare = "passive"` and the queue does not exist.
+    #[error(
+        "amqp.declare = \"passive\" attaches to an existing queue, and `{queue}` does not exist in this vhost: create it, or let Warren declare it (amqp.declare = \"all\")"
+    )]
+    MissingQueue {
+        /// The queue.
+        queue: String,
+    },
     /// The broker does not know the consistent-hash exchange type that partitions need.
     #[error(
         "amqp.partitions > 1 needs RabbitMQ's consistent-hash exchange: enable the plugin with `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange`"
@@ -88,7 +96,9 @@ impl AmqpError {
     pub fn is_refused_topology(&self) -> bool {
         matches!(
             self,
-            AmqpError::PartitionMismatch { .. } | AmqpError::NoConsistentHashExchange
+            AmqpError::PartitionMismatch { .. }
+                | AmqpError::NoConsistentHashExchange
+                | AmqpError::MissingQueue { .. }
         )
     }
 }

@@ -40,6 +40,20 @@ pub enum QueueType {
     Quorum,
 }
 
+/// Whether Warren declares the topology or attaches to a queue that exists.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeclareMode {
+    /// Declare the queue with Warren's arguments (single active consumer, dead-lettering, on
+    /// quorum queues a delivery limit), its dead-letter exchange and queue, and the partitions.
+    #[default]
+    All,
+    /// Attach to a queue operations manage, as it is: check that it exists (a passive
+    /// declare), impose no argument; declare only Warren's own `<queue>.dlx` and `<queue>.dlq`,
+    /// where Warren's dead letters go. One partition only.
+    Passive,
+}
+
 /// Broker connection and queue topology.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -57,6 +71,8 @@ pub struct AmqpSettings {
     pub partitions: u16,
     /// `classic` or `quorum`.
     pub queue_type: QueueType,
+    /// `all` (Warren declares the topology) or `passive` (the queue exists, managed elsewhere).
+    pub declare: DeclareMode,
     /// Quorum queues only: deliveries after which the broker dead-letters a message itself.
     pub delivery_limit: u32,
     /// First pause before reconnecting after a failure.
@@ -77,6 +93,7 @@ impl Default for AmqpSettings {
             queue: "orders".into(),
             partitions: 1,
             queue_type: QueueType::Classic,
+            declare: DeclareMode::All,
             delivery_limit: 20,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
@@ -108,6 +125,12 @@ impl AmqpSettings {
             prefix,
             "partitions",
             &format!("must be between 1 and {MAX_PARTITIONS}"),
+        )?;
+        check(
+            self.declare == DeclareMode::All || self.partitions == 1,
+            prefix,
+            "declare",
+            "\"passive\" attaches to one existing queue: it needs partitions = 1 (partition queues and their exchange are Warren's to declare)",
         )?;
         check(
             self.delivery_limit >= 1,

@@ -1,4 +1,5 @@
-//! Declares the queue topology, idempotently, with the one function both binaries use: the
+//! Declares the queue topology, idempotently, with the one function both binaries use (or, with
+//! `amqp.declare = "passive"`, attaches to a queue that exists: see [`attach`]): the
 //! durable source queue (single active consumer, dead-lettering to `<queue>.dlx`, and on quorum
 //! queues an explicit delivery limit) and the dead-letter exchange and queue `<queue>.dlq`.
 //!
@@ -15,9 +16,12 @@
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
+use tracing::warn;
 
 use crate::amqp::AmqpError;
-use crate::amqp::settings::{AmqpSettings, QueueType, partition_exchange, partition_queue};
+use crate::amqp::settings::{
+    AmqpSettings, DeclareMode, QueueType, partition_exchange, partition_queue,
+};
 
 /// The consistent-hash exchange's type name.
 const CONSISTENT_HASH: &str = "x-consistent-hash";
@@ -41,7 +45,10 @@ pub fn dead_letter_queue(queue: &str) -> String {
 /// a topology declared with another partition count is [`AmqpError::PartitionMismatch`].
 pub async fn declare(connection: &Connection, settings: &AmqpSettings) -> Result<(), AmqpError> {
     let channel = connection.create_channel().await?;
-    declare_on(&channel, settings).await?;
+    match settings.declare {
+        DeclareMode::All => declare_on(&channel, settings).await?,
+        DeclareMode::Passive => attach(&channel, &settings.queue).await?,
+    }
     channel.close(200, ShortString::from("declared")).await?;
     Ok(())
 }
@@ -90,6 +97,39 @@ async fn declare_on(channel: &Channel, settings: &AmqpSettings) -> Result<(), Am
         bind_partitions(channel, settings).await?;
     }
     Ok(())
+}
+
+/// `amqp.declare = "passive"`: the queue must exist and is taken as it is. Over AMQP a passive
+/// declare says only that it exists (and its counts), never its arguments, so what Warren
+/// cannot count on is said once per connection: without `x-single-active-consumer` the bridge
+/// singleton is the only fence against two consumers (a partition healing with two holders
+/// would deliver to both for a moment), and messages the broker itself dead-letters (rejected
+/// by a quorum delivery limit, expired) go where the queue's own `x-dead-letter-exchange` says,
+/// if anywhere. Warren's own dead letters (undecodable orders, failed entities) go to
+/// `<queue>.dlq` through `<queue>.dlx`, which it declares beside the queue.
+async fn attach(channel: &Channel, queue: &str) -> Result<(), AmqpError> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..DURABLE
+    };
+    channel
+        .queue_declare(ShortString::from(queue), passive, FieldTable::default())
+        .await
+        .map_err(|error| match refusal_code(&error) {
+            Some(NOT_FOUND) => AmqpError::MissingQueue {
+                queue: queue.to_owned(),
+            },
+            _ => AmqpError::Broker(error),
+        })?;
+    warn!(
+        %queue,
+        dead_letters = %dead_letter_queue(queue),
+        "amqp.declare = \"passive\": using the queue as it is; its arguments cannot be read over AMQP, so \
+         without x-single-active-consumer the bridge singleton is the only fence against two \
+         consumers, and what the broker dead-letters itself follows the queue's own \
+         x-dead-letter-exchange; Warren's dead letters go to the dead-letter queue named here"
+    );
+    declare_dead_letters(channel, queue).await
 }
 
 /// The dead-letter exchange and queue of `queue`.
@@ -201,6 +241,9 @@ const PRECONDITION_FAILED: u16 = 406;
 
 /// AMQP reply code for an unknown exchange type, among others.
 const COMMAND_INVALID: u16 = 503;
+
+/// The broker's reply code for a passive declare of something that does not exist.
+const NOT_FOUND: u16 = 404;
 
 /// The reply code of a refusal by the broker, if `error` is one.
 fn refusal_code(error: &lapin::Error) -> Option<u16> {

@@ -31,6 +31,10 @@ pub struct CommonArgs {
         global = true
     )]
     pub queue_type: Option<String>,
+    /// all: declare the queue with Warren's arguments (default); passive: attach to a queue
+    /// that exists, as it is (dead letters still go to <queue>.dlq, which Warren declares).
+    #[arg(long, env = "WARREN_AMQP__DECLARE", value_name = "MODE", global = true)]
+    pub declare: Option<String>,
     /// AMQP connection name, shown by the broker (default: program name and process id).
     #[arg(
         long,
@@ -90,6 +94,7 @@ impl CommonArgs {
                 .flag("amqp.queue", self.queue.clone())
                 .flag("amqp.partitions", self.partitions)
                 .flag("amqp.queue_type", self.queue_type.clone())
+                .flag("amqp.declare", self.declare.clone())
                 .flag("amqp.connection_name", self.connection_name.clone())
                 .flag("amqp.tls.ca_file", self.amqp_ca_file.clone())
                 .flag("amqp.tls.cert_file", self.amqp_cert_file.clone())

@@ -151,6 +151,8 @@ pub struct TestQueue {
     pub partitions: u16,
     /// A private broker's URI and node name; the shared broker when `None`.
     pub broker: Option<(String, String)>,
+    /// Whether the queue is Warren's to declare, or exists already (`passive`).
+    pub declare: warren::amqp::DeclareMode,
 }
 
 impl TestQueue {
@@ -162,6 +164,7 @@ impl TestQueue {
             queue_type: warren::amqp::QueueType::Classic,
             partitions: 1,
             broker: None,
+            declare: warren::amqp::DeclareMode::All,
         }
     }
 
@@ -200,6 +203,7 @@ impl TestQueue {
             queue: self.name.clone(),
             partitions: self.partitions,
             queue_type: self.queue_type,
+            declare: self.declare,
             connection_name: Some(format!("{}-test", self.name)),
             ..AmqpSettings::default()
         }
@@ -446,6 +450,10 @@ impl Consumer {
             .args(["--uri", &uri])
             .args(["--queue", &queue.name, "--queue-type", queue_type])
             .args(["--partitions", &queue.partitions.to_string()])
+            .args(match queue.declare {
+                warren::amqp::DeclareMode::All => ["--declare", "all"],
+                warren::amqp::DeclareMode::Passive => ["--declare", "passive"],
+            })
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--connection-name", &connection_name])
             .args(extra)

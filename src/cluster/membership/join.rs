@@ -51,7 +51,8 @@ pub enum JoinBlocker {
         /// Each seed and what its last probe said.
         seeds: BTreeMap<String, String>,
     },
-    /// A seed was reached but refused the handshake: a wrong secret, usually.
+    /// A seed was reached but refused the handshake: a wrong secret, or a certificate of
+    /// another CA.
     Refused {
         /// The seed that refused.
         seed: String,
@@ -84,7 +85,7 @@ impl fmt::Display for JoinBlocker {
             }
             JoinBlocker::Refused { seed, reason } => write!(
                 f,
-                "seed {seed} refused the handshake ({reason}): is cluster.secret the same on every node?"
+                "seed {seed} refused the handshake ({reason}): is cluster.secret the same on every node, and with cluster.tls, is every node's certificate signed by the same cluster CA?"
             ),
             JoinBlocker::NoGossip { seed } => write!(
                 f,

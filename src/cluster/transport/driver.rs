@@ -446,7 +446,9 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> PeerTask<T> {
                 .await
                 .map_err(|e| format!("connect {addr}: {e}"))?;
             let _ = stream.set_nodelay(true);
-            let stream = dialled(self.shared.tls.as_deref(), stream, addr).await?;
+            let stream = dialled(self.shared.tls.as_deref(), stream, addr)
+                .await
+                .map_err(|failure| failure.reason)?;
             let mut link = framed(stream, settings.max_frame_bytes);
             let nonce: [u8; 32] = rand::rng().random();
             let hello = handshake::hello::<T>(&self.shared.security, &self.shared.me, nonce)

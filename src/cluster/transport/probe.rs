@@ -49,7 +49,8 @@ pub async fn probe(
         // A seed that refuses our certificate (or we its) refused us, as a wrong secret would.
         let stream = match dialled(tls, stream, addr).await {
             Ok(stream) => stream,
-            Err(error) => return ProbeOutcome::Refused(error),
+            Err(failure) if failure.refused => return ProbeOutcome::Refused(failure.reason),
+            Err(failure) => return ProbeOutcome::Unreachable(failure.reason),
         };
         let mut link = framed(stream, PROBE_MAX_FRAME);
         let nonce: [u8; 32] = rand::rng().random();

@@ -118,7 +118,7 @@ impl ClusterTlsSettings {
             .with_client_cert_verifier(clients)
             .with_single_cert(chain.clone(), private.clone_key())
             .map_err(mismatch)?;
-        let servers = ChainOnly::new(roots).map_err(at("tls.ca_file"))?;
+        let servers = ChainOnly::new(roots, &ca).map_err(at("tls.ca_file"))?;
         let client = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(versions)?
@@ -204,17 +204,27 @@ pub async fn accepted(tls: Option<&LinkTls>, stream: TcpStream) -> Result<LinkSt
     }
 }
 
+/// Why the TLS handshake on a link dialled to `addr` failed.
+#[derive(Debug)]
+pub struct DialFailure {
+    /// A certificate was refused, by either end (rather than the connection failing).
+    pub refused: bool,
+    /// What happened, naming the link.
+    pub reason: String,
+}
+
 /// `stream` in TLS when `tls` is set, as the dialling end.
 pub async fn dialled(
     tls: Option<&LinkTls>,
     stream: TcpStream,
     addr: SocketAddr,
-) -> Result<LinkStream, String> {
+) -> Result<LinkStream, DialFailure> {
     match tls {
-        Some(tls) => tls
-            .dial(stream, addr)
-            .await
-            .map_err(|e| format!("TLS handshake on the cluster link to {addr}: {e}")),
+        Some(tls) => tls.dial(stream, addr).await.map_err(|e| DialFailure {
+            // rustls reports certificates it refuses, and alerts the peer sent, as bad data.
+            refused: e.kind() == std::io::ErrorKind::InvalidData,
+            reason: format!("TLS handshake on the cluster link to {addr}: {e}"),
+        }),
         None => Ok(Box::new(stream)),
     }
 }
