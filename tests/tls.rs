@@ -136,6 +136,22 @@ async fn a_broker_certificate_that_does_not_verify_is_refused_naming_the_link() 
             consumer.log_tail()
         );
     }
+    drop((untrusting, misnamed));
+
+    // The trusted CA's certificate for the right name, but past its validity.
+    let expired = ca.expired_server("expired", &["127.0.0.1"]);
+    broker.present(BrokerTls {
+        server: &expired,
+        client_ca: &ca.cert,
+        plain_too: false,
+    });
+    queue.broker = Some((broker.uri(), broker.node.clone()));
+    let late = Consumer::launch(&queue, &["--amqp-ca-file", path(&ca.cert)], &[]).await;
+    let link = format!(
+        "cannot connect to the broker at amqps://127.0.0.1:{}",
+        broker.port()
+    );
+    logged(&late, &[&link, "certificate expired"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,5 +1,5 @@
 //! Declares the queue topology, idempotently, with the one function both binaries use (or, with
-//! `amqp.declare = "passive"`, attaches to a queue that exists: see [`attach`]): the
+//! `amqp.declare = "passive"`, attaches to a queue that exists, as it is): the
 //! durable source queue (single active consumer, dead-lettering to `<queue>.dlx`, and on quorum
 //! queues an explicit delivery limit) and the dead-letter exchange and queue `<queue>.dlq`.
 //!

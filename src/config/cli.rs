@@ -32,7 +32,7 @@ pub struct CommonArgs {
     )]
     pub queue_type: Option<String>,
     /// all: declare the queue with Warren's arguments (default); passive: attach to a queue
-    /// that exists, as it is (dead letters still go to <queue>.dlq, which Warren declares).
+    /// that exists, as it is (dead letters still go to `<queue>.dlq`, which Warren declares).
     #[arg(long, env = "WARREN_AMQP__DECLARE", value_name = "MODE", global = true)]
     pub declare: Option<String>,
     /// AMQP connection name, shown by the broker (default: program name and process id).

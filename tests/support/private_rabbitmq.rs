@@ -66,35 +66,11 @@ impl PrivateRabbitMq {
             .map(|_| super::free_port([127, 0, 0, 1]).port());
         let plugins = match &tls {
             None => "[].\n",
-            Some(tls) => {
-                let tcp = match plain_port {
-                    Some(plain) => format!("listeners.tcp.default = 127.0.0.1:{plain}"),
-                    None => "listeners.tcp = none".to_owned(),
-                };
-                let config = format!(
-                    "{tcp}\n\
-                     listeners.ssl.default = 127.0.0.1:{port}\n\
-                     ssl_options.cacertfile = {}\n\
-                     ssl_options.certfile = {}\n\
-                     ssl_options.keyfile = {}\n\
-                     ssl_options.verify = verify_peer\n\
-                     ssl_options.fail_if_no_peer_cert = false\n\
-                     auth_mechanisms.1 = PLAIN\n\
-                     auth_mechanisms.2 = EXTERNAL\n\
-                     ssl_cert_login_from = common_name\n",
-                    path(tls.client_ca),
-                    path(&tls.server.cert),
-                    path(&tls.server.key),
-                );
-                std::fs::write(base.join("rabbitmq.conf"), config).expect("config file");
-                "[rabbitmq_auth_mechanism_ssl].\n"
-            }
+            Some(_) => "[rabbitmq_auth_mechanism_ssl].\n",
         };
         std::fs::write(base.join("enabled_plugins"), plugins).expect("plugins file");
         // Erlang's distribution port must differ from every other node's.
         let dist_port = super::free_port([127, 0, 0, 1]).port();
-        // The server scripts run as the rabbitmq user.
-        run("chown", &["-R", "rabbitmq:rabbitmq", path(&base)]);
         let broker = PrivateRabbitMq {
             node: format!("warren-{id}@localhost"),
             port,
@@ -103,8 +79,44 @@ impl PrivateRabbitMq {
             tls: tls.is_some(),
             plain_port,
         };
+        if let Some(tls) = &tls {
+            broker.write_tls_config(tls);
+        }
+        // The server scripts run as the rabbitmq user.
+        run("chown", &["-R", "rabbitmq:rabbitmq", path(&broker.base)]);
         broker.start_again();
         broker
+    }
+
+    /// Restarts a TLS node presenting `tls.server` from now on.
+    pub fn present(&self, tls: BrokerTls<'_>) {
+        self.write_tls_config(&tls);
+        self.stop(BrokerStop::Stop);
+        self.start_again();
+    }
+
+    fn write_tls_config(&self, tls: &BrokerTls<'_>) {
+        let tcp = match self.plain_port {
+            Some(plain) => format!("listeners.tcp.default = 127.0.0.1:{plain}"),
+            None => "listeners.tcp = none".to_owned(),
+        };
+        let config = format!(
+            "{tcp}\n\
+             listeners.ssl.default = 127.0.0.1:{}\n\
+             ssl_options.cacertfile = {}\n\
+             ssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\n\
+             ssl_options.verify = verify_peer\n\
+             ssl_options.fail_if_no_peer_cert = false\n\
+             auth_mechanisms.1 = PLAIN\n\
+             auth_mechanisms.2 = EXTERNAL\n\
+             ssl_cert_login_from = common_name\n",
+            self.port,
+            path(tls.client_ca),
+            path(&tls.server.cert),
+            path(&tls.server.key),
+        );
+        std::fs::write(self.base.join("rabbitmq.conf"), config).expect("config file");
     }
 
     /// Its AMQP URI (`amqps://` for a TLS-only node).
