@@ -15,15 +15,20 @@ use support::{Consumer, Orders, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_singleton_holder_sigkilled_mid_run_loses_nothing_and_applies_nothing_twice() {
-    // 20 ms products keep the 10,000 orders going for seconds, so the kill lands mid-run.
-    let cluster = Cluster::start("kill-singleton", &["--processing-delay-ms", "20"]).await;
+    // Slow products keep the 10,000 orders going for seconds, so the kill lands mid-run.
+    let cluster = Cluster::start(
+        "kill-singleton",
+        &["--processing-delay-ms", MID_RUN_DELAY_MS],
+    )
+    .await;
     sigkill_the_singleton_holder_mid_run(cluster).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_host_sigkilled_mid_run_loses_nothing_and_applies_nothing_twice() {
-    // 20 ms products keep the 10,000 orders going for seconds, so the kill lands mid-run.
-    let mut cluster = Cluster::start("kill-host", &["--processing-delay-ms", "20"]).await;
+    // Slow products keep the 10,000 orders going for seconds, so the kill lands mid-run.
+    let mut cluster =
+        Cluster::start("kill-host", &["--processing-delay-ms", MID_RUN_DELAY_MS]).await;
     assert_eq!(cluster.bridge_holder().await, 0);
     let mut orders = Orders::new(&cluster.queue, 100);
     orders.publish(10_000).await;

@@ -8,7 +8,9 @@ mod support;
 use std::time::Duration;
 
 use support::certs::TestCa;
-use support::cluster::{Cluster, NODES, SECRET, node_ip, sigkill_the_singleton_holder_mid_run};
+use support::cluster::{
+    Cluster, MID_RUN_DELAY_MS, NODES, SECRET, node_ip, sigkill_the_singleton_holder_mid_run,
+};
 use support::private_postgres::{PrivatePostgres, Stop};
 use support::private_rabbitmq::{BrokerTls, PrivateRabbitMq};
 use support::{Consumer, Orders, TestQueue, binary, eventually, free_port, path, up_members};
@@ -292,7 +294,10 @@ async fn three_nodes_over_mutual_tls_lose_nothing_when_the_singleton_holder_is_s
     // Certificates as an operator makes them; the refusal test below uses the test's own CA.
     let folder = TestCa::new("cluster");
     let mut extra = cluster_certs_script(&folder.dir.join("operator"));
-    extra.extend(["--processing-delay-ms".to_owned(), "20".to_owned()]);
+    extra.extend([
+        "--processing-delay-ms".to_owned(),
+        MID_RUN_DELAY_MS.to_owned(),
+    ]);
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let cluster = Cluster::start("tls-kill", &extra).await;
     sigkill_the_singleton_holder_mid_run(cluster).await;

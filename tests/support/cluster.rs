@@ -28,6 +28,11 @@ pub const APPLIED: &str = "warren_orders_applied_total";
 /// Orders the bridge holder's sharding producer sent again (lost, or woken).
 pub const RESENDS: &str = "warren_delivery_resends_total";
 pub const DRAIN: Duration = Duration::from_secs(180);
+/// `--processing-delay-ms` for the kill tests: 100 products this slow drain at most 1,000
+/// orders a second, so a kill after 2,000 acks leaves at least 8 s of the 10,000 to go however
+/// loaded the machine is (with 20 ms, 5,000 a second, a loaded CI run once acked all 10,000
+/// before the kill landed).
+pub const MID_RUN_DELAY_MS: &str = "100";
 
 /// The nodes run with the default bridge settings: at most this many orders in flight.
 pub fn max_in_flight() -> f64 {
@@ -268,7 +273,7 @@ pub async fn takeover_time(cluster: &Cluster, killed: Instant) -> Duration {
 /// The SIGKILL test: with 10,000 orders in flight the node that consumes the queue is killed;
 /// another takes over, the killed node comes back as the youngest, and in the end every order
 /// was applied exactly once (at most a prefetch redelivered) and every shard lives on one node.
-/// `cluster` must run 20 ms products, so the kill lands mid-run.
+/// `cluster` must run [`MID_RUN_DELAY_MS`] products, so the kill lands mid-run.
 pub async fn sigkill_the_singleton_holder_mid_run(mut cluster: Cluster) {
     assert_eq!(cluster.bridge_holder().await, 0, "the oldest node consumes");
     let mut orders = Orders::new(&cluster.queue, 100);
