@@ -9,11 +9,9 @@
 
 mod support;
 
-use std::time::Instant;
-
 use support::certs::TestCa;
 use support::private_rabbitmq::{BrokerTls, PrivateRabbitMq};
-use support::{Node, delete, env_or, fill_settled, fresh_queue, median, path};
+use support::{Node, drain_with_one_node, env_or, fresh_queue, median, path};
 
 const PRODUCTS: usize = 100;
 
@@ -63,22 +61,12 @@ async fn main() {
     );
 }
 
-/// Fills a fresh queue through `fill_uri`, then drains it with one node connected to
-/// `consume_uri` (with `args`); its rate and CPU per message (µs), from process start until
-/// every message was acked.
+/// One drain of a fresh queue filled through `fill_uri` by a node connected to `consume_uri`
+/// (with `args`): rate and CPU per message.
 async fn measure(fill_uri: &str, consume_uri: &str, messages: usize, args: &[&str]) -> (f64, f64) {
     let mut amqp = fresh_queue();
     amqp.uri = fill_uri.to_owned();
-    fill_settled(&amqp, messages, PRODUCTS).await;
-    let start = Instant::now();
     let mut flags = vec!["--uri", consume_uri];
     flags.extend_from_slice(args);
-    let node = Node::start(&amqp, "memory", &flags).await;
-    let elapsed = node.until_acked(messages, start).await;
-    let cpu = node.stop().await;
-    delete(&amqp).await;
-    (
-        messages as f64 / elapsed.as_secs_f64(),
-        cpu * 1e6 / messages as f64,
-    )
+    drain_with_one_node(&Node::binary(), &amqp, messages, PRODUCTS, &flags, &[]).await
 }

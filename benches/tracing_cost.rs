@@ -14,14 +14,13 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 
-use support::{Node, delete, env_or, fill_settled, fresh_queue, median};
+use support::{Node, drain_with_one_node, env_or, fresh_queue, median};
 
 const PRODUCTS: usize = 100;
 
@@ -89,20 +88,10 @@ async fn main() {
     );
 }
 
-/// Fills a fresh queue and drains it with one node of `binary` run with `env`; its rate and CPU per message
-/// (µs), from process start until every message was acked (export may lag behind).
+/// One drain of a fresh queue by a node of `binary` run with `env`: rate and CPU per message
+/// (export may lag behind the last ack).
 async fn measure(binary: &std::path::Path, messages: usize, env: &[(&str, &str)]) -> (f64, f64) {
-    let amqp = fresh_queue();
-    fill_settled(&amqp, messages, PRODUCTS).await;
-    let start = Instant::now();
-    let node = Node::launch(binary, &amqp, "memory", &[], env).await;
-    let elapsed = node.until_acked(messages, start).await;
-    let cpu = node.stop().await;
-    delete(&amqp).await;
-    (
-        messages as f64 / elapsed.as_secs_f64(),
-        cpu * 1e6 / messages as f64,
-    )
+    drain_with_one_node(binary, &fresh_queue(), messages, PRODUCTS, &[], env).await
 }
 
 /// An OTLP/HTTP endpoint that counts the bytes posted to it; returns its base URL.

@@ -155,6 +155,30 @@ pub async fn delete(amqp: &AmqpSettings) {
     let _ = connection.close(200, "done".into()).await;
 }
 
+/// Fills `amqp`'s queue with `messages` orders over `products` and lets the broker settle, then
+/// drains it with one node of `binary` (memory store, `args`, `env`) and deletes the queue: the
+/// node's rate in msg/s and its CPU per message in µs, from process start until every message
+/// was acked.
+pub async fn drain_with_one_node(
+    binary: &std::path::Path,
+    amqp: &AmqpSettings,
+    messages: usize,
+    products: usize,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (f64, f64) {
+    fill_settled(amqp, messages, products).await;
+    let start = Instant::now();
+    let node = Node::launch(binary, amqp, "memory", args, env).await;
+    let elapsed = node.until_acked(messages, start).await;
+    let cpu = node.stop().await;
+    delete(amqp).await;
+    (
+        messages as f64 / elapsed.as_secs_f64(),
+        cpu * 1e6 / messages as f64,
+    )
+}
+
 /// A `warren-consumer` process of the benchmark; killed when dropped.
 pub struct Node {
     child: tokio::process::Child,
