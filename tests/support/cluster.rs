@@ -15,6 +15,30 @@ pub fn node_ip(i: usize) -> [u8; 4] {
     [127, 0, 0, 11 + i as u8]
 }
 
+/// The node addresses 127.0.0.11… are shared by every test process on the machine, and a
+/// partition cuts them by address alone: a cluster test run beside another (nextest runs test
+/// binaries in parallel) would have its links cut by the other's partition. This file lock,
+/// taken before the first node starts and released when the [`Cluster`] is dropped (or its
+/// process dies), lets one cluster at a time use them, whatever runs the tests.
+struct AddressLock(std::fs::File);
+
+impl AddressLock {
+    async fn take() -> AddressLock {
+        let path = std::env::temp_dir().join("warren-test-node-addresses.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let file = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+            .await
+            .expect("lock task")
+            .unwrap_or_else(|e| panic!("locking {}: {e}", path.display()));
+        AddressLock(file)
+    }
+}
+
 /// Node `i`'s address, for a partition.
 pub fn node_addr(i: usize) -> IpAddr {
     IpAddr::from(node_ip(i))
@@ -52,6 +76,8 @@ pub fn prefetch() -> f64 {
 /// Three consumer nodes sharing a queue and a database; `nodes[i]` is `None` while node i is
 /// down.
 pub struct Cluster {
+    /// Held while the cluster lives: the node addresses are one per machine.
+    _addresses: AddressLock,
     pub queue: TestQueue,
     /// The database in the shared server, unless the test brought its own.
     pub db: Option<TestDb>,
@@ -79,8 +105,10 @@ impl Cluster {
         db: Option<TestDb>,
         store: String,
     ) -> Cluster {
+        let addresses = AddressLock::take().await;
         queue.declare().await;
         let mut cluster = Cluster {
+            _addresses: addresses,
             queue,
             db,
             store,

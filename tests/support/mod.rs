@@ -505,7 +505,7 @@ impl Consumer {
             .get(format!("{}/metrics", self.base))
             .send()
             .await
-            .expect("metrics reachable")
+            .unwrap_or_else(|e| panic!("metrics unreachable ({e}); log:\n{}", self.log_tail()))
             .text()
             .await
             .expect("metrics text");
@@ -539,7 +539,7 @@ impl Consumer {
             .get(format!("{}/products/{id}", self.base))
             .send()
             .await
-            .expect("products reachable");
+            .unwrap_or_else(|e| panic!("products unreachable ({e}); log:\n{}", self.log_tail()));
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return None;
         }
