@@ -135,6 +135,80 @@ async fn postgres_lets_no_stale_append_land_after_a_new_claim_even_one_in_flight
     );
 }
 
+/// Group commit: appends of many entities waiting together are stored in few transactions
+/// (rows of one transaction share its `xmin`), yet each keeps its own outcome: new, duplicate
+/// (also a repeat in the same wait), or fenced; and a record the database refuses (a key with
+/// a NUL, which `text` cannot hold) fails only its own append.
+#[tokio::test]
+async fn postgres_group_commits_waiting_appends_and_answers_each_on_its_own() {
+    let db = TestDb::create("group_commit").await;
+    let store = Arc::new(PostgresEntityStore::new(&db.url(), "product").unwrap());
+    let newer_node = PostgresEntityStore::new(&db.url(), "product").unwrap();
+    let entities: Vec<EntityId> = (0..200).map(|i| EntityId::new(format!("e{i}"))).collect();
+    let mut claims = Vec::new();
+    for entity in &entities {
+        claims.push(store.claim(entity).await.unwrap());
+    }
+    let stale = store.claim(&EntityId::new("moved")).await.unwrap();
+    newer_node.claim(&EntityId::new("moved")).await.unwrap();
+
+    let append = |claim: warren::entity::store::Claim, key: &'static str| {
+        let store = Arc::clone(&store);
+        async move { store.append(&claim, key, key.as_bytes()).await }
+    };
+    let together: Vec<_> = claims.iter().map(|c| append(c.clone(), "k")).collect();
+    let (outcomes, repeat, fenced) = tokio::join!(
+        futures::future::join_all(together),
+        append(claims[0].clone(), "k"),
+        append(stale, "k"),
+    );
+    let new = outcomes.iter().chain([&repeat]);
+    let new = new.filter(|o| matches!(o, Ok(Appended::New))).count();
+    assert_eq!(new, 200, "{outcomes:?} {repeat:?}");
+    assert!(
+        outcomes.iter().chain([&repeat]).all(|o| o.is_ok()),
+        "{outcomes:?} {repeat:?}"
+    );
+    assert!(fenced.unwrap_err().is_fenced());
+    let (client, connection) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let transactions: i64 = client
+        .query_one(
+            "SELECT count(DISTINCT xmin::text) FROM warren_entity_records",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        transactions <= 10,
+        "200 appends waiting together took {transactions} transactions"
+    );
+
+    // A record the database refuses, waiting with others: only its own append fails.
+    let mut together: Vec<_> = claims[..20]
+        .iter()
+        .map(|c| append(c.clone(), "k2"))
+        .collect();
+    together.push(append(claims[20].clone(), "bad\0key"));
+    let outcomes = futures::future::join_all(together).await;
+    let (bad, good) = outcomes.split_last().unwrap();
+    assert!(
+        good.iter().all(|o| matches!(o, Ok(Appended::New))),
+        "{good:?}"
+    );
+    let bad = bad.as_ref().unwrap_err();
+    assert!(!bad.is_unavailable() && !bad.is_fenced(), "{bad}");
+    for entity in &entities[..20] {
+        assert_eq!(
+            store.load(entity).await.unwrap(),
+            vec![b"k".to_vec(), b"k2".to_vec()]
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_cluster_lease_goes_to_one_holder_until_it_expires() {
     use warren::cluster::lease::{Lease, PostgresLease};

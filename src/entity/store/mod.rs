@@ -14,6 +14,7 @@
 //! [`PostgresEntityStore`] keeps them in a shared database (what a multi-node cluster uses);
 //! [`StoreMetrics::wrap`] times and counts the calls of either.
 
+mod group_commit;
 mod memory;
 mod metered;
 mod postgres;
@@ -61,7 +62,7 @@ impl Claim {
 }
 
 /// Why the store did not answer; nothing was half-written either way.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or cannot serve now (connection lost, shutting down,
     /// overloaded); worth retrying for as long as it lasts.

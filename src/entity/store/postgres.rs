@@ -7,13 +7,19 @@
 //! a share lock on the row — so a claim waits for appends in flight and every later stale
 //! append sees the new epoch. The tables are created on first use, under an advisory lock so
 //! that nodes starting together do not race.
+//!
+//! Appends are group-committed: the node's entities' appends that wait together go in one
+//! multi-row statement, one round trip and one commit, each row still fenced and idempotent
+//! on its own (see [`GroupCommit`]).
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::OnceCell;
 
+use crate::entity::store::group_commit::{Append, BatchStore, GroupCommit, GroupCommitSettings};
 use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
 use crate::ids::EntityId;
 use crate::postgres::{PostgresTarget, link_failure};
@@ -54,24 +60,49 @@ const CLAIM: &str = "
     DO UPDATE SET epoch = warren_entity_owners.epoch + 1, claimed_at = now()
     RETURNING epoch";
 
-/// An append under a claim: whether the claim still holds, and whether the record is new.
-/// `FOR SHARE` makes a concurrent claim wait for this statement, and makes this statement,
-/// if it comes second, re-read the row and see the newer epoch.
-const APPEND: &str = "
-    WITH owner AS (
-        SELECT 1 FROM warren_entity_owners
-        WHERE kind = $1 AND entity_id = $2 AND epoch = $5
-        FOR SHARE
+/// Appends of many entities in one statement (group commit), each under its claim: one row per
+/// append in input order (`ord`), saying whether its claim still holds and whether its record
+/// is new. `FOR SHARE` makes a concurrent claim wait for this statement, and makes this
+/// statement, if it comes second, re-read the owner row and see the newer epoch. Rows are
+/// inserted in input order, so `seq` keeps it.
+const APPEND_BATCH: &str = "
+    WITH input AS (
+        SELECT * FROM unnest($2::text[], $3::text[], $4::bytea[], $5::bigint[])
+            WITH ORDINALITY AS i(entity_id, key, record, epoch, ord)
+    ), owned AS (
+        SELECT i.ord FROM input i
+        JOIN warren_entity_owners o
+            ON o.kind = $1 AND o.entity_id = i.entity_id AND o.epoch = i.epoch
+        FOR SHARE OF o
     ), stored AS (
         INSERT INTO warren_entity_records (kind, entity_id, key, record)
-        SELECT $1, $2, $3, $4 FROM owner
+        SELECT $1, i.entity_id, i.key, i.record FROM input i JOIN owned USING (ord)
+        ORDER BY i.ord
         ON CONFLICT DO NOTHING
-        RETURNING 1
+        RETURNING entity_id, key
     )
-    SELECT (SELECT count(*) FROM owner), (SELECT count(*) FROM stored)";
+    SELECT owned.ord IS NOT NULL, stored.key IS NOT NULL
+    FROM input i
+    LEFT JOIN owned USING (ord)
+    LEFT JOIN stored ON stored.entity_id = i.entity_id AND stored.key = i.key
+    ORDER BY i.ord";
 
-/// An [`EntityStore`] in PostgreSQL.
+/// Group commit: batches written at once (each holds a pooled connection, leaving the rest of
+/// the pool to claims and loads), and appends per batch at most.
+const GROUP_COMMIT: GroupCommitSettings = GroupCommitSettings {
+    writers: 3,
+    max_batch: 512,
+};
+
+/// An [`EntityStore`] in PostgreSQL; appends go through [`GroupCommit`].
 pub struct PostgresEntityStore {
+    database: Arc<Database>,
+    /// Started by the first append (it needs the runtime, which `new` may be called outside).
+    commits: OnceLock<GroupCommit>,
+}
+
+/// The connections, and the statements run on them.
+struct Database {
     pool: Pool,
     /// The database, for errors that come before any statement (connecting, TLS).
     link: String,
@@ -116,13 +147,18 @@ impl PostgresEntityStore {
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(PostgresEntityStore {
-            pool,
-            link,
-            kind: kind.to_owned(),
-            schema: OnceCell::new(),
+            database: Arc::new(Database {
+                pool,
+                link,
+                kind: kind.to_owned(),
+                schema: OnceCell::new(),
+            }),
+            commits: OnceLock::new(),
         })
     }
+}
 
+impl Database {
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         let mut client = self
             .pool
@@ -182,10 +218,11 @@ fn query_error(error: tokio_postgres::Error) -> StoreError {
 #[async_trait]
 impl EntityStore for PostgresEntityStore {
     async fn claim(&self, entity: &EntityId) -> Result<Claim, StoreError> {
-        let client = self.client().await?;
+        let database = &self.database;
+        let client = database.client().await?;
         let statement = client.prepare_cached(CLAIM).await.map_err(query_error)?;
         let row = client
-            .query_one(&statement, &[&self.kind, &entity.as_str()])
+            .query_one(&statement, &[&database.kind, &entity.as_str()])
             .await
             .map_err(query_error)?;
         let epoch: i64 = row.try_get(0).map_err(query_error)?;
@@ -193,7 +230,8 @@ impl EntityStore for PostgresEntityStore {
     }
 
     async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError> {
-        let client = self.client().await?;
+        let database = &self.database;
+        let client = database.client().await?;
         let statement = client
             .prepare_cached(
                 "SELECT record FROM warren_entity_records \
@@ -202,7 +240,7 @@ impl EntityStore for PostgresEntityStore {
             .await
             .map_err(query_error)?;
         let rows = client
-            .query(&statement, &[&self.kind, &entity.as_str()])
+            .query(&statement, &[&database.kind, &entity.as_str()])
             .await
             .map_err(query_error)?;
         rows.iter()
@@ -216,25 +254,57 @@ impl EntityStore for PostgresEntityStore {
         key: &str,
         record: &[u8],
     ) -> Result<Appended, StoreError> {
+        let commits = self.commits.get_or_init(|| {
+            GroupCommit::start(self.database.clone() as Arc<dyn BatchStore>, GROUP_COMMIT)
+        });
+        commits
+            .append(Append {
+                claim: claim.clone(),
+                key: key.to_owned(),
+                record: record.to_vec(),
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl BatchStore for Database {
+    async fn append_batch(
+        &self,
+        batch: &[Append],
+    ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
         let client = self.client().await?;
-        let statement = client.prepare_cached(APPEND).await.map_err(query_error)?;
-        let epoch = i64::try_from(claim.epoch()).unwrap_or(i64::MAX);
-        let row = client
-            .query_one(
+        let statement = client
+            .prepare_cached(APPEND_BATCH)
+            .await
+            .map_err(query_error)?;
+        let entities: Vec<&str> = batch.iter().map(|a| a.claim.entity().as_str()).collect();
+        let keys: Vec<&str> = batch.iter().map(|a| a.key.as_str()).collect();
+        let records: Vec<&[u8]> = batch.iter().map(|a| a.record.as_slice()).collect();
+        let epochs: Vec<i64> = batch
+            .iter()
+            .map(|a| i64::try_from(a.claim.epoch()).unwrap_or(i64::MAX))
+            .collect();
+        let rows = client
+            .query(
                 &statement,
-                &[&self.kind, &claim.entity().as_str(), &key, &record, &epoch],
+                &[&self.kind, &entities, &keys, &records, &epochs],
             )
             .await
             .map_err(query_error)?;
-        let owned: i64 = row.try_get(0).map_err(query_error)?;
-        let stored: i64 = row.try_get(1).map_err(query_error)?;
-        match (owned, stored) {
-            (0, _) => Err(StoreError::Fenced {
-                entity: claim.entity().clone(),
-                epoch: claim.epoch(),
-            }),
-            (_, 1) => Ok(Appended::New),
-            _ => Ok(Appended::Duplicate),
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (append, row) in batch.iter().zip(&rows) {
+            let owned: bool = row.try_get(0).map_err(query_error)?;
+            let stored: bool = row.try_get(1).map_err(query_error)?;
+            outcomes.push(match (owned, stored) {
+                (false, _) => Err(StoreError::Fenced {
+                    entity: append.claim.entity().clone(),
+                    epoch: append.claim.epoch(),
+                }),
+                (true, true) => Ok(Appended::New),
+                (true, false) => Ok(Appended::Duplicate),
+            });
         }
+        Ok(outcomes)
     }
 }
