@@ -10,7 +10,7 @@
 //!
 //! Appends are group-committed: the node's entities' appends that wait together go in one
 //! multi-row statement, one round trip and one commit, each row still fenced and idempotent
-//! on its own (see [`GroupCommit`]).
+//! on its own (see `group_commit`).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -87,16 +87,16 @@ const APPEND_BATCH: &str = "
     LEFT JOIN stored ON stored.entity_id = i.entity_id AND stored.key = i.key
     ORDER BY i.ord";
 
-/// Group commit: one batch in flight at a time (while it commits, the next one gathers; one
-/// writer did 12.6–13.3k orders/s against three writers' 8.8–9.4k on one node, `scripts/bench`
-/// with PostgreSQL, because three split what waits into smaller batches), holding one pooled
-/// connection and leaving the rest to claims and loads; and appends per batch at most.
+/// Group commit: one batch in flight at a time (while it commits, the next one gathers; three
+/// writers split what waits into smaller batches and did no better, see the README's
+/// figures), holding one pooled connection and leaving the rest to claims and loads; and
+/// appends per batch at most.
 const GROUP_COMMIT: GroupCommitSettings = GroupCommitSettings {
     writers: 1,
     max_batch: 512,
 };
 
-/// An [`EntityStore`] in PostgreSQL; appends go through [`GroupCommit`].
+/// An [`EntityStore`] in PostgreSQL; appends are group-committed.
 pub struct PostgresEntityStore {
     database: Arc<Database>,
     /// Started by the first append (it needs the runtime, which `new` may be called outside).
