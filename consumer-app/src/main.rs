@@ -18,7 +18,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-use warren::entity::store::{StoreLocation, StoreMetrics};
+use warren::entity::store::StoreMetrics;
 use warren::metrics;
 use warren::order::CreateOrder;
 use warren::shutdown::watch_signals;
@@ -231,22 +231,22 @@ async fn start_node(
     )
     .await
     .context("starting the cluster node")?;
-    if store_location == StoreLocation::Memory {
-        tokio::spawn(warn_when_joined_with_a_memory_store(node.view()));
+    if !store_location.is_shared() {
+        tokio::spawn(warn_when_joined_with_a_store_of_its_own(node.view()));
     }
     Ok(node)
 }
 
-/// Product state in memory is lost when a product moves to another node, which rebalancing
-/// does as soon as a node joins: say so loudly once.
-async fn warn_when_joined_with_a_memory_store(
+/// Product state in memory or in this node's own file stays behind when a product moves to
+/// another node, which rebalancing does as soon as a node joins: say so loudly once.
+async fn warn_when_joined_with_a_store_of_its_own(
     mut view: tokio::sync::watch::Receiver<warren::cluster::ClusterView>,
 ) {
     if view.wait_for(|v| v.members.len() > 1).await.is_ok() {
         warn!(
-            "this node has joined a cluster but keeps product state in memory: a product that \
-             moves to another node starts empty there; give every node the same \
-             --entity-store postgres://… URL"
+            "this node has joined a cluster but keeps product state to itself (entity_store \
+             memory or embedded): a product that moves to another node starts empty there; \
+             give every node the same --entity-store postgres://… URL"
         );
     }
 }

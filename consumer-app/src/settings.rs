@@ -31,9 +31,12 @@ pub struct ConsumerConfig {
     pub delivery: DeliverySettings,
     /// `[cluster]`: this node, whom it joins, and how the cluster behaves.
     pub cluster: ClusterSettings,
-    /// Where products keep their state: `memory` (this node only) or a `postgres://` URL
-    /// (shared, so state survives a node's loss; what a multi-node cluster needs).
+    /// Where products keep their state: `memory` (this process only), `embedded` (a file in
+    /// `data_dir`, this node only) or a `postgres://` URL (shared, so state survives a node's
+    /// loss; what a multi-node cluster needs).
     pub entity_store: String,
+    /// The folder of this node's own files (the `embedded` entity store).
+    pub data_dir: std::path::PathBuf,
     /// `[product]`: the ProductActor's simulation knobs.
     pub product: ProductSettings,
     /// `[http]`: where `/metrics`, `/health` and `/products/{id}` are served.
@@ -54,6 +57,7 @@ impl Default for ConsumerConfig {
             delivery: DeliverySettings::default(),
             cluster: ClusterSettings::default(),
             entity_store: "memory".to_owned(),
+            data_dir: warren::entity::store::DEFAULT_DATA_DIR.into(),
             product: ProductSettings::default(),
             http: HttpSettings::default(),
             log: LogSettings::default(),
@@ -145,10 +149,12 @@ impl ConsumerConfig {
 impl ConsumerConfig {
     /// The entity store, parsed.
     pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
-        StoreLocation::parse(&self.entity_store).map_err(|reason| ConfigError::OutOfRange {
-            key: "entity_store".to_owned(),
-            reason,
-        })
+        StoreLocation::parse(&self.entity_store)
+            .map(|location| location.in_data_dir(&self.data_dir))
+            .map_err(|reason| ConfigError::OutOfRange {
+                key: "entity_store".to_owned(),
+                reason,
+            })
     }
 }
 
@@ -297,10 +303,14 @@ pub struct Cli {
     /// The PEM private key of --cluster-cert-file.
     #[arg(long, env = "WARREN_CLUSTER__TLS__KEY_FILE", value_name = "FILE")]
     pub cluster_key_file: Option<std::path::PathBuf>,
-    /// Where products keep their state: memory, or a postgres:// URL shared by all nodes
-    /// (default memory).
+    /// Where products keep their state: memory, embedded (a file in --data-dir), or a
+    /// postgres:// URL shared by all nodes (default memory).
     #[arg(long, env = "WARREN_ENTITY_STORE", value_name = "STORE")]
     pub entity_store: Option<String>,
+    /// The folder of this node's own files, such as the embedded entity store (default
+    /// warren-data in the working directory).
+    #[arg(long, env = "WARREN_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// One-off operations.
@@ -389,6 +399,7 @@ impl Cli {
             .flag("cluster.tls.cert_file", self.cluster_cert_file.clone())
             .flag("cluster.tls.key_file", self.cluster_key_file.clone())
             .flag("entity_store", self.entity_store.clone())
+            .flag("data_dir", self.data_dir.clone())
             .extract()?;
         // The lease lives in the database the products live in, unless told otherwise.
         let downing = &mut config.cluster.downing;
@@ -539,8 +550,16 @@ mod tests {
             "5s",
             "--metrics-addr",
             "127.0.0.1:0",
+            "--entity-store",
+            "embedded",
+            "--data-dir",
+            "/var/lib/warren",
         ]);
         let config = cli.load().unwrap();
+        assert_eq!(
+            config.store_location().unwrap(),
+            StoreLocation::Embedded("/var/lib/warren".into())
+        );
         assert_eq!(config.amqp.queue, "q1");
         assert_eq!(config.bridge.max_in_flight, 7);
         assert_eq!(config.bridge.effective_prefetch(), 70);

@@ -9,7 +9,7 @@
 //! one append at a time, so one bad record fails only its own message.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -17,7 +17,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use crate::entity::store::{Appended, Claim, StoreError};
 
 /// One entity's append, as a writer hands it to the database.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Append {
     pub(super) claim: Claim,
     pub(super) key: String,
@@ -73,6 +73,32 @@ impl GroupCommit {
             .await
             .map_err(|_| stopped())?;
         outcome.await.map_err(|_| stopped())?
+    }
+}
+
+/// A [`GroupCommit`] started by the first append: a store may be made outside the tokio
+/// runtime its writers need.
+pub(super) struct LazyGroupCommit {
+    store: Arc<dyn BatchStore>,
+    settings: GroupCommitSettings,
+    started: OnceLock<GroupCommit>,
+}
+
+impl LazyGroupCommit {
+    pub(super) fn new(store: Arc<dyn BatchStore>, settings: GroupCommitSettings) -> Self {
+        LazyGroupCommit {
+            store,
+            settings,
+            started: OnceLock::new(),
+        }
+    }
+
+    /// [`GroupCommit::append`], starting the writers first if need be.
+    pub(super) async fn append(&self, append: Append) -> Result<Appended, StoreError> {
+        let commits = self
+            .started
+            .get_or_init(|| GroupCommit::start(self.store.clone(), self.settings));
+        commits.append(append).await
     }
 }
 

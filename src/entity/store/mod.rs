@@ -10,10 +10,12 @@
 //! claimed, is the only one that can write: a stale copy left running on the far side of a
 //! partition cannot add to an entity's history behind the back of its new owner.
 //!
-//! [`MemoryEntityStore`] keeps records in this process (one node, or tests);
-//! [`PostgresEntityStore`] keeps them in a shared database (what a multi-node cluster uses);
+//! [`MemoryEntityStore`] keeps records in this process (tests, demos);
+//! [`EmbeddedEntityStore`] in a file on this node's disk (one node, no server);
+//! [`PostgresEntityStore`] in a shared database (what a multi-node cluster uses);
 //! [`StoreMetrics::wrap`] times and counts the calls of either.
 
+mod embedded;
 mod group_commit;
 mod memory;
 mod metered;
@@ -21,6 +23,7 @@ mod postgres;
 
 use async_trait::async_trait;
 
+pub use embedded::EmbeddedEntityStore;
 pub use memory::MemoryEntityStore;
 pub use metered::StoreMetrics;
 pub use postgres::PostgresEntityStore;
@@ -127,32 +130,57 @@ pub trait EntityStore: Send + Sync + 'static {
     -> Result<Appended, StoreError>;
 }
 
-/// Which store to use: `memory` or a `postgres://` URL (the `--entity-store` value).
+/// Which store to use: `memory`, `embedded` or a `postgres://` URL (the `--entity-store`
+/// value).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreLocation {
     /// In this process.
     Memory,
+    /// A file in this folder (the data directory).
+    Embedded(std::path::PathBuf),
     /// A PostgreSQL database.
     Postgres(String),
 }
 
+/// The data directory unless one is set: `warren-data` in the working directory.
+pub const DEFAULT_DATA_DIR: &str = "warren-data";
+
 impl StoreLocation {
-    /// Parses `memory` or a `postgres://` / `postgresql://` URL.
+    /// Parses `memory`, `embedded` (in [`DEFAULT_DATA_DIR`] until [`Self::in_data_dir`]) or a
+    /// `postgres://` / `postgresql://` URL.
     pub fn parse(text: &str) -> Result<Self, String> {
         if text == "memory" {
             Ok(StoreLocation::Memory)
+        } else if text == "embedded" {
+            Ok(StoreLocation::Embedded(DEFAULT_DATA_DIR.into()))
         } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
             postgres::check_url(text)?;
             Ok(StoreLocation::Postgres(text.to_owned()))
         } else {
-            Err("must be \"memory\" or a postgres:// URL".to_owned())
+            Err("must be \"embedded\", \"memory\" or a postgres:// URL".to_owned())
         }
+    }
+
+    /// An embedded store in `dir` instead; other locations as they are.
+    pub fn in_data_dir(self, dir: &std::path::Path) -> Self {
+        match self {
+            StoreLocation::Embedded(_) => StoreLocation::Embedded(dir.to_owned()),
+            other => other,
+        }
+    }
+
+    /// True for the stores that every node of a cluster can share (only a database server).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, StoreLocation::Postgres(_))
     }
 
     /// Opens the store for entities of `kind` (records of other kinds are not seen).
     pub fn open(&self, kind: &str) -> Result<std::sync::Arc<dyn EntityStore>, StoreError> {
         Ok(match self {
             StoreLocation::Memory => std::sync::Arc::new(MemoryEntityStore::default()),
+            StoreLocation::Embedded(dir) => {
+                std::sync::Arc::new(EmbeddedEntityStore::open(dir, kind)?)
+            }
             StoreLocation::Postgres(url) => {
                 std::sync::Arc::new(PostgresEntityStore::new(url, kind)?)
             }
@@ -171,6 +199,10 @@ mod tests {
             StoreLocation::parse("postgres://u:p@127.0.0.1:5432/db"),
             Ok(StoreLocation::Postgres(_))
         ));
+        assert_eq!(
+            StoreLocation::parse("embedded").map(|l| l.in_data_dir("/var/lib/w".as_ref())),
+            Ok(StoreLocation::Embedded("/var/lib/w".into()))
+        );
         assert!(StoreLocation::parse("redis://x").is_err());
         assert!(StoreLocation::parse("postgres://u:p@127.0.0.1:notaport/db").is_err());
     }

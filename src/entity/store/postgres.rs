@@ -12,14 +12,16 @@
 //! multi-row statement, one round trip and one commit, each row still fenced and idempotent
 //! on its own (see `group_commit`).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::OnceCell;
 
-use crate::entity::store::group_commit::{Append, BatchStore, GroupCommit, GroupCommitSettings};
+use crate::entity::store::group_commit::{
+    Append, BatchStore, GroupCommitSettings, LazyGroupCommit,
+};
 use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
 use crate::ids::EntityId;
 use crate::postgres::{PostgresTarget, link_failure};
@@ -99,8 +101,7 @@ const GROUP_COMMIT: GroupCommitSettings = GroupCommitSettings {
 /// An [`EntityStore`] in PostgreSQL; appends are group-committed.
 pub struct PostgresEntityStore {
     database: Arc<Database>,
-    /// Started by the first append (it needs the runtime, which `new` may be called outside).
-    commits: OnceLock<GroupCommit>,
+    commits: LazyGroupCommit,
 }
 
 /// The connections, and the statements run on them.
@@ -148,14 +149,15 @@ impl PostgresEntityStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let database = Arc::new(Database {
+            pool,
+            link,
+            kind: kind.to_owned(),
+            schema: OnceCell::new(),
+        });
         Ok(PostgresEntityStore {
-            database: Arc::new(Database {
-                pool,
-                link,
-                kind: kind.to_owned(),
-                schema: OnceCell::new(),
-            }),
-            commits: OnceLock::new(),
+            commits: LazyGroupCommit::new(database.clone(), GROUP_COMMIT),
+            database,
         })
     }
 }
@@ -256,10 +258,7 @@ impl EntityStore for PostgresEntityStore {
         key: &str,
         record: &[u8],
     ) -> Result<Appended, StoreError> {
-        let commits = self.commits.get_or_init(|| {
-            GroupCommit::start(self.database.clone() as Arc<dyn BatchStore>, GROUP_COMMIT)
-        });
-        commits
+        self.commits
             .append(Append {
                 claim: claim.clone(),
                 key: key.to_owned(),

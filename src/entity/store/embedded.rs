@@ -1,0 +1,290 @@
+//! Records in an embedded redb file on this node's disk, `<data_dir>/entities-<kind>.redb`:
+//! what a single node needs to keep its entities' state and deduplication across a crash with
+//! no database server. Three tables: each entity's epoch (`owners`), its records in append
+//! order (`records`, keyed by entity and sequence number) and the key of every record
+//! (`keys`, which makes an append idempotent). A claim and a batch of appends are each one
+//! durable write transaction, and redb has one writer at a time, so an append checks its
+//! claim's epoch in the transaction that stores it: no stale incarnation can write after a
+//! newer claim. Appends are group-committed like PostgreSQL's (one transaction, one fsync, per
+//! batch). The file is not shared: nodes of a cluster need `postgres://`.
+//!
+//! redb is blocking; every call runs on tokio's blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::entity::store::group_commit::{
+    Append, BatchStore, GroupCommitSettings, LazyGroupCommit,
+};
+use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
+use crate::ids::EntityId;
+
+const OWNERS: TableDefinition<&str, u64> = TableDefinition::new("owners");
+const RECORDS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("records");
+const KEYS: TableDefinition<(&str, &str), u64> = TableDefinition::new("keys");
+
+/// One batch in flight (redb has one writer anyway); appends per batch at most.
+const GROUP_COMMIT: GroupCommitSettings = GroupCommitSettings {
+    writers: 1,
+    max_batch: 512,
+};
+
+/// An [`EntityStore`] in a redb file; appends are group-committed.
+pub struct EmbeddedEntityStore {
+    file: Arc<File>,
+    commits: LazyGroupCommit,
+}
+
+#[derive(Clone)]
+struct File {
+    db: Arc<Database>,
+}
+
+/// A failure of the file is waited out (a full disk may be freed), not a message's failure.
+fn failed(error: impl Into<redb::Error>) -> StoreError {
+    StoreError::Unavailable(format!("embedded entity store: {}", error.into()))
+}
+
+impl EmbeddedEntityStore {
+    /// Opens (or creates, with its folder) the store of entities of `kind` in `data_dir`.
+    pub fn open(data_dir: &Path, kind: &str) -> Result<Self, StoreError> {
+        let path: PathBuf = data_dir.join(format!("entities-{kind}.redb"));
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create {}: {e}", data_dir.display()))
+        })?;
+        let db = Database::create(&path)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(failed)?;
+        txn.open_table(OWNERS).map_err(failed)?;
+        txn.open_table(RECORDS).map_err(failed)?;
+        txn.open_table(KEYS).map_err(failed)?;
+        txn.commit().map_err(failed)?;
+        let file = Arc::new(File { db: Arc::new(db) });
+        Ok(EmbeddedEntityStore {
+            commits: LazyGroupCommit::new(file.clone(), GROUP_COMMIT),
+            file,
+        })
+    }
+
+    async fn blocking<R: Send + 'static>(
+        &self,
+        call: impl FnOnce(&File) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || call(&file))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("embedded entity store: {e}")))?
+    }
+}
+
+impl File {
+    fn claim(&self, entity: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write().map_err(failed)?;
+        let epoch = {
+            let mut owners = txn.open_table(OWNERS).map_err(failed)?;
+            let epoch = owners.get(entity).map_err(failed)?.map_or(0, |e| e.value()) + 1;
+            owners.insert(entity, epoch).map_err(failed)?;
+            epoch
+        };
+        txn.commit().map_err(failed)?;
+        Ok(epoch)
+    }
+
+    fn load(&self, entity: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(failed)?;
+        let records = txn.open_table(RECORDS).map_err(failed)?;
+        let range = records
+            .range((entity, 0)..=(entity, u64::MAX))
+            .map_err(failed)?;
+        range
+            .map(|row| {
+                row.map(|(_, record)| record.value().to_vec())
+                    .map_err(failed)
+            })
+            .collect()
+    }
+
+    /// Stores what is new of `batch` in one durable transaction, each append under its claim.
+    fn append_batch(
+        &self,
+        batch: &[Append],
+    ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+        let txn = self.db.begin_write().map_err(failed)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        {
+            let owners = txn.open_table(OWNERS).map_err(failed)?;
+            let mut records = txn.open_table(RECORDS).map_err(failed)?;
+            let mut keys = txn.open_table(KEYS).map_err(failed)?;
+            for append in batch {
+                let entity = append.claim.entity().as_str();
+                let epoch = owners.get(entity).map_err(failed)?.map(|e| e.value());
+                if epoch != Some(append.claim.epoch()) {
+                    outcomes.push(Err(StoreError::Fenced {
+                        entity: append.claim.entity().clone(),
+                        epoch: append.claim.epoch(),
+                    }));
+                    continue;
+                }
+                if keys
+                    .get((entity, append.key.as_str()))
+                    .map_err(failed)?
+                    .is_some()
+                {
+                    outcomes.push(Ok(Appended::Duplicate));
+                    continue;
+                }
+                let last = records
+                    .range((entity, 0)..=(entity, u64::MAX))
+                    .map_err(failed)?
+                    .next_back()
+                    .transpose()
+                    .map_err(failed)?
+                    .map(|(seq, _)| seq.value().1);
+                let seq = last.map_or(0, |s| s + 1);
+                records
+                    .insert((entity, seq), append.record.as_slice())
+                    .map_err(failed)?;
+                keys.insert((entity, append.key.as_str()), seq)
+                    .map_err(failed)?;
+                outcomes.push(Ok(Appended::New));
+            }
+        }
+        txn.commit().map_err(failed)?;
+        Ok(outcomes)
+    }
+}
+
+#[async_trait]
+impl BatchStore for File {
+    async fn append_batch(
+        &self,
+        batch: &[Append],
+    ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+        // A redb commit blocks (it waits for the disk): on the blocking pool.
+        let (file, batch) = (self.clone(), batch.to_vec());
+        tokio::task::spawn_blocking(move || File::append_batch(&file, &batch))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("embedded entity store: {e}")))?
+    }
+}
+
+#[async_trait]
+impl EntityStore for EmbeddedEntityStore {
+    async fn claim(&self, entity: &EntityId) -> Result<Claim, StoreError> {
+        let id = entity.clone();
+        let epoch = self.blocking(move |file| file.claim(id.as_str())).await?;
+        Ok(Claim::new(entity.clone(), epoch))
+    }
+
+    async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError> {
+        let id = entity.clone();
+        self.blocking(move |file| file.load(id.as_str())).await
+    }
+
+    async fn append(
+        &self,
+        claim: &Claim,
+        key: &str,
+        record: &[u8],
+    ) -> Result<Appended, StoreError> {
+        self.commits
+            .append(Append {
+                claim: claim.clone(),
+                key: key.to_owned(),
+                record: record.to_vec(),
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn folder() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "warren-embedded-store-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_once_per_key_loads_in_order_and_keeps_both_after_reopening() {
+        let dir = folder();
+        let (a, b) = (EntityId::new("a"), EntityId::new("b"));
+        {
+            let store = EmbeddedEntityStore::open(&dir, "product").unwrap();
+            let claim = store.claim(&a).await.unwrap();
+            assert_eq!(
+                store.append(&claim, "k1", b"one").await.unwrap(),
+                Appended::New
+            );
+            assert_eq!(
+                store.append(&claim, "k2", b"two").await.unwrap(),
+                Appended::New
+            );
+            assert_eq!(
+                store.append(&claim, "k1", b"again").await.unwrap(),
+                Appended::Duplicate
+            );
+            let b_claim = store.claim(&b).await.unwrap();
+            assert_eq!(
+                store.append(&b_claim, "k1", b"b").await.unwrap(),
+                Appended::New
+            );
+        }
+        // The dropped store's writer lets go of the file once it sees its queue closed.
+        let reopened = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match EmbeddedEntityStore::open(&dir, "product") {
+                    Ok(store) => return store,
+                    Err(_) => tokio::task::yield_now().await,
+                }
+            }
+        });
+        let store = reopened.await.expect("the file reopens");
+        assert_eq!(
+            store.load(&a).await.unwrap(),
+            vec![b"one".to_vec(), b"two".to_vec()]
+        );
+        let claim = store.claim(&a).await.unwrap();
+        assert_eq!(claim.epoch(), 2, "the epoch survives too");
+        assert_eq!(
+            store.append(&claim, "k2", b"again").await.unwrap(),
+            Appended::Duplicate,
+            "deduplication survives a restart"
+        );
+        assert!(store.load(&EntityId::new("c")).await.unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_claim_cannot_append() {
+        let dir = folder();
+        let store = EmbeddedEntityStore::open(&dir, "product").unwrap();
+        let entity = EntityId::new("p");
+        let stale = store.claim(&entity).await.unwrap();
+        let newer = store.claim(&entity).await.unwrap();
+        assert!(
+            store
+                .append(&stale, "k", b"x")
+                .await
+                .unwrap_err()
+                .is_fenced()
+        );
+        assert_eq!(
+            store.append(&newer, "k", b"x").await.unwrap(),
+            Appended::New
+        );
+        assert_eq!(store.load(&entity).await.unwrap(), vec![b"x".to_vec()]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
