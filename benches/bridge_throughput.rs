@@ -11,7 +11,8 @@
 //!
 //! `BENCH_MESSAGES` (default 50000) and `BENCH_ROUNDS` (default 7) tune it;
 //! `BENCH_ENTITY_STORE` (default `memory`) is the nodes' `--entity-store`, e.g. a
-//! `postgres://` URL to include storing every applied order; `BENCH_CONSUMER` runs another
+//! `postgres://` URL or `embedded` (each node in a fresh folder) to include storing every
+//! applied order; `BENCH_CONSUMER` runs another
 //! `warren-consumer` binary (an older build, to compare commits).
 
 mod support;

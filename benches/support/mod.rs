@@ -242,6 +242,14 @@ impl Node {
             .env("RUST_LOG", "warn")
             .env("WARREN_CLUSTER__SECRET", "warren-bench-secret-0123456789")
             .envs(env.iter().copied())
+            // Each node its own embedded file (in a fresh folder, so every round starts empty).
+            .envs((store == "embedded").then(|| {
+                let dir = std::env::temp_dir().join(format!(
+                    "warren-bench-data-{}",
+                    uuid::Uuid::new_v4().simple()
+                ));
+                ("WARREN_DATA_DIR", dir)
+            }))
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
