@@ -93,12 +93,25 @@ impl LazyGroupCommit {
         }
     }
 
-    /// [`GroupCommit::append`], starting the writers first if need be.
-    pub(super) async fn append(&self, append: Append) -> Result<Appended, StoreError> {
+    /// [`GroupCommit::append`] of `record` under `key` for the claimed entity (what
+    /// [`crate::entity::store::EntityStore::append`] is given), starting the writers first if
+    /// need be.
+    pub(super) async fn append(
+        &self,
+        claim: &Claim,
+        key: &str,
+        record: &[u8],
+    ) -> Result<Appended, StoreError> {
         let commits = self
             .started
             .get_or_init(|| GroupCommit::start(self.store.clone(), self.settings));
-        commits.append(append).await
+        commits
+            .append(Append {
+                claim: claim.clone(),
+                key: key.to_owned(),
+                record: record.to_vec(),
+            })
+            .await
     }
 }
 
@@ -138,13 +151,18 @@ async fn write(
 
 /// The jobs whose entity and key are the first of their kind, and the rest (in order).
 fn split_repeated_keys(jobs: Vec<Job>) -> (Vec<Job>, Vec<Job>) {
-    let mut seen = HashSet::new();
-    jobs.into_iter().partition(|job| {
-        seen.insert((
-            job.append.claim.entity().as_str().to_owned(),
-            job.append.key.clone(),
-        ))
-    })
+    // Borrowed keys: no allocation per append to find the rare repeat.
+    let first: Vec<bool> = {
+        let mut seen = HashSet::with_capacity(jobs.len());
+        jobs.iter()
+            .map(|job| seen.insert((job.append.claim.entity().as_str(), job.append.key.as_str())))
+            .collect()
+    };
+    let (batch, later): (Vec<_>, Vec<_>) = jobs.into_iter().zip(first).partition(|(_, f)| *f);
+    (
+        batch.into_iter().map(|(job, _)| job).collect(),
+        later.into_iter().map(|(job, _)| job).collect(),
+    )
 }
 
 /// Stores `jobs` as one batch and answers each; a batch refused as a whole (not for want of

@@ -258,13 +258,7 @@ impl EntityStore for PostgresEntityStore {
         key: &str,
         record: &[u8],
     ) -> Result<Appended, StoreError> {
-        self.commits
-            .append(Append {
-                claim: claim.clone(),
-                key: key.to_owned(),
-                record: record.to_vec(),
-            })
-            .await
+        self.commits.append(claim, key, record).await
     }
 }
 
