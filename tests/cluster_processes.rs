@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use support::{binary, eventually, free_port, up_members};
+use support::{binary, die_with_the_test, eventually, free_port, up_members};
 use warren::node::COORDINATOR;
 
 const SECRET: &str = "warren-test-secret-0123456789";
@@ -53,6 +53,7 @@ impl Node {
         if !seeds.is_empty() {
             command.args(["--seeds", &seeds.join(",")]);
         }
+        die_with_the_test(command.as_std_mut());
         let mut child = command.spawn().expect("start warren-cluster-node");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();

@@ -106,6 +106,9 @@ impl Cluster {
         store: String,
     ) -> Cluster {
         let addresses = AddressLock::take().await;
+        // Holding the lock, no other cluster uses these addresses: any partition rule still in
+        // place was left by a run that was killed mid-partition, and would cut this cluster.
+        super::partition::remove_leftovers();
         queue.declare().await;
         let mut cluster = Cluster {
             _addresses: addresses,

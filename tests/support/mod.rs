@@ -11,7 +11,7 @@ pub mod private_postgres;
 pub mod private_rabbitmq;
 pub mod process;
 
-pub use process::{free_port, path, run};
+pub use process::{die_with_the_test, free_port, path, run};
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -422,12 +422,16 @@ impl Consumer {
     /// Starts the real binary on `queue` with extra flags and waits until it consumes.
     pub async fn start(queue: &TestQueue, extra: &[&str]) -> Consumer {
         let consumer = Self::launch(queue, extra, &[]).await;
-        eventually(
-            "the consumer to be consuming",
-            Duration::from_secs(30),
-            || async { consumer.get("/health").await.map(drop) },
-        )
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while consumer.get("/health").await.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{} not consuming after 30 s; its log ends:\n{}",
+                consumer.base,
+                consumer.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         consumer
     }
 
@@ -446,7 +450,8 @@ impl Consumer {
             warren::amqp::QueueType::Quorum => "quorum",
         };
         let uri = queue.amqp().uri;
-        let mut child = Command::new(binary("warren-consumer"))
+        let mut command = Command::new(binary("warren-consumer"));
+        command
             .args(["--uri", &uri])
             .args(["--queue", &queue.name, "--queue-type", queue_type])
             .args(["--partitions", &queue.partitions.to_string()])
@@ -461,9 +466,9 @@ impl Consumer {
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("warren-consumer starts");
+            .kill_on_drop(true);
+        die_with_the_test(command.as_std_mut());
+        let mut child = command.spawn().expect("warren-consumer starts");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())

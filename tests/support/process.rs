@@ -1,5 +1,5 @@
 //! Processes and ports the tests and benchmarks share: a free port, a command that must
-//! succeed, a temporary path as text.
+//! succeed, a temporary path as text, a child that dies with its parent.
 
 /// A port free for both TCP and UDP on `ip` (a cluster port carries both), below the kernel's
 /// ephemeral range: one from that range (what binding port 0 gives) can be taken by a node's
@@ -39,4 +39,22 @@ pub fn run(program: &str, args: &[&str]) {
 /// A temporary path as text.
 pub fn path(path: &std::path::Path) -> &str {
     path.to_str().expect("a UTF-8 temporary path")
+}
+
+/// Has the kernel SIGKILL the child when the thread that spawns it ends. `kill_on_drop` needs
+/// the parent to run its destructors; a test run that is itself killed (a timeout, a stopped
+/// session) would otherwise leave its nodes running, busy on the machine's two cores and
+/// holding the shared test addresses.
+pub fn die_with_the_test(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure calls only prctl, which is async-signal-safe,
+    // and allocates nothing.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
