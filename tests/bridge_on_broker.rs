@@ -364,6 +364,19 @@ async fn a_quorum_queue_gets_a_delivery_limit_and_flows_the_same() {
     orders.publish(200).await;
     orders.raw(b"not json".to_vec()).await;
     orders.publish(200).await;
+    // A quorum queue's counts reach `rabbitmqctl` on the broker's tick (every 5 s), so right
+    // after publishing they may still read the empty queue: wait for the consumer's own count
+    // of settled deliveries first.
+    eventually("400 acked and 1 dead-lettered", DRAIN, || async {
+        let acked = consumer
+            .metric("warren_deliveries_total{outcome=\"acked\"}")
+            .await;
+        let dead = consumer
+            .metric("warren_deliveries_total{outcome=\"dead_lettered\"}")
+            .await;
+        (acked == 400.0 && dead == 1.0).then_some(())
+    })
+    .await;
     queue.wait_drained(DRAIN).await;
     orders.assert_applied_exactly_once_in_order(&consumer).await;
     let letters = queue.take_dead_letters().await;

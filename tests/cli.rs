@@ -183,6 +183,7 @@ async fn each_binary_skips_the_other_binarys_environment_but_not_a_misspelt_sect
             ("WARREN_CLUSTER__SECRET", "a-secret-for-the-consumers-only"),
             ("WARREN_BRIDGE__MAX_IN_FLIGHT", "10"),
             ("WARREN_ENTITY_STORE", "memory"),
+            ("WARREN_DATA_DIR", "/var/lib/warren"),
         ],
         "publish.products",
     )

@@ -1,36 +1,41 @@
-//! The embedded entity store on a real single node: SIGKILLed mid-run and started again on the
-//! same data directory, with no database server, every product ends with exactly the orders
-//! published for it, the ones applied before the kill included, and the orders the broker
-//! redelivered are recognised instead of applied twice.
+//! The default entity store (embedded) on a real single node: SIGKILLed mid-run and started
+//! again in the same working directory, with no flag naming a store and no database server,
+//! every product ends with exactly the orders published for it, the ones applied before the
+//! kill included, and the orders the broker redelivered are recognised instead of applied
+//! twice. A second node in the same folder is refused instead of sharing the file.
 
 mod support;
 
 use std::time::Duration;
 
-use support::{Consumer, Orders, TestQueue, eventually, message_count, path};
+use support::{Consumer, Orders, TestQueue, binary, eventually, message_count};
 
 const DRAIN: Duration = Duration::from_secs(180);
 const ACKED: &str = "warren_deliveries_total{outcome=\"acked\"}";
 
+/// A fresh working directory for a node, removed by the test once it passed.
+fn work_dir(test: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "warren-test-{test}-{}",
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
 #[tokio::test]
 async fn a_single_node_sigkilled_mid_run_keeps_every_products_state_and_deduplication() {
-    let data = std::env::temp_dir().join(format!(
-        "warren-test-embedded-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let dir = work_dir("embedded-kill");
     let queue = TestQueue::new("embedded-kill");
     queue.declare().await;
     // 100 products at 100 ms an order: at most 1,000 orders a second, so the kill after 1,000
-    // acks leaves seconds of the 5,000 to go.
-    let flags = [
-        "--entity-store",
-        "embedded",
-        "--data-dir",
-        path(&data),
-        "--processing-delay-ms",
-        "100",
-    ];
-    let first = Consumer::start(&queue, &flags).await;
+    // acks leaves seconds of the 5,000 to go. No store flag: the default.
+    let flags = ["--processing-delay-ms", "100"];
+    let first = Consumer::start_in(&dir, &queue, &flags).await;
+    let file = dir.join("warren-data").join("entities-product.redb");
+    assert!(
+        file.is_file(),
+        "{} is where the default keeps products",
+        file.display()
+    );
     let mut orders = Orders::new(&queue, 100);
     orders.publish(5_000).await;
     eventually("1,000 acks before the kill", DRAIN, || async {
@@ -41,7 +46,7 @@ async fn a_single_node_sigkilled_mid_run_keeps_every_products_state_and_deduplic
     assert!(applied_before < 5_000.0, "the kill must come mid-run");
     first.kill().await;
 
-    let second = Consumer::start(&queue, &flags).await;
+    let second = Consumer::start_in(&dir, &queue, &flags).await;
     queue.wait_drained(DRAIN).await;
     assert_eq!(message_count(&queue.dlq()).await, 0, "dead letters");
     // Totals and order lists hold what was applied before the kill too: loaded from the file.
@@ -53,5 +58,38 @@ async fn a_single_node_sigkilled_mid_run_keeps_every_products_state_and_deduplic
         applied_after <= 5_000.0 - applied_before,
         "the second run applied {applied_after} after {applied_before}: some twice"
     );
-    std::fs::remove_dir_all(&data).expect("data directory removed");
+    drop(second);
+    std::fs::remove_dir_all(&dir).expect("working directory removed");
+}
+
+/// Two nodes on one data folder would share products' records without sharing their claims:
+/// the second is refused at start, naming the setting, and the first keeps consuming.
+#[tokio::test]
+async fn a_second_node_on_the_same_data_dir_is_refused_naming_it() {
+    let dir = work_dir("embedded-shared");
+    let queue = TestQueue::new("embedded-shared");
+    queue.declare().await;
+    let first = Consumer::start_in(&dir, &queue, &[]).await;
+    let second = tokio::process::Command::new(binary("warren-consumer"))
+        .current_dir(&dir)
+        .args(["--uri", &queue.amqp().uri, "--queue", &queue.name])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("the second node exits by itself")
+        .expect("warren-consumer runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the second node ran: {stderr}");
+    assert!(
+        stderr.contains("in use by another process") && stderr.contains("data_dir"),
+        "the refusal names the folder's setting: {stderr}"
+    );
+    let mut orders = Orders::new(&queue, 5);
+    orders.publish(50).await;
+    queue.wait_drained(DRAIN).await;
+    orders.assert_applied_exactly_once_in_order(&first).await;
+    drop(first);
+    std::fs::remove_dir_all(&dir).expect("working directory removed");
 }

@@ -18,7 +18,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-use warren::entity::store::StoreMetrics;
+use warren::entity::store::{StoreLocation, StoreMetrics};
 use warren::metrics;
 use warren::order::CreateOrder;
 use warren::shutdown::watch_signals;
@@ -205,6 +205,10 @@ async fn start_node(
     let store = store_location
         .open("product")
         .context("opening the entity store")?;
+    if let StoreLocation::Embedded(dir) = &store_location {
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+        info!(data_dir = %dir.display(), "products' state is kept in this node's own file");
+    }
     let store = StoreMetrics::register(metrics.registry())
         .context("registering metrics")?
         .wrap(store);

@@ -31,9 +31,10 @@ pub struct ConsumerConfig {
     pub delivery: DeliverySettings,
     /// `[cluster]`: this node, whom it joins, and how the cluster behaves.
     pub cluster: ClusterSettings,
-    /// Where products keep their state: `memory` (this process only), `embedded` (a file in
-    /// `data_dir`, this node only) or a `postgres://` URL (shared, so state survives a node's
-    /// loss; what a multi-node cluster needs).
+    /// Where products keep their state: `embedded` (the default: a file in `data_dir`, this
+    /// node only, survives a crash), `memory` (this process only: tests and demos) or a
+    /// `postgres://` URL (shared, so state survives a node's loss; what a multi-node cluster
+    /// needs).
     pub entity_store: String,
     /// The folder of this node's own files (the `embedded` entity store).
     pub data_dir: std::path::PathBuf,
@@ -56,7 +57,7 @@ impl Default for ConsumerConfig {
             bridge: BridgeSettings::default(),
             delivery: DeliverySettings::default(),
             cluster: ClusterSettings::default(),
-            entity_store: "memory".to_owned(),
+            entity_store: "embedded".to_owned(),
             data_dir: warren::entity::store::DEFAULT_DATA_DIR.into(),
             product: ProductSettings::default(),
             http: HttpSettings::default(),
@@ -303,8 +304,8 @@ pub struct Cli {
     /// The PEM private key of --cluster-cert-file.
     #[arg(long, env = "WARREN_CLUSTER__TLS__KEY_FILE", value_name = "FILE")]
     pub cluster_key_file: Option<std::path::PathBuf>,
-    /// Where products keep their state: memory, embedded (a file in --data-dir), or a
-    /// postgres:// URL shared by all nodes (default memory).
+    /// Where products keep their state: embedded (a file in --data-dir, the default), memory,
+    /// or a postgres:// URL shared by all nodes.
     #[arg(long, env = "WARREN_ENTITY_STORE", value_name = "STORE")]
     pub entity_store: Option<String>,
     /// The folder of this node's own files, such as the embedded entity store (default

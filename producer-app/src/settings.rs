@@ -15,6 +15,7 @@ pub const CONSUMER_SECTIONS: &[&str] = &[
     "bridge",
     "delivery",
     "cluster",
+    "data_dir",
     "entity_store",
     "product",
     "runtime",

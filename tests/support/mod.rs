@@ -268,7 +268,8 @@ impl TestQueue {
         letters
     }
 
-    /// Waits until the queue is empty (nothing ready, nothing unacked).
+    /// Waits until the queue is empty (nothing ready, nothing unacked). A quorum queue's counts are published on the
+    /// broker's tick, so they may read zero just after a publish: wait for the consumer first.
     pub async fn wait_drained(&self, timeout: Duration) {
         eventually(&format!("{} to drain", self.name), timeout, || async {
             let counts = self.counts().await;
@@ -416,12 +417,37 @@ pub struct Consumer {
     pub connection_name: String,
     pub log: PathBuf,
     http: reqwest::Client,
+    /// Dropped after `child`, so the folder goes once the node is killed.
+    _work_dir: FreshDir,
+}
+
+/// The folder a node runs in, where its default `data_dir` (`warren-data`) lands: a fresh one
+/// per launch, removed with the node, so nodes never share a store file and a restarted node
+/// starts empty as before; or one the test names, to start a node again on its files.
+struct FreshDir(Option<PathBuf>);
+
+impl Drop for FreshDir {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 impl Consumer {
     /// Starts the real binary on `queue` with extra flags and waits until it consumes.
     pub async fn start(queue: &TestQueue, extra: &[&str]) -> Consumer {
-        let consumer = Self::launch(queue, extra, &[]).await;
+        Self::consuming(Self::launch(queue, extra, &[]).await).await
+    }
+
+    /// Like [`Self::start`], in the working directory `dir`, which outlives the node: started
+    /// again there, a node with default settings finds the products it stored.
+    pub async fn start_in(dir: &std::path::Path, queue: &TestQueue, extra: &[&str]) -> Consumer {
+        Self::consuming(Self::spawn(queue, extra, &[], Some(dir)).await).await
+    }
+
+    /// Returns `consumer` once it consumes; panics with its log after 30 s.
+    async fn consuming(consumer: Consumer) -> Consumer {
         let deadline = Instant::now() + Duration::from_secs(30);
         while consumer.get("/health").await.is_none() {
             assert!(
@@ -438,12 +464,30 @@ impl Consumer {
     /// Starts the real binary on `queue` with extra flags and environment variables, and
     /// returns once it serves HTTP (it may not be consuming, nor ever be).
     pub async fn launch(queue: &TestQueue, extra: &[&str], env: &[(&str, &str)]) -> Consumer {
+        Self::spawn(queue, extra, env, None).await
+    }
+
+    /// Launches in `dir`, or in a fresh folder removed with the node.
+    async fn spawn(
+        queue: &TestQueue,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        dir: Option<&std::path::Path>,
+    ) -> Consumer {
         let connection_name = format!(
             "{}-{}",
             queue.name,
             &Uuid::new_v4().simple().to_string()[..6]
         );
         let log = std::env::temp_dir().join(format!("{connection_name}.log"));
+        let (work_dir, fresh) = match dir {
+            Some(dir) => (dir.to_owned(), FreshDir(None)),
+            None => {
+                let dir = std::env::temp_dir().join(format!("{connection_name}-work"));
+                (dir.clone(), FreshDir(Some(dir)))
+            }
+        };
+        std::fs::create_dir_all(&work_dir).expect("the node's working directory");
         let stderr = std::fs::File::create(&log).expect("log file");
         let queue_type = match queue.queue_type {
             warren::amqp::QueueType::Classic => "classic",
@@ -462,6 +506,7 @@ impl Consumer {
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--connection-name", &connection_name])
             .args(extra)
+            .current_dir(&work_dir)
             .env("RUST_LOG", "info,lapin=warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -487,6 +532,7 @@ impl Consumer {
             connection_name,
             log,
             http: reqwest::Client::new(),
+            _work_dir: fresh,
         }
     }
 

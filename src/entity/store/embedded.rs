@@ -55,8 +55,15 @@ impl EmbeddedEntityStore {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError::Unavailable(format!("cannot create {}: {e}", data_dir.display()))
         })?;
-        let db = Database::create(&path)
-            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+        let db = Database::create(&path).map_err(|e| match e {
+            // redb locks the file: a second process on the same folder would otherwise share
+            // products' records without sharing their claims.
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Query(format!(
+                "{} is in use by another process: give each node its own data_dir",
+                path.display()
+            )),
+            e => StoreError::Unavailable(format!("{}: {e}", path.display())),
+        })?;
         let txn = db.begin_write().map_err(failed)?;
         txn.open_table(OWNERS).map_err(failed)?;
         txn.open_table(RECORDS).map_err(failed)?;
