@@ -125,6 +125,12 @@ impl ClusterSettings {
             "must be at least 1",
         )?;
         check(
+            self.region.max_active_entities > 0,
+            prefix,
+            "region.max_active_entities",
+            "must be at least 1",
+        )?;
+        check(
             self.transport.max_frame_bytes >= 1024,
             prefix,
             "transport.max_frame_bytes",
@@ -427,7 +433,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         type Spoil = fn(&mut ClusterSettings);
-        let cases: [(&str, Spoil); 13] = [
+        let cases: [(&str, Spoil); 14] = [
             ("cluster.secret", |s| s.secret = Some("short".to_owned())),
             ("cluster.listen", |s| {
                 s.listen = "0.0.0.0:7350".parse().unwrap()
@@ -439,6 +445,9 @@ mod tests {
             }),
             ("cluster.node_id", |s| s.node_id = "a b".to_owned()),
             ("cluster.region.shards", |s| s.region.shards = 0),
+            ("cluster.region.max_active_entities", |s| {
+                s.region.max_active_entities = 0
+            }),
             ("cluster.down_after", |s| s.down_after = Duration::ZERO),
             ("cluster.give_up_joining_after", |s| {
                 s.give_up_joining_after = Some(s.join_timeout)

@@ -1,7 +1,8 @@
 //! A shard region, sans IO: one per node and entity type. It routes entity messages to the
 //! region hosting their shard (asking the coordinator where that is, and buffering, bounded,
 //! until it knows), hosts the shards the coordinator gives it, and runs their entities'
-//! lifecycles: start on the first message, passivate when idle, restart after a failure with a
+//! lifecycles: start on the first message, passivate when idle or when more than
+//! `max_active_entities` run (the least recently used first), restart after a failure with a
 //! growing pause, and stop (each entity finishing what it holds) when the shard is handed off.
 //!
 //! The entities themselves run in the driver: the region only says, through
@@ -42,6 +43,11 @@ pub struct RegionSettings {
     /// An entity without messages for this long is stopped (zero: never).
     #[serde(with = "humantime_serde")]
     pub passivate_after: Duration,
+    /// At most this many entities run here at once (Akka's active-entity limit): starting one
+    /// more stops the least recently used first, so a node's memory is bounded by the entities
+    /// it keeps, not by every entity it ever saw. Stopped a hundredth of the limit at a time,
+    /// so the search for them, a scan of every entity, stays rare.
+    pub max_active_entities: usize,
     /// First pause before restarting an entity that failed; doubles up to `restart_max`.
     #[serde(with = "humantime_serde")]
     pub restart_min: Duration,
@@ -57,6 +63,7 @@ impl Default for RegionSettings {
             buffer_size: 10_000,
             retry_interval: Duration::from_millis(500),
             passivate_after: Duration::from_secs(120),
+            max_active_entities: 100_000,
             restart_min: Duration::from_millis(200),
             restart_max: Duration::from_secs(10),
         }
@@ -129,6 +136,8 @@ pub struct Region<P> {
     entities: HashMap<EntityId, Entity<P>>,
     /// Entities waiting out a restart pause: while none does, timers need no entity scan.
     restarting: usize,
+    /// Entities asked to stop and not stopped yet: they no longer count as active.
+    stopping: usize,
     /// Bumped whenever the hosted shards or the coordinator change, so a driver republishes
     /// its status only then.
     layout_version: u64,
@@ -155,6 +164,7 @@ impl<P: Clone> Region<P> {
             hosted: BTreeMap::new(),
             entities: HashMap::new(),
             restarting: 0,
+            stopping: 0,
             layout_version: 0,
             next_passivation_scan: None,
             transmits: VecDeque::new(),
@@ -228,8 +238,10 @@ impl<P: Clone> Region<P> {
         let Some(state) = self.entities.remove(entity) else {
             return;
         };
-        if matches!(state.phase, Phase::Restarting(_)) {
-            self.restarting -= 1;
+        match state.phase {
+            Phase::Restarting(_) => self.restarting -= 1,
+            Phase::Stopping => self.stopping -= 1,
+            Phase::Running => {}
         }
         let shard = state.shard;
         if !state.waiting.is_empty() {
@@ -309,6 +321,13 @@ impl<P: Clone> Region<P> {
 
     /// When [`Self::handle_timeout`] is due.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        debug_assert_eq!(
+            self.stopping,
+            self.entities
+                .values()
+                .filter(|e| e.phase == Phase::Stopping)
+                .count()
+        );
         debug_assert_eq!(
             self.restarting,
             self.entities
@@ -390,13 +409,22 @@ impl<P: Clone> Region<P> {
     }
 
     fn deliver_local(&mut self, shard: ShardId, entity: EntityId, message: P, now: Instant) {
-        let state = self.entities.entry(entity.clone()).or_insert(Entity {
-            shard,
-            phase: Phase::Running,
-            last_active: now,
-            waiting: VecDeque::new(),
-            failures: 0,
-        });
+        if !self.entities.contains_key(&entity) {
+            self.entities.insert(
+                entity.clone(),
+                Entity {
+                    shard,
+                    phase: Phase::Running,
+                    last_active: now,
+                    waiting: VecDeque::new(),
+                    failures: 0,
+                },
+            );
+            self.limit_active(&entity);
+        }
+        let Some(state) = self.entities.get_mut(&entity) else {
+            return;
+        };
         state.last_active = now;
         match state.phase {
             Phase::Running => {
@@ -503,6 +531,7 @@ impl<P: Clone> Region<P> {
                     if matches!(state.phase, Phase::Restarting(_)) {
                         self.restarting -= 1;
                     }
+                    self.stopping += 1;
                     state.phase = Phase::Stopping;
                     self.commands.push_back(EntityCommand::Stop {
                         entity: entity.clone(),
@@ -532,6 +561,35 @@ impl<P: Clone> Region<P> {
         if let Some(coordinator) = &self.coordinator {
             self.transmits
                 .push_back((coordinator.clone(), ShardingMsg::ToCoordinator(message)));
+        }
+    }
+
+    /// Over the active-entity limit after `newest` started: stops the least recently used
+    /// running entities, at least a hundredth of the limit of them.
+    fn limit_active(&mut self, newest: &EntityId) {
+        let limit = self.settings.max_active_entities.max(1);
+        let active = self.entities.len() - self.stopping;
+        if active <= limit {
+            return;
+        }
+        let mut running: Vec<(Instant, &EntityId)> = self
+            .entities
+            .iter()
+            .filter(|(id, e)| e.phase == Phase::Running && *id != newest)
+            .map(|(id, e)| (e.last_active, id))
+            .collect();
+        let count = (active - limit).max(limit / 100).min(running.len());
+        if count == 0 {
+            return;
+        }
+        running.select_nth_unstable_by_key(count - 1, |(at, _)| *at);
+        let least_recent: Vec<EntityId> = running[..count]
+            .iter()
+            .map(|(_, id)| (*id).clone())
+            .collect();
+        debug!(count, limit, "passivating the least recently used entities");
+        for entity in least_recent {
+            self.stop_entity(&entity);
         }
     }
 
@@ -583,5 +641,104 @@ impl<P: Clone> Region<P> {
                 self.ask_home(shard, now);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::cluster::member::{Member, MemberStatus, NodeId};
+
+    const ROLE: &str = "host";
+
+    /// A region alone in its cluster, coordinator of itself, hosting every shard.
+    fn hosting_every_shard(max_active_entities: usize, now: Instant) -> Region<u32> {
+        let me = NodeAddr {
+            id: NodeId::new("n1"),
+            generation: 1,
+        };
+        let member = Member {
+            addr: me.clone(),
+            rpc_addr: "127.0.0.1:1".parse().expect("an address"),
+            roles: BTreeSet::from([ROLE.to_owned()]),
+            status: MemberStatus::Up,
+            started_at_ms: 1,
+        };
+        let settings = RegionSettings {
+            shards: 4,
+            passivate_after: Duration::ZERO,
+            max_active_entities,
+            ..RegionSettings::default()
+        };
+        let mut region = Region::new(settings, ROLE, me.clone());
+        region.handle_view(ClusterView::alone(member), now);
+        let from_coordinator = ShardingMsg::FromCoordinator;
+        region.handle_message(
+            me.clone(),
+            from_coordinator(FromCoordinator::RegisterAck),
+            now,
+        );
+        for shard in 0..4 {
+            let home = FromCoordinator::ShardHome {
+                shard: ShardId(shard),
+                node: me.clone(),
+            };
+            region.handle_message(me.clone(), from_coordinator(home), now);
+        }
+        while region.poll_transmit().is_some() {}
+        region
+    }
+
+    fn entity(n: u32) -> EntityId {
+        EntityId::new(format!("entity-{n}"))
+    }
+
+    /// The entities the region asked to stop since last asked.
+    fn stopped(region: &mut Region<u32>) -> BTreeSet<EntityId> {
+        std::iter::from_fn(|| region.poll_command())
+            .filter_map(|command| match command {
+                EntityCommand::Stop { entity } => Some(entity),
+                EntityCommand::Deliver { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_entity_over_the_limit_stops_the_least_recently_used() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let mut region = hosting_every_shard(3, start);
+        for (n, second) in [(0, 0), (1, 1), (2, 2), (0, 3)] {
+            region.deliver(entity(n), n, at(second));
+        }
+        assert!(stopped(&mut region).is_empty(), "three fit");
+        region.deliver(entity(3), 3, at(4));
+        assert_eq!(stopped(&mut region), BTreeSet::from([entity(1)]));
+        // entity-1 is still stopping: it no longer counts, so the next start stops one more.
+        region.deliver(entity(4), 4, at(5));
+        assert_eq!(stopped(&mut region), BTreeSet::from([entity(2)]));
+        region.handle_entity_stopped(&entity(1), at(6));
+        region.handle_entity_stopped(&entity(2), at(6));
+        assert_eq!(region.entity_count(), 3);
+        // A message for a passivated entity starts it again, at the cost of the oldest.
+        region.deliver(entity(1), 1, at(7));
+        assert_eq!(stopped(&mut region), BTreeSet::from([entity(0)]));
+    }
+
+    #[test]
+    fn the_least_recently_used_hundredth_of_the_limit_stops_at_once() {
+        let start = Instant::now();
+        let mut region = hosting_every_shard(200, start);
+        for n in 0..200 {
+            region.deliver(entity(n), n, start + Duration::from_millis(u64::from(n)));
+        }
+        assert!(stopped(&mut region).is_empty());
+        region.deliver(entity(200), 200, start + Duration::from_secs(1));
+        assert_eq!(stopped(&mut region), BTreeSet::from([entity(0), entity(1)]));
+        // Two stopping, 201 known: 199 active, so the next start stops nothing.
+        region.deliver(entity(201), 201, start + Duration::from_secs(2));
+        assert!(stopped(&mut region).is_empty());
     }
 }
