@@ -42,6 +42,7 @@ pub mod order;
 pub mod postgres;
 pub mod series;
 pub mod sharding;
+mod shrink;
 pub mod shutdown;
 pub mod telemetry;
 #[cfg(any(test, feature = "testkit"))]

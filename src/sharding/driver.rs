@@ -30,6 +30,7 @@ use crate::sharding::coordinator::{Coordinator, CoordinatorSettings};
 use crate::sharding::messages::{FromCoordinator, ShardingMsg, ToCoordinator};
 use crate::sharding::region::{EntityCommand, Region, RegionSettings};
 use crate::sharding::shard::ShardId;
+use crate::shrink::shrink_when_mostly_empty;
 use crate::timer::sleep_until;
 
 /// Why an entity's task failed; the region logs it and starts the entity again after a pause.
@@ -252,6 +253,7 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
             return;
         }
         self.entities.remove(&entity);
+        shrink_when_mostly_empty(&mut self.entities);
         let now = Instant::now();
         if ok {
             self.core.handle_entity_stopped(&entity, now);

@@ -24,6 +24,7 @@ use crate::cluster::member::{ClusterView, NodeAddr};
 use crate::ids::EntityId;
 use crate::sharding::messages::{Deliver, FromCoordinator, ShardingMsg, ToCoordinator};
 use crate::sharding::shard::{ShardId, shard_of};
+use crate::shrink::shrink_when_mostly_empty;
 
 /// A message bounced between regions more often than this is dropped.
 const MAX_HOPS: u8 = 3;
@@ -238,6 +239,7 @@ impl<P: Clone> Region<P> {
         let Some(state) = self.entities.remove(entity) else {
             return;
         };
+        shrink_when_mostly_empty(&mut self.entities);
         match state.phase {
             Phase::Restarting(_) => self.restarting -= 1,
             Phase::Stopping => self.stopping -= 1,

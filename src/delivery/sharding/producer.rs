@@ -35,6 +35,7 @@ use crate::delivery::protocol::{
 };
 use crate::delivery::settings::{ProducerSettings, ShardingProducerSettings};
 use crate::ids::EntityId;
+use crate::shrink::shrink_when_mostly_empty;
 
 /// What the controller tells its producer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -577,6 +578,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             }
             owes || !out.buffered.is_empty() || !out.unconfirmed.is_empty() || idle < cleanup_after
         });
+        shrink_when_mostly_empty(&mut self.outs);
         for entity in wake {
             if let Some(out) = self.outs.get_mut(&entity) {
                 out.controller.resend_first_unconfirmed();
