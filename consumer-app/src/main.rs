@@ -9,12 +9,17 @@ mod http;
 mod product;
 mod settings;
 
+/// Frees pages after a burst of entities passivates, which glibc's malloc kept.
+#[global_allocator]
+static ALLOCATOR: Jemalloc = Jemalloc;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use tikv_jemallocator::Jemalloc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
