@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 /// The library's top-level modules, bottom layer first. A module may import only modules of
 /// lower layers (and itself); two modules of one layer know nothing of each other.
 const LAYERS: &[&[&str]] = &[
-    // Names, clocks, configuration, metric helpers and TLS files every layer uses.
+    // Names, clocks, configuration, metric helpers, TLS files and map housekeeping every layer
+    // uses.
     &[
-        "ids", "timer", "backoff", "shutdown", "config", "series", "tls",
+        "ids", "timer", "backoff", "shutdown", "config", "series", "tls", "shrink",
     ],
     // Logs and traces (their settings are validated like any config); reaching PostgreSQL.
     &["telemetry", "postgres"],
