@@ -1,0 +1,165 @@
+//! What entities cost in memory on one real node with the default (embedded) store. Each row
+//! fills a fresh queue with `BENCH_MESSAGES` orders (default 100,000), starts a node, and
+//! reads its resident memory (`VmRSS`) once it serves and once every order is acked:
+//!
+//! - `100 products`: the orders over 100 products, what they cost without new entities;
+//! - `distinct`: each order for a product of its own, so every order starts an entity, all of
+//!   them still running at the end: (its growth − the first row's) / entities is what a running
+//!   entity costs;
+//! - `distinct, limit`: the same with `cluster.region.max_active_entities` at `BENCH_LIMIT`
+//!   (default 10,000): memory bounded by the limit, and what the passivations cost in rate;
+//! - `distinct, passivated`: entities and their controllers stopped after 3 s idle; memory
+//!   read again 30 s after none runs: does it go back to the system? (The allocator purges
+//!   freed pages on a background thread over about 20 s.)
+//!
+//! Rows alternate over `BENCH_ROUNDS` rounds (default 1); medians. Run after
+//! `cargo build --release`: `cargo bench --bench entity_memory`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Node, delete, env_or, fill_with, fresh_queue, median, rss_bytes};
+
+const ACTIVE: &str = "warren_entities_active";
+/// Longer than any drain here: a stuck row fails instead of hanging.
+const DEADLINE: Duration = Duration::from_secs(600);
+
+#[derive(Clone, Copy, PartialEq)]
+enum Row {
+    HundredProducts,
+    Distinct,
+    Limited,
+    Passivated,
+}
+
+impl Row {
+    const ALL: [Row; 4] = [
+        Row::HundredProducts,
+        Row::Distinct,
+        Row::Limited,
+        Row::Passivated,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Row::HundredProducts => "100 products",
+            Row::Distinct => "distinct",
+            Row::Limited => "distinct, limit",
+            Row::Passivated => "distinct, passivated",
+        }
+    }
+}
+
+/// One row's readings.
+#[derive(Default)]
+struct Reading {
+    start_mib: f64,
+    end_mib: f64,
+    idle_mib: f64,
+    active: f64,
+    rate: f64,
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+async fn measure(row: Row, messages: usize, limit: usize) -> Reading {
+    let amqp = fresh_queue();
+    match row {
+        Row::HundredProducts => fill_with(&amqp, messages, |i| i % 100).await,
+        _ => fill_with(&amqp, messages, |i| i).await,
+    }
+    let limit = limit.to_string();
+    let mut env = vec![];
+    match row {
+        Row::Limited => env.push((
+            "WARREN_CLUSTER__REGION__MAX_ACTIVE_ENTITIES",
+            limit.as_str(),
+        )),
+        Row::Passivated => {
+            env.push(("WARREN_CLUSTER__REGION__PASSIVATE_AFTER", "3s"));
+            env.push((
+                "WARREN_DELIVERY__SHARDING__PRODUCER_CONTROLLER__CLEANUP_UNUSED_AFTER",
+                "3s",
+            ));
+        }
+        Row::HundredProducts | Row::Distinct => {}
+    }
+    let node = Node::start_with_env(&amqp, "embedded", &[], &env).await;
+    let pid = node.pid().expect("running");
+    let start_rss = rss_bytes(pid);
+    let started = Instant::now();
+    let elapsed = node.until_acked(messages, started).await;
+    let mut reading = Reading {
+        start_mib: mib(start_rss),
+        end_mib: mib(rss_bytes(pid)),
+        active: node.metric(ACTIVE).await,
+        rate: messages as f64 / elapsed.as_secs_f64(),
+        ..Reading::default()
+    };
+    if row == Row::Passivated {
+        while node.metric(ACTIVE).await > 0.0 {
+            assert!(started.elapsed() < DEADLINE, "entities never passivated");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // The producer side's controllers go after the same idle time, and the allocator
+        // gives freed pages back over its decay time.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        reading.idle_mib = mib(rss_bytes(pid));
+    }
+    node.stop().await;
+    delete(&amqp).await;
+    reading
+}
+
+#[tokio::main]
+async fn main() {
+    let messages = env_or("BENCH_MESSAGES", 100_000);
+    let limit = env_or("BENCH_LIMIT", 10_000);
+    let rounds = env_or("BENCH_ROUNDS", 1);
+    let mut readings: Vec<Vec<Reading>> = Row::ALL.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, row) in Row::ALL.iter().enumerate() {
+            let reading = measure(*row, messages, limit).await;
+            println!(
+                "round {round} {:>22}: RSS {:.1} -> {:.1} MiB (idle {:.1}), {:.0} entities running, {:.0} msg/s",
+                row.name(),
+                reading.start_mib,
+                reading.end_mib,
+                reading.idle_mib,
+                reading.active,
+                reading.rate
+            );
+            readings[i].push(reading);
+        }
+    }
+    let med = |i: usize, f: fn(&Reading) -> f64| {
+        let mut values: Vec<f64> = readings[i].iter().map(f).collect();
+        median(&mut values)
+    };
+    let growth = |i: usize| med(i, |r| r.end_mib - r.start_mib);
+    println!("\n{messages} orders, limit {limit}, medians of {rounds} round(s):");
+    for (i, row) in Row::ALL.iter().enumerate() {
+        println!(
+            "{:>22}: grows {:.1} MiB, {:.0} entities running at the end, {:.0} msg/s ({:.2} of the first row's)",
+            row.name(),
+            growth(i),
+            med(i, |r| r.active),
+            med(i, |r| r.rate),
+            med(i, |r| r.rate) / med(0, |r| r.rate)
+        );
+    }
+    let entities = med(1, |r| r.active).max(1.0);
+    println!(
+        "per running entity: {:.0} bytes ((distinct − 100 products) / {entities:.0})",
+        (growth(1) - growth(0)) * 1024.0 * 1024.0 / entities
+    );
+    println!(
+        "passivated: {:.1} MiB at the end, {:.1} MiB 30 s after none runs (started at {:.1})",
+        med(3, |r| r.end_mib),
+        med(3, |r| r.idle_mib),
+        med(3, |r| r.start_mib)
+    );
+}
