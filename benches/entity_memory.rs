@@ -6,7 +6,8 @@
 //! - `distinct`: each order for a product of its own, so every order starts an entity, all of
 //!   them still running at the end: (its growth − the first row's) / entities is what a running
 //!   entity costs;
-//! - `distinct, limit`: the same with `cluster.region.max_active_entities` at `BENCH_LIMIT`
+//! - `distinct, limit`: the same with `cluster.region.max_active_entities` and the consuming
+//!   side's `delivery.sharding.producer_controller.max_entity_controllers` at `BENCH_LIMIT`
 //!   (default 10,000): memory bounded by the limit, and what the passivations cost in rate;
 //! - `distinct, passivated`: entities and their controllers stopped after 3 s idle; memory
 //!   read again 30 s after none runs: does it go back to the system? (The allocator purges
@@ -74,10 +75,16 @@ async fn measure(row: Row, messages: usize, limit: usize) -> Reading {
     let limit = limit.to_string();
     let mut env = vec![];
     match row {
-        Row::Limited => env.push((
-            "WARREN_CLUSTER__REGION__MAX_ACTIVE_ENTITIES",
-            limit.as_str(),
-        )),
+        Row::Limited => {
+            env.push((
+                "WARREN_CLUSTER__REGION__MAX_ACTIVE_ENTITIES",
+                limit.as_str(),
+            ));
+            env.push((
+                "WARREN_DELIVERY__SHARDING__PRODUCER_CONTROLLER__MAX_ENTITY_CONTROLLERS",
+                limit.as_str(),
+            ));
+        }
         Row::Passivated => {
             env.push(("WARREN_CLUSTER__REGION__PASSIVATE_AFTER", "3s"));
             env.push((

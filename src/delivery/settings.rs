@@ -70,6 +70,11 @@ pub struct ShardingProducerSettings {
     /// time (checked every half of it).
     #[serde(with = "humantime_serde")]
     pub cleanup_unused_after: Duration,
+    /// At most this many entities' controllers are kept: one more drops the least recently
+    /// used of those with nothing unconfirmed or waiting (what `cleanup_unused_after` would
+    /// drop later), a hundredth of the limit at a time, so a burst of distinct entities does
+    /// not keep a controller each for the whole idle time.
+    pub max_entity_controllers: usize,
     /// The first unconfirmed message of an entity idle this long is sent again, to wake an
     /// entity that stopped or was lost (checked every half of it).
     #[serde(with = "humantime_serde")]
@@ -81,6 +86,7 @@ impl Default for ShardingProducerSettings {
         ShardingProducerSettings {
             buffer_size: 1000,
             cleanup_unused_after: Duration::from_secs(120),
+            max_entity_controllers: 100_000,
             resend_first_unconfirmed_idle_timeout: Duration::from_secs(10),
         }
     }
@@ -209,6 +215,12 @@ impl DeliverySettings {
             "must be at least 1",
         )?;
         check(
+            sp.max_entity_controllers >= 1,
+            prefix,
+            "sharding.producer_controller.max_entity_controllers",
+            "must be at least 1",
+        )?;
+        check(
             self.work_pulling.producer_controller.buffer_size >= 1,
             prefix,
             "work_pulling.producer_controller.buffer_size",
@@ -274,6 +286,7 @@ mod tests {
         assert_eq!(d.work_pulling.producer_controller.buffer_size, 1000);
         let sp = &d.sharding.producer_controller;
         assert_eq!(sp.cleanup_unused_after, Duration::from_secs(120));
+        assert_eq!(sp.max_entity_controllers, 100_000);
         assert_eq!(
             sp.resend_first_unconfirmed_idle_timeout,
             Duration::from_secs(10)
@@ -301,6 +314,7 @@ mod tests {
             buffer_size = 5
             [sharding.producer_controller]
             cleanup_unused_after = "1s"
+            max_entity_controllers = 7
             resend_first_unconfirmed_idle_timeout = "1500ms"
         "#;
         let d: DeliverySettings = Figment::from(Serialized::defaults(DeliverySettings::default()))
@@ -322,6 +336,7 @@ mod tests {
                 .resend_first_unconfirmed_idle_timeout,
             Duration::from_millis(1500)
         );
+        assert_eq!(d.sharding.producer_controller.max_entity_controllers, 7);
     }
 
     #[test]

@@ -105,6 +105,15 @@ struct Out<M, T> {
     armed: Option<Instant>,
 }
 
+impl<M: Clone + 'static, T> Out<M, T> {
+    /// Nothing unconfirmed or waiting: the child may go, and a new one takes its place later.
+    fn owes_nothing(&self) -> bool {
+        self.controller.unconfirmed_len() == 0
+            && self.buffered.is_empty()
+            && self.unconfirmed.is_empty()
+    }
+}
+
 enum Phase {
     /// Waiting for the producer's Start and the (durable) state.
     Initializing {
@@ -417,6 +426,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
         if !self.outs.contains_key(&entity) {
             let out = self.new_child(&entity, now);
             self.outs.insert(entity.clone(), out);
+            self.limit_children(&entity);
         }
         let total_buffered = self.buffered_total;
         let Some(out) = self.outs.get_mut(&entity) else {
@@ -462,6 +472,34 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             resent_seen: 0,
             armed: None,
         }
+    }
+
+    /// Over `max_entity_controllers` after `newest` got a child: drops the least recently used
+    /// children that owe nothing, at least a hundredth of the limit of them.
+    fn limit_children(&mut self, newest: &EntityId) {
+        let limit = self.sharding.max_entity_controllers.max(1);
+        if self.outs.len() <= limit {
+            return;
+        }
+        let mut unused: Vec<(Instant, &EntityId)> = self
+            .outs
+            .iter()
+            .filter(|(id, out)| *id != newest && out.owes_nothing())
+            .map(|(id, out)| (out.last_used, id))
+            .collect();
+        let count = (self.outs.len() - limit).max(limit / 100).min(unused.len());
+        if count == 0 {
+            return;
+        }
+        unused.select_nth_unstable_by_key(count - 1, |(at, _)| *at);
+        let least_recent: Vec<EntityId> = unused[..count]
+            .iter()
+            .map(|(_, id)| (*id).clone())
+            .collect();
+        for entity in &least_recent {
+            self.outs.remove(entity);
+        }
+        shrink_when_mostly_empty(&mut self.outs);
     }
 
     /// A child that failed is replaced: what it held unconfirmed goes out again first.
@@ -576,7 +614,7 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
             if owes && idle >= resend_after {
                 wake.push(entity.clone());
             }
-            owes || !out.buffered.is_empty() || !out.unconfirmed.is_empty() || idle < cleanup_after
+            !out.owes_nothing() || idle < cleanup_after
         });
         shrink_when_mostly_empty(&mut self.outs);
         for entity in wake {

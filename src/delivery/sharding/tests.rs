@@ -28,6 +28,7 @@ fn sharding() -> ShardingProducerSettings {
     ShardingProducerSettings {
         buffer_size: 100,
         cleanup_unused_after: Duration::from_secs(120),
+        max_entity_controllers: 100_000,
         resend_first_unconfirmed_idle_timeout: Duration::from_secs(10),
     }
 }
@@ -538,6 +539,47 @@ fn unused_controllers_are_cleaned_up_and_recreated_on_demand() {
     h.auto_confirm = true;
     h.send("p", 1, 2);
     assert_eq!(h.got(1), vec![1, 2]);
+}
+
+// SH-07b
+/// With more entities than `max_entity_controllers`, the least recently used child that owes
+/// nothing goes (never one with unconfirmed messages), and a message for it later gets a new
+/// one and arrives.
+#[test]
+fn beyond_the_controller_limit_the_least_recently_used_unowing_child_goes() {
+    let mut h = Harness::new();
+    h.add_producer(
+        "p",
+        ShardingProducerSettings {
+            max_entity_controllers: 3,
+            ..sharding()
+        },
+    );
+    h.auto_confirm = false;
+    h.send("p", 1, 1); // the oldest, and it owes its entity a confirmation
+    h.auto_confirm = true;
+    // Steps shorter than the consumers' Request resend (2 s), whose frames also count as use.
+    for to in [2, 3] {
+        h.advance(Duration::from_millis(100));
+        h.send("p", to, 1);
+    }
+    assert_eq!(h.spc("p").entity_count(), 3);
+    h.advance(Duration::from_millis(100));
+    h.send("p", 4, 1);
+    assert_eq!(h.spc("p").entity_count(), 3, "one child went");
+    let now = h.clock.now();
+    h.spc("p").start(now);
+    h.pump();
+    let (demand, _) = h.last_request_next("p").unwrap();
+    let demand: BTreeSet<String> = demand.into_iter().collect();
+    let kept: BTreeSet<String> = ["entity-1", "entity-3", "entity-4"]
+        .map(str::to_owned)
+        .into();
+    assert_eq!(demand, kept, "entity-2 went, not entity-1 that owes");
+    h.send("p", 2, 2);
+    assert_eq!(h.got(2), vec![1, 2]);
+    h.confirm(1);
+    assert_eq!(h.got(1), vec![1]);
 }
 
 // SH-08
