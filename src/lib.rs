@@ -35,6 +35,7 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod entity;
+mod eviction;
 pub mod ids;
 pub mod metrics;
 pub mod node;
@@ -42,7 +43,6 @@ pub mod order;
 pub mod postgres;
 pub mod series;
 pub mod sharding;
-mod shrink;
 pub mod shutdown;
 pub mod telemetry;
 #[cfg(any(test, feature = "testkit"))]

@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     // Names, clocks, configuration, metric helpers, TLS files and map housekeeping every layer
     // uses.
     &[
-        "ids", "timer", "backoff", "shutdown", "config", "series", "tls", "shrink",
+        "ids", "timer", "backoff", "shutdown", "config", "series", "tls", "eviction",
     ],
     // Logs and traces (their settings are validated like any config); reaching PostgreSQL.
     &["telemetry", "postgres"],

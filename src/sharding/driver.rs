@@ -25,12 +25,12 @@ use crate::cluster::member::{ClusterView, NodeAddr};
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::singleton::driver::SingletonSpec;
 use crate::cluster::transport::Outbox;
+use crate::eviction::shrink_when_mostly_empty;
 use crate::ids::EntityId;
 use crate::sharding::coordinator::{Coordinator, CoordinatorSettings};
 use crate::sharding::messages::{FromCoordinator, ShardingMsg, ToCoordinator};
 use crate::sharding::region::{EntityCommand, Region, RegionSettings};
 use crate::sharding::shard::ShardId;
-use crate::shrink::shrink_when_mostly_empty;
 use crate::timer::sleep_until;
 
 /// Why an entity's task failed; the region logs it and starts the entity again after a pause.

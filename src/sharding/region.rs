@@ -21,10 +21,10 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::cluster::member::{ClusterView, NodeAddr};
+use crate::eviction::{least_recently_used, shrink_when_mostly_empty};
 use crate::ids::EntityId;
 use crate::sharding::messages::{Deliver, FromCoordinator, ShardingMsg, ToCoordinator};
 use crate::sharding::shard::{ShardId, shard_of};
-use crate::shrink::shrink_when_mostly_empty;
 
 /// A message bounced between regions more often than this is dropped.
 const MAX_HOPS: u8 = 3;
@@ -411,24 +411,28 @@ impl<P: Clone> Region<P> {
     }
 
     fn deliver_local(&mut self, shard: ShardId, entity: EntityId, message: P, now: Instant) {
-        if !self.entities.contains_key(&entity) {
-            self.entities.insert(
-                entity.clone(),
-                Entity {
-                    shard,
-                    phase: Phase::Running,
-                    last_active: now,
-                    waiting: VecDeque::new(),
-                    failures: 0,
-                },
-            );
-            self.limit_active(&entity);
-        }
-        let Some(state) = self.entities.get_mut(&entity) else {
-            return;
+        // One lookup for an entity that runs already, the common case.
+        let phase = match self.entities.get_mut(&entity) {
+            Some(state) => {
+                state.last_active = now;
+                state.phase
+            }
+            None => {
+                self.entities.insert(
+                    entity.clone(),
+                    Entity {
+                        shard,
+                        phase: Phase::Running,
+                        last_active: now,
+                        waiting: VecDeque::new(),
+                        failures: 0,
+                    },
+                );
+                self.limit_active(&entity);
+                Phase::Running
+            }
         };
-        state.last_active = now;
-        match state.phase {
+        match phase {
             Phase::Running => {
                 self.commands
                     .push_back(EntityCommand::Deliver { entity, message });
@@ -437,7 +441,11 @@ impl<P: Clone> Region<P> {
                     self.next_passivation_scan = Some(now + self.settings.passivate_after / 2);
                 }
             }
-            Phase::Stopping | Phase::Restarting(_) => state.waiting.push_back(message),
+            Phase::Stopping | Phase::Restarting(_) => {
+                if let Some(state) = self.entities.get_mut(&entity) {
+                    state.waiting.push_back(message);
+                }
+            }
         }
     }
 
@@ -569,27 +577,20 @@ impl<P: Clone> Region<P> {
     /// Over the active-entity limit after `newest` started: stops the least recently used
     /// running entities, at least a hundredth of the limit of them.
     fn limit_active(&mut self, newest: &EntityId) {
-        let limit = self.settings.max_active_entities.max(1);
-        let active = self.entities.len() - self.stopping;
-        if active <= limit {
-            return;
+        let least_recent = least_recently_used(
+            self.entities.len() - self.stopping,
+            self.settings.max_active_entities,
+            self.entities
+                .iter()
+                .filter(|(id, e)| e.phase == Phase::Running && *id != newest)
+                .map(|(id, e)| (e.last_active, id)),
+        );
+        if !least_recent.is_empty() {
+            debug!(
+                count = least_recent.len(),
+                "passivating the least recently used entities"
+            );
         }
-        let mut running: Vec<(Instant, &EntityId)> = self
-            .entities
-            .iter()
-            .filter(|(id, e)| e.phase == Phase::Running && *id != newest)
-            .map(|(id, e)| (e.last_active, id))
-            .collect();
-        let count = (active - limit).max(limit / 100).min(running.len());
-        if count == 0 {
-            return;
-        }
-        running.select_nth_unstable_by_key(count - 1, |(at, _)| *at);
-        let least_recent: Vec<EntityId> = running[..count]
-            .iter()
-            .map(|(_, id)| (*id).clone())
-            .collect();
-        debug!(count, limit, "passivating the least recently used entities");
         for entity in least_recent {
             self.stop_entity(&entity);
         }

@@ -34,8 +34,8 @@ use crate::delivery::protocol::{
     ConsumerFrame, Payload, ProducerId, ProducerRef, SeqNr, SequencedMessage,
 };
 use crate::delivery::settings::{ProducerSettings, ShardingProducerSettings};
+use crate::eviction::{least_recently_used, shrink_when_mostly_empty};
 use crate::ids::EntityId;
-use crate::shrink::shrink_when_mostly_empty;
 
 /// What the controller tells its producer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -477,25 +477,17 @@ impl<M: Clone + 'static, T> ShardingProducerController<M, T> {
     /// Over `max_entity_controllers` after `newest` got a child: drops the least recently used
     /// children that owe nothing, at least a hundredth of the limit of them.
     fn limit_children(&mut self, newest: &EntityId) {
-        let limit = self.sharding.max_entity_controllers.max(1);
-        if self.outs.len() <= limit {
+        let least_recent = least_recently_used(
+            self.outs.len(),
+            self.sharding.max_entity_controllers,
+            self.outs
+                .iter()
+                .filter(|(id, out)| *id != newest && out.owes_nothing())
+                .map(|(id, out)| (out.last_used, id)),
+        );
+        if least_recent.is_empty() {
             return;
         }
-        let mut unused: Vec<(Instant, &EntityId)> = self
-            .outs
-            .iter()
-            .filter(|(id, out)| *id != newest && out.owes_nothing())
-            .map(|(id, out)| (out.last_used, id))
-            .collect();
-        let count = (self.outs.len() - limit).max(limit / 100).min(unused.len());
-        if count == 0 {
-            return;
-        }
-        unused.select_nth_unstable_by_key(count - 1, |(at, _)| *at);
-        let least_recent: Vec<EntityId> = unused[..count]
-            .iter()
-            .map(|(_, id)| (*id).clone())
-            .collect();
         for entity in &least_recent {
             self.outs.remove(entity);
         }
