@@ -158,11 +158,19 @@ fn split_repeated_keys(jobs: Vec<Job>) -> (Vec<Job>, Vec<Job>) {
             .map(|job| seen.insert((job.append.claim.entity().as_str(), job.append.key.as_str())))
             .collect()
     };
-    let (batch, later): (Vec<_>, Vec<_>) = jobs.into_iter().zip(first).partition(|(_, f)| *f);
-    (
-        batch.into_iter().map(|(job, _)| job).collect(),
-        later.into_iter().map(|(job, _)| job).collect(),
-    )
+    if !first.contains(&false) {
+        return (jobs, Vec::new());
+    }
+    let mut batch = Vec::with_capacity(jobs.len());
+    let mut later = Vec::new();
+    for (job, first) in jobs.into_iter().zip(first) {
+        if first {
+            batch.push(job);
+        } else {
+            later.push(job);
+        }
+    }
+    (batch, later)
 }
 
 /// Stores `jobs` as one batch and answers each; a batch refused as a whole (not for want of
