@@ -9,10 +9,6 @@ mod http;
 mod product;
 mod settings;
 
-/// Frees pages after a burst of entities passivates, which glibc's malloc kept.
-#[global_allocator]
-static ALLOCATOR: Jemalloc = Jemalloc;
-
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +28,10 @@ use warren::{bridge_singleton_name, bridge_singletons};
 
 use crate::product::{ProductFactory, ProductMetrics};
 use crate::settings::{Cli, Command, ConsumerConfig};
+
+/// Frees pages after a burst of entities passivates, which glibc's malloc kept.
+#[global_allocator]
+static ALLOCATOR: Jemalloc = Jemalloc;
 
 /// How much longer than the bridge's own drain a leave may take (hand-offs, gossip).
 const LEAVE_MARGIN: Duration = Duration::from_secs(10);
