@@ -20,7 +20,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{Node, delete, env_or, fill_with, fresh_queue, median, rss_bytes};
+use support::process::rss_kib;
+use support::{Node, delete, env_or, fill_with, fresh_queue, median};
 
 const ACTIVE: &str = "warren_entities_active";
 /// Longer than any drain here: a stuck row fails instead of hanging.
@@ -62,8 +63,9 @@ struct Reading {
     rate: f64,
 }
 
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
+/// `pid`'s resident memory in MiB (0 once it is gone).
+fn rss_mib(pid: u32) -> f64 {
+    rss_kib(pid).unwrap_or(0) as f64 / 1024.0
 }
 
 async fn measure(row: Row, messages: usize, limit: usize) -> Reading {
@@ -96,12 +98,12 @@ async fn measure(row: Row, messages: usize, limit: usize) -> Reading {
     }
     let node = Node::start_with_env(&amqp, "embedded", &[], &env).await;
     let pid = node.pid().expect("running");
-    let start_rss = rss_bytes(pid);
+    let start_mib = rss_mib(pid);
     let started = Instant::now();
     let elapsed = node.until_acked(messages, started).await;
     let mut reading = Reading {
-        start_mib: mib(start_rss),
-        end_mib: mib(rss_bytes(pid)),
+        start_mib,
+        end_mib: rss_mib(pid),
         active: node.metric(ACTIVE).await,
         rate: messages as f64 / elapsed.as_secs_f64(),
         ..Reading::default()
@@ -114,7 +116,7 @@ async fn measure(row: Row, messages: usize, limit: usize) -> Reading {
         // The producer side's controllers go after the same idle time, and the allocator
         // gives freed pages back over its decay time.
         tokio::time::sleep(Duration::from_secs(30)).await;
-        reading.idle_mib = mib(rss_bytes(pid));
+        reading.idle_mib = rss_mib(pid);
     }
     node.stop().await;
     delete(&amqp).await;

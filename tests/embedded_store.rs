@@ -13,12 +13,12 @@ use support::{Consumer, Orders, TestQueue, binary, eventually, message_count};
 const DRAIN: Duration = Duration::from_secs(180);
 const ACKED: &str = "warren_deliveries_total{outcome=\"acked\"}";
 
-/// A fresh working directory for a node, removed by the test once it passed.
-fn work_dir(test: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!(
-        "warren-test-{test}-{}",
-        uuid::Uuid::new_v4().simple()
-    ))
+/// A fresh working directory for a node, removed when dropped.
+fn work_dir(test: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("warren-test-{test}-"))
+        .tempdir()
+        .expect("a working directory")
 }
 
 #[tokio::test]
@@ -29,8 +29,8 @@ async fn a_single_node_sigkilled_mid_run_keeps_every_products_state_and_deduplic
     // 100 products at 100 ms an order: at most 1,000 orders a second, so the kill after 1,000
     // acks leaves seconds of the 5,000 to go. No store flag: the default.
     let flags = ["--processing-delay-ms", "100"];
-    let first = Consumer::start_in(&dir, &queue, &flags).await;
-    let file = dir.join("warren-data").join("entities-product.redb");
+    let first = Consumer::start_in(dir.path(), &queue, &flags).await;
+    let file = dir.path().join("warren-data").join("entities-product.redb");
     assert!(
         file.is_file(),
         "{} is where the default keeps products",
@@ -46,7 +46,7 @@ async fn a_single_node_sigkilled_mid_run_keeps_every_products_state_and_deduplic
     assert!(applied_before < 5_000.0, "the kill must come mid-run");
     first.kill().await;
 
-    let second = Consumer::start_in(&dir, &queue, &flags).await;
+    let second = Consumer::start_in(dir.path(), &queue, &flags).await;
     queue.wait_drained(DRAIN).await;
     assert_eq!(message_count(&queue.dlq()).await, 0, "dead letters");
     // Totals and order lists hold what was applied before the kill too: loaded from the file.
@@ -58,8 +58,9 @@ async fn a_single_node_sigkilled_mid_run_keeps_every_products_state_and_deduplic
         applied_after <= 5_000.0 - applied_before,
         "the second run applied {applied_after} after {applied_before}: some twice"
     );
+    // The node goes before its folder.
     drop(second);
-    std::fs::remove_dir_all(&dir).expect("working directory removed");
+    drop(dir);
 }
 
 /// Two nodes on one data folder would share products' records without sharing their claims:
@@ -69,9 +70,9 @@ async fn a_second_node_on_the_same_data_dir_is_refused_naming_it() {
     let dir = work_dir("embedded-shared");
     let queue = TestQueue::new("embedded-shared");
     queue.declare().await;
-    let first = Consumer::start_in(&dir, &queue, &[]).await;
+    let first = Consumer::start_in(dir.path(), &queue, &[]).await;
     let second = tokio::process::Command::new(binary("warren-consumer"))
-        .current_dir(&dir)
+        .current_dir(dir.path())
         .args(["--uri", &queue.amqp().uri, "--queue", &queue.name])
         .args(["--metrics-addr", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
@@ -91,5 +92,5 @@ async fn a_second_node_on_the_same_data_dir_is_refused_naming_it() {
     queue.wait_drained(DRAIN).await;
     orders.assert_applied_exactly_once_in_order(&first).await;
     drop(first);
-    std::fs::remove_dir_all(&dir).expect("working directory removed");
+    drop(dir);
 }

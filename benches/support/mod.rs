@@ -27,17 +27,6 @@ use warren::amqp::{
 };
 use warren::order::CreateOrder;
 
-/// Resident memory of process `pid` in bytes (`VmRSS`), from /proc.
-pub fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map_or(0, |kib| kib * 1024)
-}
-
 /// Consumer CPU (user + system) in seconds of process `pid`, from /proc.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -195,19 +184,9 @@ pub struct Node {
     child: tokio::process::Child,
     /// `http://host:port` of its endpoint.
     pub base: String,
-    /// Dropped after `child`: the node's own embedded store, removed once it is killed.
-    _data_dir: DataDir,
-}
-
-/// A fresh folder for a node's embedded store (so every round starts empty), removed with it.
-struct DataDir(Option<std::path::PathBuf>);
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.0 {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
+    /// A fresh folder for the node's embedded store (so every round starts empty); dropped
+    /// after `child`, so it goes once the node is killed.
+    _data_dir: Option<tempfile::TempDir>,
 }
 
 impl Node {
@@ -252,12 +231,12 @@ impl Node {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Node {
-        let data_dir = DataDir((store == "embedded").then(|| {
-            std::env::temp_dir().join(format!(
-                "warren-bench-data-{}",
-                uuid::Uuid::new_v4().simple()
-            ))
-        }));
+        let data_dir = (store == "embedded").then(|| {
+            tempfile::Builder::new()
+                .prefix("warren-bench-data-")
+                .tempdir()
+                .expect("a data folder")
+        });
         let mut child = tokio::process::Command::new(binary)
             .args(["--queue", &amqp.queue, "--metrics-addr", "127.0.0.1:0"])
             // Only when partitioned, so that BENCH_CONSUMER may be a build without the flag.
@@ -272,7 +251,7 @@ impl Node {
             .env("RUST_LOG", "warn")
             .env("WARREN_CLUSTER__SECRET", "warren-bench-secret-0123456789")
             .envs(env.iter().copied())
-            .envs(data_dir.0.as_ref().map(|dir| ("WARREN_DATA_DIR", dir)))
+            .envs(data_dir.as_ref().map(|dir| ("WARREN_DATA_DIR", dir.path())))
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()

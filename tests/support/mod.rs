@@ -268,8 +268,9 @@ impl TestQueue {
         letters
     }
 
-    /// Waits until the queue is empty (nothing ready, nothing unacked). A quorum queue's counts are published on the
-    /// broker's tick, so they may read zero just after a publish: wait for the consumer first.
+    /// Waits until the queue is empty (nothing ready, nothing unacked). A quorum queue's counts
+    /// are published on the broker's tick, so they may read zero just after a publish: wait for
+    /// the consumer first.
     pub async fn wait_drained(&self, timeout: Duration) {
         eventually(&format!("{} to drain", self.name), timeout, || async {
             let counts = self.counts().await;
@@ -417,21 +418,11 @@ pub struct Consumer {
     pub connection_name: String,
     pub log: PathBuf,
     http: reqwest::Client,
-    /// Dropped after `child`, so the folder goes once the node is killed.
-    _work_dir: FreshDir,
-}
-
-/// The folder a node runs in, where its default `data_dir` (`warren-data`) lands: a fresh one
-/// per launch, removed with the node, so nodes never share a store file and a restarted node
-/// starts empty as before; or one the test names, to start a node again on its files.
-struct FreshDir(Option<PathBuf>);
-
-impl Drop for FreshDir {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.0 {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
+    /// The folder the node runs in, where its default `data_dir` (`warren-data`) lands: a
+    /// fresh one per launch unless the test names one, so nodes never share a store file and a
+    /// restarted node starts empty as before. Dropped after `child`, so it goes once the node
+    /// is killed.
+    _work_dir: Option<tempfile::TempDir>,
 }
 
 impl Consumer {
@@ -448,15 +439,20 @@ impl Consumer {
 
     /// Returns `consumer` once it consumes; panics with its log after 30 s.
     async fn consuming(consumer: Consumer) -> Consumer {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while consumer.get("/health").await.is_none() {
-            assert!(
-                Instant::now() < deadline,
+        let ready = async {
+            while consumer.get("/health").await.is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(30), ready)
+            .await
+            .is_err()
+        {
+            panic!(
                 "{} not consuming after 30 s; its log ends:\n{}",
                 consumer.base,
                 consumer.log_tail()
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         consumer
     }
@@ -480,14 +476,15 @@ impl Consumer {
             &Uuid::new_v4().simple().to_string()[..6]
         );
         let log = std::env::temp_dir().join(format!("{connection_name}.log"));
-        let (work_dir, fresh) = match dir {
-            Some(dir) => (dir.to_owned(), FreshDir(None)),
-            None => {
-                let dir = std::env::temp_dir().join(format!("{connection_name}-work"));
-                (dir.clone(), FreshDir(Some(dir)))
-            }
-        };
-        std::fs::create_dir_all(&work_dir).expect("the node's working directory");
+        let fresh = dir.is_none().then(|| {
+            tempfile::Builder::new()
+                .prefix(&format!("{connection_name}-work-"))
+                .tempdir()
+                .expect("the node's working directory")
+        });
+        let work_dir = dir
+            .or(fresh.as_ref().map(tempfile::TempDir::path))
+            .expect("named or fresh");
         let stderr = std::fs::File::create(&log).expect("log file");
         let queue_type = match queue.queue_type {
             warren::amqp::QueueType::Classic => "classic",
@@ -506,7 +503,7 @@ impl Consumer {
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--connection-name", &connection_name])
             .args(extra)
-            .current_dir(&work_dir)
+            .current_dir(work_dir)
             .env("RUST_LOG", "info,lapin=warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -602,14 +599,7 @@ impl Consumer {
 
     /// Resident memory of the process, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let pid = self.child.id().expect("running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse().ok())
-            .expect("VmRSS")
+        process::rss_kib(self.child.id().expect("running")).expect("VmRSS")
     }
 
     /// SIGKILL: no chance to ack or close anything.

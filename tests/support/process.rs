@@ -1,5 +1,5 @@
 //! Processes and ports the tests and benchmarks share: a free port, a command that must
-//! succeed, a temporary path as text, a child that dies with its parent.
+//! succeed, a temporary path as text, a child that dies with its parent, a process's memory.
 
 /// A port free for both TCP and UDP on `ip` (a cluster port carries both), below the kernel's
 /// ephemeral range: one from that range (what binding port 0 gives) can be taken by a node's
@@ -57,4 +57,13 @@ pub fn die_with_the_test(command: &mut std::process::Command) {
             Ok(())
         });
     }
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS` in /proc), if it runs.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rest = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?;
+    rest.split_whitespace().next()?.parse().ok()
 }
