@@ -125,9 +125,10 @@ impl Entity for Account {
     /// Before the first message: claim the account (fencing off older copies), then replay.
     async fn recover(&mut self) -> Result<(), EntityError> {
         self.claim = Some(self.store.claim(&self.id).await?);
-        for record in self.store.load(&self.id).await? {
-            let tx: Transaction =
-                serde_json::from_slice(&record).map_err(|e| EntityError::new(e.to_string()))?;
+        // The ledger saves no snapshots, so recovery is every record since the account began.
+        for record in self.store.recover(&self.id).await?.records {
+            let tx: Transaction = serde_json::from_slice(&record.data)
+                .map_err(|e| EntityError::new(e.to_string()))?;
             self.balance = apply(self.balance, tx.op).map_err(EntityError::new)?;
             self.applied.insert(tx.id);
         }

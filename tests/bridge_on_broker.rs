@@ -236,7 +236,7 @@ async fn bad_input_is_dead_lettered_with_a_reason_and_the_good_messages_around_i
         .await
         .expect("the product answers");
     assert_eq!(
-        product["orders"],
+        product["recent_orders"],
         serde_json::json!(["ORD-1001"]),
         "{product}"
     );

@@ -1,22 +1,28 @@
 //! The consumer's HTTP endpoint: `/metrics` (Prometheus text), `/livez` and `/readyz` (for
 //! an orchestrator's probes), `/health` (the cluster consumes every queue), `GET /products/{id}`
 //! (the product's state, answered by the product wherever its shard lives; 404 if it has no
-//! order) and `GET /cluster` (members, where each singleton runs, shards per node).
+//! order), `GET /products/{id}/orders?from=SEQ&limit=N` (its applied orders a page at a time,
+//! read from the entity store this node uses) and `GET /cluster` (members, where each
+//! singleton runs, shards per node).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus::IntGauge;
+use serde::Deserialize;
 use serde_json::json;
 use warren::entity::EntityId;
+use warren::entity::store::EntityStore;
 use warren::node::{ClusterNode, QueryError};
 use warren::order::CreateOrder;
+
+use crate::product::AppliedOrder;
 
 /// Longest wait for a product's answer (its node may have just died: the shard moves first).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,27 +30,36 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// One bridge singleton: its name and the gauge that says its consumer is connected.
 pub type BridgeGauge = (String, IntGauge);
 
+/// Orders per page of `/products/{id}/orders` unless `limit` says otherwise, and at most.
+const PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
 #[derive(Clone)]
 struct AppState {
     node: Arc<ClusterNode<CreateOrder>>,
     bridges: Arc<[BridgeGauge]>,
+    store: Arc<dyn EntityStore>,
 }
 
-/// All routes, `/metrics` included; `bridges` are the bridge singletons, one per partition.
+/// All routes, `/metrics` included; `bridges` are the bridge singletons, one per partition,
+/// and `store` is where products keep their orders.
 pub fn router(
     metrics: Router,
     node: Arc<ClusterNode<CreateOrder>>,
     bridges: Vec<BridgeGauge>,
+    store: Arc<dyn EntityStore>,
 ) -> Router {
     let state = AppState {
         node,
         bridges: bridges.into(),
+        store,
     };
     Router::new()
         .route("/livez", get(live))
         .route("/readyz", get(ready))
         .route("/health", get(health))
         .route("/products/{id}", get(product))
+        .route("/products/{id}/orders", get(orders))
         .route("/cluster", get(cluster))
         .with_state(state)
         .merge(metrics)
@@ -161,7 +176,7 @@ async fn product(State(state): State<AppState>, Path(id): Path<String>) -> Respo
         .await;
     match answer {
         // A product that never had an order is not a product (its entity only just started).
-        Ok(snapshot) if snapshot["orders"].as_array().is_some_and(Vec::is_empty) => (
+        Ok(snapshot) if snapshot["order_count"] == 0 => (
             StatusCode::NOT_FOUND,
             axum::Json(json!({ "error": "unknown product", "product_id": id })),
         )
@@ -178,6 +193,52 @@ async fn product(State(state): State<AppState>, Path(id): Path<String>) -> Respo
         )
             .into_response(),
     }
+}
+
+/// Which page of a product's orders.
+#[derive(Debug, Deserialize)]
+struct Page {
+    /// The first `seq` to include (a page's `next`).
+    #[serde(default)]
+    from: u64,
+    limit: Option<usize>,
+}
+
+/// A page of the product's applied orders in the order applied, each with its `seq`, and
+/// `next` (the `from` of the next page) unless it is the last. Read from the store, not the
+/// product, so the whole history is there however little the product keeps in memory; a
+/// store of this node's own (`memory`, `embedded`) holds only the products that ran here.
+async fn orders(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(page): Query<Page>,
+) -> Response {
+    let limit = page.limit.unwrap_or(PAGE).clamp(1, MAX_PAGE);
+    let entity = EntityId::new(id.as_str());
+    let mut records = match state.store.records(&entity, page.from, limit + 1).await {
+        Ok(records) => records,
+        Err(error) => {
+            let body = axum::Json(json!({ "error": error.to_string() }));
+            return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+        }
+    };
+    let next = (records.len() > limit).then(|| records[limit].seq);
+    records.truncate(limit);
+    let mut orders = Vec::with_capacity(records.len());
+    for record in &records {
+        match AppliedOrder::decode(record) {
+            Ok(order) => orders.push(json!({
+                "seq": record.seq,
+                "order_id": order.order_id,
+                "quantity": order.quantity,
+            })),
+            Err(error) => {
+                let body = json!({ "error": error.to_string(), "seq": record.seq });
+                return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response();
+            }
+        }
+    }
+    axum::Json(json!({ "product_id": id, "orders": orders, "next": next })).into_response()
 }
 
 /// Longest wait for the other nodes to say which shards they host.

@@ -19,7 +19,7 @@ use tikv_jemallocator::Jemalloc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
-use warren::entity::store::{StoreLocation, StoreMetrics};
+use warren::entity::store::{EntityStore, StoreLocation, StoreMetrics};
 use warren::metrics;
 use warren::order::CreateOrder;
 use warren::shutdown::watch_signals;
@@ -133,7 +133,7 @@ async fn run(config: ConsumerConfig) -> anyhow::Result<Ended> {
     let addr = listener.local_addr()?;
     // The one line on stdout: scripts and tests read the address from it.
     println!("warren-consumer listening on http://{addr}");
-    let node = start_node(config.clone(), &metrics, &broken).await?;
+    let (node, store) = start_node(config.clone(), &metrics, &broken).await?;
     let node = Arc::new(node);
 
     let http_stop = CancellationToken::new();
@@ -141,9 +141,10 @@ async fn run(config: ConsumerConfig) -> anyhow::Result<Ended> {
         metrics::router(metrics.registry().clone()),
         Arc::clone(&node),
         bridge_gauges(&config, &metrics),
+        store,
     );
     let server = tokio::spawn(metrics::serve(listener, routes, http_stop.clone()));
-    info!(%addr, queue = %config.amqp.queue, "serving /metrics, /health, /cluster and /products/{{id}}");
+    info!(%addr, queue = %config.amqp.queue, "serving /metrics, /health, /cluster, /products/{{id}} and its /orders");
 
     let (graceful, immediate) = (CancellationToken::new(), CancellationToken::new());
     tokio::spawn(watch_signals(graceful.clone(), immediate.clone()));
@@ -198,12 +199,13 @@ async fn run(config: ConsumerConfig) -> anyhow::Result<Ended> {
     Ok(Ended::Stopped)
 }
 
-/// Starts this node: products from the configured store, and the bridge among its singletons.
+/// Starts this node: products from the configured store (returned too, for reading their
+/// orders), and the bridge among its singletons.
 async fn start_node(
     mut config: ConsumerConfig,
     metrics: &Metrics,
     broken: &CancellationToken,
-) -> anyhow::Result<ClusterNode<CreateOrder>> {
+) -> anyhow::Result<(ClusterNode<CreateOrder>, Arc<dyn EntityStore>)> {
     let product_metrics =
         ProductMetrics::register(metrics.registry()).context("registering metrics")?;
     let store_location = config.store_location()?;
@@ -223,7 +225,7 @@ async fn start_node(
     let factory = Arc::new(ProductFactory {
         settings: Arc::new(config.product.clone()),
         metrics: product_metrics,
-        store,
+        store: Arc::clone(&store),
     });
     // A leaving node first lets its bridge finish in-flight work.
     config.cluster.leave_timeout = config
@@ -243,7 +245,7 @@ async fn start_node(
     if !store_location.is_shared() {
         tokio::spawn(warn_when_joined_with_a_store_of_its_own(node.view()));
     }
-    Ok(node)
+    Ok((node, store))
 }
 
 /// Product state in memory or in this node's own file stays behind when a product moves to

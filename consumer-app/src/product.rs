@@ -1,12 +1,16 @@
-//! The ProductActor of the original sample: per product, the orders applied (in application
-//! order) and the total quantity. A redelivered order is recognised by its id and ignored, so
-//! at-least-once delivery has an exactly-once effect. Each applied order is stored (an entity
-//! store record keyed by the order id) before it is confirmed, and a product loads its records
-//! when it starts, so its state and its deduplication survive a move to another node or a
-//! crash. Simulated transient failures and a processing delay make retries and backpressure
-//! visible. Its per-order lines are DEBUG: at INFO a busy node would log every order.
+//! The ProductActor of the original sample: per product, the total quantity ordered, the
+//! number of orders applied and the newest order ids. A redelivered order is recognised and
+//! ignored, so at-least-once delivery has an exactly-once effect: a recent one by the ids the
+//! product keeps, an older one by the entity store, which keeps every applied order as a
+//! record keyed by the order id and refuses a second. Each applied order is stored before it
+//! is confirmed, and every `snapshot_every` orders the product also saves a snapshot of its
+//! state; when it starts it loads the newest snapshot and the orders after it, so its state
+//! and its deduplication survive a move to another node or a crash, and neither its memory nor
+//! its recovery grows with its history. Simulated transient failures and a processing delay
+//! make retries and backpressure visible. Its per-order lines are DEBUG: at INFO a busy node
+//! would log every order.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +18,8 @@ use prometheus::{IntCounter, Registry};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use tracing::debug;
-use warren::entity::store::{Appended, Claim, EntityStore};
+use tracing::{debug, warn};
+use warren::entity::store::{Appended, Claim, EntityStore, Record, Snapshot};
 use warren::entity::{Entity, EntityError, EntityFactory, EntityId};
 use warren::metrics::counter;
 use warren::order::{CreateOrder, OrderId};
@@ -56,27 +60,62 @@ pub struct ProductSnapshot {
     pub product_id: String,
     /// Sum of the quantities of the applied orders.
     pub total_quantity: u64,
-    /// Applied order ids, in application order.
-    pub orders: Vec<OrderId>,
+    /// How many orders were applied.
+    pub order_count: u64,
+    /// The newest applied order ids (at most `product.recent_orders`), oldest first; every
+    /// order is in the store (`GET /products/{id}/orders`).
+    pub recent_orders: Vec<OrderId>,
 }
 
 /// What a product stores per applied order.
 #[derive(Debug, Serialize, Deserialize)]
-struct AppliedOrder {
-    order_id: OrderId,
-    quantity: u32,
+pub struct AppliedOrder {
+    /// The order.
+    pub order_id: OrderId,
+    /// Its quantity.
+    pub quantity: u32,
 }
 
-/// One product's state.
+impl AppliedOrder {
+    /// A stored record, read back.
+    pub fn decode(record: &Record) -> Result<Self, EntityError> {
+        serde_json::from_slice(&record.data)
+            .map_err(|e| EntityError::new(format!("unreadable stored order: {e}")))
+    }
+}
+
+/// A product's state: what its snapshots hold.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+struct ProductState {
+    total_quantity: u64,
+    order_count: u64,
+    /// The newest order ids, oldest first.
+    recent_orders: VecDeque<OrderId>,
+}
+
+impl ProductState {
+    fn apply(&mut self, order: AppliedOrder, keep: usize) {
+        self.total_quantity += u64::from(order.quantity);
+        self.order_count += 1;
+        self.recent_orders.push_back(order.order_id);
+        while self.recent_orders.len() > keep {
+            self.recent_orders.pop_front();
+        }
+    }
+}
+
+/// One product.
 pub struct ProductActor {
     store: Arc<dyn EntityStore>,
     id: EntityId,
     /// This incarnation's claim on the product, taken when it recovers.
     claim: Option<Claim>,
-    orders: Vec<OrderId>,
-    applied: HashSet<OrderId>,
+    state: ProductState,
+    /// The newest stored record `state` includes.
+    last_seq: Option<u64>,
+    /// Records `state` includes that the newest snapshot does not.
+    unsnapshotted: u64,
     previously_failed: HashSet<OrderId>,
-    total_quantity: u64,
     rng: SmallRng,
     settings: Arc<ProductSettings>,
     metrics: ProductMetrics,
@@ -98,7 +137,7 @@ impl Entity for ProductActor {
             self.previously_failed.insert(order.order_id.clone());
             return Err(EntityError::new("simulated transient failure"));
         }
-        if self.applied.contains(&order.order_id) {
+        if self.state.recent_orders.contains(&order.order_id) {
             self.metrics.duplicates.inc();
             debug!(
                 "Ignoring redelivered order {order} for product [{}]",
@@ -112,11 +151,11 @@ impl Entity for ProductActor {
                 self.id
             );
         }
-        let record = AppliedOrder {
+        let applied = AppliedOrder {
             order_id: order.order_id.clone(),
             quantity: order.quantity,
         };
-        let record = serde_json::to_vec(&record)
+        let record = serde_json::to_vec(&applied)
             .map_err(|e| EntityError::new(format!("order does not serialize: {e}")))?;
         // The store key is the id's text; a UUID's is written without allocating.
         let mut buffer = OrderId::text_buffer();
@@ -126,10 +165,10 @@ impl Entity for ProductActor {
                 "the product has not loaded its state",
             ));
         };
-        let appended = self.store.append(claim, key, &record).await?;
-        if appended == Appended::Duplicate {
-            // An earlier attempt stored it, and only its answer was lost (the connection
-            // dropped after the commit): take the store's word for everything.
+        let Appended::New { seq } = self.store.append(claim, key, &record).await? else {
+            // Applied long ago (beyond the ids kept), or an earlier attempt stored it and only
+            // its answer was lost (the connection dropped after the commit): either way, take
+            // the store's word for everything.
             self.load().await?;
             self.metrics.duplicates.inc();
             debug!(
@@ -137,21 +176,22 @@ impl Entity for ProductActor {
                 self.id
             );
             return Ok(());
-        }
-        self.apply(order.order_id.clone(), order.quantity);
+        };
+        self.apply(seq, applied);
         self.metrics.applied.inc();
         debug!(
             "Added order {order} for product [{}] - {} total quantity ordered",
-            self.id, self.total_quantity
+            self.id, self.state.total_quantity
         );
-        Ok(())
+        self.snapshot_if_due().await
     }
 
     fn snapshot(&self) -> ProductSnapshot {
         ProductSnapshot {
             product_id: self.id.to_string(),
-            total_quantity: self.total_quantity,
-            orders: self.orders.clone(),
+            total_quantity: self.state.total_quantity,
+            order_count: self.state.order_count,
+            recent_orders: self.state.recent_orders.iter().cloned().collect(),
         }
     }
 
@@ -164,30 +204,65 @@ impl Entity for ProductActor {
 }
 
 impl ProductActor {
+    /// The newest snapshot, then the orders stored after it.
     async fn load(&mut self) -> Result<(), EntityError> {
-        let records = self.store.load(&self.id).await?;
-        self.orders.clear();
-        self.applied.clear();
-        self.total_quantity = 0;
-        for record in records {
-            let order: AppliedOrder = serde_json::from_slice(&record)
-                .map_err(|e| EntityError::new(format!("unreadable stored order: {e}")))?;
-            self.apply(order.order_id, order.quantity);
+        let recovery = self.store.recover(&self.id).await?;
+        let keep = self.settings.recent_orders;
+        (self.state, self.last_seq) = match recovery.snapshot {
+            Some(snapshot) => {
+                let mut state: ProductState = serde_json::from_slice(&snapshot.data)
+                    .map_err(|e| EntityError::new(format!("unreadable snapshot: {e}")))?;
+                state
+                    .recent_orders
+                    .drain(..state.recent_orders.len().saturating_sub(keep));
+                (state, Some(snapshot.seq))
+            }
+            None => (ProductState::default(), None),
+        };
+        self.unsnapshotted = 0;
+        for record in &recovery.records {
+            self.apply(record.seq, AppliedOrder::decode(record)?);
         }
         Ok(())
     }
 
-    fn apply(&mut self, order_id: OrderId, quantity: u32) {
-        if self.applied.insert(order_id.clone()) {
-            self.orders.push(order_id);
-            self.total_quantity += u64::from(quantity);
+    fn apply(&mut self, seq: u64, order: AppliedOrder) {
+        self.state.apply(order, self.settings.recent_orders);
+        self.last_seq = Some(seq);
+        self.unsnapshotted += 1;
+    }
+
+    /// Saves a snapshot once `snapshot_every` orders came since the last. A snapshot only
+    /// shortens recovery, so one that cannot be saved now is tried again after the next
+    /// order; only a newer incarnation's claim stops this one.
+    async fn snapshot_if_due(&mut self) -> Result<(), EntityError> {
+        let every = self.settings.snapshot_every;
+        let (Some(claim), Some(seq)) = (&self.claim, self.last_seq) else {
+            return Ok(());
+        };
+        if every == 0 || self.unsnapshotted < every {
+            return Ok(());
         }
+        let data = serde_json::to_vec(&self.state)
+            .map_err(|e| EntityError::new(format!("state does not serialize: {e}")))?;
+        match self
+            .store
+            .save_snapshot(claim, &Snapshot { seq, data })
+            .await
+        {
+            Ok(()) => self.unsnapshotted = 0,
+            Err(error) if error.is_fenced() => return Err(error.into()),
+            Err(error) => {
+                warn!(product = %self.id, %error, "cannot save a snapshot; trying again later")
+            }
+        }
+        Ok(())
     }
 }
 
 /// Creates a ProductActor for each product on its first order.
 pub struct ProductFactory {
-    /// Simulation settings shared by all products.
+    /// Settings shared by all products.
     pub settings: Arc<ProductSettings>,
     /// Domain counters.
     pub metrics: ProductMetrics,
@@ -203,10 +278,10 @@ impl EntityFactory for ProductFactory {
             store: Arc::clone(&self.store),
             id: id.clone(),
             claim: None,
-            orders: Vec::new(),
-            applied: HashSet::new(),
+            state: ProductState::default(),
+            last_seq: None,
+            unsnapshotted: 0,
             previously_failed: HashSet::new(),
-            total_quantity: 0,
             rng: SmallRng::from_rng(&mut rand::rng()),
             settings: Arc::clone(&self.settings),
             metrics: self.metrics.clone(),
@@ -222,11 +297,15 @@ mod tests {
     use super::*;
 
     fn factory(failure_rate: f64) -> ProductFactory {
+        factory_with(ProductSettings {
+            failure_rate,
+            ..ProductSettings::default()
+        })
+    }
+
+    fn factory_with(settings: ProductSettings) -> ProductFactory {
         ProductFactory {
-            settings: Arc::new(ProductSettings {
-                failure_rate,
-                processing_delay_ms: 0,
-            }),
+            settings: Arc::new(settings),
             metrics: ProductMetrics::register(&Registry::new()).unwrap(),
             store: Arc::new(MemoryEntityStore::default()),
         }
@@ -260,8 +339,9 @@ mod tests {
         product.handle(&first).await.unwrap();
         let snapshot = product.snapshot();
         assert_eq!(snapshot.total_quantity, 7);
+        assert_eq!(snapshot.order_count, 2);
         assert_eq!(
-            snapshot.orders,
+            snapshot.recent_orders,
             vec![first.order_id.clone(), second.order_id.clone()]
         );
         assert_eq!(factory.metrics.duplicates.get(), 1);
@@ -283,7 +363,7 @@ mod tests {
         let mut again = started(&factory, "7").await;
         again.handle(&text_id).await.unwrap();
         assert_eq!(again.snapshot().total_quantity, 5);
-        assert_eq!(again.snapshot().orders, vec![text_id.order_id]);
+        assert_eq!(again.snapshot().recent_orders, vec![text_id.order_id]);
         assert_eq!(factory.metrics.duplicates.get(), 2);
     }
 
@@ -299,7 +379,7 @@ mod tests {
         let mut again = started(&factory, "7").await;
         assert_eq!(again.snapshot().total_quantity, 7);
         assert_eq!(
-            again.snapshot().orders,
+            again.snapshot().recent_orders,
             vec![first.order_id.clone(), second.order_id.clone()]
         );
         again.handle(&first).await.unwrap();
@@ -330,6 +410,73 @@ mod tests {
         let failing = order("7", 3);
         assert!(product.handle(&failing).await.is_err());
         assert_eq!(product.snapshot().total_quantity, 0);
-        assert!(product.snapshot().orders.is_empty());
+        assert!(product.snapshot().recent_orders.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_order_older_than_the_ids_kept_is_recognised_by_the_store() {
+        let factory = factory_with(ProductSettings {
+            recent_orders: 2,
+            ..ProductSettings::default()
+        });
+        let mut product = started(&factory, "7").await;
+        let orders: Vec<CreateOrder> = (1..=5).map(|q| order("7", q)).collect();
+        for order in &orders {
+            product.handle(order).await.unwrap();
+        }
+        let kept = product.snapshot().recent_orders;
+        assert_eq!(kept, [&orders[3], &orders[4]].map(|o| o.order_id.clone()));
+        product.handle(&orders[0]).await.unwrap();
+        let snapshot = product.snapshot();
+        assert_eq!((snapshot.total_quantity, snapshot.order_count), (15, 5));
+        assert_eq!(
+            snapshot.recent_orders, kept,
+            "an old order is not applied again"
+        );
+        assert_eq!(factory.metrics.duplicates.get(), 1);
+        assert_eq!(factory.metrics.applied.get(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_product_recovers_from_its_newest_snapshot_and_the_orders_after_it() {
+        let factory = factory_with(ProductSettings {
+            snapshot_every: 3,
+            recent_orders: 4,
+            ..ProductSettings::default()
+        });
+        let mut product = started(&factory, "7").await;
+        let orders: Vec<CreateOrder> = (1..=7).map(|q| order("7", q)).collect();
+        for order in &orders {
+            product.handle(order).await.unwrap();
+        }
+        let id = EntityId::new("7");
+        let stored = factory.store.records(&id, 0, usize::MAX).await.unwrap();
+        let recovery = factory.store.recover(&id).await.unwrap();
+        let snapshot = recovery.snapshot.expect("a snapshot after 6 orders");
+        assert_eq!(snapshot.seq, stored[5].seq, "as of the sixth order");
+        assert_eq!(recovery.records, stored[6..], "only the seventh after it");
+
+        let again = started(&factory, "7").await;
+        let (before, after) = (product.snapshot(), again.snapshot());
+        assert_eq!(after.total_quantity, 28);
+        assert_eq!(after.order_count, 7);
+        assert_eq!(after.recent_orders, before.recent_orders);
+        assert_eq!(after.recent_orders.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_stale_incarnation_cannot_save_a_snapshot() {
+        let factory = factory_with(ProductSettings {
+            snapshot_every: 1,
+            ..ProductSettings::default()
+        });
+        let mut stale = started(&factory, "7").await;
+        stale.handle(&order("7", 1)).await.unwrap();
+        let _newer = started(&factory, "7").await;
+        // Its append is refused first; the snapshot it would save after is never written.
+        assert!(stale.handle(&order("7", 2)).await.unwrap_err().is_fenced());
+        let kept = factory.store.latest_snapshot(&EntityId::new("7")).await;
+        let state: ProductState = serde_json::from_slice(&kept.unwrap().unwrap().data).unwrap();
+        assert_eq!(state.total_quantity, 1);
     }
 }

@@ -82,14 +82,32 @@ impl Default for RuntimeSettings {
     }
 }
 
-/// The ProductActor's simulation knobs.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// The ProductActor: what it keeps, and its simulation knobs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProductSettings {
     /// Probability that an attempt fails as a simulated transient failure.
     pub failure_rate: f64,
     /// Simulated processing time per attempt.
     pub processing_delay_ms: u64,
+    /// A product saves a snapshot of its state every this many applied orders, so it recovers
+    /// from the snapshot and at most this many orders instead of its whole history; 0 never
+    /// saves one.
+    pub snapshot_every: u64,
+    /// The newest order ids a product keeps in memory (and shows): they recognise a
+    /// redelivered order without asking the store, which recognises older ones.
+    pub recent_orders: usize,
+}
+
+impl Default for ProductSettings {
+    fn default() -> Self {
+        ProductSettings {
+            failure_rate: 0.0,
+            processing_delay_ms: 0,
+            snapshot_every: 100,
+            recent_orders: 20,
+        }
+    }
 }
 
 /// The HTTP endpoint.

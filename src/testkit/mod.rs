@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod network;
 pub mod simulation;
+pub mod store_contract;
 
 use crate::delivery::{ConsumerFrame, SeqNr};
 

@@ -403,12 +403,31 @@ pub async fn close_connection(connection_name: &str) {
     assert!(status.success(), "close_connection failed");
 }
 
-/// `GET /products/{id}`.
+/// `GET /products/{id}` (what the product keeps), and every order of its history from
+/// `GET /products/{id}/orders` (what the store keeps).
 #[derive(Debug, Deserialize)]
 pub struct ProductView {
     pub product_id: String,
     pub total_quantity: u64,
+    pub order_count: u64,
+    pub recent_orders: Vec<OrderId>,
+    /// Every page of `/orders`, in the order applied.
+    #[serde(skip)]
     pub orders: Vec<OrderId>,
+}
+
+/// One page of `GET /products/{id}/orders`.
+#[derive(Debug, Deserialize)]
+pub struct OrdersPage {
+    pub orders: Vec<StoredOrder>,
+    pub next: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StoredOrder {
+    pub seq: u64,
+    pub order_id: OrderId,
+    pub quantity: u32,
 }
 
 /// A running `warren-consumer`; killed when dropped.
@@ -593,8 +612,24 @@ impl Consumer {
         }
         let status = response.status();
         let body = response.text().await.expect("product body");
-        let view = serde_json::from_str(&body);
-        Some(view.unwrap_or_else(|e| panic!("product {id}: {status} {body}: {e}")))
+        let view: Result<ProductView, _> = serde_json::from_str(&body);
+        let mut view = view.unwrap_or_else(|e| panic!("product {id}: {status} {body}: {e}"));
+        let mut from = Some(0);
+        while let Some(page) = from {
+            let page = self.orders_page(id, page, 1000).await;
+            view.orders
+                .extend(page.orders.into_iter().map(|order| order.order_id));
+            from = page.next;
+        }
+        Some(view)
+    }
+
+    /// One page of the product's stored orders.
+    pub async fn orders_page(&self, id: &str, from: u64, limit: usize) -> OrdersPage {
+        let path = format!("/products/{id}/orders?from={from}&limit={limit}");
+        let page = self.get(&path).await;
+        let page = page.unwrap_or_else(|| panic!("{path} did not answer 200"));
+        serde_json::from_value(page).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
     /// Resident memory of the process, in KiB.
@@ -732,7 +767,10 @@ impl Orders {
             let expected_ids: Vec<OrderId> = orders.iter().map(|(id, _)| (*id).into()).collect();
             let expected_total: u64 = orders.iter().map(|(_, q)| u64::from(*q)).sum();
             assert_eq!(view.total_quantity, expected_total, "total of {product}");
+            assert_eq!(view.order_count, orders.len() as u64, "count of {product}");
             assert_eq!(view.orders, expected_ids, "orders of {product}");
+            let recent = &expected_ids[expected_ids.len() - view.recent_orders.len()..];
+            assert_eq!(view.recent_orders, recent, "recent orders of {product}");
         }
     }
 
@@ -758,6 +796,7 @@ impl Orders {
             applied.sort();
             let expected_total: u64 = orders.iter().map(|(_, q)| u64::from(*q)).sum();
             assert_eq!(view.total_quantity, expected_total, "total of {product}");
+            assert_eq!(view.order_count, orders.len() as u64, "count of {product}");
             assert_eq!(applied, expected_ids, "orders of {product}");
         }
     }

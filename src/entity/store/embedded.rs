@@ -1,8 +1,8 @@
 //! Records in an embedded redb file on this node's disk, `<data_dir>/entities-<kind>.redb`:
 //! what a single node needs to keep its entities' state and deduplication across a crash with
-//! no database server. Three tables: each entity's epoch (`owners`), its records in append
-//! order (`records`, keyed by entity and sequence number) and the key of every record
-//! (`keys`, which makes an append idempotent). A claim and a batch of appends are each one
+//! no database server. Four tables: each entity's epoch (`owners`), its records in append
+//! order (`records`, keyed by entity and sequence number), the key of every record
+//! (`keys`, which makes an append idempotent) and its newest snapshot (`snapshots`). A claim and a batch of appends are each one
 //! durable write transaction, and redb has one writer at a time, so an append checks its
 //! claim's epoch in the transaction that stores it: no stale incarnation can write after a
 //! newer claim. Appends are group-committed like PostgreSQL's (one transaction, one fsync, per
@@ -19,12 +19,13 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use crate::entity::store::group_commit::{
     Append, BatchStore, GroupCommitSettings, LazyGroupCommit,
 };
-use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
+use crate::entity::store::{Appended, Claim, EntityStore, Record, Snapshot, StoreError};
 use crate::ids::EntityId;
 
 const OWNERS: TableDefinition<&str, u64> = TableDefinition::new("owners");
 const RECORDS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("records");
 const KEYS: TableDefinition<(&str, &str), u64> = TableDefinition::new("keys");
+const SNAPSHOTS: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("snapshots");
 
 /// One batch in flight (redb has one writer anyway); appends per batch at most.
 const GROUP_COMMIT: GroupCommitSettings = GroupCommitSettings {
@@ -68,6 +69,7 @@ impl EmbeddedEntityStore {
         txn.open_table(OWNERS).map_err(failed)?;
         txn.open_table(RECORDS).map_err(failed)?;
         txn.open_table(KEYS).map_err(failed)?;
+        txn.open_table(SNAPSHOTS).map_err(failed)?;
         txn.commit().map_err(failed)?;
         let file = Arc::new(File { db: Arc::new(db) });
         Ok(EmbeddedEntityStore {
@@ -100,18 +102,59 @@ impl File {
         Ok(epoch)
     }
 
-    fn load(&self, entity: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+    fn records(&self, entity: &str, from: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
         let txn = self.db.begin_read().map_err(failed)?;
         let records = txn.open_table(RECORDS).map_err(failed)?;
         let range = records
-            .range((entity, 0)..=(entity, u64::MAX))
+            .range((entity, from)..=(entity, u64::MAX))
             .map_err(failed)?;
         range
+            .take(limit)
             .map(|row| {
-                row.map(|(_, record)| record.value().to_vec())
-                    .map_err(failed)
+                row.map(|(seq, record)| Record {
+                    seq: seq.value().1,
+                    data: record.value().to_vec(),
+                })
+                .map_err(failed)
             })
             .collect()
+    }
+
+    fn latest_snapshot(&self, entity: &str) -> Result<Option<Snapshot>, StoreError> {
+        let txn = self.db.begin_read().map_err(failed)?;
+        let snapshots = txn.open_table(SNAPSHOTS).map_err(failed)?;
+        let snapshot = snapshots.get(entity).map_err(failed)?;
+        Ok(snapshot.map(|row| {
+            let (seq, data) = row.value();
+            Snapshot {
+                seq,
+                data: data.to_vec(),
+            }
+        }))
+    }
+
+    /// Keeps `snapshot` unless a newer one is kept, in one durable transaction that checks
+    /// the claim.
+    fn save_snapshot(&self, claim: &Claim, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let entity = claim.entity().as_str();
+        let txn = self.db.begin_write().map_err(failed)?;
+        {
+            let owners = txn.open_table(OWNERS).map_err(failed)?;
+            if owners.get(entity).map_err(failed)?.map(|e| e.value()) != Some(claim.epoch()) {
+                return Err(StoreError::Fenced {
+                    entity: claim.entity().clone(),
+                    epoch: claim.epoch(),
+                });
+            }
+            let mut snapshots = txn.open_table(SNAPSHOTS).map_err(failed)?;
+            let kept = snapshots.get(entity).map_err(failed)?.map(|s| s.value().0);
+            if kept.is_none_or(|seq| seq < snapshot.seq) {
+                snapshots
+                    .insert(entity, (snapshot.seq, snapshot.data.as_slice()))
+                    .map_err(failed)?;
+            }
+        }
+        txn.commit().map_err(failed)
     }
 
     /// Stores what is new of `batch` in one durable transaction, each append under its claim.
@@ -156,7 +199,7 @@ impl File {
                     .map_err(failed)?;
                 keys.insert((entity, append.key.as_str()), seq)
                     .map_err(failed)?;
-                outcomes.push(Ok(Appended::New));
+                outcomes.push(Ok(Appended::New { seq }));
             }
         }
         txn.commit().map_err(failed)?;
@@ -186,9 +229,27 @@ impl EntityStore for EmbeddedEntityStore {
         Ok(Claim::new(entity.clone(), epoch))
     }
 
-    async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError> {
+    async fn records(
+        &self,
+        entity: &EntityId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
         let id = entity.clone();
-        self.blocking(move |file| file.load(id.as_str())).await
+        self.blocking(move |file| file.records(id.as_str(), from, limit))
+            .await
+    }
+
+    async fn latest_snapshot(&self, entity: &EntityId) -> Result<Option<Snapshot>, StoreError> {
+        let id = entity.clone();
+        self.blocking(move |file| file.latest_snapshot(id.as_str()))
+            .await
+    }
+
+    async fn save_snapshot(&self, claim: &Claim, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let (claim, snapshot) = (claim.clone(), snapshot.clone());
+        self.blocking(move |file| file.save_snapshot(&claim, &snapshot))
+            .await
     }
 
     async fn append(
@@ -218,44 +279,58 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn appends_once_per_key_loads_in_order_and_keeps_both_after_reopening() {
+    async fn keeps_the_store_contract() {
+        let dir = folder();
+        let store = EmbeddedEntityStore::open(&dir, "product").unwrap();
+        crate::testkit::store_contract::check(&store).await;
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn data(records: Vec<Record>) -> Vec<Vec<u8>> {
+        records.into_iter().map(|r| r.data).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_epochs_snapshots_and_keys_survive_reopening() {
         let dir = folder();
         let (a, b) = (EntityId::new("a"), EntityId::new("b"));
         {
             let store = EmbeddedEntityStore::open(&dir, "product").unwrap();
             let claim = store.claim(&a).await.unwrap();
-            assert_eq!(
-                store.append(&claim, "k1", b"one").await.unwrap(),
-                Appended::New
-            );
-            assert_eq!(
-                store.append(&claim, "k2", b"two").await.unwrap(),
-                Appended::New
-            );
-            assert_eq!(
-                store.append(&claim, "k1", b"again").await.unwrap(),
-                Appended::Duplicate
-            );
+            assert!(store.append(&claim, "k1", b"one").await.unwrap().is_new());
+            let Appended::New { seq } = store.append(&claim, "k2", b"two").await.unwrap() else {
+                panic!("k2 is new");
+            };
+            let snapshot = Snapshot {
+                seq,
+                data: b"after two".to_vec(),
+            };
+            store.save_snapshot(&claim, &snapshot).await.unwrap();
+            assert!(store.append(&claim, "k3", b"three").await.unwrap().is_new());
             let b_claim = store.claim(&b).await.unwrap();
-            assert_eq!(
-                store.append(&b_claim, "k1", b"b").await.unwrap(),
-                Appended::New
-            );
+            assert!(store.append(&b_claim, "k1", b"b").await.unwrap().is_new());
         }
         // The dropped store's writer lets go of the file once it sees its queue closed.
         let reopened = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 match EmbeddedEntityStore::open(&dir, "product") {
                     Ok(store) => return store,
-                    Err(_) => tokio::task::yield_now().await,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                 }
             }
         });
         let store = reopened.await.expect("the file reopens");
+        let all = store.records(&a, 0, usize::MAX).await.unwrap();
         assert_eq!(
-            store.load(&a).await.unwrap(),
-            vec![b"one".to_vec(), b"two".to_vec()]
+            data(all),
+            [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
         );
+        let recovered = store.recover(&a).await.unwrap();
+        assert_eq!(
+            recovered.snapshot.map(|s| s.data),
+            Some(b"after two".to_vec())
+        );
+        assert_eq!(data(recovered.records), [b"three".to_vec()]);
         let claim = store.claim(&a).await.unwrap();
         assert_eq!(claim.epoch(), 2, "the epoch survives too");
         assert_eq!(
@@ -263,29 +338,6 @@ mod tests {
             Appended::Duplicate,
             "deduplication survives a restart"
         );
-        assert!(store.load(&EntityId::new("c")).await.unwrap().is_empty());
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_stale_claim_cannot_append() {
-        let dir = folder();
-        let store = EmbeddedEntityStore::open(&dir, "product").unwrap();
-        let entity = EntityId::new("p");
-        let stale = store.claim(&entity).await.unwrap();
-        let newer = store.claim(&entity).await.unwrap();
-        assert!(
-            store
-                .append(&stale, "k", b"x")
-                .await
-                .unwrap_err()
-                .is_fenced()
-        );
-        assert_eq!(
-            store.append(&newer, "k", b"x").await.unwrap(),
-            Appended::New
-        );
-        assert_eq!(store.load(&entity).await.unwrap(), vec![b"x".to_vec()]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -241,13 +241,13 @@ mod tests {
                 return Err(StoreError::Query("poison".to_owned()));
             }
             let mut stored = self.stored.lock().unwrap();
-            let seq = stored.len();
             Ok(batch
                 .iter()
                 .map(|a| {
                     let key = (a.claim.entity().as_str().to_owned(), a.key.clone());
+                    let seq = stored.len();
                     match stored.insert(key, seq) {
-                        None => Ok(Appended::New),
+                        None => Ok(Appended::New { seq: seq as u64 }),
                         Some(_) => Ok(Appended::Duplicate),
                     }
                 })
@@ -279,7 +279,11 @@ mod tests {
             async move { commit.append(append(&format!("e{i}"), "k")).await }
         });
         let outcomes = futures::future::join_all(appends).await;
-        assert!(outcomes.iter().all(|o| matches!(o, Ok(Appended::New))));
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Ok(Appended::New { .. })))
+        );
         let batches = store.batches.lock().unwrap().clone();
         assert_eq!(batches.iter().sum::<usize>(), 40);
         assert!(batches.len() < 40, "no batching: {batches:?}");
@@ -293,12 +297,12 @@ mod tests {
             commit.append(append("e", "k")),
             commit.append(append("e", "k"))
         );
-        assert!(matches!(first, Ok(Appended::New)));
+        assert!(matches!(first, Ok(Appended::New { .. })));
         assert!(matches!(second, Ok(Appended::Duplicate)));
         // Another entity's same key is its own.
         assert!(matches!(
             commit.append(append("f", "k")).await,
-            Ok(Appended::New)
+            Ok(Appended::New { .. })
         ));
     }
 
@@ -316,7 +320,10 @@ mod tests {
             if *key == "poison" {
                 assert!(matches!(outcome, Err(StoreError::Query(_))), "{outcome:?}");
             } else {
-                assert!(matches!(outcome, Ok(Appended::New)), "{key}: {outcome:?}");
+                assert!(
+                    matches!(outcome, Ok(Appended::New { .. })),
+                    "{key}: {outcome:?}"
+                );
             }
         }
         assert_eq!(store.stored.lock().unwrap().len(), 3);

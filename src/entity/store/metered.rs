@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Registry};
 use tracing::Instrument;
 
-use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
+use crate::entity::store::{Appended, Claim, EntityStore, Record, Snapshot, StoreError};
 use crate::ids::EntityId;
 use crate::series::counter_vec;
 use crate::telemetry::JOURNEY;
@@ -66,6 +66,8 @@ pub struct StoreMetrics {
     claim: OperationSeries,
     load: OperationSeries,
     append: OperationSeries,
+    load_snapshot: OperationSeries,
+    save_snapshot: OperationSeries,
 }
 
 impl StoreMetrics {
@@ -92,6 +94,8 @@ impl StoreMetrics {
             claim: operation("claim"),
             load: operation("load"),
             append: operation("append"),
+            load_snapshot: operation("load_snapshot"),
+            save_snapshot: operation("save_snapshot"),
         })
     }
 
@@ -120,9 +124,27 @@ impl EntityStore for MeteredStore {
             .await
     }
 
-    async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError> {
+    async fn records(
+        &self,
+        entity: &EntityId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
         let span = tracing::info_span!(target: JOURNEY, "warren.store.load");
-        self.metrics.load.time(span, self.inner.load(entity)).await
+        let load = self.inner.records(entity, from, limit);
+        self.metrics.load.time(span, load).await
+    }
+
+    async fn latest_snapshot(&self, entity: &EntityId) -> Result<Option<Snapshot>, StoreError> {
+        let span = tracing::info_span!(target: JOURNEY, "warren.store.load_snapshot");
+        let load = self.inner.latest_snapshot(entity);
+        self.metrics.load_snapshot.time(span, load).await
+    }
+
+    async fn save_snapshot(&self, claim: &Claim, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let span = tracing::info_span!(target: JOURNEY, "warren.store.save_snapshot");
+        let save = self.inner.save_snapshot(claim, snapshot);
+        self.metrics.save_snapshot.time(span, save).await
     }
 
     async fn append(

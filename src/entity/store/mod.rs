@@ -10,6 +10,13 @@
 //! claimed, is the only one that can write: a stale copy left running on the far side of a
 //! partition cannot add to an entity's history behind the back of its new owner.
 //!
+//! **Snapshots.** An entity whose history grows long may save a snapshot of its state as of
+//! one of its records ([`EntityStore::save_snapshot`], fenced like an append); recovery then
+//! loads the newest snapshot and only the records after it ([`EntityStore::recover`]), as
+//! Akka Persistence does, instead of every record since the entity began. Records are never
+//! deleted: deduplication by key still covers the whole history, and
+//! [`EntityStore::records`] reads it a page at a time.
+//!
 //! [`MemoryEntityStore`] keeps records in this process (tests, demos);
 //! [`EmbeddedEntityStore`] in a file on this node's disk (one node, no server);
 //! [`PostgresEntityStore`] in a shared database (what a multi-node cluster uses);
@@ -34,10 +41,49 @@ use crate::ids::EntityId;
 /// Whether [`EntityStore::append`] stored the record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Appended {
-    /// Stored now.
-    New,
+    /// Stored now, at `seq` in its entity's history.
+    New {
+        /// The record's place: greater than every earlier record's of the entity (not
+        /// necessarily the next number: a shared database numbers all entities together).
+        seq: u64,
+    },
     /// The entity already had a record under this key; nothing changed.
     Duplicate,
+}
+
+impl Appended {
+    /// True for [`Appended::New`].
+    pub fn is_new(&self) -> bool {
+        matches!(self, Appended::New { .. })
+    }
+}
+
+/// One stored record and its place in its entity's history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Its place, as [`Appended::New`] said.
+    pub seq: u64,
+    /// What was appended.
+    pub data: Vec<u8>,
+}
+
+/// An entity's state as of one of its records: recovery starts from it and applies only the
+/// records after `seq`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The last record the state includes.
+    pub seq: u64,
+    /// The state, in the entity's own encoding.
+    pub data: Vec<u8>,
+}
+
+/// What an entity starts from: its newest snapshot, if it saved one, and every record after it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// The newest snapshot.
+    pub snapshot: Option<Snapshot>,
+    /// The records after the snapshot (all of them without one), in append order.
+    pub records: Vec<Record>,
 }
 
 /// One incarnation's right to append to one entity, until a newer incarnation claims it.
@@ -121,13 +167,36 @@ pub trait EntityStore: Send + Sync + 'static {
     /// before [`Self::load`], so the load sees everything older claims stored.
     async fn claim(&self, entity: &EntityId) -> Result<Claim, StoreError>;
 
-    /// Every record of `entity`, in the order they were appended.
-    async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// Up to `limit` records of `entity` from `from` on (`seq >= from`), in append order: a
+    /// page of its history (the next page starts after the last `seq`).
+    async fn records(
+        &self,
+        entity: &EntityId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError>;
 
     /// Appends `record` under `key` to the claimed entity, unless it has a record under `key`
     /// already; refused with [`StoreError::Fenced`] once a newer claim exists.
     async fn append(&self, claim: &Claim, key: &str, record: &[u8])
     -> Result<Appended, StoreError>;
+
+    /// The entity's newest snapshot, if it saved one.
+    async fn latest_snapshot(&self, entity: &EntityId) -> Result<Option<Snapshot>, StoreError>;
+
+    /// Keeps `snapshot` as the claimed entity's newest, unless it has a newer one already
+    /// (only the newest is kept); refused with [`StoreError::Fenced`] once a newer claim
+    /// exists, so a stale incarnation cannot leave its state for the next one to start from.
+    async fn save_snapshot(&self, claim: &Claim, snapshot: &Snapshot) -> Result<(), StoreError>;
+
+    /// What `entity` starts from: its newest snapshot and the records after it. Call it after
+    /// [`Self::claim`], like any load: nothing can then be stored behind it.
+    async fn recover(&self, entity: &EntityId) -> Result<Recovery, StoreError> {
+        let snapshot = self.latest_snapshot(entity).await?;
+        let from = snapshot.as_ref().map_or(0, |s| s.seq.saturating_add(1));
+        let records = self.records(entity, from, usize::MAX).await?;
+        Ok(Recovery { snapshot, records })
+    }
 }
 
 /// Which store to use: `memory`, `embedded` or a `postgres://` URL (the `--entity-store`

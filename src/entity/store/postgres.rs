@@ -5,7 +5,8 @@
 //! `warren_entity_owners (kind, entity_id, epoch)`, fences appends: a claim bumps the epoch,
 //! and an append stores only while its epoch is the row's, checked in the same statement under
 //! a share lock on the row — so a claim waits for appends in flight and every later stale
-//! append sees the new epoch. The tables are created on first use, under an advisory lock so
+//! append sees the new epoch. A third, `warren_entity_snapshots (kind, entity_id, seq,
+//! snapshot)`, keeps each entity's newest snapshot, saved under the same fence. The tables are created on first use, under an advisory lock so
 //! that nodes starting together do not race.
 //!
 //! Appends are group-committed: the node's entities' appends that wait together go in one
@@ -22,7 +23,7 @@ use tokio::sync::OnceCell;
 use crate::entity::store::group_commit::{
     Append, BatchStore, GroupCommitSettings, LazyGroupCommit,
 };
-use crate::entity::store::{Appended, Claim, EntityStore, StoreError};
+use crate::entity::store::{Appended, Claim, EntityStore, Record, Snapshot, StoreError};
 use crate::ids::EntityId;
 use crate::postgres::{PostgresTarget, link_failure};
 
@@ -53,7 +54,31 @@ const SCHEMA: &str = "
         epoch bigint NOT NULL,
         claimed_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (kind, entity_id)
+    );
+    CREATE TABLE IF NOT EXISTS warren_entity_snapshots (
+        kind text NOT NULL,
+        entity_id text NOT NULL,
+        seq bigint NOT NULL,
+        snapshot bytea NOT NULL,
+        saved_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (kind, entity_id)
     );";
+
+/// Keeps a snapshot unless a newer one is kept, only while the claim holds (checked as an
+/// append checks it); answers whether it held.
+const SAVE_SNAPSHOT: &str = "
+    WITH owned AS (
+        SELECT 1 FROM warren_entity_owners
+        WHERE kind = $1 AND entity_id = $2 AND epoch = $3
+        FOR SHARE
+    ), saved AS (
+        INSERT INTO warren_entity_snapshots (kind, entity_id, seq, snapshot)
+        SELECT $1, $2, $4, $5 FROM owned
+        ON CONFLICT (kind, entity_id) DO UPDATE
+            SET seq = excluded.seq, snapshot = excluded.snapshot, saved_at = now()
+            WHERE warren_entity_snapshots.seq < excluded.seq
+    )
+    SELECT EXISTS (SELECT 1 FROM owned)";
 
 /// A new incarnation's claim: the entity's epoch, one higher than any before.
 const CLAIM: &str = "
@@ -81,9 +106,9 @@ const APPEND_BATCH: &str = "
         SELECT $1, i.entity_id, i.key, i.record FROM input i JOIN owned USING (ord)
         ORDER BY i.ord
         ON CONFLICT DO NOTHING
-        RETURNING entity_id, key
+        RETURNING entity_id, key, seq
     )
-    SELECT owned.ord IS NOT NULL, stored.key IS NOT NULL
+    SELECT owned.ord IS NOT NULL, stored.seq
     FROM input i
     LEFT JOIN owned USING (ord)
     LEFT JOIN stored ON stored.entity_id = i.entity_id AND stored.key = i.key
@@ -176,7 +201,8 @@ impl Database {
                 let exists = client
                     .query_one(
                         "SELECT to_regclass('warren_entity_records') IS NOT NULL \
-                         AND to_regclass('warren_entity_owners') IS NOT NULL",
+                         AND to_regclass('warren_entity_owners') IS NOT NULL \
+                         AND to_regclass('warren_entity_snapshots') IS NOT NULL",
                         &[],
                     )
                     .await
@@ -219,6 +245,12 @@ fn query_error(error: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// A count or number as PostgreSQL's `bigint`; beyond its range, its largest (no epoch, seq or
+/// page ever gets there).
+fn bigint(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 #[async_trait]
 impl EntityStore for PostgresEntityStore {
     async fn claim(&self, entity: &EntityId) -> Result<Claim, StoreError> {
@@ -233,23 +265,97 @@ impl EntityStore for PostgresEntityStore {
         Ok(Claim::new(entity.clone(), epoch.unsigned_abs()))
     }
 
-    async fn load(&self, entity: &EntityId) -> Result<Vec<Vec<u8>>, StoreError> {
+    async fn records(
+        &self,
+        entity: &EntityId,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
         let database = &self.database;
         let client = database.client().await?;
         let statement = client
             .prepare_cached(
-                "SELECT record FROM warren_entity_records \
-                 WHERE kind = $1 AND entity_id = $2 ORDER BY seq",
+                "SELECT seq, record FROM warren_entity_records \
+                 WHERE kind = $1 AND entity_id = $2 AND seq >= $3 ORDER BY seq LIMIT $4",
             )
             .await
             .map_err(query_error)?;
+        let (from, limit) = (bigint(from), bigint(limit as u64));
         let rows = client
-            .query(&statement, &[&database.kind, &entity.as_str()])
+            .query(
+                &statement,
+                &[&database.kind, &entity.as_str(), &from, &limit],
+            )
             .await
             .map_err(query_error)?;
         rows.iter()
-            .map(|row| row.try_get::<_, Vec<u8>>(0).map_err(query_error))
+            .map(|row| {
+                Ok(Record {
+                    seq: row
+                        .try_get::<_, i64>(0)
+                        .map_err(query_error)?
+                        .unsigned_abs(),
+                    data: row.try_get(1).map_err(query_error)?,
+                })
+            })
             .collect()
+    }
+
+    async fn latest_snapshot(&self, entity: &EntityId) -> Result<Option<Snapshot>, StoreError> {
+        let database = &self.database;
+        let client = database.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT seq, snapshot FROM warren_entity_snapshots \
+                 WHERE kind = $1 AND entity_id = $2",
+            )
+            .await
+            .map_err(query_error)?;
+        let row = client
+            .query_opt(&statement, &[&database.kind, &entity.as_str()])
+            .await
+            .map_err(query_error)?;
+        row.map(|row| {
+            Ok(Snapshot {
+                seq: row
+                    .try_get::<_, i64>(0)
+                    .map_err(query_error)?
+                    .unsigned_abs(),
+                data: row.try_get(1).map_err(query_error)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn save_snapshot(&self, claim: &Claim, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let database = &self.database;
+        let client = database.client().await?;
+        let statement = client
+            .prepare_cached(SAVE_SNAPSHOT)
+            .await
+            .map_err(query_error)?;
+        let (epoch, seq) = (bigint(claim.epoch()), bigint(snapshot.seq));
+        let row = client
+            .query_one(
+                &statement,
+                &[
+                    &database.kind,
+                    &claim.entity().as_str(),
+                    &epoch,
+                    &seq,
+                    &snapshot.data,
+                ],
+            )
+            .await
+            .map_err(query_error)?;
+        if row.try_get::<_, bool>(0).map_err(query_error)? {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced {
+                entity: claim.entity().clone(),
+                epoch: claim.epoch(),
+            })
+        }
     }
 
     async fn append(
@@ -276,10 +382,7 @@ impl BatchStore for Database {
         let entities: Vec<&str> = batch.iter().map(|a| a.claim.entity().as_str()).collect();
         let keys: Vec<&str> = batch.iter().map(|a| a.key.as_str()).collect();
         let records: Vec<&[u8]> = batch.iter().map(|a| a.record.as_slice()).collect();
-        let epochs: Vec<i64> = batch
-            .iter()
-            .map(|a| i64::try_from(a.claim.epoch()).unwrap_or(i64::MAX))
-            .collect();
+        let epochs: Vec<i64> = batch.iter().map(|a| bigint(a.claim.epoch())).collect();
         let rows = client
             .query(
                 &statement,
@@ -290,14 +393,16 @@ impl BatchStore for Database {
         let mut outcomes = Vec::with_capacity(batch.len());
         for (append, row) in batch.iter().zip(&rows) {
             let owned: bool = row.try_get(0).map_err(query_error)?;
-            let stored: bool = row.try_get(1).map_err(query_error)?;
+            let stored: Option<i64> = row.try_get(1).map_err(query_error)?;
             outcomes.push(match (owned, stored) {
                 (false, _) => Err(StoreError::Fenced {
                     entity: append.claim.entity().clone(),
                     epoch: append.claim.epoch(),
                 }),
-                (true, true) => Ok(Appended::New),
-                (true, false) => Ok(Appended::Duplicate),
+                (true, Some(seq)) => Ok(Appended::New {
+                    seq: seq.unsigned_abs(),
+                }),
+                (true, None) => Ok(Appended::Duplicate),
             });
         }
         Ok(outcomes)
