@@ -12,7 +12,7 @@
 //! saturated). Rounds alternate the rows; medians are printed with their ratio to the bound.
 //! `BENCH_ROUNDS` (default 3) and `BENCH_PREFETCH_FACTOR` (prefetch as a multiple of the
 //! in-flight bound; unset leaves the consumer's own default) tune it; `BENCH_CONSUMER` runs another `warren-consumer` binary (an older build, to compare
-//! commits). Run after `cargo build --release`: `cargo bench --bench slow_entities`.
+//! commits). Run after `cargo build --release --workspace`: `cargo bench --bench slow_entities`.
 
 mod support;
 

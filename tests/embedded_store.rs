@@ -2,7 +2,9 @@
 //! again in the same working directory, with no flag naming a store and no database server,
 //! every product ends with exactly the orders published for it, the ones applied before the
 //! kill included, and the orders the broker redelivered are recognised instead of applied
-//! twice. A second node in the same folder is refused instead of sharing the file.
+//! twice; the same with products that snapshot every few orders and keep few order ids, so
+//! that they recover from snapshots and recognise older redeliveries through the store. A
+//! second node in the same folder is refused instead of sharing the file.
 
 mod support;
 
@@ -24,18 +26,51 @@ fn work_dir(test: &str) -> tempfile::TempDir {
 #[tokio::test]
 async fn a_single_node_sigkilled_mid_run_keeps_every_products_state_and_deduplication() {
     let dir = work_dir("embedded-kill");
-    let queue = TestQueue::new("embedded-kill");
-    queue.declare().await;
-    // 100 products at 100 ms an order: at most 1,000 orders a second, so the kill after 1,000
-    // acks leaves seconds of the 5,000 to go. No store flag: the default.
+    // No store flag: the default.
     let flags = ["--processing-delay-ms", "100"];
-    let first = Consumer::start_in(dir.path(), &queue, &flags).await;
+    killed_mid_run_and_started_again("embedded-kill", &dir, &flags).await;
     let file = dir.path().join("warren-data").join("entities-product.redb");
     assert!(
         file.is_file(),
         "{} is where the default keeps products",
         file.display()
     );
+}
+
+/// With a snapshot every 7 orders and 3 order ids kept, the node started again recovers each
+/// product from its snapshot and the few orders after it, and the orders the broker redelivers
+/// are mostly older than the 3 ids: the store recognises them.
+#[tokio::test]
+async fn products_recover_from_snapshots_and_the_store_recognises_older_redeliveries() {
+    let dir = work_dir("embedded-snapshots");
+    let config = dir.path().join("warren.toml");
+    std::fs::write(
+        &config,
+        "[product]\nsnapshot_every = 7\nrecent_orders = 3\n",
+    )
+    .expect("a config file");
+    let config = config.to_string_lossy().into_owned();
+    let flags = ["--processing-delay-ms", "100", "--config", &config];
+    let (first, second) =
+        killed_mid_run_and_started_again("embedded-snapshots", &dir, &flags).await;
+    assert!(first > 0.0, "no snapshot saved before the kill");
+    assert!(second > 0.0, "no snapshot saved after the restart");
+}
+
+/// Runs 5,000 orders over 100 products at 100 ms each on a node in `dir` with `flags`,
+/// SIGKILLs it after 1,000 acks, starts it again in the same folder, and asserts that each
+/// order was applied exactly once, in order. Answers how many snapshots each run saved.
+async fn killed_mid_run_and_started_again(
+    test: &str,
+    dir: &tempfile::TempDir,
+    flags: &[&str],
+) -> (f64, f64) {
+    let saved = "warren_entity_store_seconds_count{operation=\"save_snapshot\"}";
+    let queue = TestQueue::new(test);
+    queue.declare().await;
+    // 100 products at 100 ms an order: at most 1,000 orders a second, so the kill after 1,000
+    // acks leaves seconds of the 5,000 to go.
+    let first = Consumer::start_in(dir.path(), &queue, flags).await;
     let mut orders = Orders::new(&queue, 100);
     orders.publish(5_000).await;
     eventually("1,000 acks before the kill", DRAIN, || async {
@@ -43,10 +78,11 @@ async fn a_single_node_sigkilled_mid_run_keeps_every_products_state_and_deduplic
     })
     .await;
     let applied_before = first.metric("warren_orders_applied_total").await;
+    let saved_before = first.metric(saved).await;
     assert!(applied_before < 5_000.0, "the kill must come mid-run");
     first.kill().await;
 
-    let second = Consumer::start_in(dir.path(), &queue, &flags).await;
+    let second = Consumer::start_in(dir.path(), &queue, flags).await;
     queue.wait_drained(DRAIN).await;
     assert_eq!(message_count(&queue.dlq()).await, 0, "dead letters");
     // Totals and order lists hold what was applied before the kill too: loaded from the file.
@@ -58,9 +94,7 @@ async fn a_single_node_sigkilled_mid_run_keeps_every_products_state_and_deduplic
         applied_after <= 5_000.0 - applied_before,
         "the second run applied {applied_after} after {applied_before}: some twice"
     );
-    // The node goes before its folder.
-    drop(second);
-    drop(dir);
+    (saved_before, second.metric(saved).await)
 }
 
 /// Two nodes on one data folder would share products' records without sharing their claims:

@@ -616,7 +616,8 @@ impl Consumer {
         let mut view = view.unwrap_or_else(|e| panic!("product {id}: {status} {body}: {e}"));
         let mut from = Some(0);
         while let Some(page) = from {
-            let page = self.orders_page(id, page, 1000).await;
+            // Short pages, so that every test that reads orders reads across pages.
+            let page = self.orders_page(id, page, 37).await;
             view.orders
                 .extend(page.orders.into_iter().map(|order| order.order_id));
             from = page.next;
