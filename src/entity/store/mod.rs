@@ -164,7 +164,7 @@ impl From<StoreError> for EntityError {
 #[async_trait]
 pub trait EntityStore: Send + Sync + 'static {
     /// Claims `entity` for a new incarnation: every older claim can no longer append. Call it
-    /// before [`Self::load`], so the load sees everything older claims stored.
+    /// before [`Self::recover`] (or any read), so it sees everything older claims stored.
     async fn claim(&self, entity: &EntityId) -> Result<Claim, StoreError>;
 
     /// Up to `limit` records of `entity` from `from` on (`seq >= from`), in append order: a
