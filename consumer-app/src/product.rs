@@ -115,6 +115,9 @@ pub struct ProductActor {
     last_seq: Option<u64>,
     /// Records `state` includes that the newest snapshot does not.
     unsnapshotted: u64,
+    /// An append failed without saying whether it stored the order (the connection may have
+    /// dropped after the commit): the state may lack a stored order until it loads again.
+    unsure: bool,
     previously_failed: HashSet<OrderId>,
     rng: SmallRng,
     settings: Arc<ProductSettings>,
@@ -136,6 +139,9 @@ impl Entity for ProductActor {
             );
             self.previously_failed.insert(order.order_id.clone());
             return Err(EntityError::new("simulated transient failure"));
+        }
+        if self.unsure {
+            self.load().await?;
         }
         if self.state.recent_orders.contains(&order.order_id) {
             self.metrics.duplicates.inc();
@@ -165,11 +171,10 @@ impl Entity for ProductActor {
                 "the product has not loaded its state",
             ));
         };
-        let Appended::New { seq } = self.store.append(claim, key, &record).await? else {
-            // Applied long ago (beyond the ids kept), or an earlier attempt stored it and only
-            // its answer was lost (the connection dropped after the commit): either way, take
-            // the store's word for everything.
-            self.load().await?;
+        let appended = self.store.append(claim, key, &record).await;
+        let Appended::New { seq } = appended.inspect_err(|_| self.unsure = true)? else {
+            // Applied before the ids kept reach back: the state, complete since it loaded (or
+            // it would be unsure), has it.
             self.metrics.duplicates.inc();
             debug!(
                 "Ignoring order {order} for product [{}]: already stored",
@@ -204,11 +209,12 @@ impl Entity for ProductActor {
 }
 
 impl ProductActor {
-    /// The newest snapshot, then the orders stored after it.
+    /// The newest snapshot, then the orders stored after it. Only a complete load replaces
+    /// the state: half of one would be saved in the next snapshot, for good.
     async fn load(&mut self) -> Result<(), EntityError> {
         let recovery = self.store.recover(&self.id).await?;
         let keep = self.settings.recent_orders;
-        (self.state, self.last_seq) = match recovery.snapshot {
+        let (mut state, mut last_seq) = match recovery.snapshot {
             Some(snapshot) => {
                 let mut state: ProductState = serde_json::from_slice(&snapshot.data)
                     .map_err(|e| EntityError::new(format!("unreadable snapshot: {e}")))?;
@@ -219,10 +225,14 @@ impl ProductActor {
             }
             None => (ProductState::default(), None),
         };
-        self.unsnapshotted = 0;
         for record in &recovery.records {
-            self.apply(record.seq, AppliedOrder::decode(record)?);
+            state.apply(AppliedOrder::decode(record)?, keep);
+            last_seq = Some(record.seq);
         }
+        self.state = state;
+        self.last_seq = last_seq;
+        self.unsnapshotted = recovery.records.len() as u64;
+        self.unsure = false;
         Ok(())
     }
 
@@ -281,6 +291,7 @@ impl EntityFactory for ProductFactory {
             state: ProductState::default(),
             last_seq: None,
             unsnapshotted: 0,
+            unsure: false,
             previously_failed: HashSet::new(),
             rng: SmallRng::from_rng(&mut rand::rng()),
             settings: Arc::clone(&self.settings),
@@ -292,7 +303,7 @@ impl EntityFactory for ProductFactory {
 #[cfg(test)]
 mod tests {
     use uuid::Uuid;
-    use warren::entity::store::MemoryEntityStore;
+    use warren::entity::store::{MemoryEntityStore, StoreError};
 
     use super::*;
 
@@ -417,6 +428,7 @@ mod tests {
     async fn an_order_older_than_the_ids_kept_is_recognised_by_the_store() {
         let factory = factory_with(ProductSettings {
             recent_orders: 2,
+            snapshot_every: 2,
             ..ProductSettings::default()
         });
         let mut product = started(&factory, "7").await;
@@ -467,16 +479,83 @@ mod tests {
     #[tokio::test]
     async fn a_stale_incarnation_cannot_save_a_snapshot() {
         let factory = factory_with(ProductSettings {
-            snapshot_every: 1,
+            snapshot_every: 2,
             ..ProductSettings::default()
         });
         let mut stale = started(&factory, "7").await;
         stale.handle(&order("7", 1)).await.unwrap();
         let _newer = started(&factory, "7").await;
-        // Its append is refused first; the snapshot it would save after is never written.
-        assert!(stale.handle(&order("7", 2)).await.unwrap_err().is_fenced());
+        // Due for a snapshot as if a second order had been applied just before the claim.
+        stale.unsnapshotted = 2;
+        assert!(stale.snapshot_if_due().await.unwrap_err().is_fenced());
         let kept = factory.store.latest_snapshot(&EntityId::new("7")).await;
-        let state: ProductState = serde_json::from_slice(&kept.unwrap().unwrap().data).unwrap();
-        assert_eq!(state.total_quantity, 1);
+        assert_eq!(kept.unwrap(), None);
+    }
+
+    /// Stores appends in a memory store, but loses the answer to the next one.
+    #[derive(Default)]
+    struct LosingAnswers {
+        store: MemoryEntityStore,
+        lose_next: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl EntityStore for LosingAnswers {
+        async fn claim(&self, entity: &EntityId) -> Result<Claim, StoreError> {
+            self.store.claim(entity).await
+        }
+        async fn records(
+            &self,
+            e: &EntityId,
+            from: u64,
+            n: usize,
+        ) -> Result<Vec<Record>, StoreError> {
+            self.store.records(e, from, n).await
+        }
+        async fn append(&self, c: &Claim, k: &str, r: &[u8]) -> Result<Appended, StoreError> {
+            let appended = self.store.append(c, k, r).await?;
+            if self
+                .lose_next
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(StoreError::Unavailable("connection lost".into()));
+            }
+            Ok(appended)
+        }
+        async fn latest_snapshot(&self, e: &EntityId) -> Result<Option<Snapshot>, StoreError> {
+            self.store.latest_snapshot(e).await
+        }
+        async fn save_snapshot(&self, c: &Claim, s: &Snapshot) -> Result<(), StoreError> {
+            self.store.save_snapshot(c, s).await
+        }
+    }
+
+    #[tokio::test]
+    async fn an_order_stored_but_not_answered_is_applied_once_when_it_comes_again() {
+        let store = Arc::new(LosingAnswers::default());
+        let factory = ProductFactory {
+            store: store.clone(),
+            ..factory_with(ProductSettings {
+                recent_orders: 1,
+                ..ProductSettings::default()
+            })
+        };
+        let mut product = started(&factory, "7").await;
+        let (first, second) = (order("7", 3), order("7", 4));
+        store
+            .lose_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(product.handle(&first).await.unwrap_err().is_unavailable());
+        assert_eq!(product.snapshot().total_quantity, 0, "not applied yet");
+        // The retry finds it stored: the product loads it instead of counting it twice or never.
+        product.handle(&first).await.unwrap();
+        product.handle(&second).await.unwrap();
+        let snapshot = product.snapshot();
+        assert_eq!((snapshot.total_quantity, snapshot.order_count), (7, 2));
+        assert_eq!(
+            factory.metrics.applied.get(),
+            1,
+            "the first was applied by loading it"
+        );
     }
 }
