@@ -23,6 +23,9 @@ use warren::entity::EntityId;
 use warren::entity::store::{EntityStore, Snapshot, StoreLocation};
 use warren::order::OrderId;
 
+// The ProductActor's record, state and apply (consumer-app/src/product.rs), which a benchmark
+// of the library cannot import from a binary: keep them alike.
+
 /// What the ProductActor stores per order.
 #[derive(Serialize, Deserialize)]
 struct AppliedOrder {
@@ -96,7 +99,8 @@ async fn main() {
 }
 
 /// Stores `records` orders for `entity`; with `snapshot_before_end`, a snapshot that many
-/// records before the last.
+/// records before the last. Many appends wait at once, to fill fast (an entity awaits each
+/// of its own): the stores' one group-commit writer still commits them in `seq` order.
 async fn fill(
     store: &Arc<dyn EntityStore>,
     entity: &EntityId,
@@ -149,7 +153,7 @@ fn apply(state: &mut ProductState, order: AppliedOrder) {
     state.total_quantity += u64::from(order.quantity);
     state.order_count += 1;
     state.recent_orders.push_back(order.order_id);
-    if state.recent_orders.len() > RECENT {
+    while state.recent_orders.len() > RECENT {
         state.recent_orders.pop_front();
     }
 }

@@ -30,8 +30,9 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// One bridge singleton: its name and the gauge that says its consumer is connected.
 pub type BridgeGauge = (String, IntGauge);
 
-/// Orders per page of `/products/{id}/orders` unless `limit` says otherwise, and at most.
+/// Orders per page of `/products/{id}/orders` unless `limit` says otherwise.
 const PAGE: usize = 100;
+/// The most orders one page holds, whatever `limit` asks: a page is read into memory whole.
 const MAX_PAGE: usize = 1000;
 
 #[derive(Clone)]
@@ -205,7 +206,8 @@ struct Page {
 }
 
 /// A page of the product's applied orders in the order applied, each with its `seq`, and
-/// `next` (the `from` of the next page) unless it is the last. Read from the store, not the
+/// `next` (the `from` of the next page) unless it is the last; 404 for a product without
+/// orders, as `/products/{id}`. Read from the store, not the
 /// product, so the whole history is there however little the product keeps in memory; a
 /// store of this node's own (`memory`, `embedded`) holds only the products that ran here.
 async fn orders(
@@ -218,10 +220,18 @@ async fn orders(
     let mut records = match state.store.records(&entity, page.from, limit + 1).await {
         Ok(records) => records,
         Err(error) => {
-            let body = axum::Json(json!({ "error": error.to_string() }));
-            return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+            let code = if error.is_unavailable() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            return (code, axum::Json(json!({ "error": error.to_string() }))).into_response();
         }
     };
+    if records.is_empty() && page.from == 0 {
+        let body = json!({ "error": "unknown product", "product_id": id });
+        return (StatusCode::NOT_FOUND, axum::Json(body)).into_response();
+    }
     let next = (records.len() > limit).then(|| records[limit].seq);
     records.truncate(limit);
     let mut orders = Vec::with_capacity(records.len());

@@ -3,7 +3,7 @@
 //! fenced by claims, with recovery starting from the newest.
 
 use crate::entity::EntityId;
-use crate::entity::store::{Appended, EntityStore, Snapshot};
+use crate::entity::store::{Appended, Claim, EntityStore, Snapshot};
 
 /// Panics, naming what broke, unless `store` keeps the contract. It claims entities named
 /// `contract-*`, so a store shared with other checks keeps them apart.
@@ -75,4 +75,16 @@ pub async fn check(store: &dyn EntityStore) {
 
     let unknown = store.recover(&EntityId::new("contract-none")).await;
     assert_eq!(unknown.expect("recover"), Default::default());
+    // A claim no store handed out writes nothing either.
+    let forged = Claim::new(EntityId::new("contract-unclaimed"), 1);
+    let refused = store.save_snapshot(&forged, &snapshot).await;
+    assert!(
+        refused.is_err_and(|e| e.is_fenced()),
+        "an unclaimed entity's snapshot"
+    );
+    let refused = store.append(&forged, "k1", b"forged").await;
+    assert!(
+        refused.is_err_and(|e| e.is_fenced()),
+        "an unclaimed entity's append"
+    );
 }

@@ -757,8 +757,10 @@ impl Orders {
         self.published.values().map(Vec::len).sum()
     }
 
-    /// Asserts that every product's state equals exactly what was published for it: the same
-    /// orders, each once, in publish order, and the same total quantity.
+    /// Asserts that every product holds exactly what was published for it: its stored orders
+    /// are the published ones in publish order (the store keeps each once by its key), and the
+    /// product's own total, count and newest order ids agree (an order applied twice, or a
+    /// stored one it never applied, would change them).
     pub async fn assert_applied_exactly_once_in_order(&self, consumer: &Consumer) {
         for (product, orders) in &self.published {
             let view = consumer
@@ -770,7 +772,12 @@ impl Orders {
             assert_eq!(view.total_quantity, expected_total, "total of {product}");
             assert_eq!(view.order_count, orders.len() as u64, "count of {product}");
             assert_eq!(view.orders, expected_ids, "orders of {product}");
-            let recent = &expected_ids[expected_ids.len() - view.recent_orders.len()..];
+            let kept = view.recent_orders.len();
+            assert!(
+                kept > 0 && kept <= expected_ids.len(),
+                "{kept} recent orders of {product}"
+            );
+            let recent = &expected_ids[expected_ids.len() - kept..];
             assert_eq!(view.recent_orders, recent, "recent orders of {product}");
         }
     }

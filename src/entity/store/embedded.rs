@@ -1,11 +1,11 @@
 //! Records in an embedded redb file on this node's disk, `<data_dir>/entities-<kind>.redb`:
 //! what a single node needs to keep its entities' state and deduplication across a crash with
 //! no database server. Four tables: each entity's epoch (`owners`), its records in append
-//! order (`records`, keyed by entity and sequence number), the key of every record
-//! (`keys`, which makes an append idempotent) and its newest snapshot (`snapshots`). A claim and a batch of appends are each one
-//! durable write transaction, and redb has one writer at a time, so an append checks its
-//! claim's epoch in the transaction that stores it: no stale incarnation can write after a
-//! newer claim. Appends are group-committed like PostgreSQL's (one transaction, one fsync, per
+//! order (`records`, keyed by entity and sequence number), the key of every record (`keys`,
+//! which makes an append idempotent) and its newest snapshot (`snapshots`). A claim, a batch
+//! of appends and a snapshot are each one durable write transaction, and redb has one writer
+//! at a time, so a write checks its claim's epoch in the transaction that stores it: no stale
+//! incarnation can write after a newer claim. Appends are group-committed like PostgreSQL's (one transaction, one fsync, per
 //! batch). The file is not shared: nodes of a cluster need `postgres://`.
 //!
 //! redb is blocking; every call runs on tokio's blocking pool.
@@ -49,7 +49,8 @@ const BLOCKING_CALLS: usize = 4;
 pub struct EmbeddedEntityStore {
     file: Arc<File>,
     commits: LazyGroupCommit,
-    calls: tokio::sync::Semaphore,
+    /// Held by each call until its blocking work ends (not when its caller gives up).
+    calls: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Clone)]
@@ -91,7 +92,7 @@ impl EmbeddedEntityStore {
         Ok(EmbeddedEntityStore {
             commits: LazyGroupCommit::new(file.clone(), GROUP_COMMIT),
             file,
-            calls: tokio::sync::Semaphore::new(BLOCKING_CALLS),
+            calls: Arc::new(tokio::sync::Semaphore::new(BLOCKING_CALLS)),
         })
     }
 
@@ -102,11 +103,15 @@ impl EmbeddedEntityStore {
         let stopped = |e: &dyn std::fmt::Display| {
             StoreError::Unavailable(format!("embedded entity store: {e}"))
         };
-        let _permit = self.calls.acquire().await.map_err(|e| stopped(&e))?;
+        let calls = Arc::clone(&self.calls);
+        let permit = calls.acquire_owned().await.map_err(|e| stopped(&e))?;
         let file = Arc::clone(&self.file);
-        tokio::task::spawn_blocking(move || call(&file))
-            .await
-            .map_err(|e| stopped(&e))?
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            call(&file)
+        })
+        .await
+        .map_err(|e| stopped(&e))?
     }
 }
 

@@ -177,7 +177,9 @@ pub trait EntityStore: Send + Sync + 'static {
     ) -> Result<Vec<Record>, StoreError>;
 
     /// Appends `record` under `key` to the claimed entity, unless it has a record under `key`
-    /// already; refused with [`StoreError::Fenced`] once a newer claim exists.
+    /// already; refused with [`StoreError::Fenced`] once a newer claim exists. Await each
+    /// append of an entity before the next: `seq` follows the order appends are made in only
+    /// then (PostgreSQL numbers rows as they are inserted, not as they commit).
     async fn append(&self, claim: &Claim, key: &str, record: &[u8])
     -> Result<Appended, StoreError>;
 

@@ -6,8 +6,15 @@
 //! and an append stores only while its epoch is the row's, checked in the same statement under
 //! a share lock on the row — so a claim waits for appends in flight and every later stale
 //! append sees the new epoch. A third, `warren_entity_snapshots (kind, entity_id, seq,
-//! snapshot)`, keeps each entity's newest snapshot, saved under the same fence. The tables are created on first use, under an advisory lock so
-//! that nodes starting together do not race.
+//! snapshot)`, keeps each entity's newest snapshot, saved under the same fence. The tables
+//! are created on first use, under an advisory lock so that nodes starting together do not
+//! race.
+//!
+//! `seq` is one sequence for every entity, drawn when a row is inserted, so it follows an
+//! entity's append order only because no two of its appends are in flight at once: its one
+//! incarnation awaits each append, and a new claim waits for the old one's appends in
+//! flight. Appends of one entity made without waiting could commit a later `seq` before an
+//! earlier one, and a snapshot or a page ending between them would skip the earlier record.
 //!
 //! Appends are group-committed: the node's entities' appends that wait together go in one
 //! multi-row statement, one round trip and one commit, each row still fenced and idempotent
