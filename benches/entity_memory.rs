@@ -1,11 +1,14 @@
 //! What entities cost in memory on one real node with the default (embedded) store. Each row
 //! fills a fresh queue with `BENCH_MESSAGES` orders (default 100,000), starts a node, and
-//! reads its resident memory (`VmRSS`) once it serves and once every order is acked:
+//! reads its resident memory (`VmRSS`) once it serves, once every order is acked and, in all rows
+//! but `limit`, again 30 s after no entity task runs:
 //!
 //! - `100 products`: the orders over 100 products, what they cost without new entities;
-//! - `distinct`: each order for a product of its own, so every order starts an entity, all of
-//!   them still running at the end: (its growth − the first row's) / entities is what a running
-//!   entity costs;
+//! - `distinct`: each order for a product of its own, so every order starts an entity (those of
+//!   the last 5 s still running at the end). Memory is read again 30 s after every entity went
+//!   dormant (`cluster.region.hibernate_after`, default 5 s) and the consuming side dropped its
+//!   controllers for them (`cleanup_unused_after` 3 s here): (that − the first row's, read the
+//!   same way) / entities is what an idle entity costs on its host;
 //! - `distinct, limit`: the same with `cluster.region.max_active_entities` and the consuming
 //!   side's `delivery.sharding.producer_controller.max_entity_controllers` at `BENCH_LIMIT`
 //!   (default 10,000): memory bounded by the limit, and what the passivations cost in rate;
@@ -108,7 +111,14 @@ async fn measure(row: Row, messages: usize, limit: usize) -> Reading {
                 "3s",
             ));
         }
-        Row::HundredProducts | Row::Distinct => {}
+        Row::HundredProducts | Row::Distinct => {
+            // Every entity stays in memory, dormant, until the idle reading.
+            env.push(("WARREN_CLUSTER__REGION__PASSIVATE_AFTER", "1h"));
+            env.push((
+                "WARREN_DELIVERY__SHARDING__PRODUCER_CONTROLLER__CLEANUP_UNUSED_AFTER",
+                "3s",
+            ));
+        }
     }
     let node = Node::start_with_env(&amqp, "embedded", &[], &env).await;
     let pid = node.pid().expect("running");
@@ -125,13 +135,14 @@ async fn measure(row: Row, messages: usize, limit: usize) -> Reading {
         rate: messages as f64 / elapsed.as_secs_f64(),
         ..Reading::default()
     };
-    if row == Row::Passivated {
+    if row != Row::Limited {
+        // No entity task left: each passivated, or dormant.
         while node.metric(ACTIVE).await > 0.0 {
-            assert!(started.elapsed() < DEADLINE, "entities never passivated");
+            assert!(started.elapsed() < DEADLINE, "entities never went idle");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        // The producer side's controllers go after the same idle time, and the allocator
-        // gives freed pages back over its decay time.
+        // The producer side's controllers go after their idle time, and the allocator gives
+        // freed pages back over its decay time.
         tokio::time::sleep(Duration::from_secs(30)).await;
         reading.idle_mib = rss_mib(pid);
     }
@@ -180,18 +191,23 @@ async fn main() {
             med(i, |r| r.rate),
         );
     }
-    if !Row::ALL.iter().all(runs) {
+    if runs(&Row::Passivated) {
+        println!(
+            "passivated: {:.1} MiB at the end, {:.1} MiB 30 s after none runs (started at {:.1})",
+            med(3, |r| r.end_mib),
+            med(3, |r| r.idle_mib),
+            med(3, |r| r.start_mib)
+        );
+    }
+    if !(runs(&Row::HundredProducts) && runs(&Row::Distinct)) {
         return;
     }
-    let entities = med(1, |r| r.active).max(1.0);
+    let idle_growth = |i: usize| med(i, |r| r.idle_mib - r.start_mib);
+    let dormant = messages as f64 - 100.0;
     println!(
-        "per running entity: {:.0} bytes ((distinct − 100 products) / {entities:.0})",
-        (growth(1) - growth(0)) * 1024.0 * 1024.0 / entities
-    );
-    println!(
-        "passivated: {:.1} MiB at the end, {:.1} MiB 30 s after none runs (started at {:.1})",
-        med(3, |r| r.end_mib),
-        med(3, |r| r.idle_mib),
-        med(3, |r| r.start_mib)
+        "per idle entity on its host: {:.0} bytes ((distinct − 100 products, both idle) / {dormant:.0}); 100 products idle {:.1} MiB, distinct idle {:.1} MiB",
+        (idle_growth(1) - idle_growth(0)) * 1024.0 * 1024.0 / dormant,
+        med(0, |r| r.idle_mib),
+        med(1, |r| r.idle_mib),
     );
 }

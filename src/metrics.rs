@@ -225,7 +225,11 @@ fn register_entities(registry: &Registry) -> Result<EntityMetrics, prometheus::E
             "warren_entity_retries_total",
             "Processing attempts beyond the first.",
         )?,
-        active: gauge(registry, "warren_entities_active", "Entities running.")?,
+        active: gauge(
+            registry,
+            "warren_entities_active",
+            "Entity tasks running (dormant entities have none).",
+        )?,
         processing: gauge(
             registry,
             "warren_entities_processing",

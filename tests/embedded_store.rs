@@ -4,7 +4,8 @@
 //! kill included, and the orders the broker redelivered are recognised instead of applied
 //! twice; the same with products that snapshot every few orders and keep few order ids, so
 //! that they recover from snapshots and recognise older redeliveries through the store. A
-//! second node in the same folder is refused instead of sharing the file.
+//! second node in the same folder is refused instead of sharing the file. Idle products go
+//! dormant and take their next orders from the state they kept, without loading it again.
 
 mod support;
 
@@ -127,4 +128,45 @@ async fn a_second_node_on_the_same_data_dir_is_refused_naming_it() {
     orders.assert_applied_exactly_once_in_order(&first).await;
     drop(first);
     drop(dir);
+}
+
+/// Products quiet for 300 ms go dormant (no task left); their next orders start them from the
+/// state they kept: no new claim or load, and every order applied once on top of the earlier.
+#[tokio::test]
+async fn idle_products_go_dormant_and_go_on_from_their_state_without_loading_it() {
+    const ACTIVE: &str = "warren_entities_active";
+    const CLAIMS: &str = "warren_entity_store_seconds_count{operation=\"claim\"}";
+    const LOADS: &str = "warren_entity_store_seconds_count{operation=\"load\"}";
+    let dir = work_dir("embedded-dormant");
+    let config = dir.path().join("warren.toml");
+    std::fs::write(&config, "[cluster.region]\nhibernate_after = \"300ms\"\n")
+        .expect("a config file");
+    let config = config.to_string_lossy().into_owned();
+    let queue = TestQueue::new("embedded-dormant");
+    queue.declare().await;
+    let node = Consumer::start_in(dir.path(), &queue, &["--config", &config]).await;
+    let mut orders = Orders::new(&queue, 20);
+    let dormant = || async { (node.metric(ACTIVE).await == 0.0).then_some(()) };
+    orders.publish(200).await;
+    queue.wait_drained(DRAIN).await;
+    eventually("every product dormant", DRAIN, dormant).await;
+    let (claims, loads) = (node.metric(CLAIMS).await, node.metric(LOADS).await);
+    assert_eq!(claims, 20.0, "one claim per product");
+
+    orders.publish(200).await;
+    queue.wait_drained(DRAIN).await;
+    eventually("every product dormant again", DRAIN, dormant).await;
+    assert_eq!(
+        node.metric(CLAIMS).await,
+        claims,
+        "a dormant product claimed again"
+    );
+    assert_eq!(
+        node.metric(LOADS).await,
+        loads,
+        "a dormant product loaded again"
+    );
+    assert_eq!(message_count(&queue.dlq()).await, 0, "dead letters");
+    orders.assert_applied_exactly_once_in_order(&node).await;
+    assert_eq!(node.metric("warren_orders_applied_total").await, 400.0);
 }

@@ -221,6 +221,17 @@ impl<M> ConsumerController<M> {
         matches!(self.phase, Phase::Stopped)
     }
 
+    /// Holds and owes nothing: no delivery out, nothing stashed, half reassembled, to send or
+    /// to hand over. Dropped then, it loses only what it knows of the producer's sequence,
+    /// as a passivated entity's controller does.
+    pub fn is_quiet(&self) -> bool {
+        matches!(self.phase, Phase::Active | Phase::Stopped)
+            && self.stash.is_empty()
+            && self.reassembly.is_none()
+            && self.transmits.is_empty()
+            && self.events.is_empty()
+    }
+
     /// Messages stashed behind the outstanding delivery: the random suite checks none are left.
     #[cfg(any(test, feature = "testkit"))]
     pub(crate) fn stashed_len(&self) -> usize {

@@ -30,7 +30,7 @@ pub struct RunnerSettings {
 pub struct EntityMetrics {
     /// Attempts beyond the first.
     pub retries: IntCounter,
-    /// Entity tasks running.
+    /// Entity tasks running; a dormant entity has none.
     pub active: IntGauge,
     /// Entities handling a message right now. Next to the bridge's count of entities it has
     /// work out to, it tells whether the entities or the way to them hold throughput back.

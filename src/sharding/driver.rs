@@ -5,12 +5,17 @@
 //! [`CoordinatorSlot::deliver`]).
 //!
 //! An entity task gets its messages on a channel and ends `Ok` once that channel is closed and
-//! it has finished what it holds (a stop: passivation or hand-off), or `Err` when it failed.
+//! it has finished what it holds (a stop: passivation or hand-off), `Ok` with its own state
+//! when it went dormant (quiet for `hibernate_after`), or `Err` when it failed. A dormant
+//! entity keeps no task, channel or protocol state, only what the entity itself holds; its next
+//! message starts a task from that state, without recovering it from the store.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -43,14 +48,46 @@ pub enum EntityFailure {
 }
 
 /// An entity's task: it reads its messages until the channel closes, then finishes and returns
-/// `Ok`; `Err` (or a panic) is a failure, after which the region restarts it with a pause.
-pub type EntityRun = Pin<Box<dyn Future<Output = Result<(), EntityFailure>> + Send>>;
+/// [`Ended::Stopped`], or goes dormant; `Err` (or a panic) is a failure, after which the region
+/// restarts it with a pause.
+pub type EntityRun<P> = Pin<Box<dyn Future<Output = Result<Ended<P>, EntityFailure>> + Send>>;
 
-/// Starts the task of an entity of the region's type. Messages come boxed: an unbounded
-/// channel allocates its slots in blocks of 32, and an idle entity should not keep 32
-/// envelopes' worth of memory.
-pub type EntitySpawner<P> =
-    Arc<dyn Fn(EntityId, mpsc::UnboundedReceiver<Box<P>>) -> EntityRun + Send + Sync>;
+/// An entity's inbox. Messages come boxed: an unbounded channel allocates its slots in blocks
+/// of 32, and an entity should not keep 32 envelopes' worth of memory.
+pub type Inbox<P> = mpsc::UnboundedReceiver<Box<P>>;
+
+/// What an entity keeps while dormant: opaque to the region, given back to the spawner.
+pub type DormantState = Box<dyn Any + Send>;
+
+/// How an entity's task ended, when it did not fail.
+pub enum Ended<P> {
+    /// Its inbox closed and it finished what it held.
+    Stopped,
+    /// It was quiet for `hibernate_after`, with nothing held or owed: it gives back its inbox
+    /// (a message may have arrived since) and its own state, to be started from on the next
+    /// message.
+    Dormant {
+        /// The inbox it read.
+        inbox: Inbox<P>,
+        /// The entity's state.
+        state: DormantState,
+    },
+}
+
+/// What an entity's task starts with.
+pub struct EntityStart<P> {
+    /// The entity.
+    pub id: EntityId,
+    /// Its messages.
+    pub inbox: Inbox<P>,
+    /// What it kept when it went dormant; `None` for a new incarnation (it recovers).
+    pub dormant: Option<DormantState>,
+    /// Quiet for this long, it goes dormant (zero: never).
+    pub hibernate_after: Duration,
+}
+
+/// Starts the task of an entity of the region's type.
+pub type EntitySpawner<P> = Arc<dyn Fn(EntityStart<P>) -> EntityRun<P> + Send + Sync>;
 
 /// What a region shows about itself, for `/cluster` pages and tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -140,6 +177,7 @@ where
     let (input, input_rx) = mpsc::channel(1024);
     let (status_tx, status) = watch::channel(RegionStatus::default());
     let driver = RegionDriver {
+        hibernate_after: settings.hibernate_after,
         core: Region::new(settings, role, node.me.clone()),
         outbox,
         spawner,
@@ -163,7 +201,19 @@ where
     }
 }
 
-type EntityEnd = Pin<Box<dyn Future<Output = (EntityId, u64, bool)> + Send>>;
+/// An entity task's end as the driver sees it: which entity, which of its tasks, and how.
+type TaskEnd<P> = Pin<Box<dyn Future<Output = (EntityId, u64, Outcome<P>)> + Send>>;
+
+enum Outcome<P> {
+    Ended(Ended<P>),
+    Failed,
+}
+
+/// An entity the region has here: running as a task, or dormant.
+enum HostedEntity<P> {
+    Running(RunningEntity<P>),
+    Dormant(DormantState),
+}
 
 struct RunningEntity<P> {
     /// `None` once asked to stop.
@@ -178,8 +228,9 @@ struct RegionDriver<P> {
     core: Region<P>,
     outbox: Outbox<ShardingMsg<P>>,
     spawner: EntitySpawner<P>,
-    entities: HashMap<EntityId, RunningEntity<P>>,
-    running: FuturesUnordered<EntityEnd>,
+    hibernate_after: Duration,
+    entities: HashMap<EntityId, HostedEntity<P>>,
+    running: FuturesUnordered<TaskEnd<P>>,
     status: watch::Sender<RegionStatus>,
     /// What the last published status was built from.
     published: Option<(u64, usize, usize)>,
@@ -221,8 +272,8 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
                         self.core.handle_message(from, message, Instant::now());
                     }
                 },
-                Some((entity, incarnation, ok)) = self.running.next(), if !self.running.is_empty() => {
-                    self.on_entity_end(entity, incarnation, ok);
+                Some((entity, incarnation, outcome)) = self.running.next(), if !self.running.is_empty() => {
+                    self.on_task_end(entity, incarnation, outcome, &mut incarnations);
                 }
                 _ = sleep_until(wake_at) => {
                     self.core.handle_timeout(Instant::now());
@@ -237,29 +288,54 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
     /// with `abort`, stops every task where it stands first (it finishes nothing).
     async fn stop_entities(&mut self, abort: bool) {
         for (_, entity) in self.entities.drain() {
-            if abort {
-                entity.task.abort();
+            if let (true, HostedEntity::Running(running)) = (abort, entity) {
+                running.task.abort();
             }
         }
+        // A task that goes dormant now stops: its state is dropped with it.
         while self.running.next().await.is_some() {}
     }
 
-    fn on_entity_end(&mut self, entity: EntityId, incarnation: u64, ok: bool) {
-        let current = self
-            .entities
-            .get(&entity)
-            .is_some_and(|e| e.incarnation == incarnation);
-        if !current {
+    fn on_task_end(
+        &mut self,
+        entity: EntityId,
+        incarnation: u64,
+        outcome: Outcome<P>,
+        incarnations: &mut u64,
+    ) {
+        let current = matches!(
+            self.entities.get(&entity),
+            Some(HostedEntity::Running(running)) if running.incarnation == incarnation
+        );
+        let Some(HostedEntity::Running(mut running)) =
+            current.then(|| self.entities.remove(&entity)).flatten()
+        else {
             return;
-        }
-        self.entities.remove(&entity);
-        shrink_when_mostly_empty(&mut self.entities);
+        };
         let now = Instant::now();
-        if ok {
-            self.core.handle_entity_stopped(&entity, now);
-        } else {
-            self.core.handle_entity_failed(&entity, now);
+        match outcome {
+            Outcome::Ended(Ended::Dormant { inbox, state }) if !inbox.is_empty() => {
+                // Messages came while it went: it goes on from its state (and, if asked to
+                // stop meanwhile, finishes them and stops).
+                *incarnations += 1;
+                running.incarnation = *incarnations;
+                let start = EntityStart {
+                    id: entity.clone(),
+                    inbox,
+                    dormant: Some(state),
+                    hibernate_after: self.hibernate_after,
+                };
+                running.task = self.spawn(start, running.incarnation);
+                self.entities.insert(entity, HostedEntity::Running(running));
+            }
+            Outcome::Ended(Ended::Dormant { state, .. }) if running.inbox.is_some() => {
+                self.entities.insert(entity, HostedEntity::Dormant(state));
+            }
+            // Asked to stop, with nothing left to do: stopped.
+            Outcome::Ended(_) => self.core.handle_entity_stopped(&entity, now),
+            Outcome::Failed => self.core.handle_entity_failed(&entity, now),
         }
+        shrink_when_mostly_empty(&mut self.entities);
     }
 
     /// Moves the core's outputs to where they go.
@@ -275,11 +351,7 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
                     EntityCommand::Deliver { entity, message } => {
                         self.deliver(entity, message, incarnations);
                     }
-                    EntityCommand::Stop { entity } => match self.entities.get_mut(&entity) {
-                        Some(running) => running.inbox = None,
-                        // Not running here (it never started): it is stopped already.
-                        None => self.core.handle_entity_stopped(&entity, Instant::now()),
-                    },
+                    EntityCommand::Stop { entity } => self.stop(&entity),
                 }
             }
             if !moved {
@@ -287,6 +359,20 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
             }
         }
         self.publish_status();
+    }
+
+    /// Stops `entity`: a running one once it has finished what it holds.
+    fn stop(&mut self, entity: &EntityId) {
+        match self.entities.get_mut(entity) {
+            Some(HostedEntity::Running(running)) => running.inbox = None,
+            // Dormant, it holds nothing to finish.
+            Some(HostedEntity::Dormant(_)) => {
+                self.entities.remove(entity);
+                self.core.handle_entity_stopped(entity, Instant::now());
+            }
+            // Not running here (it never started): it is stopped already.
+            None => self.core.handle_entity_stopped(entity, Instant::now()),
+        }
     }
 
     /// Republishes the status when it changed: a cheap comparison on every pass, the full
@@ -314,45 +400,67 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
     }
 
     fn deliver(&mut self, entity: EntityId, message: P, incarnations: &mut u64) {
-        if let Some(inbox) = self.entities.get(&entity).and_then(|e| e.inbox.as_ref()) {
-            if inbox.send(Box::new(message)).is_ok() {
-                return;
+        if let Some(HostedEntity::Running(running)) = self.entities.get(&entity) {
+            match &running.inbox {
+                Some(inbox) => {
+                    if inbox.send(Box::new(message)).is_err() {
+                        // The task ended and its end is not processed yet: its failure will
+                        // be reported; this message is lost with it and resent by its
+                        // producer.
+                        debug!(%entity, "message for an entity that just ended");
+                    }
+                }
+                // The core keeps a stopping entity's messages until it has stopped.
+                None => debug!(%entity, "message for a stopping entity"),
             }
-            // The task ended and its end is not processed yet: its failure will be reported;
-            // this message is lost with it and resent by its producer.
-            debug!(%entity, "message for an entity that just ended");
             return;
         }
+        let dormant = match self.entities.remove(&entity) {
+            Some(HostedEntity::Dormant(state)) => Some(state),
+            _ => None,
+        };
         *incarnations += 1;
         let incarnation = *incarnations;
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let _ = inbox.send(Box::new(message));
-        let task = tokio::spawn((self.spawner)(entity.clone(), inbox_rx));
-        let abort = task.abort_handle();
-        let id = entity.clone();
-        self.running.push(Box::pin(async move {
-            let ok = match task.await {
-                Ok(Ok(())) => true,
-                Ok(Err(failure)) => {
-                    warn!(entity = %id, %failure, "entity failed");
-                    false
-                }
-                Err(aborted) if aborted.is_cancelled() => false,
-                Err(panic) => {
-                    warn!(entity = %id, %panic, "entity panicked");
-                    false
-                }
-            };
-            (id, incarnation, ok)
-        }));
+        let start = EntityStart {
+            id: entity.clone(),
+            inbox: inbox_rx,
+            dormant,
+            hibernate_after: self.hibernate_after,
+        };
+        let task = self.spawn(start, incarnation);
         self.entities.insert(
             entity,
-            RunningEntity {
+            HostedEntity::Running(RunningEntity {
                 inbox: Some(inbox),
                 incarnation,
-                task: abort,
-            },
+                task,
+            }),
         );
+    }
+
+    /// Runs an entity's task, and watches for its end.
+    fn spawn(&mut self, start: EntityStart<P>, incarnation: u64) -> AbortHandle {
+        let id = start.id.clone();
+        let task = tokio::spawn((self.spawner)(start));
+        let abort = task.abort_handle();
+        self.running.push(Box::pin(async move {
+            let outcome = match task.await {
+                Ok(Ok(ended)) => Outcome::Ended(ended),
+                Ok(Err(failure)) => {
+                    warn!(entity = %id, %failure, "entity failed");
+                    Outcome::Failed
+                }
+                Err(aborted) if aborted.is_cancelled() => Outcome::Failed,
+                Err(panic) => {
+                    warn!(entity = %id, %panic, "entity panicked");
+                    Outcome::Failed
+                }
+            };
+            (id, incarnation, outcome)
+        }));
+        abort
     }
 }
 
@@ -456,34 +564,115 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_aborted_region_stops_an_entity_stuck_in_its_work() {
-        let dropped = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&dropped);
-        // The entity takes its first message and never finishes it, inbox closed or not.
-        let spawner: EntitySpawner<u32> = Arc::new(move |_, mut inbox| -> EntityRun {
-            let guard = Dropped(Arc::clone(&flag));
-            Box::pin(async move {
-                let _guard = guard;
-                let _ = inbox.recv().await;
-                std::future::pending::<()>().await;
-                Ok(())
-            })
-        });
-        let me = NodeAddr {
+    fn me() -> NodeAddr {
+        NodeAddr {
             id: NodeId::new("a"),
             generation: 1,
-        };
-        let mut driver = RegionDriver {
-            core: Region::new(RegionSettings::default(), "shard-host", me),
+        }
+    }
+
+    fn driver(spawner: EntitySpawner<u32>) -> RegionDriver<u32> {
+        RegionDriver {
+            core: Region::new(RegionSettings::default(), "shard-host", me()),
             outbox: Arc::new(|_: &NodeAddr, _| SendOutcome::Queued),
             spawner,
+            hibernate_after: Duration::ZERO,
             entities: HashMap::new(),
             running: FuturesUnordered::new(),
             status: watch::channel(RegionStatus::default()).0,
             published: None,
             metrics: ClusterMetrics::unregistered(),
-        };
+        }
+    }
+
+    /// An entity that adds up its messages, taking one per task run, and goes dormant after
+    /// each (with whatever else waits in its inbox); `starts` records the state each run
+    /// started from.
+    fn summing(starts: Arc<Mutex<Vec<Option<u32>>>>) -> EntitySpawner<u32> {
+        Arc::new(move |start: EntityStart<u32>| -> EntityRun<u32> {
+            let kept = start.dormant.and_then(|s| s.downcast::<u32>().ok());
+            let kept = kept.map(|sum| *sum);
+            starts.lock().unwrap().push(kept);
+            let mut inbox = start.inbox;
+            Box::pin(async move {
+                let sum = kept.unwrap_or(0) + *inbox.recv().await.unwrap();
+                Ok(Ended::Dormant {
+                    inbox,
+                    state: Box::new(sum),
+                })
+            })
+        })
+    }
+
+    /// Hands the region driver each task's end until `entity` is dormant.
+    async fn until_dormant(driver: &mut RegionDriver<u32>, entity: &EntityId) -> u32 {
+        let mut incarnations = 100;
+        loop {
+            if let Some(HostedEntity::Dormant(state)) = driver.entities.get(entity) {
+                return *state.downcast_ref::<u32>().unwrap();
+            }
+            let end = tokio::time::timeout(Duration::from_secs(5), driver.running.next());
+            let (id, incarnation, outcome) = end.await.unwrap().unwrap();
+            driver.on_task_end(id, incarnation, outcome, &mut incarnations);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dormant_entity_starts_from_the_state_it_kept() {
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let mut driver = driver(summing(Arc::clone(&starts)));
+        let e = EntityId::new("e");
+        driver.deliver(e.clone(), 1, &mut 0);
+        assert_eq!(until_dormant(&mut driver, &e).await, 1);
+        driver.deliver(e.clone(), 2, &mut 1);
+        assert_eq!(until_dormant(&mut driver, &e).await, 3);
+        assert_eq!(*starts.lock().unwrap(), vec![None, Some(1)]);
+        assert!(driver.running.is_empty(), "no task for a dormant entity");
+    }
+
+    #[tokio::test]
+    async fn a_message_that_arrives_as_its_entity_goes_dormant_is_processed() {
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let mut driver = driver(summing(Arc::clone(&starts)));
+        let e = EntityId::new("e");
+        // The task takes 1 and goes dormant with 2 still in its inbox.
+        driver.deliver(e.clone(), 1, &mut 0);
+        driver.deliver(e.clone(), 2, &mut 1);
+        assert_eq!(until_dormant(&mut driver, &e).await, 3);
+        assert_eq!(*starts.lock().unwrap(), vec![None, Some(1)]);
+    }
+
+    #[tokio::test]
+    async fn a_dormant_entity_asked_to_stop_is_dropped_at_once() {
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let mut driver = driver(summing(Arc::clone(&starts)));
+        let e = EntityId::new("e");
+        driver.deliver(e.clone(), 1, &mut 0);
+        until_dormant(&mut driver, &e).await;
+        driver.stop(&e);
+        assert!(driver.entities.is_empty() && driver.running.is_empty());
+        // Gone, the next message starts a new incarnation, which recovers.
+        driver.deliver(e.clone(), 5, &mut 1);
+        assert_eq!(until_dormant(&mut driver, &e).await, 5);
+        assert_eq!(*starts.lock().unwrap(), vec![None, None]);
+    }
+
+    #[tokio::test]
+    async fn an_aborted_region_stops_an_entity_stuck_in_its_work() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&dropped);
+        // The entity takes its first message and never finishes it, inbox closed or not.
+        let spawner: EntitySpawner<u32> = Arc::new(move |start| -> EntityRun<u32> {
+            let guard = Dropped(Arc::clone(&flag));
+            let mut inbox = start.inbox;
+            Box::pin(async move {
+                let _guard = guard;
+                let _ = inbox.recv().await;
+                std::future::pending::<()>().await;
+                Ok(Ended::Stopped)
+            })
+        });
+        let mut driver = driver(spawner);
         driver.deliver(EntityId::new("e"), 1, &mut 0);
         tokio::time::timeout(Duration::from_secs(5), driver.stop_entities(true))
             .await

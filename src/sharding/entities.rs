@@ -4,9 +4,11 @@
 //! the runner's retries, reports a message it gave up on before confirming it, and answers
 //! queries with a JSON snapshot. When the region closes its inbox (passivation, hand-off) it
 //! finishes the messages its controllers hold, then returns. Before its first message it
-//! recovers its stored state.
+//! recovers its stored state. Quiet for `hibernate_after`, holding and owing nothing, it goes
+//! dormant: it returns the entity alone, and its next message starts it from there.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -24,7 +26,7 @@ use crate::entity::runner::{
 };
 use crate::entity::{Entity, EntityFactory, EntityMessage};
 use crate::ids::EntityId;
-use crate::sharding::driver::{EntityFailure, EntityRun, EntitySpawner};
+use crate::sharding::driver::{Ended, EntityFailure, EntityRun, EntitySpawner, EntityStart, Inbox};
 use crate::telemetry::{JOURNEY, continue_trace};
 use crate::timer::sleep_until;
 
@@ -75,50 +77,52 @@ where
         to_producer,
         to_asker,
     };
-    Arc::new(move |id, inbox| -> EntityRun {
-        let entity = factory.create(&id);
-        Box::pin(run(
-            id,
+    Arc::new(move |start: EntityStart<_>| -> EntityRun<_> {
+        // A dormant entity's state is its own type: nothing else reaches this spawner.
+        let dormant = start
+            .dormant
+            .and_then(|state| state.downcast::<F::Entity>().ok());
+        let (entity, recovered) = match dormant {
+            Some(entity) => (*entity, true),
+            None => (factory.create(&start.id), false),
+        };
+        let task = EntityTask {
+            consumer: ShardingConsumerController::new(settings.consumer.clone()),
+            producers: Producers::new(settings.consumer.flow_control_window),
+            id: start.id,
             entity,
-            inbox,
-            Arc::clone(&settings),
-            links.clone(),
-            metrics.clone(),
-        ))
+            settings: Arc::clone(&settings),
+            links: links.clone(),
+            metrics: metrics.clone(),
+        };
+        Box::pin(run(task, recovered, start.inbox, start.hibernate_after))
     })
 }
 
 async fn run<E>(
-    id: EntityId,
-    mut entity: E,
-    mut inbox: mpsc::UnboundedReceiver<Box<EntityEnvelope<E::Message>>>,
-    settings: Arc<RunnerSettings>,
-    links: Links,
-    metrics: EntityMetrics,
-) -> Result<(), EntityFailure>
+    mut task: EntityTask<E>,
+    recovered: bool,
+    mut inbox: Inbox<EntityEnvelope<E::Message>>,
+    hibernate_after: Duration,
+) -> Result<Ended<EntityEnvelope<E::Message>>, EntityFailure>
 where
     E: Entity,
     E::Message: Clone,
     E::Snapshot: Serialize,
 {
-    let _active = ActiveGuard::new(&metrics.active);
-    // Messages wait in the inbox (and unconfirmed at their producer) while this loads.
-    // A trace of its own (no message started it): claiming and loading show up under it.
-    let recovering =
-        tracing::info_span!(target: JOURNEY, "warren.entity.recover", entity = id.as_str());
-    recover(&id, &mut entity, &settings)
-        .instrument(recovering)
-        .await;
-    let mut task = EntityTask {
-        consumer: ShardingConsumerController::new(settings.consumer.clone()),
-        producers: Producers::new(settings.consumer.flow_control_window),
-        id,
-        entity,
-        settings,
-        links,
-        metrics,
-    };
+    let _active = ActiveGuard::new(&task.metrics.active);
+    if !recovered {
+        // Messages wait in the inbox (and unconfirmed at their producer) while this loads.
+        // A trace of its own (no message started it): claiming and loading show up under it.
+        let id = task.id.as_str();
+        let recovering = tracing::info_span!(target: JOURNEY, "warren.entity.recover", entity = id);
+        // Boxed: the future a store call builds is large, and lives only while loading.
+        Box::pin(recover(&task.id, &mut task.entity, &task.settings))
+            .instrument(recovering)
+            .await;
+    }
     let mut open = true;
+    let mut last_active = Instant::now();
     loop {
         // Taken before the next delivery, so a query is answered between two messages, not
         // after everything the controllers hold.
@@ -131,23 +135,33 @@ where
         }
         task.answer_producers();
         if task.process_next().await? {
+            last_active = Instant::now();
             continue;
         }
         if !open {
             break;
         }
+        let hibernate_at =
+            (!hibernate_after.is_zero() && task.is_quiet()).then(|| last_active + hibernate_after);
         tokio::select! {
             envelope = inbox.recv() => match envelope {
-                Some(envelope) => task.on_envelope(*envelope),
+                Some(envelope) => {
+                    last_active = Instant::now();
+                    task.on_envelope(*envelope);
+                }
                 // Asked to stop: finish what the controllers hold first.
                 None => open = false,
             },
             _ = sleep_until(task.consumer.poll_timeout()) => {
                 task.consumer.handle_timeout(Instant::now());
             }
+            _ = sleep_until(hibernate_at) => {
+                let state = Box::new(task.entity);
+                return Ok(Ended::Dormant { inbox, state });
+            }
         }
     }
-    Ok(())
+    Ok(Ended::Stopped)
 }
 
 /// Where an entity's answers go: its producers' nodes, and whoever asked for its snapshot.
@@ -197,6 +211,12 @@ where
         }
     }
 
+    /// Holds and owes nothing, so it may go dormant: its controllers are quiet and every
+    /// rejection has reached its producer.
+    fn is_quiet(&self) -> bool {
+        self.consumer.is_quiet() && self.producers.owe_nothing()
+    }
+
     /// Sends what the controllers have for their producers (demand, confirmations), with
     /// every rejection a producer has not acknowledged yet.
     fn answer_producers(&mut self) {
@@ -223,9 +243,15 @@ where
         processing.set(true);
         let started = Instant::now();
         let span = handle_span(&self.id, delivery.message.trace_context());
-        let processed = process(&mut self.entity, &delivery.message, settings, metrics)
-            .instrument(span.clone())
-            .await;
+        // Boxed: the entity's own future lives only while it works, not in every idle task.
+        let processed = Box::pin(process(
+            &mut self.entity,
+            &delivery.message,
+            settings,
+            metrics,
+        ))
+        .instrument(span.clone())
+        .await;
         metrics
             .handle_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -338,6 +364,11 @@ impl Producers {
                 });
             }
         }
+    }
+
+    /// No rejection still rides along to a producer.
+    fn owe_nothing(&self) -> bool {
+        self.known.iter().all(|p| p.rejected.is_empty())
     }
 
     fn reject(&mut self, id: &ProducerId, rejection: Rejection) {

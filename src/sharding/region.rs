@@ -44,6 +44,12 @@ pub struct RegionSettings {
     /// An entity without messages for this long is stopped (zero: never).
     #[serde(with = "humantime_serde")]
     pub passivate_after: Duration,
+    /// An entity quiet for this long, holding and owing nothing, goes dormant (zero: never):
+    /// its task, inbox and protocol state are dropped and only its own state is kept, so an
+    /// idle entity costs little more than that state; its next message starts a task again
+    /// without loading from the store. Counted among the active entities until passivated.
+    #[serde(with = "humantime_serde")]
+    pub hibernate_after: Duration,
     /// At most this many entities run here at once (Akka's active-entity limit): starting one
     /// more stops the least recently used first, so a node's memory is bounded by the entities
     /// it keeps, not by every entity it ever saw. Stopped a hundredth of the limit at a time,
@@ -64,6 +70,7 @@ impl Default for RegionSettings {
             buffer_size: 10_000,
             retry_interval: Duration::from_millis(500),
             passivate_after: Duration::from_secs(120),
+            hibernate_after: Duration::from_secs(5),
             max_active_entities: 100_000,
             restart_min: Duration::from_millis(200),
             restart_max: Duration::from_secs(10),

@@ -123,6 +123,13 @@ impl<M: Clone + 'static> ShardingConsumerController<M> {
         self.events.pop_front()
     }
 
+    /// Every controller holds and owes nothing, and nothing waits to be polled.
+    pub fn is_quiet(&self) -> bool {
+        self.transmits.is_empty()
+            && self.events.is_empty()
+            && self.controllers.iter().all(|(_, c)| c.is_quiet())
+    }
+
     /// When [`Self::handle_timeout`] is due.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.controllers
