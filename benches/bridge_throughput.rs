@@ -10,10 +10,13 @@
 //! the CPU time each consumer spent per message: a steadier figure for the bridge's own cost.
 //!
 //! `BENCH_MESSAGES` (default 50000) and `BENCH_ROUNDS` (default 7) tune it;
-//! `BENCH_ENTITY_STORE` (default `memory`) is the nodes' `--entity-store`, e.g. a
-//! `postgres://` URL or `embedded` (each node in a fresh folder) to include storing every
-//! applied order; `BENCH_CONSUMER` runs another
-//! `warren-consumer` binary (an older build, to compare commits).
+//! `BENCH_ENTITY_STORES` (default `memory`; `BENCH_ENTITY_STORE` is read too) is a
+//! comma-separated list of the nodes' `--entity-store`s, each measured in every round next to
+//! the same ceiling: e.g. `postgres://…,embedded` (embedded: each node in a fresh folder) to
+//! include storing every applied order. With PostgreSQL each run also reports the CPU all
+//! `postgres` processes of the machine spent per message. Three nodes run for every store but
+//! `embedded` (three files of their own are no deployment: a product that moves starts empty).
+//! `BENCH_CONSUMER` runs another `warren-consumer` binary (an older build, to compare commits).
 
 mod support;
 
@@ -27,6 +30,14 @@ const PREFETCH: u16 = 200;
 const MAX_IN_FLIGHT: u16 = PREFETCH / 2;
 const PRODUCTS: usize = 100;
 
+/// One measured configuration: a store and a cluster size, or the ceiling.
+struct Series {
+    name: String,
+    store: Option<String>,
+    nodes: usize,
+    runs: Vec<Run>,
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let messages = env_or("BENCH_MESSAGES", 50_000);
@@ -34,54 +45,131 @@ async fn main() {
     println!(
         "bridge throughput: {messages} persistent messages per run, prefetch {PREFETCH}, max in flight {MAX_IN_FLIGHT}, {PRODUCTS} products, {rounds} rounds, classic queue on the local broker"
     );
-    let store = std::env::var("BENCH_ENTITY_STORE").unwrap_or_else(|_| "memory".to_owned());
-    println!("entity store: {store}");
-    let (mut ceiling, mut one, mut three) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut ceiling_cpu, mut one_cpu, mut three_cpu) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 1..=rounds {
-        let c = measure(messages, |amqp, n| bare_consumer(amqp, n, PREFETCH)).await;
-        let w = measure(messages, |amqp, n| warren_consumer(amqp, n, store.clone())).await;
-        let k = measure(messages, |amqp, n| warren_cluster(amqp, n, store.clone())).await;
-        println!(
-            "round {round}: ceiling {:>7.0} msg/s {:>5.1} µs | 1 node {:>7.0} msg/s {:>5.1} µs ({:.2}) | 3 nodes {:>7.0} msg/s {:>5.1} µs ({:.2})",
-            c.rate,
-            c.cpu_per_message,
-            w.rate,
-            w.cpu_per_message,
-            w.rate / c.rate,
-            k.rate,
-            k.cpu_per_message,
-            k.rate / c.rate,
-        );
-        ceiling.push(c.rate);
-        one.push(w.rate);
-        three.push(k.rate);
-        ceiling_cpu.push(c.cpu_per_message);
-        one_cpu.push(w.cpu_per_message);
-        three_cpu.push(k.cpu_per_message);
+    let stores = std::env::var("BENCH_ENTITY_STORES")
+        .or_else(|_| std::env::var("BENCH_ENTITY_STORE"))
+        .unwrap_or_else(|_| "memory".to_owned());
+    let mut series = vec![Series {
+        name: "ceiling: bare lapin consumer".to_owned(),
+        store: None,
+        nodes: 0,
+        runs: Vec::new(),
+    }];
+    for store in stores.split(',').filter(|s| !s.is_empty()) {
+        let label = store_label(store);
+        for nodes in [1, 3] {
+            if nodes == 3 && store == "embedded" {
+                continue;
+            }
+            let node_word = if nodes == 1 { "node" } else { "nodes" };
+            series.push(Series {
+                name: format!("{label}, {nodes} {node_word}"),
+                store: Some(store.to_owned()),
+                nodes,
+                runs: Vec::new(),
+            });
+        }
     }
-    let (c, w, k) = (median(&mut ceiling), median(&mut one), median(&mut three));
-    let (cc, wc, kc) = (
-        median(&mut ceiling_cpu),
-        median(&mut one_cpu),
-        median(&mut three_cpu),
-    );
-    println!("median (msg/s, consumer CPU per message, ratio to the ceiling):");
-    println!("  ceiling: bare lapin consumer  {c:>7.0} msg/s {cc:>5.1} µs");
+    for round in 1..=rounds {
+        let mut line = format!("round {round}:");
+        let mut ceiling = 0.0;
+        for s in &mut series {
+            let run = match &s.store {
+                None => measure(messages, |amqp, n| bare_consumer(amqp, n, PREFETCH)).await,
+                Some(store) if s.nodes == 1 => {
+                    let store = store.clone();
+                    measure(messages, |amqp, n| warren_consumer(amqp, n, store)).await
+                }
+                Some(store) => {
+                    let store = store.clone();
+                    measure(messages, |amqp, n| warren_cluster(amqp, n, store)).await
+                }
+            };
+            if s.store.is_none() {
+                ceiling = run.rate;
+            }
+            line.push_str(&format!(
+                " | {} {:.0} msg/s {:.1} µs ({:.2})",
+                s.name,
+                run.rate,
+                run.cpu_per_message,
+                run.rate / ceiling
+            ));
+            if let Some(pg) = run.postgres_cpu_per_message {
+                line.push_str(&format!(" pg {pg:.1} µs"));
+            }
+            s.runs.push(run);
+        }
+        println!("{line}");
+    }
     println!(
-        "  warren-consumer, 1 node       {w:>7.0} msg/s {wc:>5.1} µs  {:.2} (target >= 0.8)",
-        w / c
+        "median (msg/s, CPU of the consumer process(es) per message, ratio to the ceiling, PostgreSQL CPU per message):"
     );
-    println!(
-        "  warren-consumer, 3 nodes      {k:>7.0} msg/s {kc:>5.1} µs  {:.2} (target >= 0.5; CPU of all three)",
-        k / c
-    );
+    let values = |s: &Series, f: fn(&Run) -> f64| {
+        let mut v: Vec<f64> = s.runs.iter().map(f).collect();
+        median(&mut v)
+    };
+    let ceiling = values(&series[0], |r| r.rate);
+    for s in &series {
+        let rate = values(s, |r| r.rate);
+        let mut line = format!(
+            "  {:<44} {rate:>7.0} msg/s {:>5.1} µs  {:.2}",
+            s.name,
+            values(s, |r| r.cpu_per_message),
+            rate / ceiling
+        );
+        if s.runs.iter().all(|r| r.postgres_cpu_per_message.is_some()) && !s.runs.is_empty() {
+            let pg = values(s, |r| r.postgres_cpu_per_message.unwrap_or(0.0));
+            line.push_str(&format!("  pg {pg:.1} µs"));
+        }
+        println!("{line}");
+    }
+    println!("targets: memory store 1 node >= 0.8 and 3 nodes >= 0.5; PostgreSQL >= 0.6");
+}
+
+/// A store's name for the table: a URL without its credentials.
+fn store_label(store: &str) -> String {
+    match store.split_once("://") {
+        Some((scheme, _)) => scheme.to_owned(),
+        None => store.to_owned(),
+    }
+}
+
+/// CPU (user + system) all `postgres` processes of this machine spent so far, in seconds,
+/// with what their ended children spent: a node's connections end with it, and their backend
+/// processes' time then counts in the postmaster's.
+fn postgres_cpu() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim() == "postgres")
+        })
+        .map(cpu_seconds_with_children)
+        .sum()
+}
+
+/// utime, stime, cutime and cstime of `pid` in seconds (0 once it is gone).
+fn cpu_seconds_with_children(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = (11..=14)
+        .filter_map(|i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
 }
 
 /// One consumer run.
 struct Run {
     rate: f64,
     cpu_per_message: f64,
+    /// What PostgreSQL spent, when the run used it.
+    postgres_cpu_per_message: Option<f64>,
 }
 
 /// Fills a fresh queue with `messages` orders and runs `consume` on it.
@@ -92,11 +180,16 @@ where
 {
     let amqp = fresh_queue();
     fill_settled(&amqp, messages, PRODUCTS).await;
+    let postgres_before = postgres_cpu();
     let (elapsed, cpu) = consume(amqp.clone(), messages).await;
+    let postgres = postgres_cpu() - postgres_before;
     delete(&amqp).await;
     Run {
         rate: messages as f64 / elapsed.as_secs_f64(),
         cpu_per_message: cpu * 1e6 / messages as f64,
+        // Any store but PostgreSQL leaves it idle: a few ticks of its background work.
+        postgres_cpu_per_message: (postgres > 0.05 * elapsed.as_secs_f64())
+            .then(|| postgres * 1e6 / messages as f64),
     }
 }
 
