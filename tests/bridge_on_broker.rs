@@ -457,3 +457,22 @@ async fn sigterm_with_a_stuck_entity_returns_its_message_at_the_shutdown_timeout
         "the message is back"
     );
 }
+
+/// A connection asks for 32 KiB frames (lapin keeps 32 frames of buffer each way, so RabbitMQ's
+/// 128 KiB would hold 8 MiB per connection) unless its URI names a size.
+#[tokio::test]
+async fn connections_ask_for_small_frames_unless_the_uri_names_a_size() {
+    let queue = TestQueue::new("frame-max");
+    let amqp = queue.amqp();
+    let connection = amqp.connect("warren-test-frames").await.unwrap();
+    assert_eq!(connection.configuration().frame_max(), 32 * 1024);
+    let _ = connection.close(200, "done".into()).await;
+    let separator = if amqp.uri.contains('?') { '&' } else { '?' };
+    let named = warren::amqp::AmqpSettings {
+        uri: format!("{}{separator}frame_max=65536", amqp.uri),
+        ..amqp
+    };
+    let connection = named.connect("warren-test-frames").await.unwrap();
+    assert_eq!(connection.configuration().frame_max(), 65536);
+    let _ = connection.close(200, "done".into()).await;
+}
