@@ -226,6 +226,8 @@ impl<M> ConsumerController<M> {
     /// as a passivated entity's controller does.
     pub fn is_quiet(&self) -> bool {
         matches!(self.phase, Phase::Active | Phase::Stopped)
+            && self.registering.is_none()
+            && !self.stopping
             && self.stash.is_empty()
             && self.reassembly.is_none()
             && self.transmits.is_empty()
@@ -566,8 +568,16 @@ impl<M: Clone + 'static> ConsumerController<M> {
             self.deliver(message, now);
         } else if self.received == SeqNr::ZERO {
             // A fresh consumer (e.g. a re-created entity) joined mid-stream: ask for everything
-            // unconfirmed, with the head marked first.
-            self.start_resending(message.producer, SeqNr::ZERO, now);
+            // unconfirmed, with the head marked first; once, not again for every message still
+            // on its way (each ask resends all of them; the retry timer repeats a lost one).
+            let asked = matches!(
+                &self.phase,
+                Phase::Resending { producer, from }
+                    if *producer == message.producer && *from == SeqNr::ZERO
+            );
+            if !asked {
+                self.start_resending(message.producer, SeqNr::ZERO, now);
+            }
         } else {
             tracing::warn!(
                 producer = %message.producer.id,

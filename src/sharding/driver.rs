@@ -94,7 +94,7 @@ pub type EntitySpawner<P> = Arc<dyn Fn(EntityStart<P>) -> EntityRun<P> + Send + 
 pub struct RegionStatus {
     /// Shards hosted here.
     pub hosted: Vec<ShardId>,
-    /// Entities running here.
+    /// Entities here, running or dormant.
     pub entities: usize,
     /// Messages waiting for a shard home.
     pub buffered: usize,
@@ -292,8 +292,22 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
                 running.task.abort();
             }
         }
-        // A task that goes dormant now stops: its state is dropped with it.
-        while self.running.next().await.is_some() {}
+        // A task that goes dormant now is dropped with its state, unless messages reached its
+        // inbox as it went: it finishes them first (its inbox is closed, so then it stops).
+        while let Some((id, incarnation, outcome)) = self.running.next().await {
+            if let Outcome::Ended(Ended::Dormant { inbox, state }) = outcome
+                && !abort
+                && !inbox.is_empty()
+            {
+                let start = EntityStart {
+                    id,
+                    inbox,
+                    dormant: Some(state),
+                    hibernate_after: Duration::ZERO,
+                };
+                self.spawn(start, incarnation);
+            }
+        }
     }
 
     fn on_task_end(
@@ -605,15 +619,18 @@ mod tests {
     }
 
     /// Hands the region driver each task's end until `entity` is dormant.
-    async fn until_dormant(driver: &mut RegionDriver<u32>, entity: &EntityId) -> u32 {
-        let mut incarnations = 100;
+    async fn until_dormant(
+        driver: &mut RegionDriver<u32>,
+        entity: &EntityId,
+        incarnations: &mut u64,
+    ) -> u32 {
         loop {
             if let Some(HostedEntity::Dormant(state)) = driver.entities.get(entity) {
                 return *state.downcast_ref::<u32>().unwrap();
             }
             let end = tokio::time::timeout(Duration::from_secs(5), driver.running.next());
             let (id, incarnation, outcome) = end.await.unwrap().unwrap();
-            driver.on_task_end(id, incarnation, outcome, &mut incarnations);
+            driver.on_task_end(id, incarnation, outcome, incarnations);
         }
     }
 
@@ -622,10 +639,11 @@ mod tests {
         let starts = Arc::new(Mutex::new(Vec::new()));
         let mut driver = driver(summing(Arc::clone(&starts)));
         let e = EntityId::new("e");
-        driver.deliver(e.clone(), 1, &mut 0);
-        assert_eq!(until_dormant(&mut driver, &e).await, 1);
-        driver.deliver(e.clone(), 2, &mut 1);
-        assert_eq!(until_dormant(&mut driver, &e).await, 3);
+        let mut incarnations = 0;
+        driver.deliver(e.clone(), 1, &mut incarnations);
+        assert_eq!(until_dormant(&mut driver, &e, &mut incarnations).await, 1);
+        driver.deliver(e.clone(), 2, &mut incarnations);
+        assert_eq!(until_dormant(&mut driver, &e, &mut incarnations).await, 3);
         assert_eq!(*starts.lock().unwrap(), vec![None, Some(1)]);
         assert!(driver.running.is_empty(), "no task for a dormant entity");
     }
@@ -635,11 +653,29 @@ mod tests {
         let starts = Arc::new(Mutex::new(Vec::new()));
         let mut driver = driver(summing(Arc::clone(&starts)));
         let e = EntityId::new("e");
+        let mut incarnations = 0;
         // The task takes 1 and goes dormant with 2 still in its inbox.
-        driver.deliver(e.clone(), 1, &mut 0);
-        driver.deliver(e.clone(), 2, &mut 1);
-        assert_eq!(until_dormant(&mut driver, &e).await, 3);
+        driver.deliver(e.clone(), 1, &mut incarnations);
+        driver.deliver(e.clone(), 2, &mut incarnations);
+        assert_eq!(until_dormant(&mut driver, &e, &mut incarnations).await, 3);
         assert_eq!(*starts.lock().unwrap(), vec![None, Some(1)]);
+    }
+
+    #[tokio::test]
+    async fn an_entity_asked_to_stop_as_it_goes_dormant_is_stopped_not_kept() {
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let mut driver = driver(summing(Arc::clone(&starts)));
+        let e = EntityId::new("e");
+        let mut incarnations = 0;
+        driver.deliver(e.clone(), 1, &mut incarnations);
+        // Asked to stop while its task is ending dormant (nothing left in its inbox).
+        driver.stop(&e);
+        let end = tokio::time::timeout(Duration::from_secs(5), driver.running.next());
+        let (id, incarnation, outcome) = end.await.unwrap().unwrap();
+        assert!(matches!(outcome, Outcome::Ended(Ended::Dormant { .. })));
+        driver.on_task_end(id, incarnation, outcome, &mut incarnations);
+        assert!(driver.entities.is_empty(), "a stopped entity kept dormant");
+        assert!(driver.running.is_empty());
     }
 
     #[tokio::test]
@@ -647,14 +683,34 @@ mod tests {
         let starts = Arc::new(Mutex::new(Vec::new()));
         let mut driver = driver(summing(Arc::clone(&starts)));
         let e = EntityId::new("e");
-        driver.deliver(e.clone(), 1, &mut 0);
-        until_dormant(&mut driver, &e).await;
+        let mut incarnations = 0;
+        driver.deliver(e.clone(), 1, &mut incarnations);
+        until_dormant(&mut driver, &e, &mut incarnations).await;
         driver.stop(&e);
         assert!(driver.entities.is_empty() && driver.running.is_empty());
         // Gone, the next message starts a new incarnation, which recovers.
-        driver.deliver(e.clone(), 5, &mut 1);
-        assert_eq!(until_dormant(&mut driver, &e).await, 5);
+        driver.deliver(e.clone(), 5, &mut incarnations);
+        assert_eq!(until_dormant(&mut driver, &e, &mut incarnations).await, 5);
         assert_eq!(*starts.lock().unwrap(), vec![None, None]);
+    }
+
+    #[tokio::test]
+    async fn a_stopping_region_lets_an_entity_going_dormant_finish_what_reached_it() {
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let mut driver = driver(summing(Arc::clone(&starts)));
+        let e = EntityId::new("e");
+        let mut incarnations = 0;
+        // The task takes 1 and goes dormant with 2 still in its inbox.
+        driver.deliver(e.clone(), 1, &mut incarnations);
+        driver.deliver(e.clone(), 2, &mut incarnations);
+        tokio::time::timeout(Duration::from_secs(5), driver.stop_entities(false))
+            .await
+            .expect("the region stops");
+        assert_eq!(
+            *starts.lock().unwrap(),
+            vec![None, Some(1)],
+            "2 was dropped"
+        );
     }
 
     #[tokio::test]

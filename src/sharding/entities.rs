@@ -144,6 +144,8 @@ where
         let hibernate_at =
             (!hibernate_after.is_zero() && task.is_quiet()).then(|| last_active + hibernate_after);
         tokio::select! {
+            // A message that is there, or the inbox closing, before going dormant.
+            biased;
             envelope = inbox.recv() => match envelope {
                 Some(envelope) => {
                     last_active = Instant::now();

@@ -284,6 +284,24 @@ fn a_fresh_consumer_asks_for_everything_when_joining_mid_stream() {
     assert_eq!(rest, vec![42, 43, 44, 45, 46]);
 }
 
+/// A woken entity's fresh controller gets every message its producer had out: one Resend
+/// asks for all of them; another per message would have the producer resend all again each time.
+#[test]
+fn a_fresh_consumer_asks_once_for_everything_while_the_rest_arrives() {
+    let now = Instant::now();
+    let p = pc(1);
+    let mut cc = started(20, now);
+    for n in 5..=7 {
+        cc.handle_message(msg(&p, n, false), now);
+    }
+    assert_eq!(
+        frames(&mut cc),
+        vec![ConsumerFrame::Resend { from: SeqNr(0) }]
+    );
+    cc.handle_message(msg(&p, 5, true), now);
+    assert_eq!(delivered(&mut cc), vec![5]);
+}
+
 #[test]
 fn a_fresh_consumer_repeats_its_lost_resend_from_zero() {
     let mut clock = Clock::new();
