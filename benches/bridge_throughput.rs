@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 
 use warren::amqp::AmqpSettings;
 
-use support::{Node, bare_consumer, delete, env_or, fill_settled, free_port, fresh_queue, median};
+use support::{
+    Node, bare_consumer, cpu_seconds_with_ended_children, delete, env_or, fill_settled, free_port,
+    fresh_queue, median,
+};
 
 const PREFETCH: u16 = 200;
 const MAX_IN_FLIGHT: u16 = PREFETCH / 2;
@@ -148,20 +151,8 @@ fn postgres_cpu() -> f64 {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|comm| comm.trim() == "postgres")
         })
-        .map(cpu_seconds_with_children)
+        .map(cpu_seconds_with_ended_children)
         .sum()
-}
-
-/// utime, stime, cutime and cstime of `pid` in seconds (0 once it is gone).
-fn cpu_seconds_with_children(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_name = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: f64 = (11..=14)
-        .filter_map(|i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    // USER_HZ is 100 on Linux.
-    ticks / 100.0
 }
 
 /// One consumer run.

@@ -29,13 +29,25 @@ use warren::order::CreateOrder;
 
 /// Consumer CPU (user + system) in seconds of process `pid`, from /proc.
 pub fn cpu_seconds(pid: u32) -> f64 {
+    // utime and stime are the 12th and 13th fields after the command name.
+    stat_seconds(pid, 11..=12)
+}
+
+/// CPU (user + system) of process `pid` and of its children that ended, in seconds: a
+/// server's connection processes end with their client, and their time then counts in the
+/// parent's cutime and cstime.
+pub fn cpu_seconds_with_ended_children(pid: u32) -> f64 {
+    stat_seconds(pid, 11..=14)
+}
+
+/// The clock-tick fields `fields` of /proc/`pid`/stat (counted after the command name),
+/// summed, in seconds (0 once the process is gone).
+fn stat_seconds(pid: u32, fields: std::ops::RangeInclusive<usize>) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let after_name = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+    let values: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields
+        .filter_map(|i| values.get(i).and_then(|v| v.parse::<f64>().ok()))
         .sum();
     // USER_HZ is 100 on Linux.
     ticks / 100.0

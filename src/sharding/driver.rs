@@ -299,13 +299,7 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
                 && !abort
                 && !inbox.is_empty()
             {
-                let start = EntityStart {
-                    id,
-                    inbox,
-                    dormant: Some(state),
-                    hibernate_after: Duration::ZERO,
-                };
-                self.spawn(start, incarnation);
+                self.spawn(id, inbox, Some(state), incarnation);
             }
         }
     }
@@ -317,38 +311,36 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
         outcome: Outcome<P>,
         incarnations: &mut u64,
     ) {
-        let current = matches!(
-            self.entities.get(&entity),
-            Some(HostedEntity::Running(running)) if running.incarnation == incarnation
-        );
-        let Some(HostedEntity::Running(mut running)) =
-            current.then(|| self.entities.remove(&entity)).flatten()
-        else {
-            return;
+        // Asked to stop since it started: its inbox sender is gone.
+        let stopping = match self.entities.get(&entity) {
+            Some(HostedEntity::Running(running)) if running.incarnation == incarnation => {
+                running.inbox.is_none()
+            }
+            // The end of an earlier task, or of one the region forgot (it stopped).
+            _ => return,
         };
         let now = Instant::now();
         match outcome {
             Outcome::Ended(Ended::Dormant { inbox, state }) if !inbox.is_empty() => {
                 // Messages came while it went: it goes on from its state (and, if asked to
-                // stop meanwhile, finishes them and stops).
+                // stop meanwhile, finishes them and stops). Its entry and inbox sender stay.
                 *incarnations += 1;
-                running.incarnation = *incarnations;
-                let start = EntityStart {
-                    id: entity.clone(),
-                    inbox,
-                    dormant: Some(state),
-                    hibernate_after: self.hibernate_after,
-                };
-                running.task = self.spawn(start, running.incarnation);
-                self.entities.insert(entity, HostedEntity::Running(running));
+                let task = self.spawn(entity.clone(), inbox, Some(state), *incarnations);
+                if let Some(HostedEntity::Running(running)) = self.entities.get_mut(&entity) {
+                    running.incarnation = *incarnations;
+                    running.task = task;
+                }
+                return;
             }
-            Outcome::Ended(Ended::Dormant { state, .. }) if running.inbox.is_some() => {
+            Outcome::Ended(Ended::Dormant { state, .. }) if !stopping => {
                 self.entities.insert(entity, HostedEntity::Dormant(state));
+                return;
             }
             // Asked to stop, with nothing left to do: stopped.
             Outcome::Ended(_) => self.core.handle_entity_stopped(&entity, now),
             Outcome::Failed => self.core.handle_entity_failed(&entity, now),
         }
+        self.entities.remove(&entity);
         shrink_when_mostly_empty(&mut self.entities);
     }
 
@@ -437,13 +429,7 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
         let incarnation = *incarnations;
         let (inbox, inbox_rx) = mpsc::unbounded_channel();
         let _ = inbox.send(Box::new(message));
-        let start = EntityStart {
-            id: entity.clone(),
-            inbox: inbox_rx,
-            dormant,
-            hibernate_after: self.hibernate_after,
-        };
-        let task = self.spawn(start, incarnation);
+        let task = self.spawn(entity.clone(), inbox_rx, dormant, incarnation);
         self.entities.insert(
             entity,
             HostedEntity::Running(RunningEntity {
@@ -454,9 +440,21 @@ impl<P: Clone + Send + 'static> RegionDriver<P> {
         );
     }
 
-    /// Runs an entity's task, and watches for its end.
-    fn spawn(&mut self, start: EntityStart<P>, incarnation: u64) -> AbortHandle {
-        let id = start.id.clone();
+    /// Runs a task of `id` on `inbox`, from its `dormant` state if it kept one, and watches
+    /// for its end.
+    fn spawn(
+        &mut self,
+        id: EntityId,
+        inbox: Inbox<P>,
+        dormant: Option<DormantState>,
+        incarnation: u64,
+    ) -> AbortHandle {
+        let start = EntityStart {
+            id: id.clone(),
+            inbox,
+            dormant,
+            hibernate_after: self.hibernate_after,
+        };
         let task = tokio::spawn((self.spawner)(start));
         let abort = task.abort_handle();
         self.running.push(Box::pin(async move {
@@ -618,99 +616,119 @@ mod tests {
         })
     }
 
-    /// Hands the region driver each task's end until `entity` is dormant.
-    async fn until_dormant(
-        driver: &mut RegionDriver<u32>,
-        entity: &EntityId,
-        incarnations: &mut u64,
-    ) -> u32 {
-        loop {
-            if let Some(HostedEntity::Dormant(state)) = driver.entities.get(entity) {
-                return *state.downcast_ref::<u32>().unwrap();
+    /// A region driver running one [`summing`] entity, `e`.
+    struct Summing {
+        driver: RegionDriver<u32>,
+        starts: Arc<Mutex<Vec<Option<u32>>>>,
+        e: EntityId,
+        incarnations: u64,
+    }
+
+    impl Summing {
+        fn new() -> Self {
+            let starts = Arc::new(Mutex::new(Vec::new()));
+            Summing {
+                driver: driver(summing(Arc::clone(&starts))),
+                starts,
+                e: EntityId::new("e"),
+                incarnations: 0,
             }
-            let end = tokio::time::timeout(Duration::from_secs(5), driver.running.next());
-            let (id, incarnation, outcome) = end.await.unwrap().unwrap();
-            driver.on_task_end(id, incarnation, outcome, incarnations);
+        }
+
+        fn deliver(&mut self, n: u32) {
+            let e = self.e.clone();
+            self.driver.deliver(e, n, &mut self.incarnations);
+        }
+
+        /// The state each of its tasks started from.
+        fn starts(&self) -> Vec<Option<u32>> {
+            self.starts.lock().unwrap().clone()
+        }
+
+        /// The next task end, as the driver's loop would take it.
+        async fn next_end(&mut self) -> (EntityId, u64, Outcome<u32>) {
+            let end = tokio::time::timeout(Duration::from_secs(5), self.driver.running.next());
+            end.await.unwrap().unwrap()
+        }
+
+        /// Hands the driver each task's end until `e` is dormant; its sum.
+        async fn until_dormant(&mut self) -> u32 {
+            loop {
+                if let Some(HostedEntity::Dormant(state)) = self.driver.entities.get(&self.e) {
+                    return *state.downcast_ref::<u32>().unwrap();
+                }
+                let (id, incarnation, outcome) = self.next_end().await;
+                self.driver
+                    .on_task_end(id, incarnation, outcome, &mut self.incarnations);
+            }
         }
     }
 
     #[tokio::test]
     async fn a_dormant_entity_starts_from_the_state_it_kept() {
-        let starts = Arc::new(Mutex::new(Vec::new()));
-        let mut driver = driver(summing(Arc::clone(&starts)));
-        let e = EntityId::new("e");
-        let mut incarnations = 0;
-        driver.deliver(e.clone(), 1, &mut incarnations);
-        assert_eq!(until_dormant(&mut driver, &e, &mut incarnations).await, 1);
-        driver.deliver(e.clone(), 2, &mut incarnations);
-        assert_eq!(until_dormant(&mut driver, &e, &mut incarnations).await, 3);
-        assert_eq!(*starts.lock().unwrap(), vec![None, Some(1)]);
-        assert!(driver.running.is_empty(), "no task for a dormant entity");
+        let mut region = Summing::new();
+        region.deliver(1);
+        assert_eq!(region.until_dormant().await, 1);
+        region.deliver(2);
+        assert_eq!(region.until_dormant().await, 3);
+        assert_eq!(region.starts(), vec![None, Some(1)]);
+        assert!(
+            region.driver.running.is_empty(),
+            "no task for a dormant entity"
+        );
     }
 
     #[tokio::test]
     async fn a_message_that_arrives_as_its_entity_goes_dormant_is_processed() {
-        let starts = Arc::new(Mutex::new(Vec::new()));
-        let mut driver = driver(summing(Arc::clone(&starts)));
-        let e = EntityId::new("e");
-        let mut incarnations = 0;
+        let mut region = Summing::new();
         // The task takes 1 and goes dormant with 2 still in its inbox.
-        driver.deliver(e.clone(), 1, &mut incarnations);
-        driver.deliver(e.clone(), 2, &mut incarnations);
-        assert_eq!(until_dormant(&mut driver, &e, &mut incarnations).await, 3);
-        assert_eq!(*starts.lock().unwrap(), vec![None, Some(1)]);
+        region.deliver(1);
+        region.deliver(2);
+        assert_eq!(region.until_dormant().await, 3);
+        assert_eq!(region.starts(), vec![None, Some(1)]);
     }
 
     #[tokio::test]
     async fn an_entity_asked_to_stop_as_it_goes_dormant_is_stopped_not_kept() {
-        let starts = Arc::new(Mutex::new(Vec::new()));
-        let mut driver = driver(summing(Arc::clone(&starts)));
-        let e = EntityId::new("e");
-        let mut incarnations = 0;
-        driver.deliver(e.clone(), 1, &mut incarnations);
+        let mut region = Summing::new();
+        region.deliver(1);
         // Asked to stop while its task is ending dormant (nothing left in its inbox).
-        driver.stop(&e);
-        let end = tokio::time::timeout(Duration::from_secs(5), driver.running.next());
-        let (id, incarnation, outcome) = end.await.unwrap().unwrap();
+        region.driver.stop(&region.e.clone());
+        let (id, incarnation, outcome) = region.next_end().await;
         assert!(matches!(outcome, Outcome::Ended(Ended::Dormant { .. })));
-        driver.on_task_end(id, incarnation, outcome, &mut incarnations);
-        assert!(driver.entities.is_empty(), "a stopped entity kept dormant");
-        assert!(driver.running.is_empty());
+        region
+            .driver
+            .on_task_end(id, incarnation, outcome, &mut region.incarnations);
+        assert!(
+            region.driver.entities.is_empty(),
+            "a stopped entity kept dormant"
+        );
+        assert!(region.driver.running.is_empty());
     }
 
     #[tokio::test]
     async fn a_dormant_entity_asked_to_stop_is_dropped_at_once() {
-        let starts = Arc::new(Mutex::new(Vec::new()));
-        let mut driver = driver(summing(Arc::clone(&starts)));
-        let e = EntityId::new("e");
-        let mut incarnations = 0;
-        driver.deliver(e.clone(), 1, &mut incarnations);
-        until_dormant(&mut driver, &e, &mut incarnations).await;
-        driver.stop(&e);
-        assert!(driver.entities.is_empty() && driver.running.is_empty());
+        let mut region = Summing::new();
+        region.deliver(1);
+        region.until_dormant().await;
+        region.driver.stop(&region.e.clone());
+        assert!(region.driver.entities.is_empty() && region.driver.running.is_empty());
         // Gone, the next message starts a new incarnation, which recovers.
-        driver.deliver(e.clone(), 5, &mut incarnations);
-        assert_eq!(until_dormant(&mut driver, &e, &mut incarnations).await, 5);
-        assert_eq!(*starts.lock().unwrap(), vec![None, None]);
+        region.deliver(5);
+        assert_eq!(region.until_dormant().await, 5);
+        assert_eq!(region.starts(), vec![None, None]);
     }
 
     #[tokio::test]
     async fn a_stopping_region_lets_an_entity_going_dormant_finish_what_reached_it() {
-        let starts = Arc::new(Mutex::new(Vec::new()));
-        let mut driver = driver(summing(Arc::clone(&starts)));
-        let e = EntityId::new("e");
-        let mut incarnations = 0;
+        let mut region = Summing::new();
         // The task takes 1 and goes dormant with 2 still in its inbox.
-        driver.deliver(e.clone(), 1, &mut incarnations);
-        driver.deliver(e.clone(), 2, &mut incarnations);
-        tokio::time::timeout(Duration::from_secs(5), driver.stop_entities(false))
+        region.deliver(1);
+        region.deliver(2);
+        tokio::time::timeout(Duration::from_secs(5), region.driver.stop_entities(false))
             .await
             .expect("the region stops");
-        assert_eq!(
-            *starts.lock().unwrap(),
-            vec![None, Some(1)],
-            "2 was dropped"
-        );
+        assert_eq!(region.starts(), vec![None, Some(1)], "2 was dropped");
     }
 
     #[tokio::test]

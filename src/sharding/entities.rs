@@ -245,15 +245,9 @@ where
         processing.set(true);
         let started = Instant::now();
         let span = handle_span(&self.id, delivery.message.trace_context());
-        // Boxed: the entity's own future lives only while it works, not in every idle task.
-        let processed = Box::pin(process(
-            &mut self.entity,
-            &delivery.message,
-            settings,
-            metrics,
-        ))
-        .instrument(span.clone())
-        .await;
+        let processed = process(&mut self.entity, &delivery.message, settings, metrics)
+            .instrument(span.clone())
+            .await;
         metrics
             .handle_seconds
             .observe(started.elapsed().as_secs_f64());
