@@ -8,8 +8,12 @@
 //!
 //! The broker's own speed drifts between rounds on a small machine, so each run also reports
 //! the CPU time each consumer spent per message: a steadier figure for the bridge's own cost.
+//! It reports the broker's too (every `beam.smp` of the machine), and the rate the CPU of
+//! consumer, broker and PostgreSQL together allows with every core busy (`cpu-bound`, as a
+//! ratio to the ceiling): on a machine where they share few cores, no ratio can pass it.
 //!
-//! `BENCH_MESSAGES` (default 50000) and `BENCH_ROUNDS` (default 7) tune it;
+//! `BENCH_MESSAGES` (default 50000), `BENCH_ROUNDS` (default 7) and `BENCH_MAX_IN_FLIGHT`
+//! (default 100; the prefetch, the ceiling's too, is twice it) tune it;
 //! `BENCH_ENTITY_STORES` (default `memory`; `BENCH_ENTITY_STORE` is read too) is a
 //! comma-separated list of the nodes' `--entity-store`s, each measured in every round next to
 //! the same ceiling: e.g. `postgres://…,embedded` (embedded: each node in a fresh folder) to
@@ -29,8 +33,9 @@ use support::{
     fresh_queue, median,
 };
 
-const PREFETCH: u16 = 200;
-const MAX_IN_FLIGHT: u16 = PREFETCH / 2;
+/// The nodes' in-flight bound unless `BENCH_MAX_IN_FLIGHT` names one; the prefetch (the
+/// ceiling's too) is twice the bound, as the bridge's default.
+const MAX_IN_FLIGHT: u16 = 100;
 const PRODUCTS: usize = 100;
 
 /// One measured configuration: a store and a cluster size, or the ceiling.
@@ -45,8 +50,10 @@ struct Series {
 async fn main() {
     let messages = env_or("BENCH_MESSAGES", 50_000);
     let rounds = env_or("BENCH_ROUNDS", 7);
+    let bounds = Bounds::from_env();
     println!(
-        "bridge throughput: {messages} persistent messages per run, prefetch {PREFETCH}, max in flight {MAX_IN_FLIGHT}, {PRODUCTS} products, {rounds} rounds, classic queue on the local broker"
+        "bridge throughput: {messages} persistent messages per run, prefetch {}, max in flight {}, {PRODUCTS} products, {rounds} rounds, classic queue on the local broker",
+        bounds.prefetch, bounds.max_in_flight
     );
     let stores = std::env::var("BENCH_ENTITY_STORES")
         .or_else(|_| std::env::var("BENCH_ENTITY_STORE"))
@@ -77,14 +84,14 @@ async fn main() {
         let mut ceiling = 0.0;
         for s in &mut series {
             let run = match &s.store {
-                None => measure(messages, |amqp, n| bare_consumer(amqp, n, PREFETCH)).await,
+                None => measure(messages, |amqp, n| bare_consumer(amqp, n, bounds.prefetch)).await,
                 Some(store) if s.nodes == 1 => {
                     let store = store.clone();
-                    measure(messages, |amqp, n| warren_consumer(amqp, n, store)).await
+                    measure(messages, |amqp, n| warren_consumer(amqp, n, store, bounds)).await
                 }
                 Some(store) => {
                     let store = store.clone();
-                    measure(messages, |amqp, n| warren_cluster(amqp, n, store)).await
+                    measure(messages, |amqp, n| warren_cluster(amqp, n, store, bounds)).await
                 }
             };
             if s.store.is_none() {
@@ -97,6 +104,7 @@ async fn main() {
                 run.cpu_per_message,
                 run.rate / ceiling
             ));
+            line.push_str(&format!(" broker {:.1} µs", run.broker_cpu_per_message));
             if let Some(pg) = run.postgres_cpu_per_message {
                 line.push_str(&format!(" pg {pg:.1} µs"));
             }
@@ -105,7 +113,8 @@ async fn main() {
         println!("{line}");
     }
     println!(
-        "median (msg/s, CPU of the consumer process(es) per message, ratio to the ceiling, PostgreSQL CPU per message):"
+        "median (msg/s, CPU of the consumer process(es) per message, ratio to the ceiling, the broker's and PostgreSQL's CPU per message, the rate all of that CPU allows on {} cores, as a ratio to the ceiling):",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let values = |s: &Series, f: fn(&Run) -> f64| {
         let mut v: Vec<f64> = s.runs.iter().map(f).collect();
@@ -120,10 +129,18 @@ async fn main() {
             values(s, |r| r.cpu_per_message),
             rate / ceiling
         );
+        line.push_str(&format!(
+            "  broker {:.1} µs",
+            values(s, |r| r.broker_cpu_per_message)
+        ));
         if s.runs.iter().all(|r| r.postgres_cpu_per_message.is_some()) && !s.runs.is_empty() {
             let pg = values(s, |r| r.postgres_cpu_per_message.unwrap_or(0.0));
             line.push_str(&format!("  pg {pg:.1} µs"));
         }
+        line.push_str(&format!(
+            "  cpu-bound {:.2}",
+            values(s, Run::cpu_bound) / ceiling
+        ));
         println!("{line}");
     }
     println!("targets: memory store 1 node >= 0.8 and 3 nodes >= 0.5; PostgreSQL >= 0.6");
@@ -137,10 +154,10 @@ fn store_label(store: &str) -> String {
     }
 }
 
-/// CPU (user + system) all `postgres` processes of this machine spent so far, in seconds,
-/// with what their ended children spent: a node's connections end with it, and their backend
-/// processes' time then counts in the postmaster's.
-fn postgres_cpu() -> f64 {
+/// CPU (user + system) all processes named `command` on this machine spent so far, in
+/// seconds, with what their ended children spent: a node's connections to PostgreSQL end with
+/// it, and their backend processes' time then counts in the postmaster's.
+fn cpu_of(command: &str) -> f64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0.0;
     };
@@ -149,7 +166,7 @@ fn postgres_cpu() -> f64 {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|comm| comm.trim() == "postgres")
+                .is_ok_and(|comm| comm.trim() == command)
         })
         .map(cpu_seconds_with_ended_children)
         .sum()
@@ -161,6 +178,20 @@ struct Run {
     cpu_per_message: f64,
     /// What PostgreSQL spent, when the run used it.
     postgres_cpu_per_message: Option<f64>,
+    /// What the broker (every `beam.smp` of the machine) spent.
+    broker_cpu_per_message: f64,
+}
+
+impl Run {
+    /// The rate this run's CPU per message allows when every core of the machine is busy
+    /// with it: consumer(s), broker and PostgreSQL together.
+    fn cpu_bound(&self) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let per_message = self.cpu_per_message
+            + self.broker_cpu_per_message
+            + self.postgres_cpu_per_message.unwrap_or(0.0);
+        cores * 1e6 / per_message
+    }
 }
 
 /// Fills a fresh queue with `messages` orders and runs `consume` on it.
@@ -171,9 +202,11 @@ where
 {
     let amqp = fresh_queue();
     fill_settled(&amqp, messages, PRODUCTS).await;
-    let postgres_before = postgres_cpu();
+    let postgres_before = cpu_of("postgres");
+    let broker_before = cpu_of("beam.smp");
     let (elapsed, cpu) = consume(amqp.clone(), messages).await;
-    let postgres = postgres_cpu() - postgres_before;
+    let postgres = cpu_of("postgres") - postgres_before;
+    let broker = cpu_of("beam.smp") - broker_before;
     delete(&amqp).await;
     Run {
         rate: messages as f64 / elapsed.as_secs_f64(),
@@ -181,14 +214,20 @@ where
         // Any store but PostgreSQL leaves it idle: a few ticks of its background work.
         postgres_cpu_per_message: (postgres > 0.05 * elapsed.as_secs_f64())
             .then(|| postgres * 1e6 / messages as f64),
+        broker_cpu_per_message: broker * 1e6 / messages as f64,
     }
 }
 
 /// The real binary alone, from process start until its metrics count every message acked.
 /// Returns the time and the CPU the consumer process spent.
-async fn warren_consumer(amqp: AmqpSettings, messages: usize, store: String) -> (Duration, f64) {
+async fn warren_consumer(
+    amqp: AmqpSettings,
+    messages: usize,
+    store: String,
+    bounds: Bounds,
+) -> (Duration, f64) {
     let start = Instant::now();
-    let node = Node::start(&amqp, &store, &refs(&with_bounds(Vec::new()))).await;
+    let node = Node::start(&amqp, &store, &refs(&bounds.args(Vec::new()))).await;
     let elapsed = node.until_acked(messages, start).await;
     (elapsed, node.stop().await)
 }
@@ -196,7 +235,12 @@ async fn warren_consumer(amqp: AmqpSettings, messages: usize, store: String) -> 
 /// Three nodes: two shard hosts form the cluster first (untimed), then the consuming node
 /// joins them; from its process start until it acked every message. Returns the time and the
 /// CPU all three spent.
-async fn warren_cluster(amqp: AmqpSettings, messages: usize, store: String) -> (Duration, f64) {
+async fn warren_cluster(
+    amqp: AmqpSettings,
+    messages: usize,
+    store: String,
+    bounds: Bounds,
+) -> (Duration, f64) {
     let ports: Vec<String> = (0..3)
         .map(|_| free_port([127, 0, 0, 1]).to_string())
         .collect();
@@ -216,8 +260,8 @@ async fn warren_cluster(amqp: AmqpSettings, messages: usize, store: String) -> (
     };
     let args1 = host(1, "");
     let args2 = host(2, &ports[1]);
-    let first = Node::start(&amqp, &store, &refs(&with_bounds(args1))).await;
-    let second = Node::start(&amqp, &store, &refs(&with_bounds(args2))).await;
+    let first = Node::start(&amqp, &store, &refs(&bounds.args(args1))).await;
+    let second = Node::start(&amqp, &store, &refs(&bounds.args(args2))).await;
     while first
         .get("/cluster")
         .await
@@ -241,7 +285,7 @@ async fn warren_cluster(amqp: AmqpSettings, messages: usize, store: String) -> (
     .map(str::to_owned)
     .to_vec();
     let start = Instant::now();
-    let consumer = Node::start(&amqp, &store, &refs(&with_bounds(args0))).await;
+    let consumer = Node::start(&amqp, &store, &refs(&bounds.args(args0))).await;
     let elapsed = consumer.until_acked(messages, start).await;
     let cpu = consumer.stop().await + first.stop().await + second.stop().await;
     (elapsed, cpu)
@@ -251,13 +295,31 @@ fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-/// `args` and the in-flight bound and prefetch every node of this benchmark runs with.
-fn with_bounds(mut args: Vec<String>) -> Vec<String> {
-    args.extend([
-        "--max-in-flight".to_owned(),
-        MAX_IN_FLIGHT.to_string(),
-        "--prefetch".to_owned(),
-        PREFETCH.to_string(),
-    ]);
-    args
+/// The in-flight bound and prefetch every node of this benchmark runs with.
+#[derive(Clone, Copy)]
+struct Bounds {
+    max_in_flight: u16,
+    prefetch: u16,
+}
+
+impl Bounds {
+    fn from_env() -> Self {
+        let max_in_flight = u16::try_from(env_or("BENCH_MAX_IN_FLIGHT", MAX_IN_FLIGHT.into()))
+            .unwrap_or(MAX_IN_FLIGHT);
+        Bounds {
+            max_in_flight,
+            prefetch: max_in_flight.saturating_mul(2),
+        }
+    }
+
+    /// `args` and these bounds.
+    fn args(self, mut args: Vec<String>) -> Vec<String> {
+        args.extend([
+            "--max-in-flight".to_owned(),
+            self.max_in_flight.to_string(),
+            "--prefetch".to_owned(),
+            self.prefetch.to_string(),
+        ]);
+        args
+    }
 }
