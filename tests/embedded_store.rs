@@ -170,3 +170,47 @@ async fn idle_products_go_dormant_and_go_on_from_their_state_without_loading_it(
     orders.assert_applied_exactly_once_in_order(&node).await;
     assert_eq!(node.metric("warren_orders_applied_total").await, 400.0);
 }
+
+/// A dormant product the region passivates is stopped at once, and the region hears it: it
+/// stops counting the product, and the product's next order starts it anew from the store.
+#[tokio::test]
+async fn dormant_products_are_passivated_and_start_again_from_the_store() {
+    const CLAIMS: &str = "warren_entity_store_seconds_count{operation=\"claim\"}";
+    let dir = work_dir("embedded-dormant-passivated");
+    let config = dir.path().join("warren.toml");
+    std::fs::write(
+        &config,
+        "[cluster.region]\nhibernate_after = \"200ms\"\npassivate_after = \"5s\"\n",
+    )
+    .expect("a config file");
+    let config = config.to_string_lossy().into_owned();
+    let queue = TestQueue::new("embedded-dormant-passivated");
+    queue.declare().await;
+    let node = Consumer::start_in(dir.path(), &queue, &["--config", &config]).await;
+    let mut orders = Orders::new(&queue, 20);
+    let hosted = || async { node.get("/cluster").await?["entities_here"].as_u64() };
+    orders.publish(200).await;
+    queue.wait_drained(DRAIN).await;
+    // Dormant well before it is passivated: no task runs, the region still hosts all 20.
+    eventually("every product dormant", DRAIN, || async {
+        let dormant = node.metric("warren_entities_active").await == 0.0;
+        (dormant && hosted().await? == 20).then_some(())
+    })
+    .await;
+    eventually("every product passivated", DRAIN, || async {
+        (hosted().await? == 0).then_some(())
+    })
+    .await;
+    assert_eq!(node.metric(CLAIMS).await, 20.0, "one claim per product");
+
+    orders.publish(200).await;
+    queue.wait_drained(DRAIN).await;
+    assert_eq!(
+        node.metric(CLAIMS).await,
+        40.0,
+        "a passivated product starts with a claim of its own"
+    );
+    assert_eq!(message_count(&queue.dlq()).await, 0, "dead letters");
+    orders.assert_applied_exactly_once_in_order(&node).await;
+    assert_eq!(node.metric("warren_orders_applied_total").await, 400.0);
+}
