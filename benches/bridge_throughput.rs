@@ -114,7 +114,7 @@ async fn main() {
     }
     println!(
         "median (msg/s, CPU of the consumer process(es) per message, ratio to the ceiling, the broker's and PostgreSQL's CPU per message, the rate all of that CPU allows on {} cores, as a ratio to the ceiling):",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        cores()
     );
     let values = |s: &Series, f: fn(&Run) -> f64| {
         let mut v: Vec<f64> = s.runs.iter().map(f).collect();
@@ -186,12 +186,16 @@ impl Run {
     /// The rate this run's CPU per message allows when every core of the machine is busy
     /// with it: consumer(s), broker and PostgreSQL together.
     fn cpu_bound(&self) -> f64 {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let per_message = self.cpu_per_message
             + self.broker_cpu_per_message
             + self.postgres_cpu_per_message.unwrap_or(0.0);
-        cores * 1e6 / per_message
+        cores() as f64 * 1e6 / per_message
     }
+}
+
+/// The cores this machine gives its processes.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Fills a fresh queue with `messages` orders and runs `consume` on it.

@@ -15,6 +15,10 @@ use support::{Consumer, Orders, TestQueue, binary, eventually, message_count};
 
 const DRAIN: Duration = Duration::from_secs(180);
 const ACKED: &str = "warren_deliveries_total{outcome=\"acked\"}";
+/// Entity tasks running (dormant products have none).
+const ACTIVE: &str = "warren_entities_active";
+/// Claims of a product by a new incarnation.
+const CLAIMS: &str = "warren_entity_store_seconds_count{operation=\"claim\"}";
 
 /// A fresh working directory for a node, removed when dropped.
 fn work_dir(test: &str) -> tempfile::TempDir {
@@ -22,6 +26,13 @@ fn work_dir(test: &str) -> tempfile::TempDir {
         .prefix(&format!("warren-test-{test}-"))
         .tempdir()
         .expect("a working directory")
+}
+
+/// A `warren.toml` holding `toml` in `dir`; its path, for `--config`.
+fn config_file(dir: &tempfile::TempDir, toml: &str) -> String {
+    let config = dir.path().join("warren.toml");
+    std::fs::write(&config, toml).expect("a config file");
+    config.to_string_lossy().into_owned()
 }
 
 #[tokio::test]
@@ -44,13 +55,7 @@ async fn a_single_node_sigkilled_mid_run_keeps_every_products_state_and_deduplic
 #[tokio::test]
 async fn products_recover_from_snapshots_and_the_store_recognises_older_redeliveries() {
     let dir = work_dir("embedded-snapshots");
-    let config = dir.path().join("warren.toml");
-    std::fs::write(
-        &config,
-        "[product]\nsnapshot_every = 7\nrecent_orders = 3\n",
-    )
-    .expect("a config file");
-    let config = config.to_string_lossy().into_owned();
+    let config = config_file(&dir, "[product]\nsnapshot_every = 7\nrecent_orders = 3\n");
     let flags = ["--processing-delay-ms", "100", "--config", &config];
     let (first, second) =
         killed_mid_run_and_started_again("embedded-snapshots", &dir, &flags).await;
@@ -134,14 +139,9 @@ async fn a_second_node_on_the_same_data_dir_is_refused_naming_it() {
 /// state they kept: no new claim or load, and every order applied once on top of the earlier.
 #[tokio::test]
 async fn idle_products_go_dormant_and_go_on_from_their_state_without_loading_it() {
-    const ACTIVE: &str = "warren_entities_active";
-    const CLAIMS: &str = "warren_entity_store_seconds_count{operation=\"claim\"}";
     const LOADS: &str = "warren_entity_store_seconds_count{operation=\"load\"}";
     let dir = work_dir("embedded-dormant");
-    let config = dir.path().join("warren.toml");
-    std::fs::write(&config, "[cluster.region]\nhibernate_after = \"300ms\"\n")
-        .expect("a config file");
-    let config = config.to_string_lossy().into_owned();
+    let config = config_file(&dir, "[cluster.region]\nhibernate_after = \"300ms\"\n");
     let queue = TestQueue::new("embedded-dormant");
     queue.declare().await;
     let node = Consumer::start_in(dir.path(), &queue, &["--config", &config]).await;
@@ -175,15 +175,11 @@ async fn idle_products_go_dormant_and_go_on_from_their_state_without_loading_it(
 /// stops counting the product, and the product's next order starts it anew from the store.
 #[tokio::test]
 async fn dormant_products_are_passivated_and_start_again_from_the_store() {
-    const CLAIMS: &str = "warren_entity_store_seconds_count{operation=\"claim\"}";
     let dir = work_dir("embedded-dormant-passivated");
-    let config = dir.path().join("warren.toml");
-    std::fs::write(
-        &config,
+    let config = config_file(
+        &dir,
         "[cluster.region]\nhibernate_after = \"200ms\"\npassivate_after = \"5s\"\n",
-    )
-    .expect("a config file");
-    let config = config.to_string_lossy().into_owned();
+    );
     let queue = TestQueue::new("embedded-dormant-passivated");
     queue.declare().await;
     let node = Consumer::start_in(dir.path(), &queue, &["--config", &config]).await;
@@ -193,7 +189,7 @@ async fn dormant_products_are_passivated_and_start_again_from_the_store() {
     queue.wait_drained(DRAIN).await;
     // Dormant well before it is passivated: no task runs, the region still hosts all 20.
     eventually("every product dormant", DRAIN, || async {
-        let dormant = node.metric("warren_entities_active").await == 0.0;
+        let dormant = node.metric(ACTIVE).await == 0.0;
         (dormant && hosted().await? == 20).then_some(())
     })
     .await;
